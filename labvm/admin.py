@@ -1,0 +1,69 @@
+"""The admin host's view of labvm: the cluster file and the state beside it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .config import ClusterConfig, parse_config, resolve_config_path
+from .fsutil import create_private, ensure_private_dir
+from .remote.connection import IDENTITY
+from .state import StateDB
+
+
+@dataclass
+class AdminHome:
+    """Where labvm keeps its files; created by `labvm init`."""
+
+    config_path: Path
+
+    @classmethod
+    def locate(cls, explicit: str | None = None) -> "AdminHome":
+        return cls(resolve_config_path(explicit))
+
+    @property
+    def home(self) -> Path:
+        return self.config_path.parent
+
+    @cached_property
+    def config(self) -> ClusterConfig:
+        return parse_config(self.config_path)
+
+    def state(self) -> StateDB:
+        db = StateDB.open(self.home)
+        db.require_current_schema()
+        return db
+
+    def init(self) -> list[str]:
+        """Create whatever is missing: the starter cluster file, state database, key, SSH identity."""
+        created = []
+        ensure_private_dir(self.home)
+        if not self.config_path.exists():
+            starter = resources.files("labvm").joinpath("schema/bkConfxml.xml").read_bytes()
+            self.config_path.write_bytes(starter)
+            self.config_path.chmod(0o644)
+            created.append(f"cluster file {self.config_path} (edit <storage>; add nodes with `labvm node add`)")
+        else:
+            parse_config(self.config_path)
+        if StateDB.create(self.home):
+            created.append(f"state database {self.home / 'state.db'} and key {self.home / 'secret.key'}")
+        identity = self.home / IDENTITY
+        if not identity.exists():
+            write_ssh_identity(identity)
+            created.append(f"SSH identity {identity} (add {identity}.pub to each node's authorized_keys)")
+        return created
+
+
+def write_ssh_identity(path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    create_private(path, private)
+    path.with_name(path.name + ".pub").write_bytes(public + b" labvm-admin\n")

@@ -1,0 +1,386 @@
+"""labvm: persistent GPU desktops for a deep-learning lab, run from one admin host over SSH.
+
+This module only parses, confirms, renders and maps errors; the work is done
+in modules a test can call without click.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import traceback
+
+import click
+from click.shell_completion import CompletionItem, get_completion_class
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .admin import AdminHome
+from .config import Node
+from .errors import Aborted, AlreadyExists, BadInput, LabvmError, NodeError
+from .names import validate_user_name
+from .nodes import add_node, check_nodes, node_problems, node_rows, rekey_node, remove_node
+
+COMPLETE_VAR = "_LABVM_COMPLETE"
+
+out = Console(highlight=False, soft_wrap=True)
+
+
+# -- completion ------------------------------------------------------------
+def _home_from_ctx(ctx: click.Context) -> AdminHome:
+    root = ctx.find_root()
+    return AdminHome.locate(root.params.get("config"))
+
+
+def complete_nodes(ctx, param, incomplete):
+    try:
+        names = _home_from_ctx(ctx).config.node_names()
+    except Exception:  # completion must never print a traceback into the shell
+        return []
+    return [CompletionItem(n) for n in names if n.startswith(incomplete)]
+
+
+def complete_users(ctx, param, incomplete):
+    try:
+        with _home_from_ctx(ctx).state() as db:
+            names = db.user_names()
+    except Exception:
+        return []
+    return [CompletionItem(n) for n in names if n.startswith(incomplete)]
+
+
+# -- shared helpers ----------------------------------------------------------
+def _emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _read_password(password_stdin: bool, prompt: str = "Password") -> str:
+    if password_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise BadInput("--password-stdin given but standard input is empty")
+        return line.rstrip("\n")
+    if not sys.stdin.isatty():
+        raise BadInput("no terminal to prompt for a password; pipe it in with --password-stdin")
+    return click.prompt(prompt, hide_input=True, confirmation_prompt=True)
+
+
+def _confirm(yes: bool):
+    def ask(question: str) -> bool:
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            raise BadInput(f"{question} -- no terminal to ask; pass --yes (or --fingerprint) to confirm")
+        return click.confirm(question, default=False)
+
+    return ask
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+password_stdin_option = click.option(
+    "--password-stdin", is_flag=True, help="Read the password from the first line of standard input (for scripts)."
+)
+
+
+# -- the command tree --------------------------------------------------------
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "-c",
+    "--config",
+    metavar="FILE",
+    envvar="LABVM_CONFIG",
+    help="The cluster file (default: $LABVM_CONFIG, else /etc/labvm/bkConfxml.xml). "
+    "The admin state lives in the same directory.",
+)
+@click.option("--debug", is_flag=True, help="Show a traceback when a command fails.")
+@click.version_option(__version__, prog_name="labvm")
+@click.pass_context
+def cli(ctx, config, debug):
+    """Persistent GPU desktops for a lab, run from this admin host over SSH.
+
+    \b
+    Getting started:
+      labvm init                      write a starter cluster file, state database and keys
+      labvm node add gpu1 gpu1.lab    pin a node's host key and add it
+      labvm node check                probe every node in parallel
+      labvm user add alice            add a lab member (password asked twice)
+    """
+    ctx.obj = AdminHome.locate(config)
+
+
+@cli.command()
+@click.pass_obj
+def init(home: AdminHome):
+    """Create the cluster file, state database, secret key and SSH identity where missing.
+
+    Safe to run again: existing files are kept (an existing cluster file is
+    validated), and a state database from an older labvm is migrated.
+    """
+    created = home.init()
+    for line in created:
+        out.print(f"created {line}")
+    if not created:
+        out.print(f"nothing to do: {home.home} is set up")
+
+
+# -- users -------------------------------------------------------------------
+@cli.group()
+def user():
+    """Lab members: the accounts that own desktops."""
+
+
+@user.command("add")
+@click.argument("name")
+@password_stdin_option
+@click.pass_obj
+def user_add(home: AdminHome, name, password_stdin):
+    """Add lab member NAME.
+
+    NAME is a Linux login: a lowercase letter, then up to 30 lowercase letters,
+    digits, '_' or '-'; system names (root, daemon, ...) are refused. The
+    password is asked twice, or read from stdin with --password-stdin; it is
+    never taken from the command line. It is the desktop's login password and
+    its VNC password (VNC checks the first 8 characters only).
+    """
+    validate_user_name(name)
+    with home.state() as db:
+        if db.has_user(name):
+            raise AlreadyExists(f"user {name!r} already exists")
+        password = _read_password(password_stdin)
+        created = db.add_user(name, password)
+    out.print(f"added user {created.name} (uid {created.uid})")
+
+
+@user.command("list")
+@json_option
+@click.pass_obj
+def user_list(home: AdminHome, as_json):
+    """List lab members."""
+    with home.state() as db:
+        users = db.list_users()
+    if as_json:
+        _emit_json([u.as_dict() for u in users])
+        return
+    table = Table("user", "uid", "created")
+    for u in users:
+        table.add_row(u.name, str(u.uid), _when(u.created_at))
+    out.print(table)
+
+
+@user.command("passwd")
+@click.argument("name", shell_complete=complete_users)
+@password_stdin_option
+@click.pass_obj
+def user_passwd(home: AdminHome, name, password_stdin):
+    """Change NAME's password (login and VNC)."""
+    with home.state() as db:
+        db.get_user(name)
+        db.set_password(name, _read_password(password_stdin, "New password"))
+    out.print(f"password of {name} changed")
+
+
+@user.command("rm")
+@click.argument("name", shell_complete=complete_users)
+@click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation.")
+@click.pass_obj
+def user_rm(home: AdminHome, name, yes):
+    """Remove lab member NAME (refused while NAME has a desktop)."""
+    with home.state() as db:
+        db.get_user(name)
+        if not _confirm(yes)(f"Remove user {name}?"):
+            raise Aborted()
+        db.remove_user(name)
+    out.print(f"removed user {name}")
+
+
+# -- nodes -------------------------------------------------------------------
+@cli.group()
+def node():
+    """GPU servers: add, list and check them."""
+
+
+@node.command("add")
+@click.argument("name")
+@click.argument("host")
+@click.option("--port", default=22, show_default=True, type=click.IntRange(1, 65535), help="SSH port.")
+@click.option("--user", "ssh_user", default="root", show_default=True, help="SSH login (not root: needs passwordless sudo).")
+@click.option("--data-dir", default="/var/lib/labvm/data", show_default=True, help="Node-local directory for desktops' local layers.")
+@click.option("--fingerprint", metavar="SHA256:...", help="Expected host key fingerprint; pins without asking if it matches.")
+@click.option("--yes", "-y", is_flag=True, help="Pin the host key shown without asking (trust on first use).")
+@click.pass_obj
+def node_add(home: AdminHome, name, host, port, ssh_user, data_dir, fingerprint, yes):
+    """Add node NAME reachable at HOST over SSH.
+
+    labvm fetches the node's SSH host key, shows its fingerprint and pins it
+    (compare it with `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the
+    node). It then logs in, installs its helpers, and only then writes the node
+    into the cluster file. A changed host key is refused from then on.
+    """
+    new = Node(name=name, host=host, port=port, user=ssh_user, data_dir=data_dir)
+    decision = add_node(home.config, new, expected_fingerprint=fingerprint, confirm=_confirm(yes))
+    out.print(f"added node {name} ({ssh_user}@{host}:{port}), host key {decision.key_type} {decision.fingerprint} pinned")
+
+
+@node.command("list")
+@json_option
+@click.pass_obj
+def node_list(home: AdminHome, as_json):
+    """List the nodes in the cluster file, with their pinned host keys."""
+    rows = node_rows(home.config)
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table("node", "address", "data dir", "ports", "host key")
+    for r in rows:
+        table.add_row(r["name"], f"{r['user']}@{r['host']}:{r['port']}", r["data_dir"], r["ports"], r["host_key"] or "[red]not pinned[/]")
+    out.print(table)
+
+
+@node.command("check")
+@click.argument("names", nargs=-1, shell_complete=complete_nodes)
+@click.option("--no-mount", is_flag=True, help="Don't mount MooseFS; only report whether it is mounted.")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for each node.")
+@json_option
+@click.pass_obj
+def node_check(home: AdminHome, names, no_mount, timeout, as_json):
+    """Probe NAMES (default: every node) in parallel.
+
+    Reports kernel, overlayfs and FUSE support, the docker engine, the
+    MooseFS client (and mounts MooseFS unless --no-mount), rsync, python3,
+    GPUs from nvidia-smi, CPUs, memory and disk. An unreachable node is
+    reported on its own row. Exits 7 if any node has a problem.
+    """
+    cfg = home.config
+    outcomes = check_nodes(cfg, list(names) or None, mount_mfs=not no_mount, timeout=timeout)
+    if as_json:
+        _emit_json([
+            {"node": o.node, "ok": o.ok and not node_problems(o), "reachable": o.ok, "error": o.error,
+             "problems": node_problems(o), "seconds": round(o.seconds, 3), "facts": o.value}
+            for o in outcomes
+        ])
+    else:
+        out.print(_check_table(outcomes))
+        for o in outcomes:
+            for problem in node_problems(o):
+                out.print(f"[red]{o.node}[/]: {problem}", markup=True)
+    failed = [o.node for o in outcomes if node_problems(o)]
+    if failed:
+        raise NodeError(node=", ".join(failed), msg="node check found problems (listed above)")
+
+
+def _check_table(outcomes) -> Table:
+    table = Table("node", "status", "kernel", "docker", "MooseFS", "GPUs", "CPUs", "memory", "disk", title="labvm node check")
+    for o in outcomes:
+        if not o.ok:
+            status = "[red]timeout[/]" if o.error_kind == "timeout" else "[red]unreachable[/]"
+            table.add_row(o.node, status, *[""] * 7)
+            continue
+        f = o.value
+        mfs = f.get("mfs") or {}
+        mem = f.get("memory") or {}
+        disk = f.get("disk") or {}
+        gpus = f.get("gpus") or []
+        table.add_row(
+            o.node,
+            "[yellow]problems[/]" if node_problems(o) else "[green]ok[/]",
+            f["kernel"]["release"],
+            f["docker"]["version"] if f["docker"].get("ok") else "[red]down[/]",
+            f"{_gib(mfs.get('free_mib'))} free" if mfs.get("mounted") else "[red]not mounted[/]",
+            "\n".join(f"{g['index']} {g['name']} {g['uuid']}" for g in gpus) or "none",
+            str(f["cpus"]["count"]),
+            f"{_gib(mem.get('available_mib'))}/{_gib(mem.get('total_mib'))}",
+            f"{_gib(disk.get('free_mib'))} free" if disk else "?",
+        )
+    return table
+
+
+@node.command("rm")
+@click.argument("name", shell_complete=complete_nodes)
+@click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation.")
+@click.pass_obj
+def node_rm(home: AdminHome, name, yes):
+    """Remove node NAME from the cluster file and forget its host key."""
+    cfg = home.config
+    cfg.node(name)
+    with home.state() as db:
+        on_node = [r["user"] for r in db.conn.execute("SELECT user FROM vms WHERE node = ?", (name,))]
+    if not _confirm(yes)(f"Remove node {name} from {cfg.path}?"):
+        raise Aborted()
+    remove_node(cfg, name, on_node)
+    out.print(f"removed node {name}")
+
+
+@node.command("rekey")
+@click.argument("name", shell_complete=complete_nodes)
+@click.option("--fingerprint", metavar="SHA256:...", help="Expected new fingerprint; pins without asking if it matches.")
+@click.option("--yes", "-y", is_flag=True, help="Pin the new key shown without asking.")
+@click.pass_obj
+def node_rekey(home: AdminHome, name, fingerprint, yes):
+    """Pin NAME's new host key after the node was reinstalled."""
+    decision = rekey_node(home.config, name, expected_fingerprint=fingerprint, confirm=_confirm(yes))
+    out.print(f"{name}: host key {decision.key_type} {decision.fingerprint} pinned")
+
+
+# -- shell completion --------------------------------------------------------
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell):
+    """Print the shell completion script for SHELL.
+
+    \b
+    bash:  labvm completion bash > /etc/bash_completion.d/labvm
+    zsh:   labvm completion zsh > "${fpath[1]}/_labvm"
+    fish:  labvm completion fish > ~/.config/fish/completions/labvm.fish
+
+    Node and user names are completed from the cluster file and state database.
+    """
+    cls = get_completion_class(shell)
+    click.echo(cls(cli, {}, "labvm", COMPLETE_VAR).source())
+
+
+# -- formatting --------------------------------------------------------------
+def _gib(mib) -> str:
+    if mib is None:
+        return "?"
+    return f"{mib / 1024:.1f}G"
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+
+
+# -- entry point: errors are mapped to exit codes here, and only here ---------
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        cli.main(args=args, prog_name="labvm", complete_var=COMPLETE_VAR, standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("labvm: aborted")
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except LabvmError as exc:
+        if debug:
+            err.print(traceback.format_exc(), markup=False)
+        err.print(f"labvm: error: {exc}", markup=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("labvm: interrupted")
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        err.print(f"labvm: internal error: {type(exc).__name__}: {exc} (run with --debug for details)", markup=False)
+        return 70
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""The cluster file, bkConfxml.xml: parsed with lxml, validated by the shipped XSD.
+
+Errors name the file, the line and the element, and say what was expected.
+The admin state (database, key, pinned host keys, SSH identity) lives in the
+directory that holds the cluster file, so one path says everything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from lxml import etree
+
+from .errors import BadInput, ConfigError, NotFound
+from .fsutil import atomic_write
+
+DEFAULT_CONFIG = Path("/etc/labvm/bkConfxml.xml")
+CONFIG_ENV = "LABVM_CONFIG"
+
+_SIZE_RE = re.compile(r"^([0-9]+)([kKmMgGtT]?)$")
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'4g' -> bytes. Suffixes are powers of 1024, as docker reads them."""
+    match = _SIZE_RE.match(text.strip())
+    if not match:
+        raise BadInput(f"not a size: {text!r} (expected a number with an optional k, m, g or t suffix)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+@dataclass(frozen=True)
+class Storage:
+    mfs_master: str
+    mfs_mount: str
+    mfs_dir: str
+    mfs_port: int = 9421
+    mount_options: str = ""
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    host: str
+    port: int = 22
+    user: str = "root"
+    data_dir: str = "/var/lib/labvm/data"
+    docker_port_base: int = 20000
+    docker_user_port_num: int = 2
+    docker_port_slots: int = 50
+
+    @property
+    def address(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class VmDefaults:
+    cpus: float = 2.0
+    memory: int = 8 << 30
+    shm: int = 1 << 30
+    pids: int = 4096
+    io_weight: int = 500
+    io_read_bps: int | None = None
+    io_write_bps: int | None = None
+    gpus: int = 0
+
+
+@dataclass(frozen=True)
+class Retention:
+    keep_last: int = 7
+    keep_daily: int = 14
+    keep_weekly: int = 8
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    syncTime: int = 5
+    batch_max_files: int = 2000
+    full_pass_hours: int = 24
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    path: Path
+    storage: Storage
+    xfce_local: str
+    nodes: tuple[Node, ...] = ()
+    vm_defaults: VmDefaults = field(default_factory=VmDefaults)
+    retention: Retention = field(default_factory=Retention)
+    sync: SyncSettings = field(default_factory=SyncSettings)
+
+    @property
+    def home(self) -> Path:
+        """The admin state directory: the one holding the cluster file."""
+        return self.path.parent
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        known = ", ".join(n.name for n in self.nodes) or "none configured"
+        raise NotFound(f"unknown node {name!r} (known: {known})")
+
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+
+def resolve_config_path(explicit: str | os.PathLike | None = None) -> Path:
+    if explicit:
+        return Path(explicit).expanduser().absolute()
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env).expanduser().absolute()
+    return DEFAULT_CONFIG
+
+
+XS = "{http://www.w3.org/2001/XMLSchema}"
+
+
+def _schema_doc():
+    return etree.fromstring(resources.files("labvm").joinpath("schema/bkConfxml.xsd").read_bytes())
+
+
+def _schema() -> etree.XMLSchema:
+    return etree.XMLSchema(_schema_doc())
+
+
+def _pattern_meanings() -> dict[str, str]:
+    """Pattern -> the words its type's documentation gives, so errors say what is expected."""
+    meanings = {}
+    for simple in _schema_doc().iter(f"{XS}simpleType"):
+        doc = simple.find(f"{XS}annotation/{XS}documentation")
+        pattern = simple.find(f"{XS}restriction/{XS}pattern")
+        if doc is not None and pattern is not None:
+            meanings[pattern.get("value")] = doc.text.strip()
+    return meanings
+
+
+def _element_path(tree, line: int) -> str:
+    """The path of the element that starts at `line`, for messages."""
+    for element in tree.iter():
+        if isinstance(element.tag, str) and element.sourceline == line:
+            return tree.getroottree().getpath(element)
+    return ""
+
+
+def _tidy_schema_message(message: str) -> str:
+    # libxml2 quotes the XSD facet machinery; users need the element and the rule in words.
+    message = re.sub(r"\{[^}]*\}", "", message)
+    message = re.sub(r"\[facet '[a-zA-Z]+'\] ", "", message)
+    meanings = _pattern_meanings()
+
+    def explain(match: re.Match) -> str:
+        pattern = match.group(1)
+        return f"is not valid; expected {meanings[pattern]}" if pattern in meanings else match.group(0)
+
+    message = re.sub(r"is not accepted by the pattern '(.*)'", explain, message)
+    return message.rstrip(".")
+
+
+def load_tree(path: Path):
+    if not path.exists():
+        raise NotFound(f"{path}: no cluster file here; run `labvm init` or pass --config / set {CONFIG_ENV}")
+    parser = etree.XMLParser(remove_blank_text=False, resolve_entities=False, no_network=True)
+    try:
+        tree = etree.parse(str(path), parser)
+    except etree.XMLSyntaxError as exc:
+        line = exc.lineno or (exc.position[0] if exc.position else "?")
+        raise ConfigError(f"{path}:{line}: not well-formed XML: {exc.msg}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if tree.docinfo.doctype:
+        # Entities could pull other files into the configuration; nothing here needs them.
+        raise ConfigError(f"{path}:1: a DOCTYPE declaration is not allowed in the cluster file")
+    return tree
+
+
+def validate_tree(path: Path, tree) -> None:
+    schema = _schema()
+    if schema.validate(tree):
+        return
+    err = schema.error_log[0]
+    where = _element_path(tree.getroot(), err.line)
+    element = f" element {where}" if where else ""
+    raise ConfigError(f"{path}:{err.line}:{element}: {_tidy_schema_message(err.message)}")
+
+
+def _text(parent, tag: str, default=None):
+    element = parent.find(tag)
+    if element is None or element.text is None:
+        return default
+    return element.text.strip()
+
+
+def _typed(parent, tag, default, convert):
+    value = _text(parent, tag)
+    return default if value is None else convert(value)
+
+
+def _parse_storage(root) -> Storage:
+    el = root.find("storage")
+    return Storage(
+        mfs_master=_text(el, "mfs_master"),
+        mfs_port=_typed(el, "mfs_port", 9421, int),
+        mfs_mount=_text(el, "mfs_mount"),
+        mfs_dir=_text(el, "mfs_dir"),
+        mount_options=_text(el, "mount_options", ""),
+    )
+
+
+def _parse_node(el) -> Node:
+    base = Node(name=el.get("name"), host=_text(el, "host"))
+    return Node(
+        name=base.name,
+        host=base.host,
+        port=_typed(el, "port", base.port, int),
+        user=_text(el, "user", base.user),
+        data_dir=_text(el, "data_dir", base.data_dir),
+        docker_port_base=_typed(el, "docker_port_base", base.docker_port_base, int),
+        docker_user_port_num=_typed(el, "docker_user_port_num", base.docker_user_port_num, int),
+        docker_port_slots=_typed(el, "docker_port_slots", base.docker_port_slots, int),
+    )
+
+
+def _parse_defaults(root) -> VmDefaults:
+    d = VmDefaults()
+    el = root.find("vm_defaults")
+    if el is None:
+        return d
+    return VmDefaults(
+        cpus=_typed(el, "cpus", d.cpus, float),
+        memory=_typed(el, "memory", d.memory, parse_size),
+        shm=_typed(el, "shm", d.shm, parse_size),
+        pids=_typed(el, "pids", d.pids, int),
+        io_weight=_typed(el, "io_weight", d.io_weight, int),
+        io_read_bps=_typed(el, "io_read_bps", d.io_read_bps, parse_size),
+        io_write_bps=_typed(el, "io_write_bps", d.io_write_bps, parse_size),
+        gpus=_typed(el, "gpus", d.gpus, int),
+    )
+
+
+def _parse_retention(root) -> Retention:
+    d = Retention()
+    el = root.find("retention")
+    if el is None:
+        return d
+    return Retention(
+        keep_last=_typed(el, "keep_last", d.keep_last, int),
+        keep_daily=_typed(el, "keep_daily", d.keep_daily, int),
+        keep_weekly=_typed(el, "keep_weekly", d.keep_weekly, int),
+    )
+
+
+def _parse_sync(root) -> SyncSettings:
+    d = SyncSettings()
+    el = root.find("sync")
+    if el is None:
+        return d
+    return SyncSettings(
+        syncTime=_typed(el, "syncTime", d.syncTime, int),
+        batch_max_files=_typed(el, "batch_max_files", d.batch_max_files, int),
+        full_pass_hours=_typed(el, "full_pass_hours", d.full_pass_hours, int),
+    )
+
+
+def _check_port_ranges(path: Path, nodes: tuple[Node, ...], tree) -> None:
+    for node in nodes:
+        last = node.docker_port_base + node.docker_user_port_num * node.docker_port_slots - 1
+        if last > 65535:
+            line = next(e.sourceline for e in tree.iter("node") if e.get("name") == node.name)
+            raise ConfigError(
+                f"{path}:{line}: element /labvm/nodes/node[@name='{node.name}']: port range "
+                f"{node.docker_port_base}-{last} goes past 65535; lower docker_port_base or docker_port_slots"
+            )
+
+
+def parse_config(path: Path, tree=None) -> ClusterConfig:
+    tree = tree if tree is not None else load_tree(path)
+    validate_tree(path, tree)
+    root = tree.getroot()
+    nodes = tuple(_parse_node(el) for el in root.find("nodes").findall("node"))
+    _check_port_ranges(path, nodes, tree)
+    return ClusterConfig(
+        path=path,
+        storage=_parse_storage(root),
+        xfce_local=_text(root, "xfce_local"),
+        nodes=nodes,
+        vm_defaults=_parse_defaults(root),
+        retention=_parse_retention(root),
+        sync=_parse_sync(root),
+    )
+
+
+def load_config(explicit: str | os.PathLike | None = None) -> ClusterConfig:
+    return parse_config(resolve_config_path(explicit))
+
+
+# -- editing the cluster file (labvm node add / rm) -------------------------
+_NODE_FIELDS = ("host", "port", "user", "data_dir", "docker_port_base", "docker_user_port_num", "docker_port_slots")
+
+
+def _node_element(node: Node, indent: str):
+    el = etree.Element("node", name=node.name)
+    el.text = "\n" + indent + "  "
+    for i, name in enumerate(_NODE_FIELDS):
+        child = etree.SubElement(el, name)
+        child.text = str(getattr(node, name))
+        child.tail = "\n" + indent + ("  " if i < len(_NODE_FIELDS) - 1 else "")
+    return el
+
+
+def _save_tree(path: Path, tree) -> None:
+    validate_tree(path, tree)
+    mode = path.stat().st_mode & 0o777
+    data = etree.tostring(tree, xml_declaration=True, encoding="UTF-8")
+    atomic_write(path, data + b"\n", mode=mode)
+
+
+def _append_node(tree, node: Node) -> None:
+    nodes_el = tree.getroot().find("nodes")
+    children = list(nodes_el)
+    indent = "    "
+    new = _node_element(node, indent)
+    if children:
+        last = children[-1]
+        new.tail = last.tail
+        last.tail = "\n" + indent
+    else:
+        nodes_el.text = "\n" + indent
+        new.tail = "\n  "
+    nodes_el.append(new)
+
+
+def check_new_node(path: Path, node: Node) -> None:
+    """Hold a node given on the command line to the schema, before any network traffic."""
+    tree = load_tree(path)
+    if any(el.get("name") == node.name for el in tree.getroot().iter("node")):
+        raise BadInput(f"node {node.name!r} already exists in {path}; see `labvm node list`")
+    _append_node(tree, node)
+    schema = _schema()
+    if not schema.validate(tree):
+        raise BadInput(f"node {node.name!r}: {_tidy_schema_message(schema.error_log[0].message)}")
+
+
+def add_node_to_file(path: Path, node: Node) -> None:
+    """Append a <node> to the cluster file, keeping its comments and layout."""
+    check_new_node(path, node)
+    tree = load_tree(path)
+    _append_node(tree, node)
+    _save_tree(path, tree)
+
+
+def remove_node_from_file(path: Path, name: str) -> None:
+    tree = load_tree(path)
+    nodes_el = tree.getroot().find("nodes")
+    for el in nodes_el.findall("node"):
+        if el.get("name") == name:
+            previous = el.getprevious()
+            if previous is not None:
+                previous.tail = el.tail if el.getnext() is None else previous.tail
+            else:
+                nodes_el.text = el.tail if el.getnext() is None else nodes_el.text
+            nodes_el.remove(el)
+            _save_tree(path, tree)
+            return
+    raise NotFound(f"unknown node {name!r} in {path}")

@@ -1,0 +1,110 @@
+"""SSH to one node through Fabric, refusing any host key but the pinned one."""
+
+from __future__ import annotations
+
+import io
+import shlex
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+from fabric import Connection
+from invoke.exceptions import CommandTimedOut
+
+from ..config import Node
+from ..errors import HostKeyMismatch, HostKeyUnknown, NodeUnreachable
+from .hostkeys import PinnedHostKeys, fingerprint
+
+IDENTITY = "id_ed25519"
+CONNECT_TIMEOUT = 10
+
+
+@dataclass
+class CommandResult:
+    exited: int
+    stdout: str
+    stderr: str
+
+
+class NodeConnection:
+    """A lazy SSH connection to one node. Commands are argument lists, never shell strings."""
+
+    def __init__(self, node: Node, home: Path, connect_timeout: float = CONNECT_TIMEOUT):
+        self.node = node
+        self.home = home
+        self._pins = PinnedHostKeys(home)
+        self._conn = self._make_connection(connect_timeout)
+
+    def _make_connection(self, connect_timeout: float) -> Connection:
+        identity = self.home / IDENTITY
+        connect_kwargs = {
+            "allow_agent": not identity.exists(),
+            "look_for_keys": not identity.exists(),
+            "banner_timeout": connect_timeout,
+            "auth_timeout": connect_timeout,
+        }
+        if identity.exists():
+            connect_kwargs["key_filename"] = str(identity)
+        conn = Connection(
+            host=self.node.host,
+            port=self.node.port,
+            user=self.node.user,
+            connect_timeout=int(connect_timeout),
+            connect_kwargs=connect_kwargs,
+        )
+        conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        host_keys = conn.client.get_host_keys()
+        host_keys.clear()
+        host_keys.update(self._pins.load())
+        return conn
+
+    @property
+    def as_root(self) -> list[str]:
+        """The prefix that runs a command as root on this node."""
+        return [] if self.node.user == "root" else ["sudo", "-n", "--"]
+
+    def open(self) -> None:
+        if self._conn.is_connected:
+            return
+        if self._pins.lookup(self.node.host, self.node.port) is None:
+            raise HostKeyUnknown(node=self.node.name, host=self.node.host, port=self.node.port)
+        try:
+            self._conn.open()
+        except paramiko.BadHostKeyException as exc:
+            raise HostKeyMismatch(node=self.node.name, fingerprint=fingerprint(exc.key)) from None
+        except paramiko.AuthenticationException as exc:
+            raise NodeUnreachable(node=self.node.name, msg=f"SSH login as {self.node.user} refused: {exc}") from None
+        except (socket.timeout, TimeoutError):
+            raise NodeUnreachable(node=self.node.name, msg=f"{self.node.host}:{self.node.port}: connection timed out") from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise NodeUnreachable(node=self.node.name, msg=f"{self.node.host}:{self.node.port}: {detail}") from None
+
+    def run(self, argv: list[str], stdin: str = "", timeout: float | None = None) -> CommandResult:
+        """Run argv on the node; `stdin` (where secrets travel) is sent and then closed."""
+        self.open()
+        command = shlex.join(argv)
+        try:
+            result = self._conn.run(
+                command,
+                in_stream=io.StringIO(stdin),
+                hide=True,
+                warn=True,
+                pty=False,
+                timeout=timeout,
+            )
+        except CommandTimedOut:
+            raise NodeUnreachable(node=self.node.name, msg=f"command timed out after {timeout:g}s: {argv[0]}") from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise NodeUnreachable(node=self.node.name, msg=f"SSH session failed: {exc}") from None
+        return CommandResult(result.exited, result.stdout, result.stderr)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,171 @@
+"""The cluster file: the shipped example, and broken files with line-accurate errors."""
+
+import re
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from labvm.config import Node, add_node_to_file, check_new_node, parse_config, parse_size, remove_node_from_file
+from labvm.errors import BadInput, ConfigError, NotFound
+
+EXAMPLE = resources.files("labvm").joinpath("schema/bkConfxml.xml").read_text()
+
+GOOD = """<?xml version="1.0"?>
+<labvm version="1">
+  <!-- keep me -->
+  <storage>
+    <mfs_master>10.0.0.2</mfs_master>
+    <mfs_mount>/mnt/labvm-mfs</mfs_mount>
+    <mfs_dir>/labvm</mfs_dir>
+  </storage>
+  <xfce_local>/var/lib/labvm/xfce_local</xfce_local>
+  <nodes>
+    <node name="n1">
+      <host>10.0.0.11</host>
+      <docker_port_base>30000</docker_port_base>
+    </node>
+  </nodes>
+  <vm_defaults>
+    <cpus>1.5</cpus>
+    <memory>2g</memory>
+    <gpus>1</gpus>
+  </vm_defaults>
+</labvm>
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bkConfxml.xml"
+    path.write_text(text)
+    return path
+
+
+def test_repo_example_is_the_shipped_starter_and_valid(tmp_path):
+    repo_file = Path(__file__).resolve().parents[2] / "bkConfxml.xml"
+    assert repo_file.read_text() == EXAMPLE
+    cfg = parse_config(write(tmp_path, EXAMPLE))
+    assert cfg.storage.mfs_dir == "/labvm"
+    assert cfg.xfce_local == "/var/lib/labvm/xfce_local"
+    assert cfg.nodes == ()
+    assert cfg.vm_defaults.memory == 16 << 30
+    assert cfg.retention.keep_daily == 14
+
+
+def test_commented_example_node_is_valid_when_uncommented(tmp_path):
+    # The documented <node> sits in a comment in the starter file; it must stay valid.
+    block = re.search(r"<!-- Example.*?\n(.*?)-->", EXAMPLE, re.S).group(1)
+    node_xml = "\n".join(line for line in block.splitlines() if line.strip().startswith("<"))
+    text = EXAMPLE.replace("  </nodes>", node_xml + "\n  </nodes>")
+    cfg = parse_config(write(tmp_path, text))
+    (node,) = cfg.nodes
+    assert (node.name, node.host, node.port, node.user) == ("gpu1", "gpu1.lab", 22, "root")
+    assert (node.docker_port_base, node.docker_user_port_num, node.docker_port_slots) == (20000, 2, 50)
+
+
+def test_good_file_parses_with_defaults(tmp_path):
+    cfg = parse_config(write(tmp_path, GOOD))
+    assert cfg.storage.mfs_port == 9421
+    assert cfg.node("n1").port == 22 and cfg.node("n1").user == "root"
+    assert cfg.node("n1").docker_port_base == 30000
+    assert cfg.vm_defaults.cpus == 1.5 and cfg.vm_defaults.memory == 2 << 30
+    assert cfg.vm_defaults.shm == 1 << 30  # default
+    assert cfg.home == tmp_path
+    with pytest.raises(NotFound, match="unknown node 'n9'.*known: n1"):
+        cfg.node("n9")
+
+
+def line_of(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+@pytest.mark.parametrize(
+    "needle, replacement, expect",
+    [
+        ("<memory>2g</memory>", "<memory>lots</memory>", r"element /labvm/vm_defaults/memory: Element 'memory': The value 'lots' is not valid; expected a byte size"),
+        ("<host>10.0.0.11</host>", "<host>a;rm -rf /</host>", r"element /labvm/nodes/node/host: Element 'host'"),
+        ("<gpus>1</gpus>", "<gpus>-1</gpus>", r"Element 'gpus'"),
+        ("<mfs_dir>/labvm</mfs_dir>", "<mfs_dir>labvm</mfs_dir>", r"Element 'mfs_dir'"),
+        ("<cpus>1.5</cpus>", "<cpuz>1.5</cpuz>", r"Element 'cpuz': This element is not expected"),
+        ('<node name="n1">', '<node name="N 1">', r"attribute 'name'"),
+        ("<docker_port_base>30000</docker_port_base>", "<docker_port_base>70000</docker_port_base>", r"Element 'docker_port_base'"),
+    ],
+)
+def test_invalid_values_name_file_line_and_element(tmp_path, needle, replacement, expect):
+    text = GOOD.replace(needle, replacement)
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        parse_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}:{line_of(text, replacement.split('>')[0])}:"), message
+    assert re.search(expect, message), message
+
+
+def test_missing_required_element_is_named(tmp_path):
+    text = GOOD.replace("    <mfs_master>10.0.0.2</mfs_master>\n", "")
+    with pytest.raises(ConfigError, match=r":4: element /labvm/storage: .*mfs_master"):
+        parse_config(write(tmp_path, text))
+
+
+def test_not_well_formed_gives_line(tmp_path):
+    text = GOOD.replace("<xfce_local>/var/lib/labvm/xfce_local</xfce_local>", "<xfce_local>/x</xfce>")
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"{path}:9: not well-formed XML"):
+        parse_config(path)
+
+
+def test_port_range_past_65535_is_refused(tmp_path):
+    text = GOOD.replace("<docker_port_base>30000</docker_port_base>", "<docker_port_base>65500</docker_port_base>")
+    with pytest.raises(ConfigError, match=r":11: element .*n1.*65500-65599 goes past 65535"):
+        parse_config(write(tmp_path, text))
+
+
+def test_missing_file_says_what_to_do(tmp_path):
+    with pytest.raises(NotFound, match="labvm init"):
+        parse_config(tmp_path / "nope.xml")
+
+
+def test_external_entities_are_not_expanded(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRET")
+    text = GOOD.replace('<?xml version="1.0"?>', f'<?xml version="1.0"?>\n<!DOCTYPE labvm [<!ENTITY x SYSTEM "file://{secret}">]>')
+    text = text.replace("<mfs_dir>/labvm</mfs_dir>", "<mfs_dir>/&x;</mfs_dir>")
+    with pytest.raises(ConfigError, match=r":1: a DOCTYPE declaration is not allowed") as err:
+        parse_config(write(tmp_path, text))
+    assert "TOPSECRET" not in str(err.value)
+
+
+def test_node_add_and_remove_keep_comments_and_validate(tmp_path):
+    path = write(tmp_path, GOOD)
+    add_node_to_file(path, Node(name="n2", host="10.0.0.12", port=2222, user="labadm"))
+    text = path.read_text()
+    assert "<!-- keep me -->" in text
+    cfg = parse_config(path)
+    assert cfg.node_names() == ["n1", "n2"]
+    assert cfg.node("n2").port == 2222 and cfg.node("n2").user == "labadm"
+    remove_node_from_file(path, "n1")
+    assert parse_config(path).node_names() == ["n2"]
+    assert "<!-- keep me -->" in path.read_text()
+
+
+def test_new_node_checked_against_schema_before_writing(tmp_path):
+    path = write(tmp_path, GOOD)
+    before = path.read_bytes()
+    with pytest.raises(BadInput, match="node 'n2'.*Element 'host'"):
+        check_new_node(path, Node(name="n2", host="$(reboot)"))
+    with pytest.raises(BadInput, match="already exists"):
+        add_node_to_file(path, Node(name="n1", host="10.0.0.13"))
+    with pytest.raises(BadInput, match="attribute 'name'"):
+        add_node_to_file(path, Node(name="Bad Name", host="10.0.0.13"))
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("text, value", [("0", 0), ("512", 512), ("4k", 4096), ("2G", 2 << 30), ("1t", 1 << 40)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "g", "1.5g", "-1", "1gb", "1 g"])
+def test_parse_size_rejects(text):
+    with pytest.raises(BadInput):
+        parse_size(text)
