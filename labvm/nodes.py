@@ -119,8 +119,11 @@ def check_node(cfg: ClusterConfig, node: Node, *, mount_mfs: bool, bundle: Helpe
             except HelperFailed as exc:
                 mfs_error = exc.fields.get("msg")
         facts = runner.call("probe", "facts", {"data_dir": node.data_dir, "mfs_mount": cfg.storage.mfs_mount})["data"]
-    facts.setdefault("mfs", {})
-    facts["mfs"]["error"] = mfs_error
+    mfs = facts.get("mfs") or {}
+    if mfs_error:
+        mfs["error"] = mfs_error
+    mfs.setdefault("error", None)
+    facts["mfs"] = mfs
     return facts
 
 

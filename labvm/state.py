@@ -6,7 +6,6 @@ recorded in `schema_migrations` (applied in order, each in one transaction).
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import time

@@ -6,7 +6,8 @@ the error and the other nodes' results are kept, as Fabric's GroupResult does.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Generic, Iterable, TypeVar
@@ -39,21 +40,22 @@ def run_on_nodes(
 ) -> list[NodeOutcome[T]]:
     """Call work(node) for every node in parallel; results come back in the nodes' order."""
     nodes = list(nodes)
-    if not nodes:
-        return []
+    results: queue.Queue[NodeOutcome[T]] = queue.Queue()
+    for node in nodes:
+        # Daemon threads: a node hung in a socket read must not keep labvm from exiting,
+        # which a ThreadPoolExecutor's workers would (they are joined at interpreter exit).
+        threading.Thread(
+            target=lambda n=node: results.put(_timed(work, n)), name=f"labvm-{node.name}", daemon=True
+        ).start()
     outcomes: dict[str, NodeOutcome[T]] = {}
     started = time.monotonic()
-    pool = cf.ThreadPoolExecutor(max_workers=min(32, len(nodes)), thread_name_prefix="labvm-node")
-    futures = {pool.submit(_timed, work, node): node for node in nodes}
-    try:
-        for future in cf.as_completed(futures, timeout=timeout):
-            node = futures[future]
-            outcomes[node.name] = future.result()
-    except cf.TimeoutError:
-        pass
-    finally:
-        # Don't wait for a hung node's thread; its socket timeouts end it later.
-        pool.shutdown(wait=False, cancel_futures=True)
+    deadline = started + timeout
+    while len(outcomes) < len(nodes):
+        try:
+            outcome = results.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        outcomes[outcome.node] = outcome
     elapsed = time.monotonic() - started
     for node in nodes:
         outcomes.setdefault(

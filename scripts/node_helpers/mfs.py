@@ -1,0 +1,379 @@
+"""mfs: the node's MooseFS mount.
+
+Actions:
+  ensure_mounted    mount MASTER:PORT SUBDIR at MOUNT unless that mount is already there
+  ensure_unmounted  unmount it cleanly; a busy mount is refused, never detached lazily
+  status            what the mount table says about MOUNT (reads /proc only)
+
+The mount always carries `suid,dev`. Overlay whiteouts are character devices 0/0 and the
+VM layers on MooseFS hold setuid programs; libfuse mounts `nosuid,nodev` unless told otherwise
+(checked with MooseFS 3.0.117 / fuse 3.14), so without them the layers lose their meaning.
+"""
+
+import ctypes
+import errno
+import os
+import re
+
+from _contract import (
+    Action,
+    BadRequest,
+    Failed,
+    Param,
+    PreconditionFailed,
+    Result,
+    TemporaryFailure,
+    absolute_path,
+    integer_between,
+    log,
+    string_matching,
+)
+from _system import CommandTimedOut, MountEntry, find_tool, fuse_call, mount_at, mounts_below, read_mountinfo, run_command
+
+DEFAULT_PORT = 9421
+# mfsmount itself gives up after about 20 s when the master does not answer; this only
+# guards against a client that never returns.
+MFSMOUNT_TIMEOUT_S = 60.0
+# Reading .params or stat-ing a mount waits on the FUSE server; a stuck one must not hang us.
+FUSE_CALL_TIMEOUT_S = 5.0
+
+REQUIRED_OPTIONS = ("suid", "dev")
+REFUSED_OPTIONS = {
+    "nosuid": "the VM layers on MooseFS hold setuid programs",
+    "nodev": "overlay whiteouts on MooseFS are device files",
+    "mfsmaster": "use the 'master' param",
+    "mfsport": "use the 'port' param",
+    "mfssubfolder": "use the 'subdir' param",
+    "mfspassword": "a password in mount options is visible in the process list",
+    "mfsmd5pass": "a password hash in mount options is visible in the process list",
+    "mfspassfile": "passwords are not supported by this helper",
+    "mfscfgfile": "all mount options must be visible in the request",
+}
+_OPTION_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+_OPTION_VALUE = re.compile(r"[A-Za-z0-9_.:/+-]+")
+
+# mfsmount's messages (MooseFS 3.0) that mean "the master could not be reached".
+UNREACHABLE_MARKERS = (
+    "can't connect to mfsmaster",
+    "can't resolve master",
+    "connection timed out",
+    "connection refused",
+    "no route to host",
+)
+REGISTER_ERROR_MARKER = "mfsmaster register error"
+MISSING_SUBDIR_MARKER = "no such file or directory"
+
+MFS_SOURCE = re.compile(r"mfs#(?P<master>[^:]+):(?P<port>\d+)")
+MOUNT_PARAMS_FILE = ".params"  # MooseFS serves it at the mount root from the client's memory
+
+
+# --- parameters ---------------------------------------------------------------------------
+
+master_address = string_matching(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}", "a host name or IPv4 address")
+
+
+def mount_options(name: str, value) -> tuple[str, ...]:
+    """Comma-separated `key[=value]` items with a conservative character set. Errors name the
+    key only: a value could be a password someone put there by mistake."""
+    if not isinstance(value, str):
+        raise BadRequest(f"param {name!r} must be a string of comma-separated options", "bad_param")
+    options = tuple(item for item in value.split(",") if item)
+    for option in options:
+        check_mount_option(name, option)
+    return options
+
+
+def check_mount_option(name: str, option: str) -> None:
+    key, has_value, value = option.partition("=")
+    if not _OPTION_KEY.fullmatch(key):
+        raise BadRequest(
+            f"param {name!r}: an option name may only use letters, digits and _ and must start with a letter", "bad_param"
+        )
+    if key in REFUSED_OPTIONS:
+        raise BadRequest(f"param {name!r}: option {key!r} is not allowed: {REFUSED_OPTIONS[key]}", "bad_param")
+    if has_value and not _OPTION_VALUE.fullmatch(value):
+        raise BadRequest(f"param {name!r}: the value of option {key!r} may only use letters, digits and _.:/+-", "bad_param")
+
+
+def with_required_options(options: tuple[str, ...]) -> tuple[str, ...]:
+    return options + tuple(option for option in REQUIRED_OPTIONS if option not in options)
+
+
+MOUNT_PARAM = {"mount": Param(absolute_path, required=True)}
+ENSURE_MOUNTED_PARAMS = {
+    "master": Param(master_address, required=True),
+    "port": Param(integer_between(1, 65535), default=DEFAULT_PORT),
+    **MOUNT_PARAM,
+    "subdir": Param(absolute_path, default="/"),
+    "options": Param(mount_options, default=()),
+}
+
+
+# --- reading the mount --------------------------------------------------------------------
+
+
+def is_moosefs(entry: MountEntry) -> bool:
+    return entry.fstype.startswith("fuse") and (
+        entry.source.startswith("mfs#") or entry.source == "MFS" or entry.fstype == "fuse.mfs"
+    )
+
+
+def parse_mfs_source(source: str) -> tuple[str, int] | None:
+    """mfsmount names its mounts `mfs#MASTER:PORT`."""
+    match = MFS_SOURCE.fullmatch(source)
+    return (match.group("master"), int(match.group("port"))) if match else None
+
+
+def parse_mount_params(text: str) -> dict[str, str]:
+    """The `key: value` lines of a MooseFS mount's .params file."""
+    values = {}
+    for line in text.splitlines():
+        key, separator, value = line.partition(": ")
+        if separator:
+            values[key.strip()] = value.strip()
+    return values
+
+
+def describe_mount(mount: str, entry: MountEntry | None, below: int) -> dict:
+    source = parse_mfs_source(entry.source) if entry else None
+    return {
+        "mount": mount,
+        "mounted": entry is not None,
+        "is_moosefs": bool(entry and is_moosefs(entry)),
+        "fstype": entry.fstype if entry else None,
+        "source": entry.source if entry else None,
+        "master": source[0] if source else None,
+        "port": source[1] if source else None,
+        "mount_options": list(entry.mount_options) if entry else [],
+        "mounts_below": below,
+    }
+
+
+def current_mount(mount: str) -> tuple[MountEntry | None, dict]:
+    entries = read_mountinfo()
+    entry = mount_at(entries, mount)
+    return entry, describe_mount(mount, entry, len(mounts_below(entries, mount)))
+
+
+def mount_status(params: dict, check: bool) -> Result:
+    return Result(changed=False, data=current_mount(params["mount"])[1])
+
+
+# --- ensure_mounted -----------------------------------------------------------------------
+
+
+def ensure_mounted(params: dict, check: bool) -> Result:
+    mount = params["mount"]
+    options = with_required_options(params["options"])
+    entry, described = current_mount(mount)
+    wanted = {"master": params["master"], "port": params["port"], "subdir": params["subdir"], "options": list(options)}
+    if entry is not None:
+        verify_existing_mount(entry, params)
+        return Result(changed=False, data={**described, "wanted": wanted})
+    refuse_symlinked_path(mount)
+    if check:
+        return Result(changed=True, data={**described, "wanted": wanted})
+    run_mfsmount(params, options)
+    entry, described = current_mount(mount)
+    if entry is None or not is_moosefs(entry):
+        raise Failed(f"mfsmount reported success but no MooseFS is mounted at {mount}", "mfs_mount_missing")
+    return Result(changed=True, data={**described, "wanted": wanted})
+
+
+def verify_existing_mount(entry: MountEntry, params: dict) -> None:
+    """An existing mount counts as done only if it is the MooseFS mount that was asked for."""
+    mount = params["mount"]
+    if not is_moosefs(entry):
+        raise PreconditionFailed(
+            f"{mount} already has a {entry.fstype} mount from {entry.source}, not MooseFS; "
+            "unmount it or choose another mount point",
+            "mount_point_in_use",
+        )
+    missing = [flag for flag in ("nosuid", "nodev") if flag in entry.mount_options]
+    if missing:
+        raise PreconditionFailed(
+            f"MooseFS at {mount} is mounted {','.join(missing)}, which breaks overlay "
+            "whiteouts and setuid programs; run ensure_unmounted, then ensure_mounted",
+            "mfs_mount_options",
+        )
+    actual = mounted_from(entry, mount)
+    expected = {"master": params["master"], "port": str(params["port"]), "subdir": params["subdir"]}
+    differing = {key: value for key, value in actual.items() if expected[key] != value}
+    if differing:
+        shown = ", ".join(f"{key} {value} (wanted {expected[key]})" for key, value in differing.items())
+        raise PreconditionFailed(
+            f"MooseFS at {mount} is mounted from elsewhere: {shown}; run ensure_unmounted first", "mfs_mount_mismatch"
+        )
+
+
+def mounted_from(entry: MountEntry, mount: str) -> dict[str, str]:
+    """Master, port and subdir of a live mount, from its .params file (the only place that
+    names the subdir), else master and port from the mount source."""
+    try:
+        text = fuse_call("read", os.path.join(mount, MOUNT_PARAMS_FILE), FUSE_CALL_TIMEOUT_S)
+    except TimeoutError:
+        raise TemporaryFailure(
+            f"MooseFS mount at {mount} does not answer within {FUSE_CALL_TIMEOUT_S:g} s", "mfs_mount_hung"
+        ) from None
+    except OSError as error:
+        if error.errno == errno.ENOTCONN:
+            raise PreconditionFailed(
+                f"MooseFS mount at {mount} is stale (its mfsmount is gone); run ensure_unmounted, then ensure_mounted",
+                "mfs_mount_stale",
+            ) from None
+        log(f"cannot read {MOUNT_PARAMS_FILE} of {mount} ({error}); checking master only")
+        source = parse_mfs_source(entry.source)
+        return {"master": source[0], "port": str(source[1])} if source else {}
+    values = parse_mount_params(text)
+    keys = {"master": "mfsmaster", "port": "mfsport", "subdir": "mfssubfolder"}
+    return {key: values[name] for key, name in keys.items() if name in values}
+
+
+def refuse_symlinked_path(mount: str) -> None:
+    """The mount table holds resolved paths. Through a symlink, a mount would not be found
+    there: ensure_mounted would stack a second one, ensure_unmounted would miss it."""
+    path = "/"
+    for part in mount.strip("/").split("/"):
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            raise PreconditionFailed(
+                f"{mount} goes through the symlink {path} -> {os.readlink(path)}; use the resolved path",
+                "mount_path_has_symlink",
+            )
+
+
+def read_text(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as stream:
+        return stream.read()
+
+
+def mfsmount_argv(mfsmount: str, params: dict, options: tuple[str, ...]) -> list[str]:
+    return [
+        mfsmount,
+        params["mount"],
+        "-H",
+        params["master"],
+        "-P",
+        str(params["port"]),
+        "-S",
+        params["subdir"],
+        "-o",
+        ",".join(options),
+    ]
+
+
+def run_mfsmount(params: dict, options: tuple[str, ...]) -> None:
+    mfsmount = find_tool("mfsmount")
+    if mfsmount is None:
+        raise PreconditionFailed("mfsmount not found: install the moosefs-client package", "mfsmount_missing")
+    os.makedirs(params["mount"], exist_ok=True)
+    argv = mfsmount_argv(mfsmount, params, options)
+    log(f"running {' '.join(argv)}")
+    try:
+        result = run_command(argv, timeout_s=MFSMOUNT_TIMEOUT_S)
+    except CommandTimedOut as error:
+        raise TemporaryFailure(
+            f"MooseFS master {params['master']}:{params['port']} not reachable: {error}", "mfs_master_unreachable"
+        ) from None
+    if result.returncode != 0:
+        raise mfsmount_failure(result.output_tail(), params)
+    log(f"mfsmount: {result.output_tail()}")
+
+
+def mfsmount_failure(output: str, params: dict):
+    """Map mfsmount's complaint to an error the caller can act on."""
+    master = f"{params['master']}:{params['port']}"
+    lowered = output.lower()
+    if any(marker in lowered for marker in UNREACHABLE_MARKERS):
+        return TemporaryFailure(f"MooseFS master {master} not reachable: {output}", "mfs_master_unreachable")
+    if REGISTER_ERROR_MARKER in lowered and MISSING_SUBDIR_MARKER in lowered:
+        return PreconditionFailed(f"MooseFS subdir {params['subdir']} does not exist on {master}: {output}", "mfs_subdir_missing")
+    if REGISTER_ERROR_MARKER in lowered:
+        return PreconditionFailed(f"MooseFS master {master} refused the mount: {output}", "mfs_mount_refused")
+    return Failed(f"mfsmount failed: {output or 'no output'}", "mfsmount_failed")
+
+
+# --- ensure_unmounted ---------------------------------------------------------------------
+
+
+def ensure_unmounted(params: dict, check: bool) -> Result:
+    mount = params["mount"]
+    entry, described = current_mount(mount)
+    if entry is None:
+        refuse_symlinked_path(mount)
+        return Result(changed=False, data=described)
+    if not is_moosefs(entry):
+        raise PreconditionFailed(
+            f"{mount} is a {entry.fstype} mount from {entry.source}, not MooseFS; refusing to unmount it", "not_moosefs"
+        )
+    if check:
+        return Result(changed=True, data=described)
+    unmount(mount)
+    entry, described = current_mount(mount)
+    if entry is not None:
+        raise Failed(f"{mount} is still mounted ({entry.fstype} from {entry.source}) after unmounting", "still_mounted")
+    return Result(changed=True, data=described)
+
+
+def unmount(mount: str) -> None:
+    """umount2 without MNT_DETACH: a lazy unmount would leave writers on a detached tree."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(mount), 0) == 0:
+        return
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOENT):
+        return  # no longer a mount point: someone else unmounted it meanwhile
+    if error == errno.EBUSY:
+        raise PreconditionFailed(f"mount busy: {mount} is in use{busy_detail(mount)}", "mount_busy")
+    raise Failed(f"cannot unmount {mount}: {os.strerror(error)}", "unmount_failed")
+
+
+def busy_detail(mount: str) -> str:
+    below = [entry.mount_point for entry in mounts_below(read_mountinfo(), mount)]
+    users = processes_using(mount)
+    parts = []
+    if below:
+        parts.append(f"mounts below it: {', '.join(below[:5])}" + (" ..." if len(below) > 5 else ""))
+    if users:
+        parts.append(f"used by {', '.join(users[:5])}" + (" ..." if len(users) > 5 else ""))
+    return f" ({'; '.join(parts)})" if parts else " (open files or working directories)"
+
+
+def processes_using(mount: str) -> list[str]:
+    """'PID (command)' of processes whose cwd, root or open files lie under mount. Only
+    /proc links are read, which never wait on the FUSE server."""
+    prefix = mount.rstrip("/") + "/"
+    users = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if any(target == mount or target.startswith(prefix) for target in proc_links(pid)):
+            users.append(f"{pid} ({process_name(pid)})")
+    return users
+
+
+def proc_links(pid: str) -> list[str]:
+    paths = [f"/proc/{pid}/cwd", f"/proc/{pid}/root"]
+    try:
+        paths += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        pass
+    targets = []
+    for path in paths:
+        try:
+            targets.append(os.readlink(path))
+        except OSError:
+            continue  # the process or descriptor went away, or is not ours to see
+    return targets
+
+
+def process_name(pid: str) -> str:
+    try:
+        return read_text(f"/proc/{pid}/comm").strip()
+    except OSError:
+        return "?"
+
+
+ACTIONS = {
+    "ensure_mounted": Action(run=ensure_mounted, params=ENSURE_MOUNTED_PARAMS),
+    "ensure_unmounted": Action(run=ensure_unmounted, params=MOUNT_PARAM),
+    "status": Action(run=mount_status, params=MOUNT_PARAM),
+}
