@@ -10,16 +10,17 @@ import datetime as dt
 import json
 import sys
 import traceback
+from pathlib import Path
 
 import click
 from click.shell_completion import CompletionItem, get_completion_class
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
+from . import __version__, images
 from .admin import AdminHome
 from .config import Node
-from .errors import Aborted, AlreadyExists, BadInput, LabvmError, NodeError
+from .errors import Aborted, AlreadyExists, BadInput, LabvmError, NodeError, NotFound
 from .names import validate_user_name
 from .nodes import add_node, check_nodes, node_problems, node_rows, rekey_node, remove_node
 
@@ -321,6 +322,215 @@ def node_rekey(home: AdminHome, name, fingerprint, yes):
     """Pin NAME's new host key after the node was reinstalled."""
     decision = rekey_node(home.config, name, expected_fingerprint=fingerprint, confirm=_confirm(yes))
     out.print(f"{name}: host key {decision.key_type} {decision.fingerprint} pinned")
+
+
+# -- desktop images ------------------------------------------------------------
+@cli.group()
+def image():
+    """The desktop rootfs (xfce_local): build it once, push it to every node."""
+
+
+def _image_dir(home: AdminHome):
+    return home.home / "images"
+
+
+def _latest_image(home: AdminHome):
+    images = sorted(_image_dir(home).glob("labvm-*.tar.gz"), key=lambda p: p.stat().st_mtime)
+    if not images:
+        raise NotFound(f"no desktop image in {_image_dir(home)}; build one with `labvm image build`")
+    return images[-1]
+
+
+@image.command("build")
+@click.option("--desktop", type=click.Choice(["xfce", "minimal"]), default="xfce", show_default=True,
+              help="xfce: XFCE4, TigerVNC, sudo, a locale and an SSH server. minimal: TigerVNC, twm and xterm (for tests).")
+@click.option("--mirror", metavar="URL", help="Debian mirror (default: the one this host's apt uses).")
+@click.option("--rebuild", is_flag=True, help="Build again even if a cached build matches.")
+@click.option("--cache-dir", default=str(images.DEFAULT_CACHE_DIR), show_default=True, help="Where builds and downloaded packages are cached.")
+@json_option
+@click.pass_obj
+def image_build(home: AdminHome, desktop, mirror, rebuild, cache_dir, as_json):
+    """Build the desktop rootfs with debootstrap (Debian bookworm) into a tarball with a checksum.
+
+    The tarball keeps numeric owners, xattrs and ACLs. It lands in the images/
+    directory beside the cluster file, where `labvm image push` finds it.
+    """
+    out_dir = _image_dir(home)
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    say = (lambda _m: None) if as_json else (lambda m: out.print(m, markup=False))
+    info = images.build_image(desktop, out_dir, cache_dir=Path(cache_dir), mirror=mirror, rebuild=rebuild, progress=say)
+    if as_json:
+        _emit_json(info.to_dict())
+        return
+    out.print(f"image {info.path} ({info.size / 2**20:.0f} MiB, sha256 {info.sha256[:16]}...) in {info.seconds:.0f}s")
+
+
+@image.command("push")
+@click.argument("nodes", nargs=-1, shell_complete=complete_nodes)
+@click.option("--image", "image_path", metavar="FILE", help="Image tarball (default: the newest `labvm image build`).")
+@click.pass_obj
+def image_push(home: AdminHome, nodes, image_path):
+    """Unpack the desktop image into xfce_local on NODES (default: all), in parallel.
+
+    A node that already holds this image (same checksum) gets nothing. Each node
+    also gets the tiny docker base image desktops are created from.
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    path = Path(image_path) if image_path else _latest_image(home)
+    sha = images.image_sha256(path)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=out, transient=True) as bars:
+        tasks = {}
+
+        def progress(node, done, total):
+            if node not in tasks:
+                tasks[node] = bars.add_task(node, total=total)
+            bars.update(tasks[node], completed=done)
+
+        outcomes = images.push_image(home.config, path, sha, list(nodes) or None, progress=progress)
+    failed = []
+    for o in outcomes:
+        if o.ok:
+            r = o.value
+            out.print(f"{o.node}: " + ("pushed" if r.unpacked else "already has it") + f" ({sha[:12]})")
+        else:
+            failed.append(o.node)
+            out.print(f"[red]{o.node}[/]: {o.error}")
+    if failed:
+        raise NodeError(node=", ".join(failed), msg="image push failed")
+
+
+# -- desktops ----------------------------------------------------------------
+def limit_options(f):
+    options = [
+        click.option("--cpus", type=float, help="CPU count (default from <vm_defaults>)."),
+        click.option("--cpuset", help="Pin to these CPUs instead, e.g. 0-3 or 0,2."),
+        click.option("--memory", help="Memory limit, e.g. 16g; swap is set equal."),
+        click.option("--shm", help="Size of /dev/shm, e.g. 4g."),
+        click.option("--pids", type=int, help="Most processes."),
+        click.option("--io-weight", type=int, help="Block IO weight, 10..1000."),
+        click.option("--io-read-bps", help="Read cap on the data disk, e.g. 200m."),
+        click.option("--io-write-bps", help="Write cap on the data disk, e.g. 100m."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _desktops(home: AdminHome, quiet: bool = False):
+    from .desktops import Desktops
+
+    return Desktops(home, say=(lambda _m: None) if quiet else (lambda m: out.print(m, markup=False)))
+
+
+def _show_connect(home: AdminHome, desktop) -> None:
+    cfg = home.config
+    out.print(f"{desktop.user}'s desktop runs on {desktop.node}: VNC at [bold]{desktop.vnc_address(cfg)}[/]")
+    gpus = ", ".join(f"{g['index']} ({g['uuid']})" for g in desktop.gpus) or "none"
+    out.print(f"  GPUs: {gpus}")
+    out.print(f"  connect with a VNC client, e.g.: vncviewer {desktop.vnc_address(cfg)}  (password: {desktop.user}'s labvm password)")
+
+
+@cli.command()
+@click.argument("user", shell_complete=complete_users)
+@click.option("--node", default="auto", show_default=True, shell_complete=complete_nodes,
+              help="Node to run on; auto picks one with the free GPUs and memory asked for.")
+@click.option("--gpus", metavar="N|I,J", help="N free GPUs, or GPU indexes like 0,2 (1, for GPU 1 alone); 0 for none.")
+@limit_options
+@json_option
+@click.pass_obj
+def create(home: AdminHome, user, node, gpus, as_json, **limits):
+    """Create and start USER's desktop.
+
+    \b
+    labvm create alice                 defaults from the cluster file, node picked for you
+    labvm create alice --gpus 2        two free GPUs
+    labvm create alice --node n2 --gpus 0,3 --memory 32g
+    """
+    from .desktops import LimitOverrides
+
+    desktop = _desktops(home, quiet=as_json).create(user, node=node, gpus=gpus, overrides=LimitOverrides(**limits))
+    if as_json:
+        _emit_json(desktop.as_dict(home.config))
+    else:
+        _show_connect(home, desktop)
+
+
+@cli.command()
+@click.argument("user", shell_complete=complete_users)
+@click.pass_obj
+def start(home: AdminHome, user):
+    """Start USER's desktop (mounts its layers, starts its container)."""
+    _show_connect(home, _desktops(home).start(user))
+
+
+@cli.command()
+@click.argument("user", shell_complete=complete_users)
+@click.option("--timeout", default=20, show_default=True, help="Seconds to wait for a clean shutdown.")
+@click.pass_obj
+def stop(home: AdminHome, user, timeout):
+    """Stop USER's desktop. Its files stay; `labvm start` brings it back."""
+    _desktops(home).stop(user, timeout=timeout)
+    out.print(f"stopped {user}'s desktop")
+
+
+@cli.command()
+@click.argument("user", shell_complete=complete_users)
+@click.pass_obj
+def restart(home: AdminHome, user):
+    """Stop and start USER's desktop."""
+    d = _desktops(home)
+    d.stop(user)
+    _show_connect(home, d.start(user))
+
+
+@cli.command()
+@click.argument("user", shell_complete=complete_users)
+@click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation.")
+@click.pass_obj
+def rm(home: AdminHome, user, yes):
+    """Remove USER's desktop: its container and local layers. The versions on MooseFS stay."""
+    if not _confirm(yes)(f"Remove {user}'s desktop (container and local layers)?"):
+        raise Aborted()
+    _desktops(home).remove(user)
+    out.print(f"removed {user}'s desktop; its versions on MooseFS are kept")
+
+
+@cli.command()
+@click.argument("user", shell_complete=complete_users)
+@password_stdin_option
+@click.pass_obj
+def passwd(home: AdminHome, user, password_stdin):
+    """Change USER's password: labvm's record, and the login and VNC passwords inside a running desktop."""
+    with home.state() as db:
+        db.get_user(user)
+    _desktops(home).passwd(user, _read_password(password_stdin, "New password"))
+    out.print(f"password of {user} changed")
+
+
+@cli.command()
+@click.option("--node", "node_filter", shell_complete=complete_nodes, help="Only desktops on this node.")
+@click.option("--user", "user_filter", shell_complete=complete_users, help="Only this user's desktop.")
+@json_option
+@click.pass_obj
+def status(home: AdminHome, node_filter, user_filter, as_json):
+    """Every desktop: node, state, VNC address, GPUs and limits."""
+    cfg = home.config
+    with home.state() as db:
+        rows = [d for d in _desktops(home, quiet=True).list(db)
+                if (not node_filter or d.node == node_filter) and (not user_filter or d.user == user_filter)]
+    if as_json:
+        _emit_json([d.as_dict(cfg) for d in rows])
+        return
+    table = Table("user", "node", "state", "VNC", "GPUs", "CPUs", "memory", "shm", "pids", title="labvm status")
+    for d in rows:
+        lim = d.limits
+        table.add_row(
+            d.user, d.node, d.state, d.vnc_address(cfg) if d.vnc_port else "",
+            ",".join(str(g["index"]) for g in d.gpus) or "-",
+            lim.get("cpuset") or f"{lim.get('cpus'):g}", _gib(lim["memory"] >> 20), _gib(lim["shm"] >> 20), str(lim["pids"]),
+        )
+    out.print(table)
 
 
 # -- shell completion --------------------------------------------------------

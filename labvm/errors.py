@@ -99,6 +99,26 @@ class HelperCrashed(NodeError):
     """{node}: {helper}.{action} crashed (exit {status}): {tail}"""
 
 
+class ImageError(LabvmError):
+    """{msg}"""
+
+    exit_code = 9
+
+
+class ToolMissing(ImageError):
+    """{tool} is not installed on this host; install it with: apt-get install {package}"""
+
+
+class ImageBuildFailed(ImageError):
+    """building the {desktop} image failed at {step}: {detail} (full log: {log})"""
+
+
+class NoCapacity(LabvmError):
+    """{msg}"""
+
+    exit_code = 10
+
+
 class Busy(LabvmError):
     """{msg}"""
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import select
 import shlex
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import paramiko
 from fabric import Connection
@@ -18,6 +20,10 @@ from .hostkeys import PinnedHostKeys, fingerprint
 
 IDENTITY = "id_ed25519"
 CONNECT_TIMEOUT = 10
+UPLOAD_CHUNK = 1 << 20
+
+# progress(bytes_done, bytes_total)
+UploadProgress = Callable[[int, int], None]
 
 
 @dataclass
@@ -121,6 +127,42 @@ class NodeConnection:
             raise NodeUnreachable(node=self.node.name, msg=f"SSH session failed: {exc}") from None
         finally:
             channel.close()
+
+    def put(
+        self, local_path: str | os.PathLike, remote_path: str, progress: UploadProgress | None = None, mode: int = 0o600
+    ) -> int:
+        """Upload a file over SFTP as the login user; returns the bytes sent.
+
+        The remote file is made `mode` before any data goes in, so a private file is never
+        readable by others, even half-written.
+        """
+        self.open()
+        with open(local_path, "rb") as source:
+            total = os.fstat(source.fileno()).st_size
+            try:
+                landed = self._send(source, remote_path, total, progress, mode)
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                # paramiko reports SFTP status errors (permission denied, no such directory) as OSError.
+                detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+                raise NodeError(node=self.node.name, msg=f"upload to {remote_path} failed: {detail}") from None
+        if landed != total:
+            raise NodeError(node=self.node.name, msg=f"upload to {remote_path} is {landed} bytes, not {total}")
+        return total
+
+    def _send(self, source, remote_path: str, total: int, progress: UploadProgress | None, mode: int) -> int:
+        sftp = self._conn.sftp()
+        with sftp.open(remote_path, "wb") as target:
+            target.chmod(mode)
+            # Pipelined: writes do not wait for each acknowledgement, which is what makes SFTP
+            # usable for hundreds of MB. A failed write still raises, at close at the latest.
+            target.set_pipelined(True)
+            done = 0
+            while chunk := source.read(UPLOAD_CHUNK):
+                target.write(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+        return sftp.stat(remote_path).st_size
 
     def close(self) -> None:
         self._conn.close()

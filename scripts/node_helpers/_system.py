@@ -3,16 +3,22 @@
 The parsers here are pure functions over text so tests can feed them any input.
 """
 
+import ctypes
+import errno
+import http.client
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Any
+
+from _contract import Failed, PreconditionFailed
 
 MOUNTINFO_PATH = "/proc/self/mountinfo"
 KILL_WAIT_S = 1.0
@@ -150,6 +156,47 @@ def space_mib(blocks: int, bavail: int, frsize: int) -> dict:
     return {"total_mib": blocks * frsize // MIB, "free_mib": bavail * frsize // MIB}
 
 
+# --- HTTP over a unix socket (dockerd) -------------------------------------------------
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a unix socket, enough to ask dockerd a question without the SDK."""
+
+    def __init__(self, socket_path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def request_over_unix_socket(
+    socket_path: str, method: str, url: str, timeout_s: float, body: bytes | None = None, content_type: str | None = None
+) -> tuple[int, bytes]:
+    """One HTTP request; (status, whole body). Raises OSError, TimeoutError or HTTPException."""
+    connection = UnixHTTPConnection(socket_path, timeout_s)
+    headers = {"Host": "docker"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    try:
+        connection.request(method, url, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def get_over_unix_socket(socket_path: str, url: str, timeout_s: float) -> tuple[int, bytes]:
+    return request_over_unix_socket(socket_path, "GET", url, timeout_s)
+
+
 # --- mount table --------------------------------------------------------------------------
 
 
@@ -224,3 +271,106 @@ def mount_at(entries: list[MountEntry], path: str) -> MountEntry | None:
 def mounts_below(entries: list[MountEntry], path: str) -> list[MountEntry]:
     prefix = path.rstrip("/") + "/"
     return [entry for entry in entries if entry.mount_point.startswith(prefix)]
+
+
+def refuse_symlinked_path(path: str) -> None:
+    """The mount table holds resolved paths. Through a symlink, a mount would not be found
+    there: an ensure would stack a second mount, an unmount would miss it."""
+    walked = "/"
+    for part in path.strip("/").split("/"):
+        walked = os.path.join(walked, part)
+        if os.path.islink(walked):
+            raise PreconditionFailed(
+                f"{path} goes through the symlink {walked} -> {os.readlink(walked)}; use the resolved path",
+                "mount_path_has_symlink",
+            )
+
+
+# --- overlay mounts -----------------------------------------------------------------------
+
+_LAYER_SEPARATOR = re.compile(r"(?<!\\):")
+_BACKSLASH_ESCAPE = re.compile(r"\\(.)")
+
+
+def overlay_lowerdirs(super_options: tuple[str, ...]) -> list[str]:
+    """The lower layers named in an overlay mount's super options: `lowerdir=a:b`, and the
+    `lowerdir+=` / `datadir+=` forms of newer kernels. The kernel writes ',' and spaces in
+    options as octal escapes; a ':' inside one layer's path is escaped with a backslash."""
+    lowers = []
+    for option in super_options:
+        key, _, value = option.partition("=")
+        if key in ("lowerdir", "lowerdir+", "datadir+"):
+            layers = _LAYER_SEPARATOR.split(unescape_mount_field(value))
+            lowers += [_BACKSLASH_ESCAPE.sub(r"\1", layer) for layer in layers if layer]
+    return lowers
+
+
+def mount_option_value(options: tuple[str, ...], key: str) -> str | None:
+    """The value of `key=value` among mount options (unescaped), or None when absent."""
+    for option in options:
+        name, separator, value = option.partition("=")
+        if separator and name == key:
+            return unescape_mount_field(value)
+    return None
+
+
+# --- unmounting ---------------------------------------------------------------------------
+
+
+def unmount(mount: str) -> None:
+    """umount2 without MNT_DETACH: a lazy unmount would leave writers on a detached tree.
+    A busy mount is a PreconditionFailed "mount_busy" naming what holds it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(mount), 0) == 0:
+        return
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOENT):
+        return  # no longer a mount point: someone else unmounted it meanwhile
+    if error == errno.EBUSY:
+        raise PreconditionFailed(f"mount busy: {mount} is in use{busy_detail(mount)}", "mount_busy")
+    raise Failed(f"cannot unmount {mount}: {os.strerror(error)}", "unmount_failed")
+
+
+def busy_detail(mount: str) -> str:
+    below = [entry.mount_point for entry in mounts_below(read_mountinfo(), mount)]
+    users = processes_using(mount)
+    parts = []
+    if below:
+        parts.append(f"mounts below it: {', '.join(below[:5])}" + (" ..." if len(below) > 5 else ""))
+    if users:
+        parts.append(f"used by {', '.join(users[:5])}" + (" ..." if len(users) > 5 else ""))
+    return f" ({'; '.join(parts)})" if parts else " (open files or working directories)"
+
+
+def processes_using(mount: str) -> list[str]:
+    """'PID (command)' of processes whose cwd, root or open files lie under mount. Only
+    /proc links are read, which never wait on a FUSE server."""
+    prefix = mount.rstrip("/") + "/"
+    users = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if any(target == mount or target.startswith(prefix) for target in proc_links(pid)):
+            users.append(f"{pid} ({process_name(pid)})")
+    return users
+
+
+def proc_links(pid: str) -> list[str]:
+    paths = [f"/proc/{pid}/cwd", f"/proc/{pid}/root"]
+    try:
+        paths += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        pass
+    targets = []
+    for path in paths:
+        try:
+            targets.append(os.readlink(path))
+        except OSError:
+            continue  # the process or descriptor went away, or is not ours to see
+    return targets
+
+
+def process_name(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as stream:
+            return stream.read().strip()
+    except OSError:
+        return "?"

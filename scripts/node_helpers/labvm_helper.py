@@ -23,6 +23,8 @@ from _contract import BadRequest, main  # noqa: E402 - needs the path set up abo
 HELPER_MODULES = {
     "probe": "probe",
     "mfs": "mfs",
+    "image": "image",
+    "vm": "vm",
 }
 
 

@@ -10,7 +10,6 @@ VM layers on MooseFS hold setuid programs; libfuse mounts `nosuid,nodev` unless 
 (checked with MooseFS 3.0.117 / fuse 3.14), so without them the layers lose their meaning.
 """
 
-import ctypes
 import errno
 import os
 import re
@@ -28,7 +27,18 @@ from _contract import (
     log,
     string_matching,
 )
-from _system import CommandTimedOut, MountEntry, find_tool, fuse_call, mount_at, mounts_below, read_mountinfo, run_command
+from _system import (
+    CommandTimedOut,
+    MountEntry,
+    find_tool,
+    fuse_call,
+    mount_at,
+    mounts_below,
+    read_mountinfo,
+    refuse_symlinked_path,
+    run_command,
+    unmount,
+)
 
 DEFAULT_PORT = 9421
 # mfsmount itself gives up after about 20 s when the master does not answer; this only
@@ -229,24 +239,6 @@ def mounted_from(entry: MountEntry, mount: str) -> dict[str, str]:
     return {key: values[name] for key, name in keys.items() if name in values}
 
 
-def refuse_symlinked_path(mount: str) -> None:
-    """The mount table holds resolved paths. Through a symlink, a mount would not be found
-    there: ensure_mounted would stack a second one, ensure_unmounted would miss it."""
-    path = "/"
-    for part in mount.strip("/").split("/"):
-        path = os.path.join(path, part)
-        if os.path.islink(path):
-            raise PreconditionFailed(
-                f"{mount} goes through the symlink {path} -> {os.readlink(path)}; use the resolved path",
-                "mount_path_has_symlink",
-            )
-
-
-def read_text(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as stream:
-        return stream.read()
-
-
 def mfsmount_argv(mfsmount: str, params: dict, options: tuple[str, ...]) -> list[str]:
     return [
         mfsmount,
@@ -313,63 +305,6 @@ def ensure_unmounted(params: dict, check: bool) -> Result:
     if entry is not None:
         raise Failed(f"{mount} is still mounted ({entry.fstype} from {entry.source}) after unmounting", "still_mounted")
     return Result(changed=True, data=described)
-
-
-def unmount(mount: str) -> None:
-    """umount2 without MNT_DETACH: a lazy unmount would leave writers on a detached tree."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.umount2(os.fsencode(mount), 0) == 0:
-        return
-    error = ctypes.get_errno()
-    if error in (errno.EINVAL, errno.ENOENT):
-        return  # no longer a mount point: someone else unmounted it meanwhile
-    if error == errno.EBUSY:
-        raise PreconditionFailed(f"mount busy: {mount} is in use{busy_detail(mount)}", "mount_busy")
-    raise Failed(f"cannot unmount {mount}: {os.strerror(error)}", "unmount_failed")
-
-
-def busy_detail(mount: str) -> str:
-    below = [entry.mount_point for entry in mounts_below(read_mountinfo(), mount)]
-    users = processes_using(mount)
-    parts = []
-    if below:
-        parts.append(f"mounts below it: {', '.join(below[:5])}" + (" ..." if len(below) > 5 else ""))
-    if users:
-        parts.append(f"used by {', '.join(users[:5])}" + (" ..." if len(users) > 5 else ""))
-    return f" ({'; '.join(parts)})" if parts else " (open files or working directories)"
-
-
-def processes_using(mount: str) -> list[str]:
-    """'PID (command)' of processes whose cwd, root or open files lie under mount. Only
-    /proc links are read, which never wait on the FUSE server."""
-    prefix = mount.rstrip("/") + "/"
-    users = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        if any(target == mount or target.startswith(prefix) for target in proc_links(pid)):
-            users.append(f"{pid} ({process_name(pid)})")
-    return users
-
-
-def proc_links(pid: str) -> list[str]:
-    paths = [f"/proc/{pid}/cwd", f"/proc/{pid}/root"]
-    try:
-        paths += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
-    except OSError:
-        pass
-    targets = []
-    for path in paths:
-        try:
-            targets.append(os.readlink(path))
-        except OSError:
-            continue  # the process or descriptor went away, or is not ours to see
-    return targets
-
-
-def process_name(pid: str) -> str:
-    try:
-        return read_text(f"/proc/{pid}/comm").strip()
-    except OSError:
-        return "?"
 
 
 ACTIONS = {

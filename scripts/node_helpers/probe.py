@@ -11,7 +11,16 @@ import socket
 import sys
 
 from _contract import Action, Param, Result, absolute_path
-from _system import CommandTimedOut, find_tool, fuse_call, mount_at, read_mountinfo, run_command, space_mib
+from _system import (
+    CommandTimedOut,
+    find_tool,
+    fuse_call,
+    get_over_unix_socket,
+    mount_at,
+    read_mountinfo,
+    run_command,
+    space_mib,
+)
 
 DEFAULT_DOCKER_SOCKET = "/run/docker.sock"
 DOCKER_TIMEOUT_S = 3.0
@@ -99,24 +108,6 @@ def module_available(name: str) -> bool:
 # --- docker -------------------------------------------------------------------------------
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over a unix socket, enough to ask dockerd one question without the SDK."""
-
-    def __init__(self, socket_path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = socket_path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 def docker_facts(socket_path: str) -> dict:
     facts = {"ok": False, "socket": socket_path, "version": None, "api_version": None, "error": None}
     try:
@@ -135,16 +126,6 @@ def docker_facts(socket_path: str) -> dict:
     except (ValueError, KeyError, TypeError):
         return {**facts, "error": "GET /version answered without Version and ApiVersion"}
     return {**facts, "ok": True, "version": version, "api_version": api_version}
-
-
-def get_over_unix_socket(socket_path: str, url: str, timeout_s: float) -> tuple[int, bytes]:
-    connection = UnixHTTPConnection(socket_path, timeout_s)
-    try:
-        connection.request("GET", url, headers={"Host": "docker"})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
 
 
 def describe_error(error: BaseException) -> str:

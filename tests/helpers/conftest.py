@@ -1,13 +1,20 @@
 """Fixtures for the helper-contract tests: run a node helper as labvm does, and check that
 whatever happens it answers with exactly one well-formed JSON object and a contract exit code."""
 
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import socketserver
 import stat
 import subprocess
 import sys
+import tempfile
+import threading
+import urllib.parse
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +22,7 @@ import pytest
 
 BUNDLE_DIR = Path(__file__).resolve().parents[2] / "scripts" / "node_helpers"
 ENTRY = BUNDLE_DIR / "labvm_helper.py"
-BUNDLE_MODULES = ("_contract", "_system", "probe", "mfs")
+BUNDLE_MODULES = ("_contract", "_system", "_docker", "probe", "mfs", "image", "vm")
 EXIT_CODES = {0, 1, 2, 3, 75}
 
 
@@ -133,5 +140,108 @@ def load_bundle_modules() -> dict:
 
 @pytest.fixture(scope="session")
 def bundle():
-    """The bundle's modules: bundle.contract, bundle.system, bundle.probe, bundle.mfs."""
+    """The bundle's modules: bundle.contract, bundle.system, bundle.docker, bundle.probe, bundle.mfs, bundle.image,
+    bundle.vm."""
     return SimpleNamespace(**{name.lstrip("_"): module for name, module in load_bundle_modules().items()})
+
+
+# --- a fake dockerd on a unix socket ------------------------------------------------------
+
+
+class FakeDockerHandler(BaseHTTPRequestHandler):
+    """The few endpoints the helpers use: GET /version, GET /images/NAME/json and
+    POST /images/create?fromSrc=- (docker import)."""
+
+    def do_GET(self):
+        fake = self.server.fake
+        fake.requests.append(("GET", self.path))
+        if fake.hang:
+            fake.released.wait(15)
+            return
+        if self.path.startswith("/images/") and self.path.endswith("/json"):
+            name = urllib.parse.unquote(self.path[len("/images/") : -len("/json")])
+            if fake.inspect_error:
+                self.answer(*fake.inspect_error)
+                return
+            image = fake.images.get(name)
+            if image is None:
+                self.answer(404, json.dumps({"message": f"No such image: {name}"}))
+            else:
+                self.answer(200, json.dumps({"Id": image["Id"], "RepoTags": [name]}))
+            return
+        self.answer(fake.status, fake.body)
+
+    def do_POST(self):
+        fake = self.server.fake
+        fake.requests.append(("POST", self.path))
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        url = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        if url.path != "/images/create" or query.get("fromSrc") != "-":
+            self.answer(404, json.dumps({"message": "page not found"}))
+            return
+        if fake.import_error:
+            self.answer(200, json.dumps({"errorDetail": {"message": fake.import_error}, "error": fake.import_error}) + "\r\n")
+            return
+        image_id = "sha256:" + hashlib.sha256(body).hexdigest()
+        fake.imported.append(
+            {"repo": query.get("repo"), "tag": query.get("tag"), "body": body, "content_type": self.headers.get("Content-Type")}
+        )
+        if not fake.import_forgets:
+            fake.images[f"{query['repo']}:{query['tag']}"] = {"Id": image_id}
+        self.answer(200, json.dumps({"status": image_id}) + "\r\n")
+
+    def answer(self, status: int, body: str) -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def address_string(self):
+        return "unix"  # a unix socket peer has no address
+
+    def log_message(self, *args):
+        pass
+
+
+class FakeDockerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+class FakeDocker:
+    """Answers like dockerd 20.10 unless told otherwise: `status`/`body` for GET /version,
+    `images` (name:tag -> {"Id"}) and `inspect_error` (status, body) for GET /images/NAME/json,
+    `import_error` and `import_forgets` for docker import."""
+
+    def __init__(self, socket_path: str):
+        self.socket_path = socket_path
+        self.status = 200
+        self.body = json.dumps({"Version": "20.10.24+dfsg1", "ApiVersion": "1.41", "MinAPIVersion": "1.12", "Os": "linux"})
+        self.hang = False
+        self.released = threading.Event()
+        self.requests = []
+        self.images = {}
+        self.imported = []
+        self.import_error = None
+        self.inspect_error = None
+        self.import_forgets = False
+        self.server = FakeDockerServer(socket_path, FakeDockerHandler)
+        self.server.fake = self
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_docker():
+    # A short directory: unix socket paths are limited to 107 bytes.
+    directory = tempfile.mkdtemp(prefix="labvm-docker-")
+    fake = FakeDocker(os.path.join(directory, "docker.sock"))
+    yield fake
+    fake.stop()
+    shutil.rmtree(directory)

@@ -1,18 +1,17 @@
 """probe.facts run as a subprocess, with a fake nvidia-smi on PATH and a fake dockerd on a
 unix socket."""
 
-import json
 import os
 import shutil
 import socketserver
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+
+from .conftest import FakeDockerHandler
 
 THREE_GPUS = """\
 0, GPU-0c6a1f2e-1111-2222-3333-444444444444, NVIDIA H200, 143771, 0, 0
@@ -187,61 +186,6 @@ def test_node_without_nvidia_smi_has_no_gpus_and_no_error(run_helper, fake_bin):
 # --- docker -------------------------------------------------------------------------------
 
 
-class FakeDockerHandler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        fake = self.server.fake
-        fake.requests.append(self.path)
-        if fake.hang:
-            fake.released.wait(15)
-            return
-        body = fake.body.encode()
-        self.send_response(fake.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def address_string(self):
-        return "unix"  # a unix socket peer has no address
-
-    def log_message(self, *args):
-        pass
-
-
-class FakeDockerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-
-
-class FakeDocker:
-    """Answers GET /version like dockerd 20.10 unless told otherwise."""
-
-    def __init__(self, socket_path: str):
-        self.socket_path = socket_path
-        self.status = 200
-        self.body = json.dumps({"Version": "20.10.24+dfsg1", "ApiVersion": "1.41", "MinAPIVersion": "1.12", "Os": "linux"})
-        self.hang = False
-        self.released = threading.Event()
-        self.requests = []
-        self.server = FakeDockerServer(socket_path, FakeDockerHandler)
-        self.server.fake = self
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.released.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def fake_docker():
-    # A short directory: unix socket paths are limited to 107 bytes.
-    directory = tempfile.mkdtemp(prefix="labvm-docker-")
-    fake = FakeDocker(os.path.join(directory, "docker.sock"))
-    yield fake
-    fake.stop()
-    shutil.rmtree(directory)
-
-
 def test_docker_version_is_read_from_its_socket(run_helper, fake_docker):
     docker = facts(run_helper, docker_socket=fake_docker.socket_path)["docker"]
     assert docker == {
@@ -251,7 +195,7 @@ def test_docker_version_is_read_from_its_socket(run_helper, fake_docker):
         "api_version": "1.41",
         "error": None,
     }
-    assert fake_docker.requests == ["/version"]
+    assert fake_docker.requests == [("GET", "/version")]
 
 
 def test_missing_docker_socket_is_reported_not_raised(run_helper, tmp_path):

@@ -1,0 +1,413 @@
+"""Desktops: create, start, stop, remove and re-password a lab member's desktop.
+
+Each command is a short list of idempotent steps run through the node helpers.
+A create that fails before its desktop runs rolls back what it made, so a
+failed create leaves nothing half-made behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .admin import AdminHome
+from .config import ClusterConfig, Node, parse_size
+from .errors import AlreadyExists, BadInput, LabvmError, NotFound
+from .images import base_image_tag, base_image_tar
+from .journal import Operation, vm_lock
+from .nodes import mfs_params
+from .placement import GpuRequest, NodeCapacity, allocate_gpus, allocate_ports, choose_node
+from .remote.connection import NodeConnection
+from .remote.helpers import HelperBundle, HelperRunner
+from .remote.pool import run_on_nodes
+from .state import StateDB
+
+Say = Callable[[str], None]
+
+DESKTOP_SESSIONS = {
+    "minimal": "twm & exec xterm -geometry 100x30+20+20",
+    "xfce": "exec dbus-launch --exit-with-session startxfce4",
+}
+
+
+@dataclass
+class LimitOverrides:
+    cpus: float | None = None
+    cpuset: str | None = None
+    memory: str | None = None
+    shm: str | None = None
+    pids: int | None = None
+    io_weight: int | None = None
+    io_read_bps: str | None = None
+    io_write_bps: str | None = None
+
+
+@dataclass
+class Limits:
+    cpus: float | None
+    cpuset: str | None
+    memory: int
+    shm: int
+    pids: int
+    io_weight: int | None
+    io_read_bps: int | None
+    io_write_bps: int | None
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def resolve_limits(cfg: ClusterConfig, o: LimitOverrides) -> Limits:
+    d = cfg.vm_defaults
+    if o.cpuset is not None:
+        if not re.fullmatch(r"[0-9]{1,4}(-[0-9]{1,4})?(,[0-9]{1,4}(-[0-9]{1,4})?)*", o.cpuset):
+            raise BadInput(f"--cpuset {o.cpuset!r}: give CPUs like 0-3 or 0,2,4")
+    if o.cpus is not None and not 0 < o.cpus <= 1024:
+        raise BadInput(f"--cpus {o.cpus}: give a count between 0 and 1024, such as 2 or 1.5")
+    if o.pids is not None and o.pids < 16:
+        raise BadInput(f"--pids {o.pids}: a desktop needs at least 16 processes")
+    if o.io_weight is not None and not 10 <= o.io_weight <= 1000:
+        raise BadInput(f"--io-weight {o.io_weight}: give 10..1000")
+    memory = parse_size(o.memory) if o.memory is not None else d.memory
+    if memory < 64 << 20:
+        raise BadInput("--memory: a desktop needs at least 64m")
+    return Limits(
+        cpus=None if o.cpuset is not None and o.cpus is None else (o.cpus if o.cpus is not None else d.cpus),
+        cpuset=o.cpuset,
+        memory=memory,
+        shm=parse_size(o.shm) if o.shm is not None else d.shm,
+        pids=o.pids if o.pids is not None else d.pids,
+        io_weight=o.io_weight if o.io_weight is not None else d.io_weight,
+        io_read_bps=parse_size(o.io_read_bps) if o.io_read_bps is not None else d.io_read_bps,
+        io_write_bps=parse_size(o.io_write_bps) if o.io_write_bps is not None else d.io_write_bps,
+    )
+
+
+@dataclass
+class Desktop:
+    user: str
+    node: str
+    state: str
+    vnc_port: int | None
+    ssh_port: int | None
+    limits: dict
+    version: int
+    gpus: list[dict] = field(default_factory=list)
+
+    def vnc_address(self, cfg: ClusterConfig) -> str:
+        return f"{cfg.node(self.node).host}:{self.vnc_port}"
+
+    def as_dict(self, cfg: ClusterConfig) -> dict:
+        return {
+            "user": self.user,
+            "node": self.node,
+            "state": self.state,
+            "vnc": self.vnc_address(cfg) if self.vnc_port else None,
+            "ssh_port": self.ssh_port,
+            "gpus": self.gpus,
+            "limits": self.limits,
+            "version": self.version,
+        }
+
+
+def container_name(user: str) -> str:
+    return f"labvm-{user}"
+
+
+def bind_address(node: Node) -> str:
+    try:
+        ipaddress.ip_address(node.host)
+    except ValueError:
+        return "0.0.0.0"
+    return node.host
+
+
+def build_spec(user: str, uid: int, node: Node, desktop: str, limits: Limits, gpu_uuids: list[str], ports: tuple[int, int | None]) -> dict:
+    """The container a desktop runs as; the helper creates exactly this, and its hash spots drift."""
+    return {
+        "name": container_name(user),
+        "image": base_image_tag(),
+        "hostname": f"{user}-desktop",
+        "uid": uid,
+        "env": {"LANG": "C.UTF-8"},
+        "labels": {"labvm.user": user, "labvm.desktop": desktop},
+        "cpus": limits.cpus,
+        "cpuset": limits.cpuset,
+        "memory": limits.memory,
+        "shm": limits.shm,
+        "pids": limits.pids,
+        "io_weight": limits.io_weight,
+        "io_read_bps": limits.io_read_bps,
+        "io_write_bps": limits.io_write_bps,
+        "io_device": None,
+        "gpus": list(gpu_uuids),
+        "ports": {"vnc": ports[0], "ssh": ports[1]},
+        "bind_address": bind_address(node),
+        "vnc_geometry": "1280x800",
+        "desktop_cmd": DESKTOP_SESSIONS.get(desktop, DESKTOP_SESSIONS["minimal"]),
+    }
+
+
+class NodeSession:
+    """One SSH connection and helper runner for a node, for the length of a command."""
+
+    def __init__(self, home: AdminHome, node: Node, bundle: HelperBundle):
+        self.node = node
+        self.conn = NodeConnection(node, home.home)
+        self.runner = HelperRunner(self.conn, bundle)
+
+    def call(self, helper: str, action: str, params: dict, timeout: float = 180) -> dict:
+        return self.runner.call(helper, action, params, timeout=timeout)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class Desktops:
+    def __init__(self, home: AdminHome, say: Say = lambda _msg: None):
+        self.home = home
+        self.cfg = home.config
+        self.say = say
+        self.bundle = HelperBundle.from_package()
+
+    # -- reading ---------------------------------------------------------------
+    def get(self, db: StateDB, user: str) -> Desktop:
+        row = db.conn.execute("SELECT * FROM vms WHERE user = ?", (user,)).fetchone()
+        if row is None:
+            db.get_user(user)
+            raise NotFound(f"{user} has no desktop; create one with `labvm create {user}`")
+        gpus = [
+            {"uuid": r["gpu_uuid"], "index": r["gpu_index"]}
+            for r in db.conn.execute("SELECT gpu_uuid, gpu_index FROM gpu_assignments WHERE user = ? ORDER BY gpu_index", (user,))
+        ]
+        return Desktop(row["user"], row["node"], row["state"], row["vnc_port"], row["ssh_port"], json.loads(row["limits"]), row["version"], gpus)
+
+    def list(self, db: StateDB) -> list[Desktop]:
+        return [self.get(db, r["user"]) for r in db.conn.execute("SELECT user FROM vms ORDER BY user")]
+
+    @contextmanager
+    def session(self, node: Node):
+        s = NodeSession(self.home, node, self.bundle)
+        try:
+            yield s
+        finally:
+            s.close()
+
+    # -- placement -----------------------------------------------------------
+    @staticmethod
+    def _usage(db: StateDB, node: Node) -> tuple[set[str], int]:
+        taken = {r["gpu_uuid"] for r in db.conn.execute("SELECT gpu_uuid FROM gpu_assignments WHERE node = ?", (node.name,))}
+        promised = sum(json.loads(r["limits"]).get("memory", 0) for r in db.conn.execute("SELECT limits FROM vms WHERE node = ?", (node.name,)))
+        return taken, promised
+
+    def _probe(self, node: Node) -> tuple[dict, dict]:
+        with self.session(node) as s:
+            facts = s.call("probe", "facts", {"data_dir": node.data_dir})["data"]
+            image = s.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]
+        if facts.get("gpu_error"):
+            raise LabvmError(f"{node.name}: GPUs: {facts['gpu_error']}")
+        return facts, image
+
+    @staticmethod
+    def _capacity(node: Node, usage: tuple[set[str], int], probed: tuple[dict, dict]) -> NodeCapacity:
+        facts, image = probed
+        taken, promised = usage
+        return NodeCapacity(
+            node=node,
+            gpus=facts["gpus"],
+            taken_gpus=taken,
+            memory_total=facts["memory"]["total_mib"] << 20,
+            memory_promised=promised,
+            image_ready=bool(image.get("present")),
+        )
+
+    def _place(self, db: StateDB, node_name: str, request: GpuRequest, memory: int) -> tuple[NodeCapacity, str]:
+        if node_name != "auto":
+            node = self.cfg.node(node_name)
+            cap = self._capacity(node, self._usage(db, node), self._probe(node))
+            if not cap.image_ready:
+                raise BadInput(f"{node.name}: the desktop image is not pushed there; run `labvm image push {node.name}`")
+            return cap, f"on {node.name}, as asked"
+        nodes = list(self.cfg.nodes)
+        if not nodes:
+            raise BadInput(f"no nodes in {self.cfg.path}; add one with `labvm node add`")
+        usage = {n.name: self._usage(db, n) for n in nodes}
+        outcomes = run_on_nodes(nodes, self._probe, timeout=60)
+        caps = [
+            self._capacity(n, usage[n.name], o.value) if o.ok else NodeCapacity(n, [], set(), 0, 0, False, error=o.error)
+            for n, o in zip(nodes, outcomes, strict=True)
+        ]
+        chosen, reason = choose_node(caps, request, memory)
+        return next(c for c in caps if c.node is chosen), reason
+
+    # -- create --------------------------------------------------------------
+    def create(self, user: str, *, node: str = "auto", gpus: str | None = None, overrides: LimitOverrides | None = None) -> Desktop:
+        limits = resolve_limits(self.cfg, overrides or LimitOverrides())
+        request = GpuRequest.parse(gpus, default=self.cfg.vm_defaults.gpus)
+        with self.home.state() as db:
+            account = db.get_user(user)
+            if db.conn.execute("SELECT node FROM vms WHERE user = ?", (user,)).fetchone():
+                existing = self.get(db, user)
+                raise AlreadyExists(f"{user} already has a desktop on {existing.node} ({existing.state}); see `labvm status`")
+            op = Operation.begin(db, "create", user, {"node": node, "gpus": request.describe(), "limits": limits.as_dict()})
+            with vm_lock(db, user, op.id):
+                try:
+                    desktop = self._create_locked(db, op, account.name, account.uid, node, request, limits)
+                except BaseException as exc:
+                    op.finish("rolled_back", str(exc))
+                    raise
+                op.finish("done")
+                return desktop
+
+    def _create_locked(self, db, op, user, uid, node_name, request, limits) -> Desktop:
+        with op.step("place"):
+            cap, reason = self._place(db, node_name, request, limits.memory)
+            self.say(reason)
+        node = cap.node
+        with op.step("allocate"):
+            chosen = self._reserve(db, user, node, cap, request, limits)
+        try:
+            with self.session(node) as s:
+                with op.step("mount_mfs"):
+                    s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
+                with op.step("base_image"):
+                    s.call("image", "ensure_docker_base", {"tag": base_image_tag(), "tar_b64": base64.b64encode(base_image_tar()).decode()})
+                image = s.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]
+                with op.step("mount_stack"):
+                    s.call("vm", "ensure_stack", self._stack_params(user, node, 0))
+                with op.step("start_container"):
+                    desktop = self.get(db, user)
+                    spec = build_spec(user, uid, node, image.get("desktop") or "minimal", limits, [g["uuid"] for g in chosen], (desktop.vnc_port, desktop.ssh_port))
+                    s.call("vm", "ensure_container", {"user": user, "data_dir": node.data_dir, "spec": spec, "secrets": {"password": db.vnc_secret(user)}}, timeout=240)
+            db.conn.execute("UPDATE vms SET state = 'running', updated_at = ? WHERE user = ?", (time.time(), user))
+        except BaseException:
+            self.say(f"create failed on {node.name}; rolling back")
+            self._rollback_create(db, user, node)
+            raise
+        return self.get(db, user)
+
+    def _reserve(self, db, user, node, cap, request, limits) -> list[dict]:
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            taken = {r["gpu_uuid"] for r in db.conn.execute("SELECT gpu_uuid FROM gpu_assignments WHERE node = ?", (node.name,))}
+            chosen = allocate_gpus(node.name, cap.gpus, taken, request)
+            used = set()
+            for r in db.conn.execute("SELECT vnc_port, ssh_port FROM vms WHERE node = ?", (node.name,)):
+                used.update(p for p in (r["vnc_port"], r["ssh_port"]) if p)
+            vnc, ssh = allocate_ports(node, used)
+            now = time.time()
+            db.conn.execute(
+                "INSERT INTO vms (user, node, state, vnc_port, ssh_port, limits, version, created_at, updated_at) VALUES (?, ?, 'creating', ?, ?, ?, 0, ?, ?)",
+                (user, node.name, vnc, ssh, json.dumps(limits.as_dict()), now, now),
+            )
+            for g in chosen:
+                db.conn.execute("INSERT INTO gpu_assignments VALUES (?, ?, ?, ?, ?)", (g["uuid"], node.name, g["index"], user, now))
+            db.conn.execute("COMMIT")
+        except BaseException:
+            db.conn.execute("ROLLBACK")
+            raise
+        return chosen
+
+    def _rollback_create(self, db, user, node) -> None:
+        try:
+            with self.session(node) as s:
+                s.call("vm", "remove_container", {"user": user})
+                s.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": node.data_dir})
+                s.call("vm", "remove_local_layers", {"user": user, "data_dir": node.data_dir})
+        except LabvmError as exc:
+            self.say(f"rollback on {node.name} incomplete: {exc}")
+        db.conn.execute("DELETE FROM vms WHERE user = ?", (user,))
+
+    def _stack_params(self, user: str, node: Node, version: int) -> dict:
+        return {
+            "user": user,
+            "data_dir": node.data_dir,
+            "mfs_mount": self.cfg.storage.mfs_mount,
+            "mfs_dir": self.cfg.storage.mfs_dir,
+            "version": version,
+            "xfce_local": self.cfg.xfce_local,
+        }
+
+    # -- lifecycle -----------------------------------------------------------
+    def _with_desktop(self, user: str, kind: str, work):
+        with self.home.state() as db:
+            desktop = self.get(db, user)
+            op = Operation.begin(db, kind, user, {})
+            with vm_lock(db, user, op.id):
+                try:
+                    result = work(db, op, desktop, self.cfg.node(desktop.node))
+                except BaseException as exc:
+                    op.finish("failed", str(exc))
+                    raise
+                op.finish("done")
+                return result
+
+    def start(self, user: str) -> Desktop:
+        def work(db, op, desktop, node):
+            account = db.get_user(user)
+            with self.session(node) as s:
+                with op.step("mount_mfs"):
+                    s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
+                with op.step("mount_stack"):
+                    s.call("vm", "ensure_stack", self._stack_params(user, node, desktop.version))
+                image = s.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]
+                with op.step("start_container"):
+                    limits = Limits(**desktop.limits)
+                    spec = build_spec(user, account.uid, node, image.get("desktop") or "minimal", limits, [g["uuid"] for g in desktop.gpus], (desktop.vnc_port, desktop.ssh_port))
+                    s.call("vm", "ensure_container", {"user": user, "data_dir": node.data_dir, "spec": spec, "secrets": {"password": db.vnc_secret(user)}}, timeout=240)
+            db.conn.execute("UPDATE vms SET state = 'running', updated_at = ? WHERE user = ?", (time.time(), user))
+            return self.get(db, user)
+
+        return self._with_desktop(user, "start", work)
+
+    def stop(self, user: str, timeout: int = 20) -> Desktop:
+        def work(db, op, desktop, node):
+            with self.session(node) as s:
+                with op.step("stop_container"):
+                    s.call("vm", "stop_container", {"user": user, "timeout": timeout}, timeout=timeout + 60)
+                with op.step("remove_container"):
+                    s.call("vm", "remove_container", {"user": user})
+                with op.step("unmount_stack"):
+                    s.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": node.data_dir})
+            db.conn.execute("UPDATE vms SET state = 'stopped', updated_at = ? WHERE user = ?", (time.time(), user))
+            return self.get(db, user)
+
+        return self._with_desktop(user, "stop", work)
+
+    def remove(self, user: str) -> None:
+        def work(db, op, desktop, node):
+            with self.session(node) as s:
+                with op.step("remove_container"):
+                    s.call("vm", "stop_container", {"user": user, "timeout": 10}, timeout=90)
+                    s.call("vm", "remove_container", {"user": user})
+                with op.step("unmount_stack"):
+                    s.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": node.data_dir})
+                with op.step("remove_local_layers"):
+                    s.call("vm", "remove_local_layers", {"user": user, "data_dir": node.data_dir})
+            db.conn.execute("DELETE FROM vms WHERE user = ?", (user,))
+
+        self._with_desktop(user, "rm", work)
+
+    def passwd(self, user: str, password: str) -> None:
+        with self.home.state() as db:
+            db.set_password(user, password)
+        try:
+            with self.home.state() as db:
+                desktop = self.get(db, user)
+        except NotFound:
+            return
+        if desktop.state != "running":
+            return
+
+        def work(db, op, desktop, node):
+            with self.session(node) as s, op.step("set_password"):
+                s.call("vm", "set_password", {"user": user, "data_dir": node.data_dir, "secrets": {"password": db.vnc_secret(user)}})
+
+        self._with_desktop(user, "passwd", work)
+

@@ -1,0 +1,653 @@
+"""Desktop images: building the shared desktop rootfs, and putting it on the nodes.
+
+An image is a gzip tarball of a debootstrapped Debian rootfs, with a `.sha256` file beside it.
+Each node unpacks it into xfce_local, the lowest, read-only layer of every desktop's overlay,
+and imports a tiny docker base image (`docker import`; no registry is ever involved) that the
+desktop containers are created from; their real root is bind-mounted over its empty dirs.
+
+Finished tarballs are cached under the cache dir, keyed by everything that goes into them, so
+building the same image again is instant unless asked to rebuild.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .config import ClusterConfig, Node
+from .errors import BadInput, Busy, ImageBuildFailed, ImageError, NodeError, NotFound, ToolMissing
+from .remote.connection import NodeConnection
+from .remote.helpers import HelperBundle, HelperRunner
+from .remote.pool import NodeOutcome, run_on_nodes
+
+SUITE = "bookworm"
+VARIANT = "minbase"
+DEFAULT_CACHE_DIR = Path("/var/cache/labvm/images")
+FALLBACK_MIRROR = "http://deb.debian.org/debian"
+APT_DIR = Path("/etc/apt")
+LOCALE = "en_US.UTF-8"
+# Bump when the configure steps change, so tarballs cached by an older recipe are not reused.
+RECIPE_VERSION = 2
+
+# debootstrap resolves Depends of --include, never Recommends: what a desktop needs beyond
+# the Depends is listed here. xfonts-base and x11-xserver-utils are Xvnc's own Recommends
+# (the core fonts xterm draws with; xsetroot for vncserver's session script). twm exits at
+# start in a UTF-8 locale unless xfonts-75dpi gives it its title font (checked in Xvnc).
+_VNC = ("tigervnc-standalone-server", "tigervnc-tools", "xfonts-base", "x11-xserver-utils", "dbus-x11")
+_BASE = ("sudo", "locales", "passwd", "procps", "iproute2")
+DESKTOP_PACKAGES: dict[str, tuple[str, ...]] = {
+    "minimal": _VNC + ("twm", "xfonts-75dpi", "xterm") + _BASE,
+    "xfce": ("xfce4", "xfce4-terminal", "tango-icon-theme") + _VNC + ("openssh-server",) + _BASE,
+}
+
+IMAGE_METADATA = "etc/labvm-image"  # inside the image; the node helper reads it
+TAR_OPTIONS = ("--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls")
+BUILD_LOCK = ".build.lock"
+BUILD_PREFIX = ".build-"
+DEB_CACHE = "debs"
+BUILT_CACHE = "built"
+HASH_CHUNK = 1 << 20
+LOG_TAIL_LINES = 6
+SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+INCOMING_DIR = "/var/lib/labvm/incoming"
+PUSH_TIMEOUT_S = 3600.0
+UNPACK_TIMEOUT_S = 3600.0
+DOCKER_BASE_TIMEOUT_S = 180.0
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+# progress(message) while building; progress(node, bytes_done, bytes_total) while pushing.
+# Push progress is called from one thread per node.
+BuildProgress = Callable[[str], None]
+PushProgress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    path: Path
+    sha256: str
+    size: int
+    desktop: str
+    packages: tuple[str, ...]
+    seconds: float
+    mirror: str = ""
+    built: str = ""
+    cached: bool = False
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "path": str(self.path), "packages": list(self.packages)}
+
+
+# --- what goes into an image --------------------------------------------------------------
+
+
+def desktop_packages(desktop: str) -> tuple[str, ...]:
+    try:
+        return DESKTOP_PACKAGES[desktop]
+    except KeyError:
+        raise BadInput(f"unknown desktop {desktop!r}; choose one of: {', '.join(DESKTOP_PACKAGES)}") from None
+
+
+def check_mirror(mirror: str) -> str:
+    mirror = mirror.strip().rstrip("/")
+    if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]+)?(/[A-Za-z0-9._~%+/-]*)?", mirror):
+        raise BadInput(f"not a Debian mirror URL: {mirror!r} (expected http://HOST/PATH or https://HOST/PATH)")
+    return mirror
+
+
+def _deb822_stanzas(text: str) -> list[dict[str, str]]:
+    stanzas, current, key = [], {}, None
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        if not line.strip():
+            if current:
+                stanzas.append(current)
+            current, key = {}, None
+        elif line[0] in " \t" and key:
+            current[key] += " " + line.strip()
+        elif ":" in line:
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            current[key] = value.strip()
+    if current:
+        stanzas.append(current)
+    return stanzas
+
+
+def _usable(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def mirror_from_deb822(text: str, suite: str = SUITE) -> str | None:
+    """The first http(s) URI of an enabled `deb` stanza, preferring one that serves `suite`."""
+    candidates = []
+    for stanza in _deb822_stanzas(text):
+        if "deb" not in stanza.get("types", "").split() or stanza.get("enabled", "yes").lower() == "no":
+            continue
+        uris = [uri for uri in stanza.get("uris", "").split() if _usable(uri)]
+        if uris:
+            candidates.append((suite in stanza.get("suites", "").split(), uris[0]))
+    preferred = [uri for serves, uri in candidates if serves] or [uri for _, uri in candidates]
+    return preferred[0].rstrip("/") if preferred else None
+
+
+def mirror_from_sources_list(text: str, suite: str = SUITE) -> str | None:
+    """The URI of the first `deb` line, preferring one for `suite` (one-line format)."""
+    candidates = []
+    for line in text.splitlines():
+        line = re.sub(r"\[[^]]*\]", " ", line.split("#", 1)[0])  # drop [options] and comments
+        fields = line.split()
+        if len(fields) >= 3 and fields[0] == "deb" and _usable(fields[1]):
+            candidates.append((fields[2] == suite, fields[1]))
+    preferred = [uri for serves, uri in candidates if serves] or [uri for _, uri in candidates]
+    return preferred[0].rstrip("/") if preferred else None
+
+
+def detect_mirror(apt_dir: Path = APT_DIR, suite: str = SUITE) -> str:
+    """The Debian mirror this admin host itself uses; deb.debian.org when none is found."""
+    sources = [
+        (apt_dir / "sources.list.d" / "debian.sources", mirror_from_deb822),
+        (apt_dir / "sources.list", mirror_from_sources_list),
+    ]
+    for path, parse in sources:
+        try:
+            mirror = parse(path.read_text(encoding="utf-8", errors="replace"), suite)
+        except OSError:
+            continue
+        if mirror:
+            return mirror
+    return FALLBACK_MIRROR
+
+
+def image_cache_key(desktop: str, packages: Iterable[str], mirror: str, suite: str = SUITE, arch: str | None = None) -> str:
+    """Everything that decides an image's content; two builds with the same key are interchangeable."""
+    recipe = {
+        "recipe": RECIPE_VERSION,
+        "suite": suite,
+        "variant": VARIANT,
+        "arch": arch or os.uname().machine,
+        "desktop": desktop,
+        "packages": sorted(set(packages)),
+        "mirror": mirror.rstrip("/"),
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def image_file_name(desktop: str, built: str) -> str:
+    """labvm-<desktop>-<YYYYMMDD>.tar.gz, dated by the build."""
+    return f"labvm-{desktop}-{built[:10].replace('-', '')}.tar.gz"
+
+
+# --- checksums ----------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _metadata_path(image: Path) -> Path:
+    return image.with_name(image.name + ".json")
+
+
+def checksum_path(image: Path) -> Path:
+    return image.with_name(image.name + ".sha256")
+
+
+def write_checksum_file(image: Path, sha256: str) -> None:
+    """`sha256sum -c` reads it."""
+    _write_atomic(checksum_path(image), f"{sha256}  {image.name}\n".encode(), 0o644)
+
+
+def image_sha256(image: Path) -> str:
+    """The checksum recorded beside an image by `build_image`, else computed from the file."""
+    image = Path(image)
+    if not image.is_file():
+        raise NotFound(f"{image}: no such image file; build one with `labvm image build`")
+    try:
+        recorded = checksum_path(image).read_text().split()
+    except OSError:
+        recorded = []
+    if recorded and SHA256_RE.fullmatch(recorded[0]):
+        return recorded[0]
+    return sha256_file(image)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- building -----------------------------------------------------------------------------
+
+
+def build_image(
+    desktop: str,
+    output_dir: Path,
+    *,
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+    mirror: str | None = None,
+    rebuild: bool = False,
+    progress: BuildProgress | None = None,
+) -> ImageInfo:
+    """Build (or take from the cache) the image for `desktop` and put it in output_dir."""
+    started = time.monotonic()
+    say = progress or (lambda message: None)
+    packages = desktop_packages(desktop)
+    mirror = check_mirror(mirror) if mirror else detect_mirror()
+    output_dir, cache_dir = Path(output_dir).absolute(), Path(cache_dir).absolute()
+    key = image_cache_key(desktop, packages, mirror)
+    cached_image = cache_dir / BUILT_CACHE / f"labvm-{desktop}-{key[:16]}.tar.gz"
+    if not rebuild:
+        info = _cached(cached_image)
+        if info is not None:
+            say(f"using the cached {desktop} image {cached_image}")
+            return _publish(info, output_dir, started, cached=True)
+    debootstrap = _require_build_tools()
+    cached_image.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(cache_dir):
+        _remove_stale_builds(cache_dir)
+        built = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        workdir = Path(tempfile.mkdtemp(prefix=BUILD_PREFIX, dir=cache_dir))
+        log = cache_dir / f"build-{desktop}.log"
+        try:
+            rootfs = workdir / "rootfs"
+            build = _Build(desktop, log, say)
+            build.debootstrap(debootstrap, packages, mirror, cache_dir / DEB_CACHE, rootfs)
+            build.configure(
+                rootfs,
+                {
+                    "desktop": desktop,
+                    "packages": list(packages),
+                    "suite": SUITE,
+                    "mirror": mirror,
+                    "built": built,
+                    "recipe": RECIPE_VERSION,
+                },
+            )
+            say("packing the rootfs")
+            sha256, size = build.pack(rootfs, cached_image)
+        finally:
+            _remove_tree(workdir)
+        info = ImageInfo(cached_image, sha256, size, desktop, packages, time.monotonic() - started, mirror, built)
+        _write_atomic(_metadata_path(cached_image), json.dumps(info.to_dict(), indent=1).encode(), 0o644)
+        write_checksum_file(cached_image, sha256)
+        _prune_cache(cached_image.parent, desktop, keep=cached_image)
+    return _publish(info, output_dir, started, cached=False)
+
+
+def _require_build_tools() -> str:
+    if os.geteuid() != 0:
+        raise ImageError("building an image needs root (debootstrap and chroot); run it as root")
+    debootstrap = shutil.which("debootstrap", path=SBIN_PATH)
+    if debootstrap is None:
+        raise ToolMissing(tool="debootstrap", package="debootstrap")
+    return debootstrap
+
+
+class _build_lock:
+    """One build per cache dir at a time: two would share debootstrap's package cache."""
+
+    def __init__(self, cache_dir: Path):
+        self.path = cache_dir / BUILD_LOCK
+
+    def __enter__(self):
+        self.stream = open(self.path, "a+")
+        try:
+            fcntl.flock(self.stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.stream.close()
+            raise Busy(f"another image build is running in {self.path.parent}; wait for it to finish") from None
+        return self
+
+    def __exit__(self, *exc):
+        self.stream.close()
+
+
+class _Build:
+    """The steps of one build, logging every command's output to one file."""
+
+    def __init__(self, desktop: str, log: Path, say: BuildProgress):
+        self.desktop = desktop
+        self.log = log
+        self.say = say
+        log.write_text("")
+
+    def run(self, step: str, argv: list[str], echo: bool = False) -> None:
+        env = {**os.environ, "PATH": SBIN_PATH, "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive"}
+        with open(self.log, "a", encoding="utf-8") as log:
+            log.write(f"$ {' '.join(argv)}\n")
+            log.flush()
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                text=True,
+                errors="replace",
+                start_new_session=True,
+            )
+            try:
+                for line in process.stdout:
+                    log.write(line)
+                    if echo and line.startswith("I: "):
+                        self.say(f"{step}: {line[3:].strip()}")
+                process.wait()
+            except BaseException:
+                # Its own session, so the whole tree goes: dpkg and the maintainer scripts too.
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                raise
+        if process.returncode != 0:
+            raise self.failed(step, f"{os.path.basename(argv[0])} exited with {process.returncode}")
+
+    def failed(self, step: str, what: str) -> ImageBuildFailed:
+        tail = [line for line in self.log.read_text(errors="replace").splitlines() if line.strip()][-LOG_TAIL_LINES:]
+        return ImageBuildFailed(desktop=self.desktop, step=step, detail=f"{what}: {' | '.join(tail)}", log=self.log)
+
+    def debootstrap(self, debootstrap: str, packages, mirror: str, deb_cache: Path, rootfs: Path) -> None:
+        deb_cache.mkdir(parents=True, exist_ok=True)
+        self.say(f"debootstrap {SUITE} from {mirror}")
+        argv = [
+            debootstrap,
+            f"--variant={VARIANT}",
+            f"--include={','.join(packages)}",
+            f"--cache-dir={deb_cache}",
+            "--components=main",
+            SUITE,
+            str(rootfs),
+            mirror,
+        ]
+        try:
+            self.run("debootstrap", argv, echo=True)
+        except ImageBuildFailed:
+            # debootstrap's own log holds the real reason, and goes away with the rootfs.
+            detail = rootfs / "debootstrap" / "debootstrap.log"
+            if detail.is_file():
+                with open(self.log, "a", encoding="utf-8") as log:
+                    log.write(f"--- {detail} ---\n" + detail.read_text(errors="replace"))
+            raise self.failed("debootstrap", f"debootstrap failed (mirror {mirror})") from None
+
+    def configure(self, rootfs: Path, metadata: dict) -> None:
+        self.say("configuring locale and image marker")
+        _write_file(rootfs / "etc/locale.gen", f"{LOCALE} UTF-8\n")
+        _write_file(rootfs / "etc/default/locale", f"LANG={LOCALE}\n")
+        self.run("locale-gen", ["chroot", str(rootfs), "locale-gen"])
+        # Every desktop starts from this tree: nothing in it may identify one machine, and the
+        # files debootstrap copied from this host keep this host's modes unless reset.
+        _write_file(rootfs / "etc/hostname", "localhost\n")
+        _write_file(rootfs / "etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+        resolv_conf = rootfs / "etc/resolv.conf"
+        if resolv_conf.is_file() and not resolv_conf.is_symlink():
+            resolv_conf.chmod(0o644)
+        if (rootfs / "etc/machine-id").exists():
+            _write_file(rootfs / "etc/machine-id", "")
+        for key in (rootfs / "etc/ssh").glob("ssh_host_*"):
+            key.unlink()  # each desktop makes its own with `ssh-keygen -A`
+        for leftover in [*(rootfs / "var/cache/apt/archives").glob("*.deb"), *(rootfs / "var/lib/apt/lists").glob("*_*")]:
+            leftover.unlink()
+        _write_file(rootfs / IMAGE_METADATA, json.dumps(metadata, indent=1, sort_keys=True) + "\n")
+
+    def pack(self, rootfs: Path, target: Path) -> tuple[str, int]:
+        mounted = _mounts_below(rootfs)
+        if mounted:
+            raise self.failed("pack", f"still mounted inside the rootfs: {', '.join(mounted)}")
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}")
+        argv = ["tar", *TAR_OPTIONS, "--one-file-system", "--sort=name", "-czf", str(tmp), "-C", str(rootfs), "."]
+        try:
+            self.run("pack", argv)
+            tmp.chmod(0o644)
+            sha256 = sha256_file(tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return sha256, target.stat().st_size
+
+
+def _write_file(path: Path, text: str) -> None:
+    if path.is_symlink():
+        path.unlink()  # never write through a link in the rootfs to a file of this host
+    path.write_text(text)
+    path.chmod(0o644)
+
+
+def pack_rootfs(rootfs: Path, target: Path, log: Path | None = None) -> tuple[str, int]:
+    """Pack a rootfs the way images are packed: numeric owners, xattrs, ACLs, hard links."""
+    log = log or target.with_name(target.name + ".log")
+    return _Build("custom", log, lambda message: None).pack(Path(rootfs), Path(target))
+
+
+def _cached(image: Path) -> ImageInfo | None:
+    try:
+        meta = json.loads(_metadata_path(image).read_text())
+        if image.stat().st_size != meta["size"]:
+            return None
+        return ImageInfo(
+            image,
+            meta["sha256"],
+            meta["size"],
+            meta["desktop"],
+            tuple(meta["packages"]),
+            meta["seconds"],
+            meta.get("mirror", ""),
+            meta.get("built", ""),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _publish(info: ImageInfo, output_dir: Path, started: float, cached: bool) -> ImageInfo:
+    """Put the image into output_dir under its dated name: a hard link when possible."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    target = output_dir / image_file_name(info.desktop, info.built)
+    if not (target.exists() and os.path.samefile(target, info.path)):
+        tmp = output_dir / f".{target.name}.{secrets.token_hex(4)}"
+        try:
+            try:
+                os.link(info.path, tmp)
+            except OSError:
+                shutil.copyfile(info.path, tmp)
+                tmp.chmod(0o644)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    write_checksum_file(target, info.sha256)
+    seconds = time.monotonic() - started if cached else info.seconds
+    return ImageInfo(target, info.sha256, info.size, info.desktop, info.packages, seconds, info.mirror, info.built, cached)
+
+
+def _prune_cache(built_dir: Path, desktop: str, keep: Path) -> None:
+    """Older cached builds of the same desktop: a new recipe or mirror made them obsolete."""
+    for old in built_dir.glob(f"labvm-{desktop}-*.tar.gz"):
+        if old != keep:
+            for path in (old, _metadata_path(old), checksum_path(old)):
+                path.unlink(missing_ok=True)
+
+
+def _remove_stale_builds(cache_dir: Path) -> None:
+    """Work dirs of builds that were killed; only called with the build lock held."""
+    for stale in cache_dir.glob(f"{BUILD_PREFIX}*"):
+        _remove_tree(stale)
+
+
+def _mounts_below(path: Path) -> list[str]:
+    prefix = os.path.realpath(path).rstrip("/") + "/"
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as stream:
+        points = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split(" ")[4]) for line in stream]
+    return sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True)
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree, after unmounting whatever a killed debootstrap left mounted inside (/proc,
+    /sys, a bind of /dev): removing through those would delete the host's own files."""
+    if not path.exists():
+        return
+    for point in _mounts_below(path):
+        subprocess.run(["umount", "--lazy", point], env={"PATH": SBIN_PATH}, capture_output=True)
+    remaining = _mounts_below(path)
+    if remaining:
+        raise ImageError(f"cannot remove {path}: still mounted inside it: {', '.join(remaining)}; unmount them by hand")
+    shutil.rmtree(path)
+
+
+# --- the docker base image ----------------------------------------------------------------
+
+# Mount points the container's root needs; labvm bind-mounts merge_local's tree over them.
+BASE_DIRS = {
+    "dev": 0o755, "etc": 0o755, "home": 0o755, "media": 0o755, "mnt": 0o755, "opt": 0o755,
+    "proc": 0o555, "root": 0o700, "run": 0o755, "srv": 0o755, "sys": 0o555, "tmp": 0o1777,
+    "usr": 0o755, "usr/bin": 0o755, "usr/lib": 0o755, "usr/lib64": 0o755, "usr/sbin": 0o755, "var": 0o755,
+}  # fmt: skip
+# usr-merge, as in bookworm itself.
+BASE_LINKS = {"bin": "usr/bin", "lib": "usr/lib", "lib64": "usr/lib64", "sbin": "usr/sbin"}
+BASE_REPOSITORY = "labvm/base"
+
+
+def base_image_tar() -> bytes:
+    """The docker base image as an uncompressed tar; the same bytes on every call."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in sorted({*BASE_DIRS, *BASE_LINKS}):
+            info = tarfile.TarInfo(name)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "root", "root"
+            if name in BASE_LINKS:
+                info.type, info.linkname, info.mode = tarfile.SYMTYPE, BASE_LINKS[name], 0o777
+            else:
+                info.type, info.mode = tarfile.DIRTYPE, BASE_DIRS[name]
+            tar.addfile(info)
+    return buffer.getvalue()
+
+
+def base_image_tag(tar: bytes | None = None) -> str:
+    """labvm/base:<first 12 hex of the tar's sha256>: a new layout gets a new tag."""
+    tar = base_image_tar() if tar is None else tar
+    return f"{BASE_REPOSITORY}:{hashlib.sha256(tar).hexdigest()[:12]}"
+
+
+# --- pushing to nodes ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PushResult:
+    sha256: str
+    uploaded: bool
+    unpacked: bool
+    previous_sha256: str | None
+    base_tag: str
+    base_created: bool
+
+
+def push_image(
+    cfg: ClusterConfig,
+    image_path: Path,
+    sha256: str,
+    nodes: Iterable[Node | str] | None = None,
+    *,
+    progress: PushProgress | None = None,
+    docker_socket: str | None = None,
+    timeout: float = PUSH_TIMEOUT_S,
+) -> list[NodeOutcome[PushResult]]:
+    """Put the image into xfce_local and the docker base image on every node, in parallel.
+
+    A node that already holds this image gets no upload. `nodes` are Node objects or names;
+    None means every node in the cluster file.
+    """
+    image_path = Path(image_path)
+    if not image_path.is_file():
+        raise NotFound(f"{image_path}: no such image file; build one with `labvm image build`")
+    if not SHA256_RE.fullmatch(sha256 or ""):
+        raise BadInput(f"not a sha256: {sha256!r} (expected 64 lowercase hex characters)")
+    targets = [cfg.node(n) if isinstance(n, str) else n for n in (cfg.nodes if nodes is None else nodes)]
+    if not targets:
+        raise BadInput(f"no nodes in {cfg.path}; add one with `labvm node add NAME HOST`")
+    push = _NodePush(cfg, image_path, sha256, HelperBundle.from_package(), progress, docker_socket)
+    return run_on_nodes(targets, push, timeout=timeout)
+
+
+class _NodePush:
+    def __init__(self, cfg, image_path: Path, sha256: str, bundle: HelperBundle, progress, docker_socket):
+        self.cfg = cfg
+        self.image_path = image_path
+        self.sha256 = sha256
+        self.size = image_path.stat().st_size
+        self.bundle = bundle
+        self.progress = progress or (lambda node, done, total: None)
+        base = base_image_tar()
+        self.base = {"tag": base_image_tag(base), "tar_b64": base64.b64encode(base).decode()}
+        if docker_socket:
+            self.base["docker_socket"] = docker_socket
+
+    def __call__(self, node: Node) -> PushResult:
+        with NodeConnection(node, self.cfg.home) as conn:
+            runner = HelperRunner(conn, self.bundle)
+            where = {"xfce_local": self.cfg.xfce_local}
+            status = runner.call("image", "status", where)["data"]
+            unpacked = False
+            if status.get("sha256") != self.sha256:
+                if status.get("in_use_by"):
+                    # Refused before sending hundreds of MB, not after; the helper checks again.
+                    raise NodeError(
+                        node=node.name,
+                        msg=f"{self.cfg.xfce_local} is in use by {len(status['in_use_by'])} "
+                        "desktop overlay(s); stop them before replacing the image",
+                    )
+                remote = f"{INCOMING_DIR}/{self.sha256[:16]}.{secrets.token_hex(4)}.tar.gz"
+                try:
+                    self.upload(conn, remote)
+                    reply = runner.call(
+                        "image", "ensure_unpacked", {**where, "tarball": remote, "sha256": self.sha256}, timeout=UNPACK_TIMEOUT_S
+                    )
+                    unpacked = reply["changed"]
+                finally:
+                    self.remove_remote(conn, remote)
+            else:
+                self.progress(node.name, self.size, self.size)
+            base = runner.call("image", "ensure_docker_base", self.base, timeout=DOCKER_BASE_TIMEOUT_S)
+        return PushResult(
+            self.sha256, status.get("sha256") != self.sha256, unpacked, status.get("sha256"), self.base["tag"], base["changed"]
+        )
+
+    def upload(self, conn: NodeConnection, remote: str) -> None:
+        node = conn.node
+        # Owned by the login user, so SFTP can write there without root; 0700 keeps others out.
+        made = conn.run(conn.as_root + ["install", "-d", "-m", "0700", "-o", node.user, INCOMING_DIR], timeout=30)
+        if made.exited != 0:
+            raise NodeError(node=node.name, msg=f"cannot create {INCOMING_DIR}: {made.stderr.strip() or made.exited}")
+        conn.put(self.image_path, remote, lambda done, total: self.progress(node.name, done, total), mode=0o600)
+
+    @staticmethod
+    def remove_remote(conn: NodeConnection, remote: str) -> None:
+        try:
+            conn.run(conn.as_root + ["rm", "-f", "--", remote], timeout=30)
+        except NodeError:
+            pass  # the node went away; what failed before this is what the admin needs to see

@@ -1,0 +1,1283 @@
+"""vm: one desktop's layer stack and container on this node.
+
+Actions:
+  ensure_stack            bind the current version read-only at low_local and mount the overlay
+                          merge_local = low_local : xfce_local, upper up_local
+  ensure_stack_unmounted  unmount merge_local, then low_local; busy is refused, never lazy
+  ensure_container        create and start the desktop container from a spec built by labvm
+  set_password            apply a new login + VNC password inside the running container
+  stop_container          docker stop
+  remove_container        docker stop (if running) and docker rm; the layers are never touched
+  remove_local_layers     delete <data_dir>/vms/<user> once nothing there is mounted
+  status                  what the mount table and dockerd say (changes nothing)
+
+Node layout, per VM:
+
+    <data_dir>/vms/<user>/           0700 root
+        up_local/  work_local/       overlay upper and work dirs (local disk)
+        low_local/                   read-only bind of <mfs_mount><mfs_dir>/vms/<user>/low_mfs.v<N>
+        merge_local/                 the overlay; the container's root comes from here
+        runtime/                     0700 root, bound read-only at /run/labvm in the container:
+                                     tini, init, apply-password, and for a moment `secret`
+
+The password reaches the container only as runtime/secret (0600 root). The helper writes it
+just before the container starts (or before `apply-password` runs), and deletes it as soon as
+it is used: for a start, once the VNC port answers with an RFB greeting, because init applies
+the password before it starts the VNC server; for set_password, once the exec has returned.
+The container cannot delete it itself: /run/labvm is read-only in there.
+"""
+
+import errno
+import hashlib
+import ipaddress
+import json
+import os
+import posixpath
+import re
+import shutil
+import socket
+import time
+from dataclasses import astuple, dataclass
+from typing import Any
+
+from _contract import (
+    Action,
+    BadRequest,
+    Failed,
+    Param,
+    PreconditionFailed,
+    Result,
+    TemporaryFailure,
+    absolute_path,
+    integer_between,
+    log,
+    string_matching,
+)
+from _docker import (
+    DEFAULT_DOCKER_SOCKET,
+    api_url,
+    container_logs_tail,
+    docker_call,
+    docker_json_call,
+    docker_message,
+    exec_in_container,
+    inspect_container,
+    quoted,
+    unexpected,
+)
+from _system import (
+    CommandTimedOut,
+    MountEntry,
+    find_tool,
+    fuse_call,
+    mount_at,
+    mount_option_value,
+    mounts_below,
+    overlay_lowerdirs,
+    read_mountinfo,
+    refuse_symlinked_path,
+    run_command,
+    unmount,
+)
+
+IMAGE_MARKER = ".labvm-image.json"
+MOUNT_TIMEOUT_S = 60.0
+FUSE_CALL_TIMEOUT_S = 5.0
+VERSION_DIR_PATTERN = r"low_mfs\.v(\d+)"
+
+# Why these overlay options: the upper dir is not only read through this mount. The sync copies
+# up_local to MooseFS as plain files and an offline merge applies it onto the next version, on
+# whatever node; both understand whiteouts (0/0 character devices) and opaque dirs, nothing else.
+#   redirect_dir=off  renaming a directory that came from a lower layer would otherwise leave a
+#                     `trusted.overlay.redirect` xattr pointing into the lower; the merge would
+#                     see an empty new directory and lose its content. Off: rename(2) answers
+#                     EXDEV and mv copies, so the upper holds real files.
+#   metacopy=off      chmod/chown of a lower file would otherwise copy up metadata only (an empty
+#                     file with `trusted.overlay.metacopy`); the merge would publish it empty.
+#   index=off         the index records lower file handles and stamps the upper with the lower's
+#                     origin. Our lower changes with every version and the upper moves between
+#                     nodes, so the next mount would refuse the stale index, or worse use it.
+#   xino=off          nothing persistent depends on inode numbers; off keeps st_ino the real
+#                     filesystem's, whatever the layers' filesystems are (MooseFS FUSE, ext4).
+# Checked on kernel 6.x: all four are accepted; /proc/self/mountinfo lists only values that
+# differ from the kernel's defaults, so a live stack is checked by "none of them is on".
+OVERLAY_FIXED_OPTIONS = ("redirect_dir=off", "metacopy=off", "index=off", "xino=off")
+OVERLAY_OFF_OPTIONS = tuple(option.partition("=")[0] for option in OVERLAY_FIXED_OPTIONS)
+# Characters with a meaning in overlay's option string (and in docker's Binds "src:dst:mode").
+LAYER_PATH_FORBIDDEN = ",:\\"
+
+# --- container ----------------------------------------------------------------------------
+
+CONTAINER_PREFIX = "labvm-"
+RUNTIME_IN_CONTAINER = "/run/labvm"
+INIT_PATH = f"{RUNTIME_IN_CONTAINER}/init"
+TINI_PATH = f"{RUNTIME_IN_CONTAINER}/tini"
+# docker's own Init (HostConfig.Init) mounts tini at /sbin/docker-init. With the usr-merged base
+# image, /sbin is a symlink into /usr, and our bind of merge_local/usr over /usr hides it:
+# "exec: /sbin/docker-init: no such file" (dockerd 20.10). So the node's static tini travels
+# in the runtime dir and is the entrypoint instead; it is the same binary docker would use.
+TINI_CANDIDATES = ("docker-init", "tini-static", "tini")
+APPLY_PASSWORD_PATH = f"{RUNTIME_IN_CONTAINER}/apply-password"
+SECRET_NAME = "secret"
+VNC_CONTAINER_PORT = "5901/tcp"
+SSH_CONTAINER_PORT = "22/tcp"
+LABEL_USER = "labvm.user"
+LABEL_SPEC_HASH = "labvm.spec-hash"
+# Top-level entries of merge_local that are not bound into the container: the kernel's and
+# docker's own filesystems, and /run, which holds this start's sockets and /run/labvm.
+UNBOUND_TOP_LEVEL = frozenset({"proc", "sys", "dev", "run"})
+VNC_WAIT_DEFAULT_S = 30
+VNC_PROBE_TIMEOUT_S = 2.0
+RFB_GREETING = b"RFB "
+EXEC_TIMEOUT_S = 60.0
+MAX_PASSWORD_CHARS = 256
+MIN_MEMORY_BYTES = 6 * 1024 * 1024  # dockerd refuses less
+
+# --- parameters ---------------------------------------------------------------------------
+
+USER_PATTERN = r"[a-z][a-z0-9_-]{0,30}"
+user_name = string_matching(USER_PATTERN, "a user name: a lowercase letter, then up to 30 of a-z 0-9 _ -")
+
+
+def layer_path(name: str, value: Any) -> str:
+    """An absolute path that can sit in overlay's option string: no ',', ':' or backslash,
+    which would split it, and not / itself."""
+    path = absolute_path(name, value)
+    if path == "/":
+        raise BadRequest(f"param {name!r} must not be /", "bad_param")
+    if any(char in path for char in LAYER_PATH_FORBIDDEN):
+        raise BadRequest(f"param {name!r} must not contain ',', ':' or '\\': overlay options would split it", "bad_param")
+    return path
+
+
+def password_secrets(name: str, value: Any) -> dict:
+    """{"password": str}. Messages never show the value."""
+    if not isinstance(value, dict):
+        raise BadRequest(f"param {name!r} must be an object holding 'password'", "bad_param")
+    unknown = sorted(set(value) - {"password"})
+    if unknown:
+        raise BadRequest(
+            f"param {name!r}: unknown key(s) {', '.join(repr(key)[:40] for key in unknown)}; accepted: password", "bad_param"
+        )
+    password = value.get("password")
+    if not isinstance(password, str) or not 1 <= len(password) <= MAX_PASSWORD_CHARS:
+        raise BadRequest(f"param {name!r}: 'password' must be a string of 1 to {MAX_PASSWORD_CHARS} characters", "bad_param")
+    # chpasswd reads `user:password` lines: a line break would start another user's line.
+    if any(ord(char) < 32 or ord(char) == 127 for char in password):
+        raise BadRequest(f"param {name!r}: 'password' must not contain control characters or line breaks", "bad_param")
+    return {"password": password}
+
+
+# One validator per spec key: (required, default, check(value) -> cleaned or raise ValueError(reason)).
+def _integer(low: int, high: int):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"an integer from {low} to {high}")
+        return value
+
+    return check
+
+
+def _matching(pattern: str, description: str):
+    compiled = re.compile(pattern)
+
+    def check(value):
+        if not isinstance(value, str) or not compiled.fullmatch(value):
+            raise ValueError(description)
+        return value
+
+    return check
+
+
+def _cpus(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.01 <= value <= 4096:
+        raise ValueError("a number of CPUs from 0.01 to 4096")
+    return value
+
+
+def _string_map(key_pattern: str, reserved, what: str):
+    compiled = re.compile(key_pattern)
+
+    def check(value):
+        if not isinstance(value, dict):
+            raise ValueError(f"an object of {what}")
+        for key, item in value.items():
+            if not compiled.fullmatch(key):
+                raise ValueError(f"an object of {what}; {key[:40]!r} is not a valid name")
+            if reserved(key):
+                raise ValueError(f"an object of {what}; {key[:40]!r} is set by the helper")
+            if not isinstance(item, str) or "\0" in item:
+                raise ValueError(f"an object of {what} with string values (no NUL)")
+        return dict(value)
+
+    return check
+
+
+def _gpus(value):
+    if not isinstance(value, list):
+        raise ValueError("a list of GPU UUIDs")
+    for item in value:
+        if not isinstance(item, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,127}", item):
+            raise ValueError("a list of GPU UUIDs (such as GPU-0c6a1f2e-...)")
+    if len(set(value)) != len(value):
+        raise ValueError("a list of distinct GPU UUIDs")
+    return list(value)
+
+
+_port = _integer(1, 65535)
+
+
+def _ports(value):
+    if not isinstance(value, dict) or set(value) - {"vnc", "ssh"} or "vnc" not in value:
+        raise ValueError('an object {"vnc": PORT, "ssh": PORT or null}')
+    ports = {"vnc": _port(value["vnc"]), "ssh": None if value.get("ssh") is None else _port(value["ssh"])}
+    if ports["vnc"] == ports["ssh"]:
+        raise ValueError("two different ports for vnc and ssh")
+    return ports
+
+
+def _ip_address(value):
+    try:
+        return str(ipaddress.ip_address(value))
+    except (ValueError, TypeError):
+        raise ValueError("an IP address") from None
+
+
+def _device_path(value):
+    if not isinstance(value, str) or not re.fullmatch(r"/dev/[A-Za-z0-9/_.-]{1,200}", value) or ".." in value:
+        raise ValueError("a block device path under /dev")
+    return value
+
+
+def _command(value):
+    if not isinstance(value, str) or not value.strip() or "\0" in value or len(value) > 4096:
+        raise ValueError("a non-empty shell command of at most 4096 characters")
+    return value
+
+
+_IMAGE_REFERENCE = r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+_HOSTNAME = r"(?=.{1,63}$)[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+
+SPEC_FIELDS = {
+    "name": (True, None, _matching(CONTAINER_PREFIX + USER_PATTERN, f"'{CONTAINER_PREFIX}' followed by the user name")),
+    "image": (True, None, _matching(_IMAGE_REFERENCE, "a docker image name with a tag, such as labvm/base:0123abcd")),
+    "hostname": (True, None, _matching(_HOSTNAME, "a host name of at most 63 characters")),
+    "uid": (True, None, _integer(1000, 2**31 - 2)),
+    "env": (
+        False,
+        {},
+        _string_map(
+            r"[A-Za-z_][A-Za-z0-9_]{0,127}",
+            lambda key: key.startswith("LABVM_") or key == "NVIDIA_VISIBLE_DEVICES",
+            "environment variables",
+        ),
+    ),
+    "labels": (
+        False,
+        {},
+        _string_map(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}", lambda key: key == LABEL_SPEC_HASH, "labels"),
+    ),
+    "cpus": (False, None, _cpus),
+    "cpuset": (False, None, _matching(r"[0-9]+(?:-[0-9]+)?(?:,[0-9]+(?:-[0-9]+)?)*", "a cpuset such as 0-3,8")),
+    "memory": (True, None, _integer(MIN_MEMORY_BYTES, 2**62)),
+    "shm": (False, None, _integer(1024 * 1024, 2**62)),
+    "pids": (False, None, _integer(16, 2**31 - 1)),
+    "io_weight": (False, None, _integer(10, 1000)),
+    "io_read_bps": (False, None, _integer(1, 2**62)),
+    "io_write_bps": (False, None, _integer(1, 2**62)),
+    "io_device": (False, None, _device_path),
+    "gpus": (False, [], _gpus),
+    "ports": (True, None, _ports),
+    "bind_address": (True, None, _ip_address),
+    "vnc_geometry": (False, "1280x800", _matching(r"[1-9][0-9]{1,4}x[1-9][0-9]{1,4}", "WIDTHxHEIGHT, such as 1280x800")),
+    "desktop_cmd": (True, None, _command),
+}
+
+
+def container_spec(name: str, value: Any) -> dict:
+    """The spec with every key present (null or empty where not given): its hash must not
+    depend on whether the admin side spelled out a default."""
+    if not isinstance(value, dict):
+        raise BadRequest(f"param {name!r} must be an object", "bad_param")
+    unknown = sorted(set(value) - set(SPEC_FIELDS))
+    if unknown:
+        shown = ", ".join(repr(key)[:40] for key in unknown)
+        raise BadRequest(f"param {name!r}: unknown key(s) {shown}; accepted: {', '.join(SPEC_FIELDS)}", "bad_param")
+    spec = {}
+    for key, (required, default, check) in SPEC_FIELDS.items():
+        item = value.get(key)
+        if item is None:
+            if required:
+                raise BadRequest(f"param {name!r}: {key!r} is required", "bad_param")
+            spec[key] = json.loads(json.dumps(default))
+            continue
+        try:
+            spec[key] = check(item)
+        except ValueError as reason:
+            raise BadRequest(f"param {name!r}: {key!r} must be {reason}", "bad_param") from None
+    if (spec["io_read_bps"] or spec["io_write_bps"]) and not spec["io_device"]:
+        raise BadRequest(f"param {name!r}: 'io_device' is required with io_read_bps or io_write_bps", "bad_param")
+    return spec
+
+
+USER_PARAM = {"user": Param(user_name, required=True)}
+DATA_DIR_PARAM = {"data_dir": Param(layer_path, required=True)}
+DOCKER_SOCKET_PARAM = {"docker_socket": Param(absolute_path, default=DEFAULT_DOCKER_SOCKET)}
+SECRETS_PARAM = {"secrets": Param(password_secrets, required=True)}
+
+ENSURE_STACK_PARAMS = {
+    **USER_PARAM,
+    **DATA_DIR_PARAM,
+    "mfs_mount": Param(layer_path, required=True),
+    "mfs_dir": Param(absolute_path, required=True),
+    "version": Param(integer_between(0, 2**31 - 1), required=True),
+    "xfce_local": Param(layer_path, required=True),
+}
+STACK_UNMOUNTED_PARAMS = {**USER_PARAM, **DATA_DIR_PARAM, **DOCKER_SOCKET_PARAM}
+# Optional where the stack must be mounted anyway: then it is found in the mount table.
+FOUND_DATA_DIR_PARAM = {"data_dir": Param(layer_path)}
+ENSURE_CONTAINER_PARAMS = {
+    **USER_PARAM,
+    **FOUND_DATA_DIR_PARAM,
+    "spec": Param(container_spec, required=True),
+    **SECRETS_PARAM,
+    **DOCKER_SOCKET_PARAM,
+    "vnc_wait_s": Param(integer_between(0, 600), default=VNC_WAIT_DEFAULT_S),
+}
+SET_PASSWORD_PARAMS = {**USER_PARAM, **FOUND_DATA_DIR_PARAM, **SECRETS_PARAM, **DOCKER_SOCKET_PARAM}
+STOP_CONTAINER_PARAMS = {**USER_PARAM, "timeout": Param(integer_between(0, 3600), default=30), **DOCKER_SOCKET_PARAM}
+REMOVE_CONTAINER_PARAMS = STOP_CONTAINER_PARAMS
+REMOVE_LAYERS_PARAMS = {**USER_PARAM, **DATA_DIR_PARAM}
+STATUS_PARAMS = {**USER_PARAM, **DATA_DIR_PARAM, **DOCKER_SOCKET_PARAM}
+
+
+# --- paths --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    vm_dir: str
+    up_local: str
+    work_local: str
+    low_local: str
+    merge_local: str
+    runtime: str
+
+    @classmethod
+    def of(cls, data_dir: str, user: str) -> "VmPaths":
+        vm_dir = posixpath.join(data_dir, "vms", user)
+        names = ("up_local", "work_local", "low_local", "merge_local", "runtime")
+        return cls(vm_dir, *(posixpath.join(vm_dir, name) for name in names))
+
+    def mount_points(self) -> tuple[str, str]:
+        return self.merge_local, self.low_local
+
+
+def mounted_stack_paths(data_dir: str | None, user: str) -> VmPaths:
+    """The VM's paths under data_dir; without it, under the one data dir where the user's
+    merge_local is mounted as an overlay."""
+    if data_dir is not None:
+        return VmPaths.of(data_dir, user)
+    pattern = re.compile(rf"(/.+)/vms/{re.escape(user)}/merge_local")
+    found = sorted(
+        {
+            match.group(1)
+            for entry in read_mountinfo()
+            if entry.fstype == "overlay" and (match := pattern.fullmatch(entry.mount_point))
+        }
+    )
+    if not found:
+        raise PreconditionFailed(f"no stack of {user} is mounted on this node; run ensure_stack first", "stack_not_mounted")
+    if len(found) > 1:
+        raise PreconditionFailed(f"stacks of {user} are mounted under {', '.join(found)}; pass data_dir", "stack_ambiguous")
+    return VmPaths.of(found[0], user)
+
+
+def mfs_user_dir(mfs_mount: str, mfs_dir: str, user: str) -> str:
+    return posixpath.normpath(posixpath.join(mfs_mount, mfs_dir.lstrip("/"), "vms", user))
+
+
+def version_dir_name(version: int) -> str:
+    return f"low_mfs.v{version}"
+
+
+def bind_version(entry: MountEntry | None, user: str) -> int | None:
+    """The version a low_local bind mount shows, from the path it binds (its mountinfo root)."""
+    if entry is None:
+        return None
+    match = re.search(rf"/vms/{re.escape(user)}/{VERSION_DIR_PATTERN}$", entry.root)
+    return int(match.group(1)) if match else None
+
+
+def overlay_differences(entry: MountEntry, paths: VmPaths, xfce_local: str) -> list[str]:
+    """How a mount at merge_local differs from the stack we would mount; empty when it is ours."""
+    if entry.fstype != "overlay":
+        return [f"it is a {entry.fstype} mount from {entry.source}, not an overlay"]
+    differences = []
+    lowers = [posixpath.normpath(lower) for lower in overlay_lowerdirs(entry.super_options)]
+    if lowers != [paths.low_local, xfce_local]:
+        differences.append(f"lowerdir {':'.join(lowers)} (wanted {paths.low_local}:{xfce_local})")
+    for key in ("upperdir", "workdir"):
+        wanted = getattr(paths, "up_local" if key == "upperdir" else "work_local")
+        actual = mount_option_value(entry.super_options, key)
+        if actual is None or posixpath.normpath(actual) != wanted:
+            differences.append(f"{key} {actual} (wanted {wanted})")
+    for key in OVERLAY_OFF_OPTIONS:
+        value = mount_option_value(entry.super_options, key)
+        if value not in (None, "off"):
+            differences.append(f"{key}={value} (wanted off)")
+    return differences
+
+
+def refuse_symlinks(paths: VmPaths) -> None:
+    for path in (paths.runtime, *paths.mount_points(), paths.up_local, paths.work_local):
+        refuse_symlinked_path(path)
+
+
+# --- ensure_stack -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    create_version_dir: bool
+    create_up_mfs: bool
+    create_local_dirs: tuple[str, ...]
+    unbind_low: bool
+    bind_low: bool
+    mount_overlay: bool
+
+    @property
+    def changes(self) -> bool:
+        return any(astuple(self))
+
+
+def ensure_stack(params: dict, check: bool) -> Result:
+    user, version, xfce_local = params["user"], params["version"], params["xfce_local"]
+    paths = VmPaths.of(params["data_dir"], user)
+    refuse_symlinks(paths)
+    entries = read_mountinfo()
+    mfs_entry = mount_at(entries, params["mfs_mount"])
+    if mfs_entry is None:
+        raise PreconditionFailed(
+            f"MooseFS is not mounted at {params['mfs_mount']}; run the mfs helper's ensure_mounted first", "mfs_not_mounted"
+        )
+    if not os.path.isfile(posixpath.join(xfce_local, IMAGE_MARKER)):
+        raise PreconditionFailed(
+            f"desktop image not on this node ({xfce_local} has no {IMAGE_MARKER}); run labvm image push", "image_missing"
+        )
+    user_dir = mfs_user_dir(params["mfs_mount"], params["mfs_dir"], user)
+    version_dir = posixpath.join(user_dir, version_dir_name(version))
+    wanted_low_root = posixpath.normpath(posixpath.join(mfs_entry.root, posixpath.relpath(version_dir, params["mfs_mount"])))
+    low_entry, merge_entry = mount_at(entries, paths.low_local), mount_at(entries, paths.merge_local)
+    low_is_wanted = low_entry is not None and is_bind_of(low_entry, mfs_entry, wanted_low_root)
+
+    if merge_entry is not None:
+        refuse_live_stack_mismatch(merge_entry, low_entry, low_is_wanted, paths, xfce_local, user, version)
+    require_mfs_answers(params["mfs_mount"])
+    plan = StackPlan(
+        create_version_dir=needs_version_dir(version_dir, version),
+        create_up_mfs=not os.path.isdir(posixpath.join(user_dir, "up_mfs")),
+        create_local_dirs=tuple(path for path in (paths.vm_dir, *local_dirs(paths)) if not os.path.isdir(path)),
+        unbind_low=low_entry is not None and not low_is_wanted,
+        bind_low=not low_is_wanted,
+        mount_overlay=merge_entry is None,
+    )
+    data = stack_data(paths, version, version_dir, mounted=merge_entry is not None)
+    if check or not plan.changes:
+        return Result(changed=plan.changes, data=data)
+    apply_stack_plan(plan, paths, user_dir, version_dir, xfce_local)
+    verify_stack_mounted(paths, xfce_local, mfs_entry, wanted_low_root)
+    return Result(changed=True, data={**data, "mounted": True})
+
+
+def is_bind_of(entry: MountEntry, mfs_entry: MountEntry, wanted_root: str) -> bool:
+    return entry.fstype == mfs_entry.fstype and entry.source == mfs_entry.source and entry.root == wanted_root
+
+
+def refuse_live_stack_mismatch(merge_entry, low_entry, low_is_wanted, paths, xfce_local, user, version) -> None:
+    differences = overlay_differences(merge_entry, paths, xfce_local)
+    if not low_is_wanted:
+        shown = "not mounted" if low_entry is None else f"version {bind_version(low_entry, user)} ({low_entry.root})"
+        differences.append(f"low_local is {shown} (wanted version {version})")
+    if differences:
+        raise PreconditionFailed(
+            f"{paths.merge_local} is already mounted with other layers: {'; '.join(differences)}; "
+            "stop the desktop and run ensure_stack_unmounted first",
+            "stack_mismatch",
+        )
+
+
+def require_mfs_answers(mfs_mount: str) -> None:
+    """Every later step touches MooseFS; a hung mount would hang them in the kernel."""
+    try:
+        fuse_call("statvfs", mfs_mount, FUSE_CALL_TIMEOUT_S)
+    except TimeoutError:
+        raise TemporaryFailure(
+            f"MooseFS mount at {mfs_mount} does not answer within {FUSE_CALL_TIMEOUT_S:g} s", "mfs_mount_hung"
+        ) from None
+    except OSError as error:
+        if error.errno == errno.ENOTCONN:
+            raise PreconditionFailed(
+                f"MooseFS mount at {mfs_mount} is stale; remount it with the mfs helper", "mfs_mount_stale"
+            ) from None
+        raise Failed(f"cannot stat MooseFS at {mfs_mount}: {error}", "mfs_error") from None
+
+
+def needs_version_dir(version_dir: str, version: int) -> bool:
+    if os.path.isdir(version_dir):
+        return False
+    if os.path.lexists(version_dir):
+        raise PreconditionFailed(f"{version_dir} exists and is not a directory", "version_not_a_directory")
+    if version != 0:
+        raise PreconditionFailed(f"version {version} does not exist: {version_dir} is missing", "version_missing")
+    return True
+
+
+def local_dirs(paths: VmPaths) -> tuple[str, ...]:
+    return (paths.up_local, paths.work_local, paths.low_local, paths.merge_local, paths.runtime)
+
+
+def apply_stack_plan(plan: StackPlan, paths: VmPaths, user_dir: str, version_dir: str, xfce_local: str) -> None:
+    if plan.create_version_dir:
+        make_dirs(version_dir, 0o755)
+    if plan.create_up_mfs:
+        make_dirs(posixpath.join(user_dir, "up_mfs"), 0o755)
+    for path in plan.create_local_dirs:
+        # The VM dir and runtime are root's: the upper holds the user's files with their modes,
+        # and runtime will hold the password for a moment.
+        make_dirs(path, 0o700 if path in (paths.vm_dir, paths.runtime) else 0o755)
+    if plan.unbind_low:
+        log(f"rebinding {paths.low_local}: it shows another version and no overlay uses it")
+        unmount(paths.low_local)
+    if plan.bind_low:
+        bind_read_only(version_dir, paths.low_local)
+    if plan.mount_overlay:
+        mount_overlay(paths, xfce_local)
+
+
+def make_dirs(path: str, mode: int) -> None:
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    os.chmod(path, mode)  # makedirs' mode is filtered by the umask
+
+
+def run_mount(argv: list[str], what: str) -> None:
+    log(f"running {' '.join(argv)}")
+    try:
+        result = run_command(argv, timeout_s=MOUNT_TIMEOUT_S)
+    except CommandTimedOut as error:
+        raise TemporaryFailure(f"{what}: {error}", "mount_timeout") from None
+    if result.returncode != 0:
+        raise Failed(f"{what} failed: {result.output_tail() or 'no output'} (the kernel log may say more)", "mount_failed")
+
+
+def mount_tool() -> str:
+    tool = find_tool("mount")
+    if tool is None:
+        raise PreconditionFailed("mount not found on this node (util-linux)", "mount_missing")
+    return tool
+
+
+def bind_read_only(source: str, target: str) -> None:
+    mount = mount_tool()
+    run_mount([mount, "--bind", "-o", "ro", source, target], f"binding {source} at {target}")
+    entry = mount_at(read_mountinfo(), target)
+    # util-linux before 2.27 ignores ro on a bind; remount it read-only then.
+    if entry is not None and "ro" not in entry.mount_options:
+        run_mount([mount, "-o", "remount,bind,ro", target], f"making {target} read-only")
+
+
+def overlay_options(paths: VmPaths, xfce_local: str) -> str:
+    layers = [f"lowerdir={paths.low_local}:{xfce_local}", f"upperdir={paths.up_local}", f"workdir={paths.work_local}"]
+    return ",".join(layers + list(OVERLAY_FIXED_OPTIONS))
+
+
+def mount_overlay(paths: VmPaths, xfce_local: str) -> None:
+    argv = [mount_tool(), "-t", "overlay", "overlay", "-o", overlay_options(paths, xfce_local), paths.merge_local]
+    run_mount(argv, f"mounting the overlay at {paths.merge_local}")
+
+
+def verify_stack_mounted(paths: VmPaths, xfce_local: str, mfs_entry: MountEntry, wanted_low_root: str) -> None:
+    entries = read_mountinfo()
+    low_entry, merge_entry = mount_at(entries, paths.low_local), mount_at(entries, paths.merge_local)
+    if low_entry is None or not is_bind_of(low_entry, mfs_entry, wanted_low_root) or "ro" not in low_entry.mount_options:
+        raise Failed(f"{paths.low_local} is not the read-only bind of {wanted_low_root} after mounting", "stack_not_mounted")
+    if merge_entry is None or overlay_differences(merge_entry, paths, xfce_local):
+        raise Failed(f"{paths.merge_local} does not show the wanted overlay after mounting", "stack_not_mounted")
+
+
+def stack_data(paths: VmPaths, version: int, version_dir: str, mounted: bool) -> dict:
+    return {
+        "merge_local": paths.merge_local,
+        "low_local": paths.low_local,
+        "up_local": paths.up_local,
+        "work_local": paths.work_local,
+        "version": version,
+        "version_dir": version_dir,
+        "mounted": mounted,
+    }
+
+
+# --- ensure_stack_unmounted ---------------------------------------------------------------
+
+
+def stack_state(paths: VmPaths, user: str) -> dict:
+    entries = read_mountinfo()
+    low_entry, merge_entry = mount_at(entries, paths.low_local), mount_at(entries, paths.merge_local)
+    return {
+        "merge_local": paths.merge_local,
+        "merge_local_mounted": merge_entry is not None,
+        "low_local": paths.low_local,
+        "low_local_mounted": low_entry is not None,
+        "low_local_version": bind_version(low_entry, user),
+    }
+
+
+def ensure_stack_unmounted(params: dict, check: bool) -> Result:
+    user = params["user"]
+    paths = VmPaths.of(params["data_dir"], user)
+    refuse_symlinks(paths)
+    before = stack_state(paths, user)
+    if not before["merge_local_mounted"] and not before["low_local_mounted"]:
+        return Result(changed=False, data=before)
+    # The container's binds of merge_local live in its own mount namespace: unmounting here
+    # would succeed and leave it running on a stack nobody on the host can see or sync.
+    refuse_running_container(params["docker_socket"], user)
+    if check:
+        return Result(changed=True, data=before)
+    for mount_point in paths.mount_points():
+        unmount(mount_point)
+    after = stack_state(paths, user)
+    if after["merge_local_mounted"] or after["low_local_mounted"]:
+        raise Failed(f"the stack under {paths.vm_dir} is still mounted after unmounting", "still_mounted")
+    return Result(changed=True, data=after)
+
+
+def refuse_running_container(socket_path: str, user: str) -> None:
+    if not os.path.exists(socket_path):
+        return  # no dockerd here, so no container either
+    container = inspect_container(socket_path, container_name(user))
+    if container is not None and container_state(container)["running"]:
+        raise PreconditionFailed(
+            f"container {container_name(user)} is running on this stack; stop it first (stop_container)", "container_running"
+        )
+
+
+# --- remove_local_layers ------------------------------------------------------------------
+
+
+def remove_local_layers(params: dict, check: bool) -> Result:
+    user = params["user"]
+    paths = VmPaths.of(params["data_dir"], user)
+    refuse_symlinks(paths)
+    entries = read_mountinfo()
+    mounted = [entry.mount_point for entry in mounts_below(entries, paths.vm_dir)]
+    if mount_at(entries, paths.vm_dir) is not None:
+        mounted.insert(0, paths.vm_dir)
+    if mounted:
+        raise PreconditionFailed(
+            f"refusing to remove {paths.vm_dir}: still mounted there: {', '.join(mounted[:5])}; run ensure_stack_unmounted first",
+            "stack_mounted",
+        )
+    exists = os.path.lexists(paths.vm_dir)
+    data = {"vm_dir": paths.vm_dir, "removed": exists}
+    if not exists or check:
+        return Result(changed=exists, data=data)
+    shutil.rmtree(paths.vm_dir)
+    return Result(changed=True, data=data)
+
+
+# --- the container ------------------------------------------------------------------------
+
+
+def container_name(user: str) -> str:
+    return CONTAINER_PREFIX + user
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def spec_hash(spec: dict) -> str:
+    """sha256 of the validated spec (all keys present) as canonical JSON: sorted keys, no
+    spaces, ASCII. The admin side can compute the same from the same dict."""
+    return hashlib.sha256(canonical_json(spec)).hexdigest()
+
+
+def bound_top_level(merge_local: str) -> list[str]:
+    """Top-level entries of merge_local bound into the container: real directories only.
+    Symlinks such as bin -> usr/bin come from the base image; names docker's Binds syntax
+    cannot carry are left out."""
+    names = []
+    with os.scandir(merge_local) as entries:
+        for entry in entries:
+            if entry.name in UNBOUND_TOP_LEVEL or not entry.is_dir(follow_symlinks=False):
+                continue
+            if any(char in entry.name for char in ":,\\\n"):
+                log(f"not binding {entry.name!r}: the name does not fit docker's bind syntax")
+                continue
+            names.append(entry.name)
+    return sorted(names)
+
+
+def container_create_body(user: str, spec: dict, top_level: list[str], merge_local: str, runtime_dir: str) -> dict:
+    """The body of POST /containers/create for this spec; pure, so tests can check it whole."""
+    ports = spec["ports"]
+    port_bindings = {VNC_CONTAINER_PORT: [{"HostIp": spec["bind_address"], "HostPort": str(ports["vnc"])}]}
+    if ports["ssh"] is not None:
+        port_bindings[SSH_CONTAINER_PORT] = [{"HostIp": spec["bind_address"], "HostPort": str(ports["ssh"])}]
+    host_config = {
+        # tini as PID 1 comes from the entrypoint (see TINI_PATH); false also overrides a
+        # dockerd configured with `"init": true`, whose /sbin/docker-init would be hidden.
+        "Init": False,
+        "Binds": [f"{posixpath.join(merge_local, name)}:/{name}" for name in top_level]
+        + [f"{runtime_dir}:{RUNTIME_IN_CONTAINER}:ro"],
+        "Memory": spec["memory"],
+        "MemorySwap": spec["memory"],  # the limit counts memory + swap: equal means no swap
+        "PortBindings": port_bindings,
+        # No restart by dockerd: after a node reboot the stack is not mounted yet, and a
+        # restarted container would bind empty directories over its root. `labvm start`
+        # mounts the layers first.
+        "RestartPolicy": {"Name": "no", "MaximumRetryCount": 0},
+    }
+    optional = {
+        "NanoCpus": None if spec["cpus"] is None else round(spec["cpus"] * 1e9),
+        "CpusetCpus": spec["cpuset"],
+        "ShmSize": spec["shm"],
+        "PidsLimit": spec["pids"],
+        "BlkioWeight": spec["io_weight"],
+        "BlkioDeviceReadBps": device_rate(spec, "io_read_bps"),
+        "BlkioDeviceWriteBps": device_rate(spec, "io_write_bps"),
+        "DeviceRequests": [{"Driver": "nvidia", "DeviceIDs": spec["gpus"], "Capabilities": [["gpu"]]}] if spec["gpus"] else None,
+    }
+    host_config.update({key: value for key, value in optional.items() if value is not None})
+    return {
+        "Image": spec["image"],
+        "Hostname": spec["hostname"],
+        "User": "0:0",
+        # tini reaps the desktop's orphans and forwards docker stop's SIGTERM to init.
+        "Entrypoint": [TINI_PATH, "--", INIT_PATH],
+        "WorkingDir": "/",
+        "Env": [f"{key}={value}" for key, value in sorted(container_env(user, spec).items())],
+        "Labels": {**spec["labels"], LABEL_USER: user, LABEL_SPEC_HASH: spec_hash(spec)},
+        "ExposedPorts": {port: {} for port in port_bindings},
+        "StopSignal": "SIGTERM",
+        "HostConfig": host_config,
+    }
+
+
+def device_rate(spec: dict, key: str) -> list[dict] | None:
+    return None if spec[key] is None else [{"Path": spec["io_device"], "Rate": spec[key]}]
+
+
+def container_env(user: str, spec: dict) -> dict:
+    env = {"NVIDIA_DRIVER_CAPABILITIES": "all", **spec["env"]}
+    if not spec["gpus"]:
+        # Should nvidia be the default runtime, an unset variable could mean "all GPUs".
+        env["NVIDIA_VISIBLE_DEVICES"] = "void"
+    env.update(
+        {
+            "LABVM_USER": user,
+            "LABVM_UID": str(spec["uid"]),
+            "LABVM_VNC_GEOMETRY": spec["vnc_geometry"],
+            "LABVM_DESKTOP_CMD": spec["desktop_cmd"],
+            "LABVM_SSH": "1" if spec["ports"]["ssh"] is not None else "0",
+        }
+    )
+    return env
+
+
+def container_state(container: dict) -> dict:
+    state = container.get("State") or {}
+    labels = (container.get("Config") or {}).get("Labels") or {}
+    running = bool(state.get("Running")) and not state.get("Restarting")
+    return {
+        "exists": True,
+        "id": container.get("Id"),
+        "running": running,
+        "status": state.get("Status"),
+        "started_at": state.get("StartedAt") if running else None,
+        "spec_hash": labels.get(LABEL_SPEC_HASH),
+        "user_label": labels.get(LABEL_USER),
+    }
+
+
+NO_CONTAINER = {"exists": False, "id": None, "running": False, "status": None, "started_at": None, "spec_hash": None}
+
+
+def inspect_ours(socket_path: str, user: str) -> dict | None:
+    container = inspect_container(socket_path, container_name(user))
+    if container is None:
+        return None
+    state = container_state(container)
+    if state["user_label"] != user:
+        raise PreconditionFailed(
+            f"a container named {container_name(user)} exists but is not labvm's desktop of {user} "
+            f"(label {LABEL_USER}={state['user_label']!r}); rename or remove it",
+            "container_not_ours",
+        )
+    return state
+
+
+def public_state(state: dict) -> dict:
+    return {key: state[key] for key in NO_CONTAINER}
+
+
+# --- runtime files ------------------------------------------------------------------------
+
+
+def write_file_atomically(path: str, content: bytes, mode: int) -> bool:
+    """Write content at path with mode, unless it is already there; True if written."""
+    try:
+        with open(path, "rb") as stream:
+            if stream.read() == content and (os.stat(path).st_mode & 0o7777) == mode:
+                return False
+    except FileNotFoundError:
+        pass
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(content)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return True
+
+
+def ensure_runtime_files(runtime_dir: str) -> bool:
+    """tini, init and apply-password in the runtime dir; True if any was (re)written."""
+    if os.path.islink(runtime_dir):
+        raise PreconditionFailed(f"{runtime_dir} is a symlink; it must be a directory of root's", "runtime_is_symlink")
+    tini = find_static_tini()
+    created = not os.path.isdir(runtime_dir)
+    make_dirs(runtime_dir, 0o700)
+    with open(tini, "rb") as stream:
+        tini_content = stream.read()
+    changed = [
+        write_file_atomically(posixpath.join(runtime_dir, "tini"), tini_content, 0o700),
+        write_file_atomically(posixpath.join(runtime_dir, "init"), INIT_SCRIPT.encode(), 0o700),
+        write_file_atomically(posixpath.join(runtime_dir, "apply-password"), APPLY_PASSWORD_SCRIPT.encode(), 0o700),
+    ]
+    return created or any(changed)
+
+
+def find_static_tini() -> str:
+    """The node's tini, statically linked: it runs inside whatever rootfs the desktop has."""
+    for name in TINI_CANDIDATES:
+        path = find_tool(name)
+        if path is not None and is_static_elf(os.path.realpath(path)):
+            return os.path.realpath(path)
+    raise PreconditionFailed(
+        f"no statically linked tini on this node (looked for {', '.join(TINI_CANDIDATES)}); install docker.io or tini",
+        "tini_missing",
+    )
+
+
+PT_INTERP = 3
+
+
+def is_static_elf(path: str) -> bool:
+    """An ELF executable without a program interpreter (no PT_INTERP program header)."""
+    try:
+        with open(path, "rb") as stream:
+            header = stream.read(64)
+            if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] not in (1, 2):
+                return False
+            wide, order = header[4] == 2, "little" if header[5] == 1 else "big"
+            if wide:
+                table, entry_size, count = header[0x20:0x28], header[0x36:0x38], header[0x38:0x3A]
+            else:
+                table, entry_size, count = header[0x1C:0x20], header[0x2A:0x2C], header[0x2C:0x2E]
+            table, entry_size, count = (int.from_bytes(field, order) for field in (table, entry_size, count))
+            for index in range(count):
+                stream.seek(table + index * entry_size)
+                if int.from_bytes(stream.read(4), order) == PT_INTERP:
+                    return False
+            return count > 0
+    except OSError:
+        return False
+
+
+def write_secret(runtime_dir: str, password: str) -> str:
+    path = posixpath.join(runtime_dir, SECRET_NAME)
+    # One line: chpasswd gets "user:" + this line, `vncpasswd -f` reads one password per line.
+    write_file_atomically(path, (password + "\n").encode(), 0o600)
+    return path
+
+
+def remove_secret(runtime_dir: str) -> None:
+    try:
+        os.unlink(posixpath.join(runtime_dir, SECRET_NAME))
+    except FileNotFoundError:
+        pass
+
+
+# --- ensure_container ---------------------------------------------------------------------
+
+
+def ensure_container(params: dict, check: bool) -> Result:
+    user, spec, socket_path = params["user"], params["spec"], params["docker_socket"]
+    if spec["name"] != container_name(user):
+        raise BadRequest(f"param 'spec': 'name' must be {container_name(user)!r} for user {user!r}", "bad_param")
+    if spec["labels"].get(LABEL_USER, user) != user:
+        raise BadRequest(f"param 'spec': label {LABEL_USER!r} must be {user!r} if given", "bad_param")
+    paths = mounted_stack_paths(params["data_dir"], user)
+    refuse_symlinks(paths)
+    require_stack_mounted(paths)
+    wanted_hash = spec_hash(spec)
+    state = inspect_ours(socket_path, user)
+    if state is not None and state["spec_hash"] != wanted_hash:
+        raise PreconditionFailed(
+            f"container {spec['name']} was created from another spec (hash {str(state['spec_hash'])[:12]}, "
+            f"wanted {wanted_hash[:12]}); remove it (remove_container) to recreate it",
+            "container_differs",
+        )
+    data = {"name": spec["name"], "spec_hash": wanted_hash, "created": state is None, "started": False}
+    if state is not None and state["running"]:
+        vnc = {"address": spec["bind_address"], "port": spec["ports"]["vnc"], "ready": vnc_answers(spec)}
+        if check:
+            return Result(changed=False, data={**data, "container": public_state(state), "vnc": vnc})
+        scripts_changed = ensure_runtime_files(paths.runtime)
+        return Result(changed=scripts_changed, data={**data, "container": public_state(state), "vnc": vnc})
+    if check:
+        return Result(changed=True, data={**data, "container": public_state(state) if state else dict(NO_CONTAINER)})
+    ensure_runtime_files(paths.runtime)
+    write_secret(paths.runtime, params["secrets"]["password"])
+    try:
+        if state is None:
+            create_container(
+                socket_path,
+                container_create_body(user, spec, bound_top_level(paths.merge_local), paths.merge_local, paths.runtime),
+            )
+        start_container(socket_path, spec["name"])
+        wait_for_vnc(socket_path, spec, params["vnc_wait_s"])
+    finally:
+        remove_secret(paths.runtime)
+    state = inspect_ours(socket_path, user) or dict(NO_CONTAINER)
+    vnc = {"address": spec["bind_address"], "port": spec["ports"]["vnc"], "ready": True}
+    return Result(changed=True, data={**data, "started": True, "container": public_state(state), "vnc": vnc})
+
+
+def require_stack_mounted(paths: VmPaths) -> None:
+    entry = mount_at(read_mountinfo(), paths.merge_local)
+    if entry is None or entry.fstype != "overlay":
+        raise PreconditionFailed(f"{paths.merge_local} is not mounted; run ensure_stack first", "stack_not_mounted")
+
+
+def create_container(socket_path: str, body: dict) -> str:
+    name = body["Labels"][LABEL_USER]
+    status, answer = docker_json_call(socket_path, "POST", api_url("/containers/create", {"name": container_name(name)}), body)
+    if status == 404:
+        raise PreconditionFailed(
+            f"image {body['Image']} is not on this node: {docker_message(answer)}; run labvm image push", "image_missing"
+        )
+    if status == 409:
+        raise TemporaryFailure(
+            f"container {container_name(name)} appeared meanwhile: {docker_message(answer)}", "container_conflict"
+        )
+    if status != 201 or not isinstance(answer, dict):
+        raise unexpected(f"creating container {container_name(name)}", status, answer, "container_create_failed")
+    for warning in answer.get("Warnings") or []:
+        log(f"dockerd: {warning}")
+    return str(answer.get("Id"))
+
+
+def start_container(socket_path: str, name: str) -> bool:
+    """True if it was started, False if it was already running."""
+    status, answer = docker_json_call(socket_path, "POST", api_url(f"/containers/{quoted(name)}/start"))
+    if status == 304:
+        return False
+    if status != 204:
+        raise unexpected(f"starting container {name}", status, answer, "container_start_failed")
+    return True
+
+
+def vnc_answers(spec: dict, timeout_s: float = VNC_PROBE_TIMEOUT_S) -> bool:
+    """A connection that gets an RFB greeting. A bare TCP connect is not enough: docker-proxy
+    accepts connections on the published port before anything listens in the container."""
+    try:
+        with socket.create_connection((spec["bind_address"], spec["ports"]["vnc"]), timeout=timeout_s) as connection:
+            connection.settimeout(timeout_s)
+            greeting = b""
+            while len(greeting) < len(RFB_GREETING):
+                chunk = connection.recv(12)
+                if not chunk:
+                    break
+                greeting += chunk
+            return greeting.startswith(RFB_GREETING)
+    except OSError:
+        return False
+
+
+def wait_for_vnc(socket_path: str, spec: dict, wait_s: int) -> None:
+    """Init applies the password before it starts the VNC server, so a greeting means the
+    secret has been read. A container that stops meanwhile fails at once, with its log."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        if vnc_answers(spec):
+            return
+        container = inspect_container(socket_path, spec["name"])
+        if container is None or not container_state(container)["running"]:
+            logs = container_logs_tail(socket_path, spec["name"])
+            raise Failed(
+                f"container {spec['name']} stopped while starting its desktop; its log: {logs or '(empty)'}", "container_exited"
+            )
+        if time.monotonic() >= deadline:
+            logs = container_logs_tail(socket_path, spec["name"])
+            raise Failed(
+                f"VNC on {spec['bind_address']}:{spec['ports']['vnc']} did not answer within {wait_s} s; "
+                f"container log: {logs or '(empty)'}",
+                "vnc_not_listening",
+            )
+        time.sleep(0.5)
+
+
+# --- set_password -------------------------------------------------------------------------
+
+
+def set_password(params: dict, check: bool) -> Result:
+    user, socket_path = params["user"], params["docker_socket"]
+    state = inspect_ours(socket_path, user)
+    if state is None or not state["running"]:
+        raise PreconditionFailed(
+            f"container {container_name(user)} is not running; start the desktop first", "container_not_running"
+        )
+    paths = mounted_stack_paths(params["data_dir"], user)
+    refuse_symlinks(paths)
+    data = {"name": container_name(user)}
+    if check:
+        return Result(changed=True, data=data)  # a password cannot be compared without applying it
+    ensure_runtime_files(paths.runtime)
+    write_secret(paths.runtime, params["secrets"]["password"])
+    try:
+        exit_code, output = exec_in_container(socket_path, container_name(user), [APPLY_PASSWORD_PATH], EXEC_TIMEOUT_S)
+    finally:
+        remove_secret(paths.runtime)
+    if exit_code != 0:
+        raise Failed(
+            f"applying the password in {container_name(user)} failed (exit {exit_code}): {output[-400:] or 'no output'}",
+            "password_not_applied",
+        )
+    return Result(changed=True, data=data)
+
+
+# --- stop, remove, status -----------------------------------------------------------------
+
+
+def stop_container(params: dict, check: bool) -> Result:
+    user, socket_path = params["user"], params["docker_socket"]
+    state = inspect_ours(socket_path, user)
+    if state is None or not state["running"]:
+        return Result(changed=False, data={"container": public_state(state) if state else dict(NO_CONTAINER)})
+    if check:
+        return Result(changed=True, data={"container": public_state(state)})
+    stopped = stop(socket_path, container_name(user), params["timeout"])
+    after = inspect_ours(socket_path, user)
+    return Result(changed=stopped, data={"container": public_state(after) if after else dict(NO_CONTAINER)})
+
+
+def stop(socket_path: str, name: str, timeout: int) -> bool:
+    """docker stop: SIGTERM, then SIGKILL after timeout seconds. True if it was running."""
+    status, body = docker_call(
+        socket_path, "POST", api_url(f"/containers/{quoted(name)}/stop", {"t": timeout}), timeout_s=timeout + 60.0
+    )
+    if status not in (204, 304, 404):
+        raise unexpected(f"stopping container {name}", status, body, "container_stop_failed")
+    return status == 204
+
+
+def remove_container(params: dict, check: bool) -> Result:
+    user, socket_path = params["user"], params["docker_socket"]
+    state = inspect_ours(socket_path, user)
+    if state is None:
+        return Result(changed=False, data={"container": dict(NO_CONTAINER)})
+    if check:
+        return Result(changed=True, data={"container": dict(NO_CONTAINER)})
+    name = container_name(user)
+    if state["running"] or state["status"] == "restarting":
+        # Stopped the way stop_container does, so the desktop gets its SIGTERM; never killed outright.
+        stop(socket_path, name, params["timeout"])
+    status, body = docker_call(socket_path, "DELETE", api_url(f"/containers/{quoted(name)}"))
+    if status == 409:
+        raise PreconditionFailed(f"dockerd refuses to remove {name}: {docker_message(body)}", "container_running")
+    if status not in (204, 404):
+        raise unexpected(f"removing container {name}", status, body, "container_remove_failed")
+    return Result(changed=status == 204, data={"container": dict(NO_CONTAINER)})
+
+
+def vm_status(params: dict, check: bool) -> Result:
+    user = params["user"]
+    paths = VmPaths.of(params["data_dir"], user)
+    return Result(
+        changed=False, data={"container": container_status(params["docker_socket"], user), "stack": stack_state(paths, user)}
+    )
+
+
+def container_status(socket_path: str, user: str) -> dict:
+    """Like inspect_ours, but a status never fails for dockerd's sake: the error is reported."""
+    try:
+        state = inspect_ours(socket_path, user)
+    except (Failed, PreconditionFailed, TemporaryFailure) as error:
+        return {**NO_CONTAINER, "exists": None, "error": error.msg}
+    return {**(public_state(state) if state else NO_CONTAINER), "error": None}
+
+
+# --- what runs in the container -----------------------------------------------------------
+
+# POSIX sh, run as root by tini (docker's --init) as PID 2. The password never appears in argv,
+# the environment or the log: chpasswd and vncpasswd read it from the secret file on stdin.
+INIT_SCRIPT = r"""#!/bin/sh
+# labvm desktop init. Written by the labvm vm helper into /run/labvm (read-only in here).
+#   init                   create the user, apply a waiting password, start sshd, VNC, the desktop
+#   init --apply-password  only apply /run/labvm/secret (labvm passwd, through docker exec)
+set -u
+RUNTIME=${LABVM_RUNTIME:-/run/labvm}
+SECRET="$RUNTIME/secret"
+USER_NAME=$LABVM_USER
+USER_ID=$LABVM_UID
+DISPLAY_NUMBER=1
+VNC_PORT=5901
+PIDS=""
+VNC_PID=""
+
+log() { echo "labvm-init: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+as_user() {
+    if command -v runuser >/dev/null 2>&1; then
+        runuser -u "$USER_NAME" -- "$@"
+    else
+        su -s /bin/sh -c 'exec "$0" "$@"' -- "$USER_NAME" "$@"
+    fi
+}
+
+home_of_user() { getent passwd "$USER_NAME" | cut -d: -f6; }
+
+ensure_user() {
+    if ! getent group "$USER_NAME" >/dev/null; then
+        groupadd -g "$USER_ID" "$USER_NAME" || groupadd "$USER_NAME" || die "cannot create group $USER_NAME"
+    fi
+    if ! getent passwd "$USER_NAME" >/dev/null; then
+        shell=/bin/sh
+        [ -x /bin/bash ] && shell=/bin/bash
+        useradd -m -u "$USER_ID" -g "$USER_NAME" -s "$shell" "$USER_NAME" || die "cannot create user $USER_NAME"
+        log "created user $USER_NAME ($USER_ID)"
+    fi
+    if getent group sudo >/dev/null && ! id -nG "$USER_NAME" | tr ' ' '\n' | grep -qx sudo; then
+        usermod -aG sudo "$USER_NAME" || log "cannot add $USER_NAME to group sudo"
+    fi
+}
+
+# Returns 2 when no password is waiting.
+apply_password() {
+    [ -s "$SECRET" ] || return 2
+    { printf '%s:' "$USER_NAME"; cat "$SECRET"; } | chpasswd || { log "chpasswd failed"; return 1; }
+    home=$(home_of_user)
+    [ -n "$home" ] && [ -d "$home" ] || { log "user $USER_NAME has no home directory"; return 1; }
+    vncpasswd=$(command -v tigervncpasswd || command -v vncpasswd) || { log "vncpasswd not found (tigervnc-tools)"; return 1; }
+    mkdir -p "$home/.vnc" || return 1
+    (umask 077 && "$vncpasswd" -f <"$SECRET" >"$home/.vnc/passwd.new") || { log "vncpasswd failed"; return 1; }
+    mv -f "$home/.vnc/passwd.new" "$home/.vnc/passwd" || return 1
+    chown "$USER_NAME:" "$home/.vnc" "$home/.vnc/passwd" && chmod 700 "$home/.vnc" && chmod 600 "$home/.vnc/passwd" || return 1
+    log "password applied for $USER_NAME"
+}
+
+start_sshd() {
+    [ "${LABVM_SSH:-0}" = 1 ] || return 0
+    [ -x /usr/sbin/sshd ] || { log "sshd is not installed; the ssh port stays closed"; return 0; }
+    mkdir -p /run/sshd && chmod 755 /run/sshd
+    ssh-keygen -A >/dev/null 2>&1 || log "ssh-keygen -A failed"
+    /usr/sbin/sshd -D -e &
+    PIDS="$PIDS $!"
+}
+
+start_vnc() {
+    home=$(home_of_user)
+    [ -s "$home/.vnc/passwd" ] || die "no VNC password for $USER_NAME yet: set one with labvm passwd"
+    server=$(command -v Xtigervnc || command -v Xvnc) || die "Xtigervnc not found (tigervnc-standalone-server)"
+    # /tmp persists with the upper layer: a lock from an earlier start names a PID that may be
+    # alive again now, and the X server would refuse the display.
+    rm -f "/tmp/.X$DISPLAY_NUMBER-lock" "/tmp/.X11-unix/X$DISPLAY_NUMBER"
+    mkdir -p /tmp/.X11-unix && chmod 1777 /tmp/.X11-unix
+    as_user "$server" ":$DISPLAY_NUMBER" -rfbport "$VNC_PORT" -rfbauth "$home/.vnc/passwd" -SecurityTypes VncAuth \
+        -geometry "${LABVM_VNC_GEOMETRY:-1280x800}" -desktop "$USER_NAME" -nolisten tcp &
+    VNC_PID=$!
+    PIDS="$PIDS $VNC_PID"
+    tries=0
+    while [ ! -S "/tmp/.X11-unix/X$DISPLAY_NUMBER" ]; do
+        kill -0 "$VNC_PID" 2>/dev/null || die "the VNC server exited at start"
+        tries=$((tries + 1))
+        [ "$tries" -le 300 ] || die "the VNC server did not open display :$DISPLAY_NUMBER within 30 s"
+        sleep 0.1
+    done
+}
+
+start_desktop() {
+    [ -n "${LABVM_DESKTOP_CMD:-}" ] || return 0
+    (
+        export DISPLAY=":$DISPLAY_NUMBER"
+        cd "$home" 2>/dev/null || cd /
+        as_user /bin/sh -c "$LABVM_DESKTOP_CMD"
+    ) &
+    PIDS="$PIDS $!"
+}
+
+stop() {
+    trap - TERM INT
+    log "stopping"
+    for pid in $PIDS; do kill -TERM "$pid" 2>/dev/null; done
+    wait
+    exit "${1:-0}"
+}
+
+case "${1:-}" in
+--apply-password)
+    ensure_user
+    apply_password
+    status=$?
+    [ "$status" -ne 2 ] || die "no password waiting in $SECRET"
+    exit "$status"
+    ;;
+"") ;;
+*) die "unknown argument: $1" ;;
+esac
+
+trap stop TERM INT
+ensure_user
+if [ -s "$SECRET" ]; then
+    apply_password || die "could not apply the password"
+fi
+start_sshd
+start_vnc
+start_desktop
+log "desktop of $USER_NAME on display :$DISPLAY_NUMBER, VNC port $VNC_PORT"
+wait "$VNC_PID"
+status=$?
+log "the VNC server exited (status $status)"
+stop 1
+"""
+
+APPLY_PASSWORD_SCRIPT = r"""#!/bin/sh
+# Applies /run/labvm/secret as the login and VNC password; run by the labvm vm helper through
+# docker exec, which deletes the secret again afterwards.
+exec "${LABVM_RUNTIME:-/run/labvm}/init" --apply-password
+"""
+
+
+ACTIONS = {
+    "ensure_stack": Action(run=ensure_stack, params=ENSURE_STACK_PARAMS),
+    "ensure_stack_unmounted": Action(run=ensure_stack_unmounted, params=STACK_UNMOUNTED_PARAMS),
+    "ensure_container": Action(run=ensure_container, params=ENSURE_CONTAINER_PARAMS),
+    "set_password": Action(run=set_password, params=SET_PASSWORD_PARAMS),
+    "stop_container": Action(run=stop_container, params=STOP_CONTAINER_PARAMS),
+    "remove_container": Action(run=remove_container, params=REMOVE_CONTAINER_PARAMS),
+    "remove_local_layers": Action(run=remove_local_layers, params=REMOVE_LAYERS_PARAMS),
+    "status": Action(run=vm_status, params=STATUS_PARAMS),
+}

@@ -1,0 +1,1032 @@
+"""The vm helper run as a subprocess, as root, against a temp node: a tmpfs standing in for
+the MooseFS mount, a tiny desktop rootfs, real bind and overlay mounts; and a fake dockerd on a
+unix socket for the container actions. Real docker and VNC are the cluster tests' part."""
+
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from .conftest import FakeDockerHandler, FakeDockerServer
+
+USER = "alice"
+PASSWORD = "Pa55:word with spaces"
+MNT_DETACH = 2
+GPU_A = "GPU-0c6a1f2e-1111-2222-3333-444444444444"
+GPU_B = "GPU-0c6a1f2e-5555-6666-7777-888888888888"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts overlays: needs root")
+# Starting a container copies the node's static tini into the runtime dir.
+needs_tini = pytest.mark.skipif(
+    not any(shutil.which(name) for name in ("docker-init", "tini-static")), reason="needs a static tini (docker.io or tini)"
+)
+
+
+def vm(run_helper, action, params, check=False, **kwargs):
+    return run_helper("vm", {"action": action, "params": params, "check": check}, **kwargs)
+
+
+def mount_points_under(root) -> list[str]:
+    prefix = str(root).rstrip("/") + "/"
+    with open("/proc/self/mountinfo") as stream:
+        points = [line.split()[4] for line in stream]
+    return [point for point in points if point.startswith(prefix)]
+
+
+def mounted(path) -> bool:
+    return str(path) in mount_points_under(Path(path).parent)
+
+
+def detach_everything_under(root) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    for _ in range(20):
+        points = sorted(set(mount_points_under(root)), key=len, reverse=True)
+        if not points:
+            return
+        for point in points:
+            libc.umount2(os.fsencode(point), MNT_DETACH)
+
+
+# --- a temp node --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def node(tmp_path):
+    """A node with a tmpfs at mfs_mount (so it is a mount point), a desktop rootfs with the
+    image marker, and a data dir. Every mount under tmp_path and every process registered in
+    node.processes is cleaned up, whatever the test did."""
+    mfs = tmp_path / "mfs"
+    mfs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "labvm-test-mfs", str(mfs)], check=True)
+    xfce = tmp_path / "xfce_local"
+    for path, text in {"etc/os-release": "desktop\n", "usr/bin/xterm": "#!/bin/sh\n", ".labvm-image.json": "{}\n"}.items():
+        (xfce / path).parent.mkdir(parents=True, exist_ok=True)
+        (xfce / path).write_text(text)
+    (xfce / "bin").symlink_to("usr/bin")
+    for name in ("proc", "sys", "dev", "run", "home", "tmp"):
+        (xfce / name).mkdir()
+    data = tmp_path / "data"
+    data.mkdir()
+    state = SimpleNamespace(
+        root=tmp_path,
+        mfs=mfs,
+        xfce=xfce,
+        data=data,
+        vm_dir=data / "vms" / USER,
+        user_mfs=mfs / "labvm" / "vms" / USER,
+        processes=[],
+    )
+    state.merge = state.vm_dir / "merge_local"
+    state.low = state.vm_dir / "low_local"
+    state.up = state.vm_dir / "up_local"
+    state.runtime = state.vm_dir / "runtime"
+    state.params = lambda version=0, **extra: {
+        "user": USER,
+        "data_dir": str(data),
+        "mfs_mount": str(mfs),
+        "mfs_dir": "/labvm",
+        "version": version,
+        "xfce_local": str(xfce),
+        **extra,
+    }
+    state.vm_params = lambda **extra: {"user": USER, "data_dir": str(data), **extra}
+    try:
+        yield state
+    finally:
+        for process in state.processes:
+            process.kill()
+            process.wait()
+        detach_everything_under(tmp_path)
+
+
+def make_version(node, version, files):
+    directory = node.user_mfs / f"low_mfs.v{version}"
+    directory.mkdir(parents=True, exist_ok=True)
+    for path, text in files.items():
+        (directory / path).parent.mkdir(parents=True, exist_ok=True)
+        (directory / path).write_text(text)
+    return directory
+
+
+def stack_up(run_helper, node, version=0):
+    run = vm(run_helper, "ensure_stack", node.params(version))
+    assert run.exit_code == 0, run.reply
+    return run
+
+
+# --- ensure_stack -------------------------------------------------------------------------
+
+
+def test_check_mode_on_a_fresh_node_changes_nothing(run_helper, node):
+    run = vm(run_helper, "ensure_stack", node.params(), check=True)
+    assert run.exit_code == 0 and run.reply["changed"] is True
+    assert run.data["mounted"] is False
+    assert not (node.data / "vms").exists()
+    assert not (node.mfs / "labvm").exists()
+    assert mount_points_under(node.data) == []
+
+
+def test_stack_shows_both_lowers_and_writes_go_to_the_upper(run_helper, node):
+    version_dir = make_version(node, 0, {"home/alice/notes.txt": "from v0\n", "etc/os-release": "v0 wins\n"})
+    run = stack_up(run_helper, node)
+    assert run.reply["changed"] is True
+    assert run.data == {
+        "merge_local": str(node.merge),
+        "low_local": str(node.low),
+        "up_local": str(node.up),
+        "work_local": str(node.vm_dir / "work_local"),
+        "version": 0,
+        "version_dir": str(version_dir),
+        "mounted": True,
+    }
+    assert (node.merge / "home/alice/notes.txt").read_text() == "from v0\n"
+    assert (node.merge / "usr/bin/xterm").exists()  # from xfce_local, the lowest layer
+    assert (node.merge / "etc/os-release").read_text() == "v0 wins\n"  # the version sits above xfce_local
+
+    (node.merge / "home/alice/new.txt").write_text("written\n")
+    assert (node.up / "home/alice/new.txt").read_text() == "written\n"
+    assert not (version_dir / "home/alice/new.txt").exists()
+    with pytest.raises(OSError) as raised:
+        (node.low / "direct.txt").write_text("x")
+    assert raised.value.errno == errno.EROFS
+    assert (node.user_mfs / "up_mfs").is_dir()
+    assert stat.S_IMODE(node.vm_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(node.runtime.stat().st_mode) == 0o700
+
+
+def test_version_zero_is_created_empty_on_first_use(run_helper, node):
+    stack_up(run_helper, node)
+    version_dir = node.user_mfs / "low_mfs.v0"
+    assert version_dir.is_dir() and list(version_dir.iterdir()) == []
+    assert stat.S_IMODE(version_dir.stat().st_mode) == 0o755
+
+
+def test_a_mounted_stack_is_left_alone(run_helper, node):
+    stack_up(run_helper, node)
+    for check in (True, False):
+        run = vm(run_helper, "ensure_stack", node.params(), check=check)
+        assert run.exit_code == 0 and run.reply["changed"] is False and run.data["mounted"] is True
+    assert sorted(mount_points_under(node.vm_dir)) == [str(node.low), str(node.merge)]
+
+
+def test_status_reports_the_stack(run_helper, node):
+    make_version(node, 3, {})
+    stack_up(run_helper, node, version=3)
+    run = vm(run_helper, "status", node.vm_params(docker_socket=str(node.root / "no-docker.sock")))
+    assert run.exit_code == 0 and run.reply["changed"] is False
+    assert run.data["stack"] == {
+        "merge_local": str(node.merge),
+        "merge_local_mounted": True,
+        "low_local": str(node.low),
+        "low_local_mounted": True,
+        "low_local_version": 3,
+    }
+    assert run.data["container"]["exists"] is None and "does not exist" in run.data["container"]["error"]
+
+
+def test_a_missing_later_version_is_a_precondition(run_helper, node):
+    run = vm(run_helper, "ensure_stack", node.params(version=2))
+    assert run.exit_code == 3 and run.error["code"] == "version_missing"
+    assert "low_mfs.v2" in run.error["msg"]
+    assert mount_points_under(node.data) == []
+
+
+def test_no_desktop_image_is_a_precondition(run_helper, node):
+    (node.xfce / ".labvm-image.json").unlink()
+    run = vm(run_helper, "ensure_stack", node.params())
+    assert run.exit_code == 3 and run.error["code"] == "image_missing"
+    assert "labvm image push" in run.error["msg"]
+
+
+def test_mfs_must_be_mounted(run_helper, node, tmp_path):
+    plain = tmp_path / "not-a-mount"
+    plain.mkdir()
+    run = vm(run_helper, "ensure_stack", node.params(mfs_mount=str(plain)))
+    assert run.exit_code == 3 and run.error["code"] == "mfs_not_mounted"
+    assert not (plain / "labvm").exists()
+
+
+def test_another_version_under_a_live_overlay_is_a_mismatch(run_helper, node):
+    make_version(node, 1, {})
+    stack_up(run_helper, node, version=0)
+    run = vm(run_helper, "ensure_stack", node.params(version=1))
+    assert run.exit_code == 3 and run.error["code"] == "stack_mismatch"
+    assert "version 0" in run.error["msg"] and "ensure_stack_unmounted" in run.error["msg"]
+    status = vm(run_helper, "status", node.vm_params(docker_socket="/nonexistent.sock"))
+    assert status.data["stack"]["low_local_version"] == 0
+
+
+def test_a_stale_low_bind_without_overlay_is_rebound(run_helper, node):
+    make_version(node, 1, {"marker": "v1\n"})
+    stack_up(run_helper, node, version=0)
+    subprocess.run(["umount", str(node.merge)], check=True)
+    run = vm(run_helper, "ensure_stack", node.params(version=1))
+    assert run.exit_code == 0 and run.reply["changed"] is True
+    assert (node.merge / "marker").read_text() == "v1\n"
+    status = vm(run_helper, "status", node.vm_params(docker_socket="/nonexistent.sock"))
+    assert status.data["stack"]["low_local_version"] == 1
+
+
+def test_an_overlay_with_other_options_is_a_mismatch(run_helper, node):
+    stack_up(run_helper, node)
+    subprocess.run(["umount", str(node.merge)], check=True)
+    options = f"lowerdir={node.low}:{node.xfce},upperdir={node.up},workdir={node.vm_dir / 'work_local'},redirect_dir=on"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(node.merge)], check=True)
+    run = vm(run_helper, "ensure_stack", node.params())
+    assert run.exit_code == 3 and run.error["code"] == "stack_mismatch"
+    assert "redirect_dir=on" in run.error["msg"]
+
+
+def test_something_else_mounted_at_merge_local_is_a_mismatch(run_helper, node):
+    stack_up(run_helper, node)
+    subprocess.run(["umount", str(node.merge)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(node.merge)], check=True)
+    run = vm(run_helper, "ensure_stack", node.params())
+    assert run.exit_code == 3 and run.error["code"] == "stack_mismatch"
+    assert "not an overlay" in run.error["msg"]
+
+
+def test_upper_holds_plain_files_after_renames_and_chmods(run_helper, node):
+    """What the overlay options are for: the upper must make sense without the overlay."""
+    make_version(node, 0, {"srv/project/data.txt": "payload\n", "srv/script.sh": "echo hi\n"})
+    stack_up(run_helper, node)
+    # redirect_dir=off: a directory from a lower layer cannot be renamed in place...
+    with pytest.raises(OSError) as raised:
+        os.rename(node.merge / "srv/project", node.merge / "srv/renamed")
+    assert raised.value.errno == errno.EXDEV
+    # ...so mv copies it, and the upper holds the files themselves.
+    subprocess.run(["mv", str(node.merge / "srv/project"), str(node.merge / "srv/renamed")], check=True)
+    os.chmod(node.merge / "srv/script.sh", 0o755)  # metacopy=off: a full copy-up
+    assert (node.up / "srv/renamed/data.txt").read_text() == "payload\n"
+    assert (node.up / "srv/script.sh").read_text() == "echo hi\n"
+    for path in (node.up / "srv/renamed", node.up / "srv/script.sh"):
+        names = os.listxattr(path, follow_symlinks=False)
+        assert not [name for name in names if name in ("trusted.overlay.redirect", "trusted.overlay.metacopy")], names
+    whiteout = os.lstat(node.up / "srv/project")
+    assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0
+    assert sorted(os.listdir(node.vm_dir / "work_local")) == ["work"]  # index=off: no index dir
+
+
+# --- ensure_stack_unmounted ---------------------------------------------------------------
+
+
+def test_unmount_check_mode_then_unmount_then_nothing(run_helper, node):
+    stack_up(run_helper, node)
+    params = node.vm_params(docker_socket=str(node.root / "no-docker.sock"))
+    check = vm(run_helper, "ensure_stack_unmounted", params, check=True)
+    assert check.exit_code == 0 and check.reply["changed"] is True
+    assert mounted(node.merge) and mounted(node.low)
+    run = vm(run_helper, "ensure_stack_unmounted", params)
+    assert run.exit_code == 0 and run.reply["changed"] is True
+    assert run.data["merge_local_mounted"] is False and run.data["low_local_mounted"] is False
+    assert mount_points_under(node.vm_dir) == []
+    again = vm(run_helper, "ensure_stack_unmounted", params)
+    assert again.exit_code == 0 and again.reply["changed"] is False
+    assert (node.up).is_dir()
+
+
+def test_busy_stack_is_refused_naming_the_process(run_helper, node):
+    stack_up(run_helper, node)
+    user = subprocess.Popen(["sleep", "60"], cwd=node.merge / "home")
+    node.processes.append(user)
+    params = node.vm_params(docker_socket=str(node.root / "no-docker.sock"))
+    busy = vm(run_helper, "ensure_stack_unmounted", params)
+    assert busy.exit_code == 3 and busy.error["code"] == "mount_busy"
+    assert busy.error["msg"].startswith(f"mount busy: {node.merge}")
+    assert f"{user.pid} (sleep)" in busy.error["msg"]
+    assert mounted(node.merge) and mounted(node.low)
+    user.kill()
+    user.wait()
+    run = vm(run_helper, "ensure_stack_unmounted", params)
+    assert run.exit_code == 0 and run.reply["changed"] is True
+
+
+def test_unmount_is_refused_while_the_container_runs(run_helper, node, engine):
+    stack_up(run_helper, node)
+    engine.add_container(f"labvm-{USER}", labels={"labvm.user": USER}, running=True)
+    run = vm(run_helper, "ensure_stack_unmounted", node.vm_params(docker_socket=engine.socket_path))
+    assert run.exit_code == 3 and run.error["code"] == "container_running"
+    assert mounted(node.merge)
+
+
+# --- remove_local_layers ------------------------------------------------------------------
+
+
+def test_local_layers_are_removed_only_when_unmounted(run_helper, node):
+    stack_up(run_helper, node)
+    (node.merge / "home/file").write_text("x")
+    refused = vm(run_helper, "remove_local_layers", node.vm_params())
+    assert refused.exit_code == 3 and refused.error["code"] == "stack_mounted"
+    assert (node.up / "home/file").exists()
+    vm(run_helper, "ensure_stack_unmounted", node.vm_params(docker_socket="/nonexistent.sock"))
+    check = vm(run_helper, "remove_local_layers", node.vm_params(), check=True)
+    assert check.reply["changed"] is True and node.vm_dir.exists()
+    run = vm(run_helper, "remove_local_layers", node.vm_params())
+    assert run.exit_code == 0 and run.reply["changed"] is True
+    assert not node.vm_dir.exists()
+    assert (node.user_mfs / "low_mfs.v0").is_dir()  # MooseFS is never touched
+    again = vm(run_helper, "remove_local_layers", node.vm_params())
+    assert again.exit_code == 0 and again.reply["changed"] is False
+
+
+# --- bad requests -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ({"user": "Alice"}, "'user' must be a user name"),
+        ({"user": "1alice"}, "'user' must be a user name"),
+        ({"user": "a" * 32}, "'user' must be a user name"),
+        ({"user": "../etc"}, "'user' must be a user name"),
+        ({"data_dir": "srv/labvm"}, "must be an absolute path"),
+        ({"data_dir": "/srv/lab:vm"}, "must not contain ','"),
+        ({"xfce_local": "/srv/a,b"}, "must not contain ','"),
+        ({"data_dir": "/"}, "must not be /"),
+        ({"version": -1}, "between 0 and"),
+        ({"version": True}, "must be an integer"),
+        ({"version": "1"}, "must be an integer"),
+        ({"colour": "blue"}, "unknown param(s) 'colour'"),
+    ],
+)
+def test_bad_stack_params_are_refused(run_helper, node, override, fragment):
+    run = vm(run_helper, "ensure_stack", {**node.params(), **override})
+    assert run.exit_code == 2, run.reply
+    assert fragment in run.error["msg"]
+    assert mount_points_under(node.data) == []
+
+
+def test_missing_params_and_unknown_actions(run_helper):
+    run = vm(run_helper, "ensure_stack", {"user": USER})
+    assert run.exit_code == 2 and run.error["code"] == "missing_param"
+    run = vm(run_helper, "mount_everything", {})
+    assert run.exit_code == 2 and run.error["code"] == "unknown_action"
+    assert "ensure_container" in run.error["msg"] and "set_password" in run.error["msg"]
+    run = run_helper("vm", raw=b'{"action": "status", "params": ')
+    assert run.exit_code == 2 and run.error["code"] == "malformed_request"
+
+
+# --- a fake dockerd that knows containers -------------------------------------------------
+
+CONTAINER_PATH = re.compile(r"/v1\.\d+/containers/(?P<name>[^/]+)(?P<rest>/[a-z]+)?$")
+EXEC_PATH = re.compile(r"/v1\.\d+/exec/(?P<id>[^/]+)/(?P<what>start|json)$")
+
+
+def frame(stream: int, data: bytes) -> bytes:
+    return bytes([stream, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
+
+
+class FakeEngineHandler(FakeDockerHandler):
+    """Containers and execs, the way dockerd 20.10 answers them (API 1.41)."""
+
+    def do_GET(self):
+        engine = self.server.fake
+        url = urllib.parse.urlsplit(self.path)
+        engine.requests.append(("GET", self.path))
+        match = CONTAINER_PATH.fullmatch(url.path)
+        if match and match.group("rest") in (None, "/json"):
+            container = engine.containers.get(urllib.parse.unquote(match.group("name")))
+            if container is None:
+                self.answer(404, json.dumps({"message": "No such container"}))
+            else:
+                self.answer(200, json.dumps(engine.inspect(container)))
+            return
+        if match and match.group("rest") == "/logs":
+            self.raw(200, frame(2, engine.logs.encode()))
+            return
+        match = EXEC_PATH.fullmatch(url.path)
+        if match and match.group("what") == "json":
+            self.answer(200, json.dumps({"Running": False, "ExitCode": engine.exec_exit_code}))
+            return
+        self.answer(404, json.dumps({"message": "page not found"}))
+
+    def do_POST(self):
+        engine = self.server.fake
+        url = urllib.parse.urlsplit(self.path)
+        engine.requests.append(("POST", self.path))
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        query = dict(urllib.parse.parse_qsl(url.query))
+        if re.fullmatch(r"/v1\.\d+/containers/create", url.path):
+            name = query["name"]
+            if name in engine.containers:
+                self.answer(409, json.dumps({"message": "Conflict. The container name is already in use"}))
+                return
+            config = json.loads(body)
+            engine.created.append(config)
+            engine.add_container(name, labels=config["Labels"], running=False, body=config)
+            self.answer(201, json.dumps({"Id": engine.containers[name]["Id"], "Warnings": []}))
+            return
+        match = CONTAINER_PATH.fullmatch(url.path)
+        if match and match.group("rest") in ("/start", "/stop"):
+            container = engine.containers.get(urllib.parse.unquote(match.group("name")))
+            if container is None:
+                self.answer(404, json.dumps({"message": "No such container"}))
+                return
+            starting = match.group("rest") == "/start"
+            engine.actions.append((match.group("rest")[1:], query))
+            if container["running"] == starting:
+                self.raw(304, b"")
+                return
+            container["running"] = starting
+            if starting:
+                engine.on_start(container)
+            self.raw(204, b"")
+            return
+        if match and match.group("rest") == "/exec":
+            container = engine.containers.get(urllib.parse.unquote(match.group("name")))
+            if container is None or not container["running"]:
+                self.answer(409, json.dumps({"message": "Container is not running"}))
+                return
+            engine.execs.append(json.loads(body))
+            self.answer(201, json.dumps({"Id": f"exec{len(engine.execs)}"}))
+            return
+        match = EXEC_PATH.fullmatch(url.path)
+        if match and match.group("what") == "start":
+            engine.on_exec(engine.execs[-1])
+            self.raw(200, frame(1, engine.exec_output.encode()) + frame(2, b"done\n"))
+            return
+        self.answer(404, json.dumps({"message": "page not found"}))
+
+    def do_DELETE(self):
+        engine = self.server.fake
+        engine.requests.append(("DELETE", self.path))
+        match = CONTAINER_PATH.fullmatch(urllib.parse.urlsplit(self.path).path)
+        name = urllib.parse.unquote(match.group("name")) if match else ""
+        container = engine.containers.get(name)
+        if container is None:
+            self.answer(404, json.dumps({"message": "No such container"}))
+        elif container["running"]:
+            self.answer(409, json.dumps({"message": "You cannot remove a running container"}))
+        else:
+            del engine.containers[name]
+            self.raw(204, b"")
+
+    def raw(self, status: int, data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/vnd.docker.raw-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class FakeEngine:
+    def __init__(self, socket_path: str):
+        self.socket_path = socket_path
+        self.requests, self.created, self.actions, self.execs = [], [], [], []
+        self.containers = {}
+        self.logs = "labvm-init: something went wrong\n"
+        self.exec_exit_code = 0
+        self.exec_output = "labvm-init: password applied\n"
+        self.on_start = lambda container: None
+        self.on_exec = lambda config: None
+        self.server = FakeDockerServer(socket_path, FakeEngineHandler)
+        self.server.fake = self
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def add_container(self, name, labels, running, body=None):
+        digest = hashlib.sha256(name.encode() + str(time.time()).encode()).hexdigest()
+        self.containers[name] = {"Id": digest, "Name": name, "labels": labels, "running": running, "body": body}
+
+    @staticmethod
+    def inspect(container):
+        running = container["running"]
+        return {
+            "Id": container["Id"],
+            "Name": "/" + container["Name"],
+            "Config": {"Labels": container["labels"]},
+            "State": {
+                "Status": "running" if running else "exited",
+                "Running": running,
+                "Restarting": False,
+                "StartedAt": "2025-01-02T03:04:05.123456789Z" if running else "0001-01-01T00:00:00Z",
+            },
+        }
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def engine():
+    directory = tempfile.mkdtemp(prefix="labvm-engine-")
+    fake = FakeEngine(os.path.join(directory, "docker.sock"))
+    yield fake
+    fake.stop()
+    shutil.rmtree(directory)
+
+
+@pytest.fixture
+def vnc():
+    """A TCP listener on 127.0.0.1 that greets like a VNC server once `greet` is set."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    state = SimpleNamespace(port=listener.getsockname()[1], greet=threading.Event(), stopped=False)
+
+    def serve():
+        while not state.stopped:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                if state.greet.is_set():
+                    connection.sendall(b"RFB 003.008\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield state
+    state.stopped = True
+    listener.close()
+
+
+def full_spec(**overrides):
+    spec = {
+        "name": f"labvm-{USER}",
+        "image": "labvm/base:0123456789ab",
+        "hostname": "alice-desktop",
+        "uid": 2000,
+        "env": {"TZ": "Europe/Berlin"},
+        "labels": {"labvm.node": "n1"},
+        "cpus": 1.5,
+        "cpuset": "0-3",
+        "memory": 8 * 2**30,
+        "shm": 2**30,
+        "pids": 4096,
+        "io_weight": 500,
+        "io_read_bps": 100 * 2**20,
+        "io_write_bps": 50 * 2**20,
+        "io_device": "/dev/vda",
+        "gpus": [GPU_A, GPU_B],
+        "ports": {"vnc": 20000, "ssh": 20001},
+        "bind_address": "10.213.0.11",
+        "vnc_geometry": "1920x1080",
+        "desktop_cmd": "twm & xterm",
+    }
+    return {**spec, **overrides}
+
+
+def minimal_spec(**overrides):
+    spec = {
+        "name": f"labvm-{USER}",
+        "image": "labvm/base:0123456789ab",
+        "hostname": "alice",
+        "uid": 2000,
+        "memory": 2**30,
+        "ports": {"vnc": 20000},
+        "bind_address": "127.0.0.1",
+        "desktop_cmd": "xterm",
+    }
+    return {**spec, **overrides}
+
+
+# --- the create body, as a pure function --------------------------------------------------
+
+
+def test_create_body_from_a_full_spec(bundle):
+    spec = bundle.vm.container_spec("spec", full_spec())
+    body = bundle.vm.container_create_body(USER, spec, ["etc", "home", "usr"], "/var/lib/labvm/vms/alice/merge_local", "/rt")
+    host = body["HostConfig"]
+    assert host["Binds"] == [
+        "/var/lib/labvm/vms/alice/merge_local/etc:/etc",
+        "/var/lib/labvm/vms/alice/merge_local/home:/home",
+        "/var/lib/labvm/vms/alice/merge_local/usr:/usr",
+        "/rt:/run/labvm:ro",
+    ]
+    assert host["Init"] is False  # tini comes from /run/labvm: docker's /sbin/docker-init would be under /usr
+    assert host["Memory"] == host["MemorySwap"] == 8 * 2**30
+    assert host["NanoCpus"] == 1_500_000_000 and host["CpusetCpus"] == "0-3"
+    assert host["ShmSize"] == 2**30 and host["PidsLimit"] == 4096
+    assert host["BlkioWeight"] == 500
+    assert host["BlkioDeviceReadBps"] == [{"Path": "/dev/vda", "Rate": 100 * 2**20}]
+    assert host["BlkioDeviceWriteBps"] == [{"Path": "/dev/vda", "Rate": 50 * 2**20}]
+    assert host["DeviceRequests"] == [{"Driver": "nvidia", "DeviceIDs": [GPU_A, GPU_B], "Capabilities": [["gpu"]]}]
+    assert host["PortBindings"] == {
+        "5901/tcp": [{"HostIp": "10.213.0.11", "HostPort": "20000"}],
+        "22/tcp": [{"HostIp": "10.213.0.11", "HostPort": "20001"}],
+    }
+    assert host["RestartPolicy"] == {"Name": "no", "MaximumRetryCount": 0}
+    assert body["ExposedPorts"] == {"5901/tcp": {}, "22/tcp": {}}
+    assert body["Entrypoint"] == ["/run/labvm/tini", "--", "/run/labvm/init"] and body["User"] == "0:0"
+    assert body["Image"] == "labvm/base:0123456789ab" and body["Hostname"] == "alice-desktop"
+    assert body["Labels"] == {"labvm.node": "n1", "labvm.user": USER, "labvm.spec-hash": bundle.vm.spec_hash(spec)}
+    env = dict(item.split("=", 1) for item in body["Env"])
+    assert env == {
+        "TZ": "Europe/Berlin",
+        "NVIDIA_DRIVER_CAPABILITIES": "all",
+        "LABVM_USER": USER,
+        "LABVM_UID": "2000",
+        "LABVM_VNC_GEOMETRY": "1920x1080",
+        "LABVM_DESKTOP_CMD": "twm & xterm",
+        "LABVM_SSH": "1",
+    }
+
+
+def test_create_body_from_a_minimal_spec_sets_no_optional_limits(bundle):
+    spec = bundle.vm.container_spec("spec", minimal_spec())
+    host = bundle.vm.container_create_body(USER, spec, [], "/m", "/rt")["HostConfig"]
+    assert set(host) == {"Init", "Binds", "Memory", "MemorySwap", "PortBindings", "RestartPolicy"}
+    assert host["PortBindings"] == {"5901/tcp": [{"HostIp": "127.0.0.1", "HostPort": "20000"}]}
+    env = dict(item.split("=", 1) for item in bundle.vm.container_create_body(USER, spec, [], "/m", "/rt")["Env"])
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "void" and env["LABVM_SSH"] == "0"
+    assert env["LABVM_VNC_GEOMETRY"] == "1280x800"
+
+
+def test_spec_hash_ignores_spelled_out_defaults_and_follows_changes(bundle):
+    spec = bundle.vm.container_spec
+    base = bundle.vm.spec_hash(spec("spec", minimal_spec()))
+    explicit = minimal_spec(env={}, labels={}, cpus=None, gpus=[], vnc_geometry="1280x800", ports={"vnc": 20000, "ssh": None})
+    assert bundle.vm.spec_hash(spec("spec", explicit)) == base
+    assert bundle.vm.spec_hash(spec("spec", minimal_spec(memory=2**31))) != base
+    assert re.fullmatch(r"[0-9a-f]{64}", base)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ({"memory": 1024}, "'memory' must be an integer from"),
+        ({"memory": None}, "'memory' is required"),
+        ({"env": {"LABVM_USER": "root"}}, "is set by the helper"),
+        ({"env": {"NVIDIA_VISIBLE_DEVICES": "all"}}, "is set by the helper"),
+        ({"labels": {"labvm.spec-hash": "x"}}, "is set by the helper"),
+        ({"labels": {"labvm.user": 5}}, "string values"),
+        ({"gpus": [GPU_A, GPU_A]}, "distinct"),
+        ({"gpus": ["GPU-1; rm -rf /"]}, "GPU UUIDs"),
+        ({"ports": {"vnc": 20000, "ssh": 20000}}, "two different ports"),
+        ({"ports": {"ssh": 22}}, '"vnc": PORT'),
+        ({"bind_address": "node1"}, "an IP address"),
+        ({"io_read_bps": 10, "io_device": None}, "'io_device' is required"),
+        ({"io_device": "/etc/../dev/sda"}, "block device path"),
+        ({"cpus": 0}, "number of CPUs"),
+        ({"cpuset": "0-3;"}, "a cpuset"),
+        ({"image": "Labvm/Base"}, "docker image name with a tag"),
+        ({"vnc_geometry": "big"}, "WIDTHxHEIGHT"),
+        ({"uid": 0}, "'uid' must be an integer from 1000"),
+        ({"desktop_cmd": "  "}, "non-empty shell command"),
+        ({"volumes": ["/:/host"]}, "unknown key(s) 'volumes'"),
+    ],
+)
+def test_bad_specs_are_refused(bundle, override, fragment):
+    with pytest.raises(bundle.contract.BadRequest) as raised:
+        bundle.vm.container_spec("spec", {**full_spec(), **override})
+    assert fragment in raised.value.msg
+
+
+def test_only_real_top_level_directories_are_bound(bundle, tmp_path):
+    for name in ("etc", "home", "usr", "proc", "sys", "dev", "run", "tmp", "bad:name"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "bin").symlink_to("usr/bin")
+    (tmp_path / ".labvm-image.json").write_text("{}")
+    assert bundle.vm.bound_top_level(str(tmp_path)) == ["etc", "home", "tmp", "usr"]
+
+
+def test_static_elf_detection(bundle, tmp_path):
+    script = tmp_path / "script"
+    script.write_text("#!/bin/sh\n")
+    assert not bundle.vm.is_static_elf(str(script))
+    assert not bundle.vm.is_static_elf(sys.executable)  # dynamically linked
+    assert not bundle.vm.is_static_elf(str(tmp_path / "missing"))
+    static = [path for path in ("/usr/bin/tini-static", "/usr/bin/docker-init") if os.path.exists(path)]
+    for path in static:
+        assert bundle.vm.is_static_elf(os.path.realpath(path))
+
+
+def test_demultiplexing_docker_streams(bundle):
+    data = frame(1, b"out1 ") + frame(2, b"err") + frame(1, b"out2")
+    assert bundle.docker.demux_stream(data) == (b"out1 out2", b"err")
+    assert bundle.docker.demux_stream(b"plain tty output") == (b"plain tty output", b"")
+    assert bundle.docker.demux_stream(b"") == (b"", b"")
+
+
+# --- ensure_container through the fake dockerd --------------------------------------------
+
+
+def container_params(node, engine, spec=None, **extra):
+    return node.vm_params(
+        spec=spec or minimal_spec(),
+        secrets={"password": PASSWORD},
+        docker_socket=engine.socket_path,
+        **extra,
+    )
+
+
+def assert_no_secret(run):
+    for text in (run.stdout, run.stderr):
+        assert PASSWORD not in text
+        assert "<redacted>" not in text  # nothing even tried to show it
+
+
+def test_container_needs_the_stack(run_helper, node, engine):
+    run = vm(run_helper, "ensure_container", container_params(node, engine))
+    assert run.exit_code == 3 and run.error["code"] == "stack_not_mounted"
+    assert engine.created == []
+
+
+@needs_tini
+def test_container_is_created_started_and_the_secret_removed(run_helper, bundle, node, engine, vnc):
+    stack_up(run_helper, node)
+    seen = {}
+
+    def on_start(container):
+        secret = node.runtime / "secret"
+        seen["secret"] = secret.read_text()
+        seen["mode"] = stat.S_IMODE(secret.stat().st_mode)
+        vnc.greet.set()
+
+    engine.on_start = on_start
+    spec = minimal_spec(ports={"vnc": vnc.port})
+    run = vm(run_helper, "ensure_container", container_params(node, engine, spec))
+    assert run.exit_code == 0, run.reply
+    assert run.reply["changed"] is True
+    assert run.data["created"] is True and run.data["started"] is True
+    assert run.data["container"]["running"] is True and run.data["vnc"]["ready"] is True
+    assert seen == {"secret": PASSWORD + "\n", "mode": 0o600}
+    assert not (node.runtime / "secret").exists()
+    assert_no_secret(run)
+
+    (body,) = engine.created
+    assert PASSWORD not in json.dumps(body)
+    binds = body["HostConfig"]["Binds"]
+    assert f"{node.merge}/etc:/etc" in binds and f"{node.merge}/usr:/usr" in binds
+    assert f"{node.runtime}:/run/labvm:ro" in binds
+    assert not [bind for bind in binds if bind.split(":")[1] in ("/bin", "/proc", "/sys", "/dev", "/run")]
+    assert body["Labels"]["labvm.spec-hash"] == run.data["spec_hash"]
+    assert sorted(os.listdir(node.runtime)) == ["apply-password", "init", "tini"]
+    for name in ("init", "apply-password", "tini"):
+        assert stat.S_IMODE((node.runtime / name).stat().st_mode) == 0o700
+    assert bundle.vm.is_static_elf(str(node.runtime / "tini"))
+    assert stat.S_IMODE(node.runtime.stat().st_mode) == 0o700
+
+    again = vm(run_helper, "ensure_container", container_params(node, engine, spec))
+    assert again.exit_code == 0 and again.reply["changed"] is False
+    assert len(engine.created) == 1 and [action for action, _ in engine.actions] == ["start"]
+
+
+def test_check_mode_creates_nothing(run_helper, node, engine):
+    stack_up(run_helper, node)
+    run = vm(run_helper, "ensure_container", container_params(node, engine), check=True)
+    assert run.exit_code == 0 and run.reply["changed"] is True
+    assert run.data["container"]["exists"] is False
+    assert engine.created == [] and engine.actions == []
+    assert sorted(os.listdir(node.runtime)) == []
+
+
+@needs_tini
+def test_a_container_from_another_spec_is_not_touched(run_helper, node, engine, vnc):
+    stack_up(run_helper, node)
+    vnc.greet.set()
+    spec = minimal_spec(ports={"vnc": vnc.port})
+    assert vm(run_helper, "ensure_container", container_params(node, engine, spec)).exit_code == 0
+    run = vm(run_helper, "ensure_container", container_params(node, engine, {**spec, "memory": 2**31}))
+    assert run.exit_code == 3 and run.error["code"] == "container_differs"
+    assert "remove_container" in run.error["msg"]
+    assert len(engine.created) == 1
+
+
+@needs_tini
+def test_a_stopped_container_is_started_with_the_password_waiting(run_helper, node, engine, vnc):
+    stack_up(run_helper, node)
+    vnc.greet.set()
+    spec = minimal_spec(ports={"vnc": vnc.port})
+    vm(run_helper, "ensure_container", container_params(node, engine, spec))
+    engine.containers[f"labvm-{USER}"]["running"] = False
+    seen = []
+    engine.on_start = lambda container: seen.append((node.runtime / "secret").exists())
+    run = vm(run_helper, "ensure_container", container_params(node, engine, spec))
+    assert run.exit_code == 0 and run.reply["changed"] is True
+    assert run.data["created"] is False and run.data["started"] is True
+    assert seen == [True] and not (node.runtime / "secret").exists()
+    assert len(engine.created) == 1
+
+
+@needs_tini
+def test_vnc_that_never_answers_fails_and_removes_the_secret(run_helper, node, engine, vnc):
+    stack_up(run_helper, node)
+    spec = minimal_spec(ports={"vnc": vnc.port})  # the listener accepts but never greets
+    run = vm(run_helper, "ensure_container", container_params(node, engine, spec, vnc_wait_s=1))
+    assert run.exit_code == 1 and run.error["code"] == "vnc_not_listening"
+    assert "something went wrong" in run.error["msg"]  # the container's log is quoted
+    assert not (node.runtime / "secret").exists()
+    assert_no_secret(run)
+
+
+@needs_tini
+def test_a_container_that_exits_at_start_fails_at_once(run_helper, node, engine, vnc):
+    stack_up(run_helper, node)
+
+    def exits(container):
+        container["running"] = False
+
+    engine.on_start = exits
+    started = time.monotonic()
+    run = vm(run_helper, "ensure_container", container_params(node, engine, minimal_spec(ports={"vnc": vnc.port})))
+    assert run.exit_code == 1 and run.error["code"] == "container_exited"
+    assert time.monotonic() - started < 20
+    assert not (node.runtime / "secret").exists()
+
+
+def test_a_same_named_container_of_someone_else_is_refused(run_helper, node, engine):
+    stack_up(run_helper, node)
+    engine.add_container(f"labvm-{USER}", labels={}, running=True)
+    run = vm(run_helper, "ensure_container", container_params(node, engine))
+    assert run.exit_code == 3 and run.error["code"] == "container_not_ours"
+
+
+def test_spec_name_must_match_the_user(run_helper, node, engine):
+    run = vm(run_helper, "ensure_container", container_params(node, engine, minimal_spec(name="labvm-bob")))
+    assert run.exit_code == 2 and "'labvm-alice'" in run.error["msg"]
+    run = vm(run_helper, "ensure_container", container_params(node, engine, minimal_spec(labels={"labvm.user": "bob"})))
+    assert run.exit_code == 2 and "label 'labvm.user' must be 'alice'" in run.error["msg"]
+
+
+@needs_tini
+def test_data_dir_is_found_from_the_mounted_stack(run_helper, node, engine, vnc):
+    params = {"user": USER, "secrets": {"password": PASSWORD}, "docker_socket": engine.socket_path}
+    spec = minimal_spec(ports={"vnc": vnc.port}, labels={"labvm.user": USER})
+    missing = vm(run_helper, "ensure_container", {**params, "spec": spec})
+    assert missing.exit_code == 3 and missing.error["code"] == "stack_not_mounted"
+    stack_up(run_helper, node)
+    vnc.greet.set()
+    run = vm(run_helper, "ensure_container", {**params, "spec": spec})
+    assert run.exit_code == 0, run.reply
+    assert f"{node.runtime}:/run/labvm:ro" in engine.created[0]["HostConfig"]["Binds"]
+    password = vm(run_helper, "set_password", params)
+    assert password.exit_code == 0 and password.reply["changed"] is True
+
+
+@pytest.mark.parametrize(
+    "secrets, fragment",
+    [
+        ({}, "'password' must be a string"),
+        ({"password": ""}, "'password' must be a string"),
+        ({"password": "two\nlines"}, "control characters"),
+        ({"password": "hunter2", "token": "hunter3"}, "unknown key(s) 'token'"),
+        ("hunter2", "must be an object"),
+    ],
+)
+def test_bad_secrets_are_refused_without_showing_them(run_helper, node, engine, secrets, fragment):
+    params = {**container_params(node, engine), "secrets": secrets}
+    run = vm(run_helper, "ensure_container", params)
+    assert run.exit_code == 2 and fragment in run.error["msg"]
+    assert "hunter2" not in run.stdout and "two\nlines" not in run.stdout
+
+
+# --- set_password -------------------------------------------------------------------------
+
+
+@needs_tini
+def test_set_password_runs_apply_password_with_the_secret_in_place(run_helper, node, engine, vnc):
+    stack_up(run_helper, node)
+    vnc.greet.set()
+    vm(run_helper, "ensure_container", container_params(node, engine, minimal_spec(ports={"vnc": vnc.port})))
+    seen = []
+    engine.on_exec = lambda config: seen.append((node.runtime / "secret").read_text())
+    params = node.vm_params(secrets={"password": "new password"}, docker_socket=engine.socket_path)
+    run = vm(run_helper, "set_password", params)
+    assert run.exit_code == 0 and run.reply["changed"] is True
+    assert seen == ["new password\n"]
+    assert engine.execs[-1]["Cmd"] == ["/run/labvm/apply-password"] and engine.execs[-1]["User"] == "0:0"
+    assert not (node.runtime / "secret").exists()
+    assert "new password" not in run.stdout + run.stderr
+
+    engine.exec_exit_code = 1
+    engine.exec_output = "labvm-init: chpasswd failed\n"
+    failed = vm(run_helper, "set_password", params)
+    assert failed.exit_code == 1 and failed.error["code"] == "password_not_applied"
+    assert "chpasswd failed" in failed.error["msg"]
+    assert not (node.runtime / "secret").exists()
+
+
+def test_set_password_needs_a_running_container(run_helper, node, engine):
+    params = node.vm_params(secrets={"password": "pw"}, docker_socket=engine.socket_path)
+    run = vm(run_helper, "set_password", params)
+    assert run.exit_code == 3 and run.error["code"] == "container_not_running"
+    assert engine.execs == []
+
+
+# --- stop, remove, status -----------------------------------------------------------------
+
+
+@needs_tini
+def test_stop_remove_and_status(run_helper, node, engine, vnc):
+    stack_up(run_helper, node)
+    vnc.greet.set()
+    vm(run_helper, "ensure_container", container_params(node, engine, minimal_spec(ports={"vnc": vnc.port})))
+    socket_param = {"docker_socket": engine.socket_path}
+
+    status = vm(run_helper, "status", node.vm_params(**socket_param))
+    container = status.data["container"]
+    assert container["exists"] is True and container["running"] is True and container["error"] is None
+    assert container["spec_hash"] and container["started_at"].startswith("2025-01-02")
+    assert status.data["stack"]["merge_local_mounted"] is True
+
+    check = vm(run_helper, "stop_container", {"user": USER, "timeout": 7, **socket_param}, check=True)
+    assert check.reply["changed"] is True and engine.containers[f"labvm-{USER}"]["running"] is True
+    stop = vm(run_helper, "stop_container", {"user": USER, "timeout": 7, **socket_param})
+    assert stop.exit_code == 0 and stop.reply["changed"] is True
+    assert engine.actions[-1] == ("stop", {"t": "7"})
+    assert stop.data["container"]["running"] is False
+    again = vm(run_helper, "stop_container", {"user": USER, **socket_param})
+    assert again.exit_code == 0 and again.reply["changed"] is False
+
+    removed = vm(run_helper, "remove_container", {"user": USER, **socket_param})
+    assert removed.exit_code == 0 and removed.reply["changed"] is True
+    assert f"labvm-{USER}" not in engine.containers
+    assert mounted(node.merge)  # the layers are not the container's to touch
+    gone = vm(run_helper, "remove_container", {"user": USER, **socket_param})
+    assert gone.exit_code == 0 and gone.reply["changed"] is False
+    status = vm(run_helper, "status", node.vm_params(**socket_param))
+    assert status.data["container"]["exists"] is False
+
+
+@needs_tini
+def test_removing_a_running_container_stops_it_first(run_helper, node, engine, vnc):
+    stack_up(run_helper, node)
+    vnc.greet.set()
+    vm(run_helper, "ensure_container", container_params(node, engine, minimal_spec(ports={"vnc": vnc.port})))
+    check = vm(run_helper, "remove_container", {"user": USER, "docker_socket": engine.socket_path}, check=True)
+    assert check.reply["changed"] is True and f"labvm-{USER}" in engine.containers
+    run = vm(run_helper, "remove_container", {"user": USER, "timeout": 5, "docker_socket": engine.socket_path})
+    assert run.exit_code == 0 and run.reply["changed"] is True
+    assert engine.actions[-1] == ("stop", {"t": "5"})  # a docker stop, not a kill
+    assert f"labvm-{USER}" not in engine.containers
+
+
+def test_docker_not_answering_is_temporary(run_helper, node, tmp_path):
+    dead = tmp_path / "dead.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(dead))
+    listener.close()  # a socket file nobody listens on: connection refused
+    run = vm(run_helper, "stop_container", {"user": USER, "docker_socket": str(dead)})
+    assert run.exit_code == 75 and run.error["code"] == "docker_unavailable" and run.error["retryable"] is True
+
+
+# --- the init script ----------------------------------------------------------------------
+
+
+def test_init_scripts_are_valid_posix_sh(bundle, tmp_path):
+    for name, text in (("init", bundle.vm.INIT_SCRIPT), ("apply-password", bundle.vm.APPLY_PASSWORD_SCRIPT)):
+        path = tmp_path / name
+        path.write_text(text)
+        subprocess.run(["sh", "-n", str(path)], check=True)
+        if shutil.which("dash"):
+            subprocess.run(["dash", "-n", str(path)], check=True)
+
+
+FAKE_TOOLS = {
+    # getent passwd/group for the user and a sudo group; everything the script asks about exists.
+    "getent": 'case "$1" in passwd) echo "alice:x:2000:2000::$FAKE_HOME:/bin/bash";; group) echo "$2:x:27:alice";; esac\n',
+    "id": 'echo "alice sudo"\n',
+    "chpasswd": 'cat > "$FAKE_LOG/chpasswd.stdin"\n',
+    "tigervncpasswd": '[ "$1" = -f ] || exit 9\nprintf "obfuscated:"; cat\n',
+    "chown": 'echo "$@" > "$FAKE_LOG/chown.args"\n',
+    "groupadd": "exit 1\n",
+    "useradd": "exit 1\n",
+    "usermod": "exit 1\n",
+}
+
+
+def test_apply_password_feeds_the_secret_only_through_stdin(bundle, tmp_path, fake_bin):
+    runtime, home, logs = tmp_path / "runtime", tmp_path / "home", tmp_path / "logs"
+    for directory in (runtime, home, logs):
+        directory.mkdir()
+    (runtime / "init").write_text(bundle.vm.INIT_SCRIPT)
+    (runtime / "apply-password").write_text(bundle.vm.APPLY_PASSWORD_SCRIPT)
+    for name in ("init", "apply-password"):
+        (runtime / name).chmod(0o700)
+    (runtime / "secret").write_text(PASSWORD + "\n")
+    for name, body in FAKE_TOOLS.items():
+        fake_bin.install(name, body)
+    env = {
+        "PATH": f"{fake_bin.path}:/usr/bin:/bin",
+        "LABVM_RUNTIME": str(runtime),
+        "LABVM_USER": USER,
+        "LABVM_UID": "2000",
+        "FAKE_HOME": str(home),
+        "FAKE_LOG": str(logs),
+    }
+    traced = subprocess.run(["sh", "-x", str(runtime / "apply-password")], env=env, capture_output=True, text=True)
+    assert traced.returncode == 0, traced.stderr
+    assert (logs / "chpasswd.stdin").read_text() == f"{USER}:{PASSWORD}\n"
+    assert (home / ".vnc/passwd").read_text() == f"obfuscated:{PASSWORD}\n"
+    assert stat.S_IMODE((home / ".vnc/passwd").stat().st_mode) == 0o600
+    assert (logs / "chown.args").read_text().split() == [f"{USER}:", str(home / ".vnc"), str(home / ".vnc/passwd")]
+    # Even a shell trace of every command shows no password: it only ever travels in files.
+    assert PASSWORD not in traced.stdout + traced.stderr
+
+    (runtime / "secret").unlink()
+    missing = subprocess.run([str(runtime / "apply-password")], env=env, capture_output=True, text=True)
+    assert missing.returncode == 1 and "no password waiting" in missing.stderr
