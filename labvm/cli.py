@@ -486,14 +486,20 @@ def restart(home: AdminHome, user):
 
 @cli.command()
 @click.argument("user", shell_complete=complete_users)
-@click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation.")
+@click.option("--purge", is_flag=True, help="Also delete every version of USER's files on MooseFS. Cannot be undone.")
+@click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation (with --purge, you must still type USER).")
 @click.pass_obj
-def rm(home: AdminHome, user, yes):
-    """Remove USER's desktop: its container and local layers. The versions on MooseFS stay."""
-    if not _confirm(yes)(f"Remove {user}'s desktop (container and local layers)?"):
+def rm(home: AdminHome, user, purge, yes):
+    """Remove USER's desktop: its container and local layers. The versions on MooseFS stay unless --purge."""
+    if purge:
+        if not sys.stdin.isatty():
+            raise BadInput("--purge deletes every version of the user's files: run it from a terminal, where you type the user name to confirm")
+        if click.prompt(f"This deletes all of {user}'s files and versions on MooseFS. Type {user} to confirm", default="") != user:
+            raise Aborted()
+    elif not _confirm(yes)(f"Remove {user}'s desktop (container and local layers)?"):
         raise Aborted()
-    _desktops(home).remove(user)
-    out.print(f"removed {user}'s desktop; its versions on MooseFS are kept")
+    _desktops(home).remove(user, purge=purge)
+    out.print(f"removed {user}'s desktop" + (" and all its versions" if purge else "; its versions on MooseFS are kept"))
 
 
 @cli.command()
@@ -506,6 +512,106 @@ def passwd(home: AdminHome, user, password_stdin):
         db.get_user(user)
     _desktops(home).passwd(user, _read_password(password_stdin, "New password"))
     out.print(f"password of {user} changed")
+
+
+def _desktop_node(home: AdminHome, user: str):
+    with home.state() as db:
+        desktop = _desktops(home, quiet=True).get(db, user)
+    if desktop.state != "running":
+        raise BadInput(f"{user}'s desktop is {desktop.state}; start it with `labvm start {user}`")
+    return home.config.node(desktop.node)
+
+
+@cli.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("user", shell_complete=complete_users)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_obj
+def exec_(home: AdminHome, user, command):
+    """Run COMMAND as root inside USER's desktop and print its output.
+
+    \b
+    labvm exec alice -- nvidia-smi
+    labvm exec alice -- df -h /
+    """
+    from .remote.connection import NodeConnection
+
+    node = _desktop_node(home, user)
+    with NodeConnection(node, home.home) as conn:
+        result = conn.run(conn.as_root + ["docker", "exec", f"labvm-{user}", *command], timeout=3600)
+    click.echo(result.stdout, nl=False)
+    click.echo(result.stderr, nl=False, err=True)
+    sys.exit(result.exited)
+
+
+@cli.command()
+@click.argument("user", shell_complete=complete_users)
+@click.option("--as-user", is_flag=True, help="Log in as USER rather than root.")
+@click.pass_obj
+def shell(home: AdminHome, user, as_user):
+    """Open an interactive shell inside USER's desktop (through ssh to its node)."""
+    import os
+    import shlex
+
+    from .remote.connection import IDENTITY
+    from .remote.hostkeys import KNOWN_HOSTS
+
+    node = _desktop_node(home, user)
+    inner = ["docker", "exec", "-it"] + (["-u", user] if as_user else []) + [f"labvm-{user}", "/bin/bash", "-l"]
+    prefix = [] if node.user == "root" else ["sudo", "-n", "--"]
+    argv = [
+        "ssh", "-t", "-p", str(node.port),
+        "-o", f"UserKnownHostsFile={home.home / KNOWN_HOSTS}", "-o", "StrictHostKeyChecking=yes",
+        "-o", "IdentitiesOnly=yes", "-i", str(home.home / IDENTITY),
+        f"{node.user}@{node.host}", shlex.join(prefix + inner),
+    ]
+    os.execvp("ssh", argv)
+
+
+@cli.command()
+@click.argument("user", shell_complete=complete_users)
+@click.argument("path", default="/")
+@click.option("--get", "get_to", metavar="DEST", help="Copy the file at PATH out of the desktop to DEST.")
+@click.option("--put", "put_from", metavar="SRC", help="Copy SRC into the desktop at PATH.")
+@click.option("--mode", help="With --put: octal mode for the file, e.g. 0644.")
+@click.option("--force", is_flag=True, help="With --get: overwrite DEST.")
+@json_option
+@click.pass_obj
+def files(home: AdminHome, user, path, get_to, put_from, mode, force, as_json):
+    """Show where USER's desktop root lives on its node, or copy a file out (--get) or in (--put).
+
+    \b
+    labvm files alice                          the node and host path of alice's /
+    labvm files alice /home/alice/run.log --get ./run.log
+    labvm files alice /etc/pip.conf --put ./pip.conf --mode 0644
+
+    Symlinks inside the desktop are never followed, so a link a user planted
+    cannot reach the node's own files.
+    """
+    from . import files as desktop_files
+
+    if get_to and put_from:
+        raise BadInput("give --get or --put, not both")
+    if get_to:
+        size = desktop_files.get_file(home, user, path, Path(get_to), force=force)
+        out.print(f"copied {path} from {user}'s desktop to {get_to} ({size} bytes)")
+        return
+    if put_from:
+        file_mode = None
+        if mode is not None:
+            try:
+                file_mode = int(mode, 8)
+            except ValueError:
+                raise BadInput(f"--mode {mode!r}: give an octal mode such as 0644") from None
+        changed = desktop_files.put_file(home, user, Path(put_from), path, mode=file_mode)
+        out.print(f"copied {put_from} into {user}'s desktop at {path}" if changed else f"{path} already has that content")
+        return
+    info = desktop_files.locate(home, user, path)
+    if as_json:
+        _emit_json(info)
+        return
+    out.print(f"{user}'s {path} is {info['node']}:{info['host_path']}" + ("" if info["mounted"] else " (desktop not mounted: start it first)"))
+    if info.get("type"):
+        out.print(f"  {info['type']}" + (f", {info['size']} bytes" if info.get("size") is not None else "") + (f" -> {info['target']}" if info.get("target") else ""))
 
 
 @cli.command()
@@ -522,13 +628,15 @@ def status(home: AdminHome, node_filter, user_filter, as_json):
     if as_json:
         _emit_json([d.as_dict(cfg) for d in rows])
         return
-    table = Table("user", "node", "state", "VNC", "GPUs", "CPUs", "memory", "shm", "pids", title="labvm status")
+    table = Table("user", "node", "state", "GPUs", "CPUs", "memory", "shm", "pids", title="labvm status")
+    table.add_column("VNC", no_wrap=True)
     for d in rows:
         lim = d.limits
         table.add_row(
-            d.user, d.node, d.state, d.vnc_address(cfg) if d.vnc_port else "",
-            ",".join(str(g["index"]) for g in d.gpus) or "-",
+            d.user, d.node, d.state,
+            ", ".join(f"#{g['index']}" for g in d.gpus) or "none",
             lim.get("cpuset") or f"{lim.get('cpus'):g}", _gib(lim["memory"] >> 20), _gib(lim["shm"] >> 20), str(lim["pids"]),
+            d.vnc_address(cfg) if d.vnc_port else "",
         )
     out.print(table)
 

@@ -58,6 +58,7 @@ class Limits:
     io_weight: int | None
     io_read_bps: int | None
     io_write_bps: int | None
+    io_device: str | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -145,7 +146,7 @@ def build_spec(user: str, uid: int, node: Node, desktop: str, limits: Limits, gp
         "io_weight": limits.io_weight,
         "io_read_bps": limits.io_read_bps,
         "io_write_bps": limits.io_write_bps,
-        "io_device": None,
+        "io_device": limits.io_device,
         "gpus": list(gpu_uuids),
         "ports": {"vnc": ports[0], "ssh": ports[1]},
         "bind_address": bind_address(node),
@@ -225,6 +226,8 @@ class Desktops:
             memory_total=facts["memory"]["total_mib"] << 20,
             memory_promised=promised,
             image_ready=bool(image.get("present")),
+            disk_device=(facts.get("disk") or {}).get("device"),
+            blkio_weight=bool(facts.get("blkio_weight")),
         )
 
     def _place(self, db: StateDB, node_name: str, request: GpuRequest, memory: int) -> tuple[NodeCapacity, str]:
@@ -270,6 +273,13 @@ class Desktops:
             cap, reason = self._place(db, node_name, request, limits.memory)
             self.say(reason)
         node = cap.node
+        if limits.io_read_bps or limits.io_write_bps:
+            if not cap.disk_device:
+                raise BadInput(f"{node.name}: {node.data_dir} is on no block device, so IO caps can't apply; drop --io-read-bps/--io-write-bps")
+            limits.io_device = cap.disk_device
+        if limits.io_weight is not None and not cap.blkio_weight:
+            self.say(f"note: {node.name}'s kernel has no block IO weight (no CFQ/BFQ blkio.weight); the IO weight is not applied")
+            limits.io_weight = None
         with op.step("allocate"):
             chosen = self._reserve(db, user, node, cap, request, limits)
         try:
@@ -329,7 +339,6 @@ class Desktops:
             "user": user,
             "data_dir": node.data_dir,
             "mfs_mount": self.cfg.storage.mfs_mount,
-            "mfs_dir": self.cfg.storage.mfs_dir,
             "version": version,
             "xfce_local": self.cfg.xfce_local,
         }
@@ -380,7 +389,7 @@ class Desktops:
 
         return self._with_desktop(user, "stop", work)
 
-    def remove(self, user: str) -> None:
+    def remove(self, user: str, purge: bool = False) -> None:
         def work(db, op, desktop, node):
             with self.session(node) as s:
                 with op.step("remove_container"):
@@ -390,6 +399,9 @@ class Desktops:
                     s.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": node.data_dir})
                 with op.step("remove_local_layers"):
                     s.call("vm", "remove_local_layers", {"user": user, "data_dir": node.data_dir})
+                if purge:
+                    with op.step("purge_mfs_data"):
+                        s.call("vm", "purge_mfs_data", {"user": user, "mfs_mount": self.cfg.storage.mfs_mount})
             db.conn.execute("DELETE FROM vms WHERE user = ?", (user,))
 
         self._with_desktop(user, "rm", work)

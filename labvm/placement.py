@@ -81,6 +81,8 @@ class NodeCapacity:
     memory_promised: int
     image_ready: bool
     error: str | None = None
+    disk_device: str | None = None
+    blkio_weight: bool = True
 
     @property
     def free_gpus(self) -> int:

@@ -171,6 +171,24 @@ def string_matching(pattern: str, description: str) -> Callable[[str, Any], str]
     return validate
 
 
+USER_PATTERN = r"[a-z][a-z0-9_-]{0,30}"
+user_name = string_matching(USER_PATTERN, "a user name: a lowercase letter, then up to 30 of a-z 0-9 _ -")
+
+# Characters with a meaning in overlay's option string (and in docker's Binds "src:dst:mode").
+LAYER_PATH_FORBIDDEN = ",:\\"
+
+
+def layer_path(name: str, value: Any) -> str:
+    """An absolute path that can sit in overlay's option string: no ',', ':' or backslash,
+    which would split it, and not / itself."""
+    path = absolute_path(name, value)
+    if path == "/":
+        raise BadRequest(f"param {name!r} must not be /", "bad_param")
+    if any(char in path for char in LAYER_PATH_FORBIDDEN):
+        raise BadRequest(f"param {name!r} must not contain ',', ':' or '\\': overlay options would split it", "bad_param")
+    return path
+
+
 # --- requests and replies -----------------------------------------------------------------
 
 

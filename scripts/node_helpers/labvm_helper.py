@@ -25,6 +25,7 @@ HELPER_MODULES = {
     "mfs": "mfs",
     "image": "image",
     "vm": "vm",
+    "files": "files",
 }
 
 

@@ -31,6 +31,7 @@ MFS_STATVFS_TIMEOUT_S = 5.0
 FILESYSTEMS_PATH = "/proc/filesystems"
 MEMINFO_PATH = "/proc/meminfo"
 FUSE_DEVICE = "/dev/fuse"
+BLKIO_CGROUP = "/sys/fs/cgroup/blkio"
 
 TOOLS = ("mfsmount", "mfsmakesnapshot", "rsync", "inotifywait")
 
@@ -53,6 +54,8 @@ def gather_facts(params: dict, check: bool) -> Result:
         **host_facts(),
         "overlayfs": filesystem_available("overlay"),
         "fuse": os.path.exists(FUSE_DEVICE) and filesystem_available("fuse"),
+        # docker applies BlkioWeight only where the cgroup has a weight file (CFQ/BFQ); else it drops it.
+        "blkio_weight": any(os.path.exists(os.path.join(BLKIO_CGROUP, f)) for f in ("blkio.weight", "blkio.bfq.weight")),
         "docker": docker_facts(params["docker_socket"]),
         "tools": tool_facts(),
         **gpu_facts(),
@@ -255,8 +258,25 @@ def disk_facts(data_dir: str) -> dict:
         "path": data_dir,
         "exists": measured == data_dir,
         "measured_path": measured,
+        "device": block_device_of(measured),
         **space_mib(stat.f_blocks, stat.f_bavail, stat.f_frsize),
     }
+
+
+def block_device_of(path: str, sys_root: str = "/sys", dev_root: str = "/dev") -> str | None:
+    """The whole disk under `path`, as /dev/NAME, for blkio throttling (which takes disks, not partitions).
+
+    None when the filesystem has no block device (tmpfs, overlay, FUSE).
+    """
+    st_dev = os.stat(path).st_dev
+    sys_dir = os.path.join(sys_root, "dev", "block", f"{os.major(st_dev)}:{os.minor(st_dev)}")
+    if not os.path.isdir(sys_dir):
+        return None
+    real = os.path.realpath(sys_dir)
+    if os.path.exists(os.path.join(real, "partition")):
+        real = os.path.dirname(real)
+    device = os.path.join(dev_root, os.path.basename(real))
+    return device if os.path.exists(device) else None
 
 
 def mfs_mount_facts(mount: str) -> dict:

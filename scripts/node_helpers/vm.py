@@ -15,7 +15,8 @@ Node layout, per VM:
 
     <data_dir>/vms/<user>/           0700 root
         up_local/  work_local/       overlay upper and work dirs (local disk)
-        low_local/                   read-only bind of <mfs_mount><mfs_dir>/vms/<user>/low_mfs.v<N>
+        low_local/                   read-only bind of <mfs_mount>/vms/<user>/low_mfs.v<N>
+                                     (mfs_mount shows labvm's own subtree: mfsmount -S <mfs_dir>)
         merge_local/                 the overlay; the container's root comes from here
         runtime/                     0700 root, bound read-only at /run/labvm in the container:
                                      tini, init, apply-password, and for a moment `secret`
@@ -41,6 +42,7 @@ from dataclasses import astuple, dataclass
 from typing import Any
 
 from _contract import (
+    USER_PATTERN,
     Action,
     BadRequest,
     Failed,
@@ -50,8 +52,9 @@ from _contract import (
     TemporaryFailure,
     absolute_path,
     integer_between,
+    layer_path,
     log,
-    string_matching,
+    user_name,
 )
 from _docker import (
     DEFAULT_DOCKER_SOCKET,
@@ -103,8 +106,6 @@ VERSION_DIR_PATTERN = r"low_mfs\.v(\d+)"
 # differ from the kernel's defaults, so a live stack is checked by "none of them is on".
 OVERLAY_FIXED_OPTIONS = ("redirect_dir=off", "metacopy=off", "index=off", "xino=off")
 OVERLAY_OFF_OPTIONS = tuple(option.partition("=")[0] for option in OVERLAY_FIXED_OPTIONS)
-# Characters with a meaning in overlay's option string (and in docker's Binds "src:dst:mode").
-LAYER_PATH_FORBIDDEN = ",:\\"
 
 # --- container ----------------------------------------------------------------------------
 
@@ -134,20 +135,6 @@ MAX_PASSWORD_CHARS = 256
 MIN_MEMORY_BYTES = 6 * 1024 * 1024  # dockerd refuses less
 
 # --- parameters ---------------------------------------------------------------------------
-
-USER_PATTERN = r"[a-z][a-z0-9_-]{0,30}"
-user_name = string_matching(USER_PATTERN, "a user name: a lowercase letter, then up to 30 of a-z 0-9 _ -")
-
-
-def layer_path(name: str, value: Any) -> str:
-    """An absolute path that can sit in overlay's option string: no ',', ':' or backslash,
-    which would split it, and not / itself."""
-    path = absolute_path(name, value)
-    if path == "/":
-        raise BadRequest(f"param {name!r} must not be /", "bad_param")
-    if any(char in path for char in LAYER_PATH_FORBIDDEN):
-        raise BadRequest(f"param {name!r} must not contain ',', ':' or '\\': overlay options would split it", "bad_param")
-    return path
 
 
 def password_secrets(name: str, value: Any) -> dict:
@@ -329,7 +316,6 @@ ENSURE_STACK_PARAMS = {
     **USER_PARAM,
     **DATA_DIR_PARAM,
     "mfs_mount": Param(layer_path, required=True),
-    "mfs_dir": Param(absolute_path, required=True),
     "version": Param(integer_between(0, 2**31 - 1), required=True),
     "xfce_local": Param(layer_path, required=True),
 }
@@ -349,6 +335,7 @@ STOP_CONTAINER_PARAMS = {**USER_PARAM, "timeout": Param(integer_between(0, 3600)
 REMOVE_CONTAINER_PARAMS = STOP_CONTAINER_PARAMS
 REMOVE_LAYERS_PARAMS = {**USER_PARAM, **DATA_DIR_PARAM}
 STATUS_PARAMS = {**USER_PARAM, **DATA_DIR_PARAM, **DOCKER_SOCKET_PARAM}
+PURGE_PARAMS = {**USER_PARAM, "mfs_mount": Param(layer_path, required=True)}
 
 
 # --- paths --------------------------------------------------------------------------------
@@ -393,8 +380,9 @@ def mounted_stack_paths(data_dir: str | None, user: str) -> VmPaths:
     return VmPaths.of(found[0], user)
 
 
-def mfs_user_dir(mfs_mount: str, mfs_dir: str, user: str) -> str:
-    return posixpath.normpath(posixpath.join(mfs_mount, mfs_dir.lstrip("/"), "vms", user))
+def mfs_user_dir(mfs_mount: str, user: str) -> str:
+    # The mfs helper mounts labvm's subtree (mfs_dir) itself at mfs_mount.
+    return posixpath.normpath(posixpath.join(mfs_mount, "vms", user))
 
 
 def version_dir_name(version: int) -> str:
@@ -465,7 +453,7 @@ def ensure_stack(params: dict, check: bool) -> Result:
         raise PreconditionFailed(
             f"desktop image not on this node ({xfce_local} has no {IMAGE_MARKER}); run labvm image push", "image_missing"
         )
-    user_dir = mfs_user_dir(params["mfs_mount"], params["mfs_dir"], user)
+    user_dir = mfs_user_dir(params["mfs_mount"], user)
     version_dir = posixpath.join(user_dir, version_dir_name(version))
     wanted_low_root = posixpath.normpath(posixpath.join(mfs_entry.root, posixpath.relpath(version_dir, params["mfs_mount"])))
     low_entry, merge_entry = mount_at(entries, paths.low_local), mount_at(entries, paths.merge_local)
@@ -684,6 +672,34 @@ def remove_local_layers(params: dict, check: bool) -> Result:
         return Result(changed=exists, data=data)
     shutil.rmtree(paths.vm_dir)
     return Result(changed=True, data=data)
+
+
+# --- purge_mfs_data -----------------------------------------------------------------------
+
+
+def purge_mfs_data(params: dict, check: bool) -> Result:
+    """Delete every version of a user's files on MooseFS (labvm rm --purge).
+
+    Refused while this node has any mount of them, such as a desktop's low_local bind.
+    shutil.rmtree never follows symlinks, so a link inside the tree cannot reach outside it.
+    """
+    user = params["user"]
+    entries = read_mountinfo()
+    mfs_entry = mount_at(entries, params["mfs_mount"])
+    if mfs_entry is None:
+        raise PreconditionFailed(f"MooseFS is not mounted at {params['mfs_mount']}", "mfs_not_mounted")
+    user_dir = mfs_user_dir(params["mfs_mount"], user)
+    refuse_symlinked_path(user_dir)
+    user_root = posixpath.normpath(posixpath.join(mfs_entry.root, posixpath.relpath(user_dir, params["mfs_mount"])))
+    in_use = [e.mount_point for e in entries if e.source == mfs_entry.source and e is not mfs_entry
+              and (e.root == user_root or e.root.startswith(user_root + "/"))]
+    if in_use:
+        raise PreconditionFailed(f"{user}'s files on MooseFS are mounted at {', '.join(in_use[:5])}; stop the desktop first", "in_use")
+    exists = os.path.lexists(user_dir)
+    data = {"path": user_dir, "removed": exists}
+    if exists and not check:
+        shutil.rmtree(user_dir)
+    return Result(changed=exists, data=data)
 
 
 # --- the container ------------------------------------------------------------------------
@@ -1280,4 +1296,5 @@ ACTIONS = {
     "remove_container": Action(run=remove_container, params=REMOVE_CONTAINER_PARAMS),
     "remove_local_layers": Action(run=remove_local_layers, params=REMOVE_LAYERS_PARAMS),
     "status": Action(run=vm_status, params=STATUS_PARAMS),
+    "purge_mfs_data": Action(run=purge_mfs_data, params=PURGE_PARAMS),
 }

@@ -1,8 +1,9 @@
 """Cluster tests run labvm against the testbed: a real MooseFS, and nodes with their
 own network and mount namespaces, sshd and dockerd. Only the NVIDIA driver is faked.
 
-The `testbed` fixture brings it up once per session (repairing whatever a killed
-run left behind) and takes it down at the end; LABVM_TESTBED_KEEP=1 leaves it up.
+The `testbed` fixture brings it up once per session from a clean slate (repairing
+whatever a killed run left behind) and takes it down at the end;
+LABVM_TESTBED_KEEP=1 leaves it up.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class Admin:
 
 @pytest.fixture(scope="session")
 def testbed():
+    # Start from a clean slate: `down` stops any desktop a demo or an earlier run left
+    # running (their layers would pin the image), and `up` repairs whatever is stale.
+    invoke_testbed("down")
     invoke_testbed("up", "--nodes", str(len(NODES)), "--gpus", str(GPUS_PER_NODE))
     yield TESTBED_DIR
     if os.environ.get("LABVM_TESTBED_KEEP") != "1":

@@ -137,3 +137,130 @@ def test_files_survive_stop_and_start_and_are_visible_from_the_host(desk, testbe
 def test_tini_is_pid_1(desk, testbed):
     comm = exec_in(testbed, "n1", "alice", "cat", "/proc/1/comm").strip()
     assert comm in ("tini", "docker-init", "tini-static")
+
+
+def test_io_limits_reach_the_cgroup(desk, testbed):
+    bob = desk.labvm_json("status", "--user", "bobby")[0]
+    desk.labvm("rm", "bobby", "--yes")
+    created = desk.labvm("create", "bobby", "--node", "n1", "--gpus", str(len(bob["gpus"])), "--memory", "512m",
+                         "--io-weight", "300", "--io-read-bps", "50m")
+    assert created.returncode == 0, created.stderr
+    c = node_docker(testbed, "n1").containers.get("labvm-bobby")
+    weight_supported = any(Path("/sys/fs/cgroup/blkio", f).exists() for f in ("blkio.weight", "blkio.bfq.weight"))
+    if weight_supported:
+        assert c.attrs["HostConfig"]["BlkioWeight"] == 300
+    else:
+        assert "the IO weight is not applied" in created.stdout
+        assert desk.labvm_json("status", "--user", "bobby")[0]["limits"]["io_weight"] is None
+    assert c.attrs["HostConfig"]["BlkioDeviceReadBps"] == [{"Path": "/dev/vda", "Rate": 50 << 20}]
+    throttle = next(Path("/sys/fs/cgroup/blkio").rglob(f"{c.id}/blkio.throttle.read_bps_device")).read_text()
+    assert f"{50 << 20}" in throttle
+
+
+def test_exec_runs_inside_the_desktop(desk):
+    result = desk.labvm("exec", "alice", "--", "sh", "-c", "id -un alice; test -d /home/alice && echo home")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["alice", "home"]
+    failing = desk.labvm("exec", "alice", "--", "sh", "-c", "exit 3")
+    assert failing.returncode == 3
+
+
+def test_a_locked_desktop_refuses_other_commands(desk):
+    import sqlite3
+
+    db = sqlite3.connect(desk.home / "state.db")
+    db.execute("INSERT INTO vm_locks (user, op_id, owner_host, owner_pid, acquired_at) VALUES ('alice', 99, 'adminhost2', 4242, 0)")
+    db.commit()
+    try:
+        for argv in (["stop", "alice"], ["start", "alice"], ["rm", "alice", "--yes"]):
+            result = desk.labvm(*argv)
+            assert result.returncode == 75 and "locked by operation 99 (pid 4242 on adminhost2)" in result.stderr, argv
+    finally:
+        db.execute("DELETE FROM vm_locks")
+        db.commit()
+        db.close()
+    assert desk.labvm_json("status", "--user", "alice")[0]["state"] == "running"
+
+
+def admin_with(testbed, tmp_path, old: str, new: str):
+    admin = make_admin(testbed, tmp_path / "variant")
+    admin.config.write_text(admin.config.read_text().replace(old, new))
+    assert admin.labvm("user", "add", "carol", "--password-stdin", stdin="carol-Pw-1234\n").returncode == 0
+    return admin
+
+
+def test_image_not_pushed_is_one_clear_line(testbed, tmp_path):
+    admin = admin_with(testbed, tmp_path, "<xfce_local>/var/lib/labvm/xfce_local<", "<xfce_local>/var/lib/labvm/xfce_elsewhere<")
+    named = admin.labvm("create", "carol", "--node", "n2")
+    assert named.returncode == 2 and "desktop image is not pushed there; run `labvm image push n2`" in named.stderr
+    auto = admin.labvm("create", "carol")
+    assert auto.returncode == 10 and "n1: desktop image not pushed" in auto.stderr
+    assert admin.labvm_json("status") == []
+
+
+def test_mfs_unreachable_rolls_back_everything(testbed, tmp_path):
+    admin = admin_with(testbed, tmp_path, "<mfs_master>10.213.0.2<", "<mfs_master>10.213.0.99<")
+    config = admin.config.read_text().replace("<mfs_mount>/mnt/labvm-mfs<", "<mfs_mount>/mnt/labvm-mfs-unreachable<")
+    admin.config.write_text(config)
+    result = admin.labvm("create", "carol", "--node", "n2", timeout=300)
+    assert result.returncode == 7 and "not reachable" in result.stderr, result.stderr
+    assert admin.labvm_json("status") == []
+    assert "labvm-carol" not in [c.name for c in node_docker(testbed, "n2").containers.list(all=True)]
+    leftover = invoke_testbed("exec", "n2", "--", "ls", "-A", "/var/lib/labvm/data/vms/", check=False)
+    assert "carol" not in leftover.stdout
+
+
+def test_files_locates_copies_out_and_in_and_never_follows_symlinks(desk, testbed, tmp_path):
+    where = desk.labvm_json("files", "alice", "/home/alice")
+    assert (where["node"], where["type"]) == ("n1", "dir")
+    assert where["host_path"] == "/var/lib/labvm/data/vms/alice/merge_local/home/alice"
+    dest = tmp_path / "note.txt"
+    got = desk.labvm("files", "alice", "/home/alice/note.txt", "--get", str(dest))
+    assert got.returncode == 0, got.stderr
+    assert dest.read_text() == "hello\n"
+    src = tmp_path / "in.txt"
+    src.write_text("from the admin\n")
+    put = desk.labvm("files", "alice", "/home/alice/in.txt", "--put", str(src), "--mode", "0600")
+    assert put.returncode == 0, put.stderr
+    assert exec_in(testbed, "n1", "alice", "stat", "-c", "%a %s", "/home/alice/in.txt").split() == ["600", "15"]
+    exec_in(testbed, "n1", "alice", "ln", "-sf", "/etc/shadow", "/home/alice/shadow")
+    exec_in(testbed, "n1", "alice", "ln", "-sfn", "/", "/home/alice/root")
+    for path in ("/home/alice/shadow", "/home/alice/root/etc/shadow"):
+        refused = desk.labvm("files", "alice", path, "--get", str(tmp_path / "stolen"))
+        assert refused.returncode != 0 and "symlink" in refused.stderr, refused.stderr
+        assert not (tmp_path / "stolen").exists()
+    planted = desk.labvm("files", "alice", "/home/alice/root/tmp/planted", "--put", str(src))
+    assert planted.returncode != 0 and "symlink" in planted.stderr
+    assert not Path("/tmp/planted").exists()
+
+
+def test_passwd_changes_the_vnc_password_of_a_running_desktop(desk, tmp_path):
+    new = "alice-New-7788"
+    with ProcWatcher(new) as watcher:
+        changed = desk.labvm("passwd", "alice", "--password-stdin", stdin=new + "\n")
+    assert changed.returncode == 0, changed.stderr
+    assert watcher.leaks == []
+    vnc = desk.labvm_json("status", "--user", "alice")[0]["vnc"]
+    assert wait_vnc(vnc, new, tmp_path / "new.png", deadline_s=30).returncode == 0
+    assert vnc_capture(vnc, ALICE_PW, tmp_path / "old.png", timeout=15).returncode != 0
+
+
+def test_unknown_user_is_one_clear_line(desk):
+    result = desk.labvm("create", "nobody9")
+    assert result.returncode == 4 and result.stderr.strip() == "labvm: error: unknown user 'nobody9'; see `labvm user list`"
+
+
+def test_rm_purge_needs_the_typed_name_then_deletes_every_version(desk, testbed):
+    import pexpect
+
+    no_tty = desk.labvm("rm", "bobby", "--purge", "--yes")
+    assert no_tty.returncode == 2 and "from a terminal" in no_tty.stderr
+    assert "bobby" in invoke_testbed("exec", "n1", "--", "ls", "/mnt/labvm-mfs/vms").stdout.split()
+    child = pexpect.spawn(str(REPO / ".venv" / "bin" / "labvm"), ["rm", "bobby", "--purge"], env=desk.env, encoding="utf-8", timeout=180)
+    child.expect("Type bobby to confirm")
+    child.sendline("bobby")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    assert "bobby" not in invoke_testbed("exec", "n1", "--", "ls", "/mnt/labvm-mfs/vms").stdout.split()
+    assert desk.labvm_json("status", "--user", "bobby") == []

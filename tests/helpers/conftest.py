@@ -1,6 +1,7 @@
 """Fixtures for the helper-contract tests: run a node helper as labvm does, and check that
 whatever happens it answers with exactly one well-formed JSON object and a contract exit code."""
 
+import ctypes
 import hashlib
 import importlib.util
 import json
@@ -22,8 +23,9 @@ import pytest
 
 BUNDLE_DIR = Path(__file__).resolve().parents[2] / "scripts" / "node_helpers"
 ENTRY = BUNDLE_DIR / "labvm_helper.py"
-BUNDLE_MODULES = ("_contract", "_system", "_docker", "probe", "mfs", "image", "vm")
+BUNDLE_MODULES = ("_contract", "_system", "_docker", "probe", "mfs", "image", "vm", "files")
 EXIT_CODES = {0, 1, 2, 3, 75}
+MNT_DETACH = 2
 
 
 @dataclass(frozen=True)
@@ -141,8 +143,28 @@ def load_bundle_modules() -> dict:
 @pytest.fixture(scope="session")
 def bundle():
     """The bundle's modules: bundle.contract, bundle.system, bundle.docker, bundle.probe, bundle.mfs, bundle.image,
-    bundle.vm."""
+    bundle.vm, bundle.files."""
     return SimpleNamespace(**{name.lstrip("_"): module for name, module in load_bundle_modules().items()})
+
+
+# --- mounts made by a test -----------------------------------------------------------------
+
+
+def mount_points_under(root) -> list[str]:
+    prefix = str(root).rstrip("/") + "/"
+    with open("/proc/self/mountinfo") as stream:
+        points = [line.split()[4] for line in stream]
+    return [point for point in points if point.startswith(prefix)]
+
+
+def detach_everything_under(root) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    for _ in range(20):
+        points = sorted(set(mount_points_under(root)), key=len, reverse=True)
+        if not points:
+            return
+        for point in points:
+            libc.umount2(os.fsencode(point), MNT_DETACH)
 
 
 # --- a fake dockerd on a unix socket ------------------------------------------------------

@@ -304,3 +304,20 @@ def test_fuse_call_reports_errno(bundle, tmp_path):
 def test_tools_are_also_looked_up_in_the_standard_directories(bundle, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     assert bundle.system.find_tool("sh") in ("/usr/bin/sh", "/bin/sh")
+
+
+def test_block_device_of_takes_the_whole_disk_of_a_partition(bundle, tmp_path):
+    st_dev = os.stat(tmp_path).st_dev
+    devices = tmp_path / "sys" / "devices" / "vdz"
+    (devices / "vdz1").mkdir(parents=True)
+    (devices / "vdz1" / "partition").write_text("1\n")
+    block = tmp_path / "sys" / "dev" / "block"
+    block.mkdir(parents=True)
+    (block / f"{os.major(st_dev)}:{os.minor(st_dev)}").symlink_to(devices / "vdz1")
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    (dev / "vdz").touch()
+    found = bundle.probe.block_device_of(str(tmp_path), sys_root=str(tmp_path / "sys"), dev_root=str(dev))
+    assert found == str(dev / "vdz")
+    (block / f"{os.major(st_dev)}:{os.minor(st_dev)}").unlink()
+    assert bundle.probe.block_device_of(str(tmp_path), sys_root=str(tmp_path / "sys"), dev_root=str(dev)) is None

@@ -50,6 +50,7 @@ FACT_KEYS = {
     "arch",
     "overlayfs",
     "fuse",
+    "blkio_weight",
     "docker",
     "tools",
     "nvidia_smi",
@@ -113,6 +114,8 @@ def test_disk_of_a_data_dir_not_created_yet_is_measured_on_its_parent(run_helper
     assert disk["exists"] is False
     assert disk["measured_path"] == str(tmp_path)
     assert 0 <= disk["free_mib"] <= disk["total_mib"] and disk["total_mib"] > 0
+    # The disk to throttle is a whole block device, or none for tmpfs and the like.
+    assert disk["device"] is None or (disk["device"].startswith("/dev/") and Path(disk["device"]).exists())
     assert not data_dir.parent.exists()
 
 

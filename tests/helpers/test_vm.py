@@ -2,7 +2,6 @@
 the MooseFS mount, a tiny desktop rootfs, real bind and overlay mounts; and a fake dockerd on a
 unix socket for the container actions. Real docker and VNC are the cluster tests' part."""
 
-import ctypes
 import errno
 import hashlib
 import json
@@ -22,11 +21,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from .conftest import FakeDockerHandler, FakeDockerServer
+from .conftest import FakeDockerHandler, FakeDockerServer, detach_everything_under, mount_points_under
 
 USER = "alice"
 PASSWORD = "Pa55:word with spaces"
-MNT_DETACH = 2
 GPU_A = "GPU-0c6a1f2e-1111-2222-3333-444444444444"
 GPU_B = "GPU-0c6a1f2e-5555-6666-7777-888888888888"
 
@@ -41,25 +39,8 @@ def vm(run_helper, action, params, check=False, **kwargs):
     return run_helper("vm", {"action": action, "params": params, "check": check}, **kwargs)
 
 
-def mount_points_under(root) -> list[str]:
-    prefix = str(root).rstrip("/") + "/"
-    with open("/proc/self/mountinfo") as stream:
-        points = [line.split()[4] for line in stream]
-    return [point for point in points if point.startswith(prefix)]
-
-
 def mounted(path) -> bool:
     return str(path) in mount_points_under(Path(path).parent)
-
-
-def detach_everything_under(root) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    for _ in range(20):
-        points = sorted(set(mount_points_under(root)), key=len, reverse=True)
-        if not points:
-            return
-        for point in points:
-            libc.umount2(os.fsencode(point), MNT_DETACH)
 
 
 # --- a temp node --------------------------------------------------------------------------
@@ -88,7 +69,7 @@ def node(tmp_path):
         xfce=xfce,
         data=data,
         vm_dir=data / "vms" / USER,
-        user_mfs=mfs / "labvm" / "vms" / USER,
+        user_mfs=mfs / "vms" / USER,
         processes=[],
     )
     state.merge = state.vm_dir / "merge_local"
@@ -99,7 +80,6 @@ def node(tmp_path):
         "user": USER,
         "data_dir": str(data),
         "mfs_mount": str(mfs),
-        "mfs_dir": "/labvm",
         "version": version,
         "xfce_local": str(xfce),
         **extra,
@@ -341,6 +321,27 @@ def test_local_layers_are_removed_only_when_unmounted(run_helper, node):
     assert not node.vm_dir.exists()
     assert (node.user_mfs / "low_mfs.v0").is_dir()  # MooseFS is never touched
     again = vm(run_helper, "remove_local_layers", node.vm_params())
+    assert again.exit_code == 0 and again.reply["changed"] is False
+
+
+def test_purge_is_refused_while_mounted_then_deletes_only_that_user(run_helper, node):
+    stack_up(run_helper, node)
+    make_version(node, 1, {"home/alice/work.txt": "data"})
+    other = node.mfs / "vms" / "bobby" / "low_mfs.v0"
+    other.mkdir(parents=True)
+    outside = node.root / "outside.txt"
+    outside.write_text("keep")
+    (node.user_mfs / "up_mfs" / "link").symlink_to(outside)
+    params = {"user": USER, "mfs_mount": str(node.mfs)}
+    refused = vm(run_helper, "purge_mfs_data", params)
+    assert refused.exit_code == 3 and refused.error["code"] == "in_use" and str(node.low) in refused.error["msg"]
+    vm(run_helper, "ensure_stack_unmounted", node.vm_params(docker_socket="/nonexistent.sock"))
+    check = vm(run_helper, "purge_mfs_data", params, check=True)
+    assert check.reply["changed"] is True and node.user_mfs.exists()
+    run = vm(run_helper, "purge_mfs_data", params)
+    assert run.exit_code == 0 and run.reply["changed"] is True
+    assert not node.user_mfs.exists() and other.is_dir() and outside.read_text() == "keep"
+    again = vm(run_helper, "purge_mfs_data", params)
     assert again.exit_code == 0 and again.reply["changed"] is False
 
 
