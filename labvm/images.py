@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 
 from .config import ClusterConfig, Node
 from .errors import BadInput, Busy, ImageBuildFailed, ImageError, NodeError, NotFound, ToolMissing
+from .fsutil import atomic_write
 from .remote.connection import NodeConnection
 from .remote.helpers import HelperBundle, HelperRunner
 from .remote.pool import NodeOutcome, run_on_nodes
@@ -215,7 +216,7 @@ def checksum_path(image: Path) -> Path:
 
 def write_checksum_file(image: Path, sha256: str) -> None:
     """`sha256sum -c` reads it."""
-    _write_atomic(checksum_path(image), f"{sha256}  {image.name}\n".encode(), 0o644)
+    atomic_write(checksum_path(image), f"{sha256}  {image.name}\n".encode(), 0o644)
 
 
 def image_sha256(image: Path) -> str:
@@ -230,20 +231,6 @@ def image_sha256(image: Path) -> str:
     if recorded and SHA256_RE.fullmatch(recorded[0]):
         return recorded[0]
     return sha256_file(image)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- building -----------------------------------------------------------------------------
@@ -298,7 +285,7 @@ def build_image(
         finally:
             _remove_tree(workdir)
         info = ImageInfo(cached_image, sha256, size, desktop, packages, time.monotonic() - started, mirror, built)
-        _write_atomic(_metadata_path(cached_image), json.dumps(info.to_dict(), indent=1).encode(), 0o644)
+        atomic_write(_metadata_path(cached_image), json.dumps(info.to_dict(), indent=1).encode(), 0o644)
         write_checksum_file(cached_image, sha256)
         _prune_cache(cached_image.parent, desktop, keep=cached_image)
     return _publish(info, output_dir, started, cached=False)

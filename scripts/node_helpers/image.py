@@ -19,7 +19,6 @@ import http.client
 import io
 import json
 import os
-import re
 import secrets
 import shutil
 import tarfile
@@ -41,10 +40,10 @@ from _contract import (
 from _system import (
     CommandTimedOut,
     find_tool,
+    overlay_lowerdirs,
     read_mountinfo,
     request_over_unix_socket,
     run_command,
-    unescape_mount_field,
 )
 
 MARKER = ".labvm-image.json"
@@ -148,23 +147,6 @@ def status(params: dict, check: bool) -> Result:
 
 
 # --- which overlays use a tree ------------------------------------------------------------
-
-
-LAYER_SEPARATOR = re.compile(r"(?<!\\):")
-BACKSLASH_ESCAPE = re.compile(r"\\(.)")
-
-
-def overlay_lowerdirs(super_options: tuple[str, ...]) -> list[str]:
-    """The lower layers named in an overlay mount's super options: `lowerdir=a:b`, and the
-    `lowerdir+=` / `datadir+=` forms of newer kernels. The kernel writes ',' and spaces in
-    options as octal escapes; a ':' inside one layer's path is escaped with a backslash."""
-    lowers = []
-    for option in super_options:
-        key, _, value = option.partition("=")
-        if key in ("lowerdir", "lowerdir+", "datadir+"):
-            layers = LAYER_SEPARATOR.split(unescape_mount_field(value))
-            lowers += [BACKSLASH_ESCAPE.sub(r"\1", layer) for layer in layers if layer]
-    return lowers
 
 
 def is_same_or_under(path: str, tree: str) -> bool:

@@ -264,3 +264,15 @@ def test_rm_purge_needs_the_typed_name_then_deletes_every_version(desk, testbed)
     assert child.exitstatus == 0, child.before
     assert "bobby" not in invoke_testbed("exec", "n1", "--", "ls", "/mnt/labvm-mfs/vms").stdout.split()
     assert desk.labvm_json("status", "--user", "bobby") == []
+
+
+def test_shell_opens_an_interactive_shell_in_the_desktop(desk):
+    import pexpect
+
+    child = pexpect.spawn(str(REPO / ".venv" / "bin" / "labvm"), ["shell", "alice"], env=desk.env, encoding="utf-8", timeout=60)
+    child.sendline("echo inside-$(hostname)")
+    child.expect("inside-alice-desktop")
+    child.sendline("exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
