@@ -20,7 +20,7 @@ from .admin import AdminHome
 from .config import ClusterConfig, Node, parse_size
 from .errors import AlreadyExists, BadInput, LabvmError, NotFound
 from .images import base_image_tag, base_image_tar
-from .journal import Operation, vm_lock
+from .journal import journaled
 from .nodes import mfs_params
 from .placement import GpuRequest, NodeCapacity, allocate_gpus, allocate_ports, choose_node
 from .remote.connection import NodeConnection
@@ -255,18 +255,17 @@ class Desktops:
         request = GpuRequest.parse(gpus, default=self.cfg.vm_defaults.gpus)
         with self.home.state() as db:
             account = db.get_user(user)
-            if db.conn.execute("SELECT node FROM vms WHERE user = ?", (user,)).fetchone():
-                existing = self.get(db, user)
-                raise AlreadyExists(f"{user} already has a desktop on {existing.node} ({existing.state}); see `labvm status`")
-            op = Operation.begin(db, "create", user, {"node": node, "gpus": request.describe(), "limits": limits.as_dict()})
-            with vm_lock(db, user, op.id):
-                try:
-                    desktop = self._create_locked(db, op, account.name, account.uid, node, request, limits)
-                except BaseException as exc:
-                    op.finish("rolled_back", str(exc))
-                    raise
-                op.finish("done")
-                return desktop
+            self._refuse_existing(db, user)
+            params = {"node": node, "gpus": request.describe(), "limits": limits.as_dict()}
+            with journaled(db, "create", user, params, failed_state="rolled_back") as op:
+                # Checked again under the lock: a create that finished meanwhile must not be run over.
+                self._refuse_existing(db, user)
+                return self._create_locked(db, op, account.name, account.uid, node, request, limits)
+
+    def _refuse_existing(self, db: StateDB, user: str) -> None:
+        if db.conn.execute("SELECT 1 FROM vms WHERE user = ?", (user,)).fetchone():
+            existing = self.get(db, user)
+            raise AlreadyExists(f"{user} already has a desktop on {existing.node} ({existing.state}); see `labvm status`")
 
     def _create_locked(self, db, op, user, uid, node_name, request, limits) -> Desktop:
         with op.step("place"):
@@ -346,16 +345,10 @@ class Desktops:
     # -- lifecycle -----------------------------------------------------------
     def _with_desktop(self, user: str, kind: str, work):
         with self.home.state() as db:
-            desktop = self.get(db, user)
-            op = Operation.begin(db, kind, user, {})
-            with vm_lock(db, user, op.id):
-                try:
-                    result = work(db, op, desktop, self.cfg.node(desktop.node))
-                except BaseException as exc:
-                    op.finish("failed", str(exc))
-                    raise
-                op.finish("done")
-                return result
+            self.get(db, user)  # an unknown user or desktop is refused before anything is journaled
+            with journaled(db, kind, user, {}) as op:
+                desktop = self.get(db, user)  # as it is now that the lock is held
+                return work(db, op, desktop, self.cfg.node(desktop.node))
 
     def start(self, user: str) -> Desktop:
         def work(db, op, desktop, node):

@@ -105,3 +105,22 @@ def _acquire(db: StateDB, user: str, op_id: int | None, host: str, pid: int) -> 
         except sqlite3.OperationalError:
             pass
         raise
+
+
+@contextmanager
+def journaled(db: StateDB, kind: str, user: str, params: dict, failed_state: str = "failed"):
+    """Journal an operation on a desktop and hold the desktop's lock for it.
+
+    A lock held elsewhere ends the operation as `refused`; a failure as `failed_state`.
+    """
+    op = Operation.begin(db, kind, user, params)
+    try:
+        with vm_lock(db, user, op.id):
+            yield op
+    except Busy as exc:
+        op.finish("refused", str(exc))
+        raise
+    except BaseException as exc:
+        op.finish(failed_state, str(exc) or type(exc).__name__)
+        raise
+    op.finish("done")

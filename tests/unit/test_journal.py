@@ -6,7 +6,7 @@ import socket
 import pytest
 
 from labvm.errors import Busy
-from labvm.journal import Operation, vm_lock
+from labvm.journal import Operation, journaled, vm_lock
 from labvm.state import StateDB
 
 
@@ -55,3 +55,18 @@ def test_steps_are_journaled_with_failures(db):
     steps = [tuple(r) for r in db.conn.execute("SELECT name, state, detail FROM operation_steps WHERE op_id = ? ORDER BY seq", (op.id,))]
     assert steps == [("place", "done", None), ("mount_stack", "failed", "mount refused")]
     assert db.conn.execute("SELECT state, error FROM operations WHERE id = ?", (op.id,)).fetchone()[:] == ("rolled_back", "mount refused")
+
+
+def test_journaled_ends_each_operation_with_what_happened(db):
+    db.conn.execute("INSERT INTO vm_locks (user, op_id, owner_host, owner_pid, acquired_at) VALUES ('alice', NULL, 'elsewhere', 1, 0)")
+    with pytest.raises(Busy):
+        with journaled(db, "stop", "alice", {}):
+            raise AssertionError("the body must not run without the lock")
+    with journaled(db, "start", "bob", {}):
+        assert db.conn.execute("SELECT user FROM vm_locks WHERE user = 'bob'").fetchone() is not None
+    with pytest.raises(RuntimeError):
+        with journaled(db, "create", "carol", {}, failed_state="rolled_back"):
+            raise RuntimeError("node gone")
+    states = [tuple(r) for r in db.conn.execute("SELECT kind, state FROM operations ORDER BY id")]
+    assert states == [("stop", "refused"), ("start", "done"), ("create", "rolled_back")]
+    assert [r[0] for r in db.conn.execute("SELECT user FROM vm_locks")] == ["alice"]
