@@ -280,28 +280,35 @@ class Desktops:
             self.say(f"note: {node.name}'s kernel has no block IO weight (no CFQ/BFQ blkio.weight); the IO weight is not applied")
             limits.io_weight = None
         with op.step("allocate"):
-            chosen = self._reserve(db, user, node, cap, request, limits)
+            self._reserve(db, user, node, cap, request, limits)
         try:
             with self.session(node) as s:
-                with op.step("mount_mfs"):
-                    s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
                 with op.step("base_image"):
                     s.call("image", "ensure_docker_base", {"tag": base_image_tag(), "tar_b64": base64.b64encode(base_image_tar()).decode()})
-                image = s.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]
-                with op.step("mount_stack"):
-                    s.call("vm", "ensure_stack", self._stack_params(user, node, 0))
-                with op.step("start_container"):
-                    desktop = self.get(db, user)
-                    spec = build_spec(user, uid, node, image.get("desktop") or "minimal", limits, [g["uuid"] for g in chosen], (desktop.vnc_port, desktop.ssh_port))
-                    s.call("vm", "ensure_container", {"user": user, "data_dir": node.data_dir, "spec": spec, "secrets": {"password": db.vnc_secret(user)}}, timeout=240)
-            db.conn.execute("UPDATE vms SET state = 'running', updated_at = ? WHERE user = ?", (time.time(), user))
+                self._bring_up(s, op, db, self.get(db, user), uid)
         except BaseException:
             self.say(f"create failed on {node.name}; rolling back")
             self._rollback_create(db, user, node)
             raise
         return self.get(db, user)
 
-    def _reserve(self, db, user, node, cap, request, limits) -> list[dict]:
+    def _bring_up(self, s: NodeSession, op, db: StateDB, desktop: Desktop, uid: int) -> None:
+        """Mount MooseFS and the desktop's layers, then run its container: each step an ensure."""
+        user, node = desktop.user, s.node
+        with op.step("mount_mfs"):
+            s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
+        with op.step("mount_stack"):
+            s.call("vm", "ensure_stack", self._stack_params(user, node, desktop.version))
+        image = s.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]
+        with op.step("start_container"):
+            spec = build_spec(user, uid, node, image.get("desktop") or "minimal", Limits(**desktop.limits),
+                              [g["uuid"] for g in desktop.gpus], (desktop.vnc_port, desktop.ssh_port))
+            secrets = {"password": db.vnc_secret(user)}
+            s.call("vm", "ensure_container", {"user": user, "data_dir": node.data_dir, "spec": spec, "secrets": secrets}, timeout=240)
+        db.conn.execute("UPDATE vms SET state = 'running', updated_at = ? WHERE user = ?", (time.time(), user))
+
+    def _reserve(self, db, user, node, cap, request, limits) -> None:
+        """Record the desktop with its GPUs and ports in one transaction: no GPU or port is given twice."""
         db.conn.execute("BEGIN IMMEDIATE")
         try:
             taken = {r["gpu_uuid"] for r in db.conn.execute("SELECT gpu_uuid FROM gpu_assignments WHERE node = ?", (node.name,))}
@@ -321,7 +328,6 @@ class Desktops:
         except BaseException:
             db.conn.execute("ROLLBACK")
             raise
-        return chosen
 
     def _rollback_create(self, db, user, node) -> None:
         try:
@@ -352,18 +358,8 @@ class Desktops:
 
     def start(self, user: str) -> Desktop:
         def work(db, op, desktop, node):
-            account = db.get_user(user)
             with self.session(node) as s:
-                with op.step("mount_mfs"):
-                    s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
-                with op.step("mount_stack"):
-                    s.call("vm", "ensure_stack", self._stack_params(user, node, desktop.version))
-                image = s.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]
-                with op.step("start_container"):
-                    limits = Limits(**desktop.limits)
-                    spec = build_spec(user, account.uid, node, image.get("desktop") or "minimal", limits, [g["uuid"] for g in desktop.gpus], (desktop.vnc_port, desktop.ssh_port))
-                    s.call("vm", "ensure_container", {"user": user, "data_dir": node.data_dir, "spec": spec, "secrets": {"password": db.vnc_secret(user)}}, timeout=240)
-            db.conn.execute("UPDATE vms SET state = 'running', updated_at = ? WHERE user = ?", (time.time(), user))
+                self._bring_up(s, op, db, desktop, db.get_user(user).uid)
             return self.get(db, user)
 
         return self._with_desktop(user, "start", work)
