@@ -7,6 +7,7 @@ in modules a test can call without click.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import sys
 import traceback
@@ -17,7 +18,7 @@ from click.shell_completion import CompletionItem, get_completion_class
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, images
+from . import __version__, audit, images
 from .admin import AdminHome
 from .config import Node
 from .errors import Aborted, AlreadyExists, BadInput, LabvmError, NodeError, NotFound
@@ -80,6 +81,39 @@ def _confirm(yes: bool):
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+def _audit(home: AdminHome | None, command: str, target: str | None, result: str) -> None:
+    if home is None or not home.home.is_dir():
+        return
+    try:
+        audit.append(home.home, command, target, result)
+    except (OSError, LabvmError) as exc:  # the command's own outcome matters more than its log line
+        Console(stderr=True).print(f"labvm: warning: audit log not written: {exc}", markup=False)
+
+
+def audited(target_param: str | None = None):
+    """Append one audit line (who, what, which desktop or node, how it ended) when the command ends."""
+
+    def decorate(f):
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            ctx = click.get_current_context()
+            home, target = ctx.find_object(AdminHome), kwargs.get(target_param) if target_param else None
+            try:
+                value = f(*args, **kwargs)
+            except SystemExit as exc:
+                _audit(home, ctx.command_path, target, "ok" if exc.code in (0, None) else f"exit {exc.code}")
+                raise
+            except (LabvmError, click.ClickException, click.exceptions.Abort, KeyboardInterrupt) as exc:
+                _audit(home, ctx.command_path, target, f"failed: {exc or type(exc).__name__}")
+                raise
+            _audit(home, ctx.command_path, target, "ok")
+            return value
+
+        return wrapper
+
+    return decorate
+
 password_stdin_option = click.option(
     "--password-stdin", is_flag=True, help="Read the password from the first line of standard input (for scripts)."
 )
@@ -113,6 +147,7 @@ def cli(ctx, config, debug):
 
 @cli.command()
 @click.pass_obj
+@audited()
 def init(home: AdminHome):
     """Create the cluster file, state database, secret key and SSH identity where missing.
 
@@ -136,6 +171,7 @@ def user():
 @click.argument("name")
 @password_stdin_option
 @click.pass_obj
+@audited("name")
 def user_add(home: AdminHome, name, password_stdin):
     """Add lab member NAME.
 
@@ -174,6 +210,7 @@ def user_list(home: AdminHome, as_json):
 @click.argument("name", shell_complete=complete_users)
 @password_stdin_option
 @click.pass_obj
+@audited("name")
 def user_passwd(home: AdminHome, name, password_stdin):
     """Change NAME's password (login and VNC)."""
     with home.state() as db:
@@ -186,6 +223,7 @@ def user_passwd(home: AdminHome, name, password_stdin):
 @click.argument("name", shell_complete=complete_users)
 @click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation.")
 @click.pass_obj
+@audited("name")
 def user_rm(home: AdminHome, name, yes):
     """Remove lab member NAME (refused while NAME has a desktop)."""
     with home.state() as db:
@@ -211,6 +249,7 @@ def node():
 @click.option("--fingerprint", metavar="SHA256:...", help="Expected host key fingerprint; pins without asking if it matches.")
 @click.option("--yes", "-y", is_flag=True, help="Pin the host key shown without asking (trust on first use).")
 @click.pass_obj
+@audited("name")
 def node_add(home: AdminHome, name, host, port, ssh_user, data_dir, fingerprint, yes):
     """Add node NAME reachable at HOST over SSH.
 
@@ -301,6 +340,7 @@ def _check_table(outcomes) -> Table:
 @click.argument("name", shell_complete=complete_nodes)
 @click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation.")
 @click.pass_obj
+@audited("name")
 def node_rm(home: AdminHome, name, yes):
     """Remove node NAME from the cluster file and forget its host key."""
     cfg = home.config
@@ -318,6 +358,7 @@ def node_rm(home: AdminHome, name, yes):
 @click.option("--fingerprint", metavar="SHA256:...", help="Expected new fingerprint; pins without asking if it matches.")
 @click.option("--yes", "-y", is_flag=True, help="Pin the new key shown without asking.")
 @click.pass_obj
+@audited("name")
 def node_rekey(home: AdminHome, name, fingerprint, yes):
     """Pin NAME's new host key after the node was reinstalled."""
     decision = rekey_node(home.config, name, expected_fingerprint=fingerprint, confirm=_confirm(yes))
@@ -349,6 +390,7 @@ def _latest_image(home: AdminHome):
 @click.option("--cache-dir", default=str(images.DEFAULT_CACHE_DIR), show_default=True, help="Where builds and downloaded packages are cached.")
 @json_option
 @click.pass_obj
+@audited("desktop")
 def image_build(home: AdminHome, desktop, mirror, rebuild, cache_dir, as_json):
     """Build the desktop rootfs with debootstrap (Debian bookworm) into a tarball with a checksum.
 
@@ -369,6 +411,7 @@ def image_build(home: AdminHome, desktop, mirror, rebuild, cache_dir, as_json):
 @click.argument("nodes", nargs=-1, shell_complete=complete_nodes)
 @click.option("--image", "image_path", metavar="FILE", help="Image tarball (default: the newest `labvm image build`).")
 @click.pass_obj
+@audited()
 def image_push(home: AdminHome, nodes, image_path):
     """Unpack the desktop image into xfce_local on NODES (default: all), in parallel.
 
@@ -439,6 +482,7 @@ def _show_connect(home: AdminHome, desktop) -> None:
 @limit_options
 @json_option
 @click.pass_obj
+@audited("user")
 def create(home: AdminHome, user, node, gpus, as_json, **limits):
     """Create and start USER's desktop.
 
@@ -459,6 +503,7 @@ def create(home: AdminHome, user, node, gpus, as_json, **limits):
 @cli.command()
 @click.argument("user", shell_complete=complete_users)
 @click.pass_obj
+@audited("user")
 def start(home: AdminHome, user):
     """Start USER's desktop (mounts its layers, starts its container)."""
     _show_connect(home, _desktops(home).start(user))
@@ -468,6 +513,7 @@ def start(home: AdminHome, user):
 @click.argument("user", shell_complete=complete_users)
 @click.option("--timeout", default=20, show_default=True, help="Seconds to wait for a clean shutdown.")
 @click.pass_obj
+@audited("user")
 def stop(home: AdminHome, user, timeout):
     """Stop USER's desktop. Its files stay; `labvm start` brings it back."""
     _desktops(home).stop(user, timeout=timeout)
@@ -477,6 +523,7 @@ def stop(home: AdminHome, user, timeout):
 @cli.command()
 @click.argument("user", shell_complete=complete_users)
 @click.pass_obj
+@audited("user")
 def restart(home: AdminHome, user):
     """Stop and start USER's desktop."""
     d = _desktops(home)
@@ -489,6 +536,7 @@ def restart(home: AdminHome, user):
 @click.option("--purge", is_flag=True, help="Also delete every version of USER's files on MooseFS. Cannot be undone.")
 @click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation (with --purge, you must still type USER).")
 @click.pass_obj
+@audited("user")
 def rm(home: AdminHome, user, purge, yes):
     """Remove USER's desktop: its container and local layers. The versions on MooseFS stay unless --purge."""
     if purge:
@@ -506,6 +554,7 @@ def rm(home: AdminHome, user, purge, yes):
 @click.argument("user", shell_complete=complete_users)
 @password_stdin_option
 @click.pass_obj
+@audited("user")
 def passwd(home: AdminHome, user, password_stdin):
     """Change USER's password: labvm's record, and the login and VNC passwords inside a running desktop."""
     with home.state() as db:
@@ -526,6 +575,7 @@ def _desktop_node(home: AdminHome, user: str):
 @click.argument("user", shell_complete=complete_users)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
+@audited("user")
 def exec_(home: AdminHome, user, command):
     """Run COMMAND as root inside USER's desktop and print its output.
 
@@ -564,6 +614,7 @@ def shell(home: AdminHome, user, as_user):
         "-o", "IdentitiesOnly=yes", "-i", str(home.home / IDENTITY),
         f"{node.user}@{node.host}", shlex.join(prefix + inner),
     ]
+    _audit(home, "labvm shell", user, "opened")
     os.execvp("ssh", argv)
 
 
@@ -576,6 +627,7 @@ def shell(home: AdminHome, user, as_user):
 @click.option("--force", is_flag=True, help="With --get: overwrite DEST.")
 @json_option
 @click.pass_obj
+@audited("user")
 def files(home: AdminHome, user, path, get_to, put_from, mode, force, as_json):
     """Show where USER's desktop root lives on its node, or copy a file out (--get) or in (--put).
 
@@ -638,6 +690,23 @@ def status(home: AdminHome, node_filter, user_filter, as_json):
             lim.get("cpuset") or f"{lim.get('cpus'):g}", _gib(lim["memory"] >> 20), _gib(lim["shm"] >> 20), str(lim["pids"]),
             d.vnc_address(cfg) if d.vnc_port else "",
         )
+    out.print(table)
+
+
+@cli.command("log")
+@click.option("--target", "-t", shell_complete=complete_users, help="Only lines about this user, node or desktop.")
+@click.option("-n", "last", type=click.IntRange(1), help="Only the last N lines.")
+@json_option
+@click.pass_obj
+def log_(home: AdminHome, target, last, as_json):
+    """Show the audit log: who ran which changing command, on what, and how it ended."""
+    entries = audit.read(home.home, target=target, last=last)
+    if as_json:
+        _emit_json([e.as_dict() for e in entries])
+        return
+    table = Table("time", "who", "command", "target", "result", title="labvm log")
+    for e in entries:
+        table.add_row(_when(e.time), e.who, e.command, e.target or "", e.result if e.result == "ok" else f"[red]{e.result}[/]")
     out.print(table)
 
 

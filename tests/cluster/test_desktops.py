@@ -248,6 +248,9 @@ def test_passwd_changes_the_vnc_password_of_a_running_desktop(desk, tmp_path):
 def test_unknown_user_is_one_clear_line(desk):
     result = desk.labvm("create", "nobody9")
     assert result.returncode == 4 and result.stderr.strip() == "labvm: error: unknown user 'nobody9'; see `labvm user list`"
+    audited = [(e["command"], e["result"]) for e in desk.labvm_json("log", "-t", "nobody9")]
+    assert audited == [("labvm create", "failed: unknown user 'nobody9'; see `labvm user list`")]
+    assert ("labvm create", "ok") in [(e["command"], e["result"]) for e in desk.labvm_json("log", "-t", "alice")]
 
 
 def test_rm_purge_needs_the_typed_name_then_deletes_every_version(desk, testbed):

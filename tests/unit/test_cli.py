@@ -129,3 +129,24 @@ def test_dynamic_completion_of_users_and_nodes(home):
     # A broken setup completes nothing, and prints no traceback into the shell.
     env["LABVM_CONFIG"] = str(Path(home) / "missing.xml")
     assert complete("labvm node check ", 3, env) == []
+
+
+def test_changing_commands_are_audited_and_reads_are_not(home, capsys):
+    run(["user", "add", "alice", "--password-stdin"], PW + "\n")
+    run(["user", "add", "alice", "--password-stdin"], PW + "\n")
+    run(["user", "add", "x;y", "--password-stdin"], PW + "\n")
+    main(["user", "list"])
+    capsys.readouterr()
+    assert os.stat(home / "audit.log").st_mode & 0o777 == 0o600
+    assert main(["log", "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert [(e["command"], e["target"], e["result"]) for e in entries] == [
+        ("labvm init", None, "ok"),
+        ("labvm user add", "alice", "ok"),
+        ("labvm user add", "alice", "failed: user 'alice' already exists"),
+        ("labvm user add", "x;y", "failed: invalid user name 'x;y': use a lowercase letter followed by up to 30 lowercase letters, digits, '_' or '-'"),
+    ]
+    assert all(e["who"] for e in entries)
+    assert PW not in (home / "audit.log").read_text()
+    assert main(["log", "--json", "-t", "alice", "-n", "1"]) == 0
+    assert [e["result"] for e in json.loads(capsys.readouterr().out)] == ["failed: user 'alice' already exists"]
