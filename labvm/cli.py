@@ -294,23 +294,24 @@ def node_check(home: AdminHome, names, no_mount, timeout, as_json):
     """
     cfg = home.config
     outcomes = check_nodes(cfg, list(names) or None, mount_mfs=not no_mount, timeout=timeout)
+    problems = {o.node: node_problems(o) for o in outcomes}
     if as_json:
         _emit_json([
-            {"node": o.node, "ok": o.ok and not node_problems(o), "reachable": o.ok, "error": o.error,
-             "problems": node_problems(o), "seconds": round(o.seconds, 3), "facts": o.value}
+            {"node": o.node, "ok": not problems[o.node], "reachable": o.ok, "error": o.error,
+             "problems": problems[o.node], "seconds": round(o.seconds, 3), "facts": o.value}
             for o in outcomes
         ])
     else:
-        out.print(_check_table(outcomes))
+        out.print(_check_table(outcomes, problems))
         for o in outcomes:
-            for problem in node_problems(o):
+            for problem in problems[o.node]:
                 out.print(f"[red]{o.node}[/]: {problem}", markup=True)
-    failed = [o.node for o in outcomes if node_problems(o)]
+    failed = [node for node, found in problems.items() if found]
     if failed:
         raise NodeError(node=", ".join(failed), msg="node check found problems (listed above)")
 
 
-def _check_table(outcomes) -> Table:
+def _check_table(outcomes, problems: dict[str, list[str]]) -> Table:
     table = Table("node", "status", "kernel", "docker", "MooseFS", "GPUs", "CPUs", "memory", "disk", title="labvm node check")
     for o in outcomes:
         if not o.ok:
@@ -324,7 +325,7 @@ def _check_table(outcomes) -> Table:
         gpus = f.get("gpus") or []
         table.add_row(
             o.node,
-            "[yellow]problems[/]" if node_problems(o) else "[green]ok[/]",
+            "[yellow]problems[/]" if problems[o.node] else "[green]ok[/]",
             f["kernel"]["release"],
             f["docker"]["version"] if f["docker"].get("ok") else "[red]down[/]",
             f"{_gib(mfs.get('free_mib'))} free" if mfs.get("mounted") else "[red]not mounted[/]",

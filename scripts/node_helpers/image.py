@@ -15,7 +15,6 @@ import ctypes
 import errno
 import fcntl
 import hashlib
-import http.client
 import io
 import json
 import os
@@ -37,12 +36,12 @@ from _contract import (
     log,
     string_matching,
 )
+from _docker import docker_call, docker_message
 from _system import (
     CommandTimedOut,
     find_tool,
     overlay_lowerdirs,
     read_mountinfo,
-    request_over_unix_socket,
     run_command,
 )
 
@@ -60,7 +59,6 @@ HASH_CHUNK = 1 << 20
 MIN_ROOTFS_DEPTH = 2
 
 DEFAULT_DOCKER_SOCKET = "/run/docker.sock"
-DOCKER_TIMEOUT_S = 60.0
 MAX_BASE_TAR_BYTES = 512 * 1024
 
 # Reference grammar of docker image names, kept strict: lowercase path components, one tag.
@@ -386,23 +384,6 @@ def ensure_docker_base(params: dict, check: bool) -> Result:
     return Result(changed=True, data={"tag": tag, "id": image_id})
 
 
-def docker_call(socket_path: str, method: str, url: str, body: bytes | None = None) -> tuple[int, bytes]:
-    try:
-        return request_over_unix_socket(
-            socket_path, method, url, DOCKER_TIMEOUT_S, body=body, content_type="application/x-tar" if body else None
-        )
-    except FileNotFoundError:
-        raise PreconditionFailed(
-            f"docker socket {socket_path} does not exist: is dockerd running?", "docker_socket_missing"
-        ) from None
-    except TimeoutError:
-        raise TemporaryFailure(
-            f"docker socket {socket_path}: no answer within {DOCKER_TIMEOUT_S:g} s", "docker_unavailable"
-        ) from None
-    except (OSError, http.client.HTTPException) as error:
-        raise TemporaryFailure(f"docker socket {socket_path}: {error or type(error).__name__}", "docker_unavailable") from None
-
-
 def docker_image_id(socket_path: str, tag: str) -> str | None:
     status_code, body = docker_call(socket_path, "GET", f"/images/{tag}/json")
     if status_code == 404:
@@ -418,7 +399,7 @@ def docker_image_id(socket_path: str, tag: str) -> str | None:
 def docker_import(socket_path: str, tag: str, tar: bytes) -> None:
     repo, _, version = tag.rpartition(":")
     query = urllib.parse.urlencode({"fromSrc": "-", "repo": repo, "tag": version})
-    status_code, body = docker_call(socket_path, "POST", f"/images/create?{query}", body=tar)
+    status_code, body = docker_call(socket_path, "POST", f"/images/create?{query}", body=tar, content_type="application/x-tar")
     if status_code != 200:
         raise Failed(f"importing {tag} answered HTTP {status_code}: {docker_message(body)}", "docker_import_failed")
     # The import answers 200 and then streams progress objects; an error comes as one of them.
@@ -429,13 +410,6 @@ def docker_import(socket_path: str, tag: str, tar: bytes) -> None:
             continue
         if isinstance(message, dict) and message.get("error"):
             raise Failed(f"importing {tag} failed: {message['error']}", "docker_import_failed")
-
-
-def docker_message(body: bytes) -> str:
-    try:
-        return str(json.loads(body)["message"])
-    except (ValueError, KeyError, TypeError):
-        return body.decode("utf-8", errors="replace").strip()[:200] or "(empty body)"
 
 
 ACTIONS = {
