@@ -12,6 +12,13 @@ from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).parent
 
+# -static: the binaries run on the GPU nodes, whose glibc may be older than the admin host's
+# where they were built; a static binary needs none (checked with Debian 12's libc6-dev: the
+# tools use no NSS or dlopen, so static glibc links them without warnings).
+# labvm/remote/helpers.py compiles the same way in a source checkout: keep NATIVE_CC_FLAGS there
+# equal to this (tests/unit/test_packaging.py checks it).
+NATIVE_CC_FLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11", "-static")
+
 
 class build_py_with_native(build_py):
     def run(self):
@@ -25,7 +32,7 @@ class build_py_with_native(build_py):
             output = target / source.stem
             self.announce(f"compiling {source.name} -> {output}", level=2)
             subprocess.run(
-                ["cc", "-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11", "-o", str(output), str(source), "-lpthread"],
+                ["cc", *NATIVE_CC_FLAGS, "-o", str(output), str(source), "-lpthread"],
                 check=True,
             )
 

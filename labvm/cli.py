@@ -626,16 +626,19 @@ def shell(home: AdminHome, user, as_user):
 @click.option("--put", "put_from", metavar="SRC", help="Copy SRC into the desktop at PATH.")
 @click.option("--mode", help="With --put: octal mode for the file, e.g. 0644.")
 @click.option("--force", is_flag=True, help="With --get: overwrite DEST.")
+@click.option("--version", "version", type=click.IntRange(0), metavar="N",
+              help="With --get: copy the file out of version N (see `labvm versions USER`) instead of the live desktop.")
 @json_option
 @click.pass_obj
 @audited("user")
-def files(home: AdminHome, user, path, get_to, put_from, mode, force, as_json):
+def files(home: AdminHome, user, path, get_to, put_from, mode, force, version, as_json):
     """Show where USER's desktop root lives on its node, or copy a file out (--get) or in (--put).
 
     \b
     labvm files alice                          the node and host path of alice's /
     labvm files alice /home/alice/run.log --get ./run.log
     labvm files alice /etc/pip.conf --put ./pip.conf --mode 0644
+    labvm files alice /home/alice/notes.txt --version 3 --get ./notes.v3.txt
 
     Symlinks inside the desktop are never followed, so a link a user planted
     cannot reach the node's own files.
@@ -644,9 +647,12 @@ def files(home: AdminHome, user, path, get_to, put_from, mode, force, as_json):
 
     if get_to and put_from:
         raise BadInput("give --get or --put, not both")
+    if version is not None and not get_to:
+        raise BadInput("--version goes with --get: labvm files USER PATH --version N --get DEST")
     if get_to:
-        size = desktop_files.get_file(home, user, path, Path(get_to), force=force)
-        out.print(f"copied {path} from {user}'s desktop to {get_to} ({size} bytes)")
+        size = desktop_files.get_file(home, user, path, Path(get_to), force=force, version=version)
+        where = f"version {version} of {user}'s files" if version is not None else f"{user}'s desktop"
+        out.print(f"copied {path} from {where} to {get_to} ({size} bytes)")
         return
     if put_from:
         file_mode = None
@@ -665,33 +671,6 @@ def files(home: AdminHome, user, path, get_to, put_from, mode, force, as_json):
     out.print(f"{user}'s {path} is {info['node']}:{info['host_path']}" + ("" if info["mounted"] else " (desktop not mounted: start it first)"))
     if info.get("type"):
         out.print(f"  {info['type']}" + (f", {info['size']} bytes" if info.get("size") is not None else "") + (f" -> {info['target']}" if info.get("target") else ""))
-
-
-@cli.command()
-@click.option("--node", "node_filter", shell_complete=complete_nodes, help="Only desktops on this node.")
-@click.option("--user", "user_filter", shell_complete=complete_users, help="Only this user's desktop.")
-@json_option
-@click.pass_obj
-def status(home: AdminHome, node_filter, user_filter, as_json):
-    """Every desktop: node, state, VNC address, GPUs and limits."""
-    cfg = home.config
-    with home.state() as db:
-        rows = [d for d in _desktops(home, quiet=True).list(db)
-                if (not node_filter or d.node == node_filter) and (not user_filter or d.user == user_filter)]
-    if as_json:
-        _emit_json([d.as_dict(cfg) for d in rows])
-        return
-    table = Table("user", "node", "state", "GPUs", "CPUs", "memory", "shm", "pids", title="labvm status")
-    table.add_column("VNC", no_wrap=True)
-    for d in rows:
-        lim = d.limits
-        table.add_row(
-            d.user, d.node, d.state,
-            ", ".join(f"#{g['index']}" for g in d.gpus) or "none",
-            lim.get("cpuset") or f"{lim.get('cpus'):g}", _gib(lim["memory"] >> 20), _gib(lim["shm"] >> 20), str(lim["pids"]),
-            d.vnc_address(cfg) if d.vnc_port else "",
-        )
-    out.print(table)
 
 
 @cli.command("log")
@@ -728,6 +707,18 @@ def completion(shell):
     click.echo(cls(cli, {}, "labvm", COMPLETE_VAR).source())
 
 
+def _register_commands() -> None:
+    from .cli_monitor import COMMANDS as monitor_commands
+    from .cli_ops import COMMANDS as ops_commands
+    from .cli_ops import NODE_COMMANDS
+    from .cli_storage import COMMANDS as storage_commands
+
+    for command in (*monitor_commands, *storage_commands, *ops_commands):
+        cli.add_command(command)
+    for command in NODE_COMMANDS:
+        node.add_command(command)
+
+
 # -- formatting --------------------------------------------------------------
 def _gib(mib) -> str:
     if mib is None:
@@ -737,6 +728,9 @@ def _gib(mib) -> str:
 
 def _when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+
+
+_register_commands()
 
 
 # -- entry point: errors are mapped to exit codes here, and only here ---------

@@ -25,6 +25,19 @@ _SIZE_RE = re.compile(r"^([0-9]+)([kKmMgGtT]?)$")
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
+_DURATION_RE = re.compile(r"^(?:[0-9]+[smhd])+$")
+_DURATION_PART_RE = re.compile(r"([0-9]+)([smhd])")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """'168h', '30m', '45s', '1d12h' -> seconds."""
+    compact = text.strip()
+    if not _DURATION_RE.match(compact):
+        raise BadInput(f"not a duration: {text!r} (expected a number with s, m, h or d, such as 168h or 30m)")
+    return sum(int(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PART_RE.findall(compact))
+
+
 def parse_size(text: str) -> int:
     """'4g' -> bytes. Suffixes are powers of 1024, as docker reads them."""
     match = _SIZE_RE.match(text.strip())
@@ -85,6 +98,16 @@ class SyncSettings:
 
 
 @dataclass(frozen=True)
+class Monitoring:
+    # The old tool stopped a desktop after a week without use.
+    idle_after: int = 168 * 3600
+    # Of one CPU: a desktop below this, with idle GPUs, counts as unused.
+    idle_cpu_percent: float = 5.0
+    # Seconds `labvm status` waits for each node.
+    status_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     path: Path
     storage: Storage
@@ -93,6 +116,7 @@ class ClusterConfig:
     vm_defaults: VmDefaults = field(default_factory=VmDefaults)
     retention: Retention = field(default_factory=Retention)
     sync: SyncSettings = field(default_factory=SyncSettings)
+    monitoring: Monitoring = field(default_factory=Monitoring)
 
     @property
     def home(self) -> Path:
@@ -268,6 +292,18 @@ def _parse_sync(root) -> SyncSettings:
     )
 
 
+def _parse_monitoring(root) -> Monitoring:
+    d = Monitoring()
+    el = root.find("monitoring")
+    if el is None:
+        return d
+    return Monitoring(
+        idle_after=_typed(el, "idle_after", d.idle_after, parse_duration),
+        idle_cpu_percent=_typed(el, "idle_cpu_percent", d.idle_cpu_percent, float),
+        status_timeout=_typed(el, "status_timeout", d.status_timeout, float),
+    )
+
+
 def _check_port_ranges(path: Path, nodes: tuple[Node, ...], tree) -> None:
     for node in nodes:
         last = node.docker_port_base + node.docker_user_port_num * node.docker_port_slots - 1
@@ -293,6 +329,7 @@ def parse_config(path: Path, tree=None) -> ClusterConfig:
         vm_defaults=_parse_defaults(root),
         retention=_parse_retention(root),
         sync=_parse_sync(root),
+        monitoring=_parse_monitoring(root),
     )
 
 

@@ -185,7 +185,8 @@ class Desktops:
             raise NotFound(f"{user} has no desktop; create one with `labvm create {user}`")
         gpus = [
             {"uuid": r["gpu_uuid"], "index": r["gpu_index"]}
-            for r in db.conn.execute("SELECT gpu_uuid, gpu_index FROM gpu_assignments WHERE user = ? ORDER BY gpu_index", (user,))
+            for r in db.conn.execute("SELECT gpu_uuid, gpu_index FROM gpu_assignments WHERE user = ? AND node = ? ORDER BY gpu_index",
+                                     (user, row["node"]))
         ]
         return Desktop(row["user"], row["node"], row["state"], row["vnc_port"], row["ssh_port"], json.loads(row["limits"]), row["version"], gpus)
 
@@ -231,14 +232,20 @@ class Desktops:
         )
 
     def _place(self, db: StateDB, node_name: str, request: GpuRequest, memory: int) -> tuple[NodeCapacity, str]:
+        cordoned = {r["node"]: r["reason"] for r in db.conn.execute("SELECT node, reason FROM node_cordons")}
         if node_name != "auto":
             node = self.cfg.node(node_name)
+            if node.name in cordoned:
+                raise BadInput(f"{node.name} is cordoned ({cordoned[node.name] or 'no reason given'}); "
+                               f"`labvm node uncordon {node.name}` first, or pick another node")
             cap = self._capacity(node, self._usage(db, node), self._probe(node))
             if not cap.image_ready:
                 raise BadInput(f"{node.name}: the desktop image is not pushed there; run `labvm image push {node.name}`")
             return cap, f"on {node.name}, as asked"
-        nodes = list(self.cfg.nodes)
+        nodes = [n for n in self.cfg.nodes if n.name not in cordoned]
         if not nodes:
+            if self.cfg.nodes:
+                raise BadInput("every node is cordoned; `labvm node uncordon NODE` one of them")
             raise BadInput(f"no nodes in {self.cfg.path}; add one with `labvm node add`")
         usage = {n.name: self._usage(db, n) for n in nodes}
         outcomes = run_on_nodes(nodes, self._probe, timeout=60)
@@ -285,26 +292,29 @@ class Desktops:
             with self.session(node) as s:
                 with op.step("base_image"):
                     s.call("image", "ensure_docker_base", {"tag": base_image_tag(), "tar_b64": base64.b64encode(base_image_tar()).decode()})
-                self._bring_up(s, op, db, self.get(db, user), uid)
+                self.bring_up(s, op, db, self.get(db, user), uid)
         except BaseException:
             self.say(f"create failed on {node.name}; rolling back")
             self._rollback_create(db, user, node)
             raise
         return self.get(db, user)
 
-    def _bring_up(self, s: NodeSession, op, db: StateDB, desktop: Desktop, uid: int) -> None:
+    def bring_up(self, s: NodeSession, op, db: StateDB, desktop: Desktop, uid: int) -> None:
         """Mount MooseFS and the desktop's layers, then run its container: each step an ensure."""
         user, node = desktop.user, s.node
         with op.step("mount_mfs"):
             s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
         with op.step("mount_stack"):
             s.call("vm", "ensure_stack", self._stack_params(user, node, desktop.version))
+        with op.step("start_sync"):
+            s.call("sync", "ensure_running", self.sync_params(user, node))
         image = s.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]
         with op.step("start_container"):
             spec = build_spec(user, uid, node, image.get("desktop") or "minimal", Limits(**desktop.limits),
                               [g["uuid"] for g in desktop.gpus], (desktop.vnc_port, desktop.ssh_port))
             secrets = {"password": db.vnc_secret(user)}
-            s.call("vm", "ensure_container", {"user": user, "data_dir": node.data_dir, "spec": spec, "secrets": secrets}, timeout=240)
+            s.call("vm", "ensure_container", {"user": user, "data_dir": node.data_dir, "spec": spec, "secrets": secrets,
+                                              "node": node.name, "mfs_mount": self.cfg.storage.mfs_mount}, timeout=240)
         db.conn.execute("UPDATE vms SET state = 'running', updated_at = ? WHERE user = ?", (time.time(), user))
 
     def _reserve(self, db, user, node, cap, request, limits) -> None:
@@ -333,6 +343,7 @@ class Desktops:
         try:
             with self.session(node) as s:
                 s.call("vm", "remove_container", {"user": user})
+                s.call("sync", "ensure_stopped", {"user": user, "data_dir": node.data_dir, "flush": False})
                 s.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": node.data_dir})
                 s.call("vm", "remove_local_layers", {"user": user, "data_dir": node.data_dir})
         except LabvmError as exc:
@@ -346,7 +357,33 @@ class Desktops:
             "mfs_mount": self.cfg.storage.mfs_mount,
             "version": version,
             "xfce_local": self.cfg.xfce_local,
+            "node": node.name,
         }
+
+    def sync_params(self, user: str, node: Node) -> dict:
+        sync = self.cfg.sync
+        return {
+            "user": user,
+            "data_dir": node.data_dir,
+            "mfs_mount": self.cfg.storage.mfs_mount,
+            "sync_time_s": sync.syncTime,
+            "batch_max_files": sync.batch_max_files,
+            "full_pass_hours": sync.full_pass_hours,
+            "node": node.name,
+        }
+
+    def stop_on_node(self, s: NodeSession, op, user: str, timeout: int) -> None:
+        """Stop the container, send the last of its writes to MooseFS, unmount its layers."""
+        node = s.node
+        with op.step("stop_container"):
+            s.call("vm", "stop_container", {"user": user, "timeout": timeout}, timeout=timeout + 60)
+        with op.step("flush_sync"):
+            # The container is stopped, so nothing writes any more: this flush is the last word.
+            s.call("sync", "ensure_stopped", {"user": user, "data_dir": node.data_dir, "flush": True}, timeout=900)
+        with op.step("remove_container"):
+            s.call("vm", "remove_container", {"user": user})
+        with op.step("unmount_stack"):
+            s.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": node.data_dir})
 
     # -- lifecycle -----------------------------------------------------------
     def _with_desktop(self, user: str, kind: str, work):
@@ -359,7 +396,7 @@ class Desktops:
     def start(self, user: str) -> Desktop:
         def work(db, op, desktop, node):
             with self.session(node) as s:
-                self._bring_up(s, op, db, desktop, db.get_user(user).uid)
+                self.bring_up(s, op, db, desktop, db.get_user(user).uid)
             return self.get(db, user)
 
         return self._with_desktop(user, "start", work)
@@ -367,12 +404,7 @@ class Desktops:
     def stop(self, user: str, timeout: int = 20) -> Desktop:
         def work(db, op, desktop, node):
             with self.session(node) as s:
-                with op.step("stop_container"):
-                    s.call("vm", "stop_container", {"user": user, "timeout": timeout}, timeout=timeout + 60)
-                with op.step("remove_container"):
-                    s.call("vm", "remove_container", {"user": user})
-                with op.step("unmount_stack"):
-                    s.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": node.data_dir})
+                self.stop_on_node(s, op, user, timeout)
             db.conn.execute("UPDATE vms SET state = 'stopped', updated_at = ? WHERE user = ?", (time.time(), user))
             return self.get(db, user)
 
@@ -381,11 +413,7 @@ class Desktops:
     def remove(self, user: str, purge: bool = False) -> None:
         def work(db, op, desktop, node):
             with self.session(node) as s:
-                with op.step("remove_container"):
-                    s.call("vm", "stop_container", {"user": user, "timeout": 10}, timeout=90)
-                    s.call("vm", "remove_container", {"user": user})
-                with op.step("unmount_stack"):
-                    s.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": node.data_dir})
+                self.stop_on_node(s, op, user, 10)
                 with op.step("remove_local_layers"):
                     s.call("vm", "remove_local_layers", {"user": user, "data_dir": node.data_dir})
                 if purge:

@@ -129,3 +129,9 @@ class Aborted(LabvmError):
     """Aborted."""
 
     exit_code = 1
+
+
+class RolledBack(StateError):
+    """{msg}"""
+
+    op_state = "rolled_back"

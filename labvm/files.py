@@ -18,6 +18,7 @@ from .desktops import Desktops, NodeSession
 from .errors import AlreadyExists, BadInput
 from .fsutil import atomic_write
 from .names import validate_user_name
+from .nodes import mfs_params
 
 MIB = 1024 * 1024
 MAX_GET_BYTES = 64 * MIB
@@ -79,9 +80,11 @@ def locate(home: AdminHome, user: str, path: str = "/") -> dict:
     return {"node": node.name, **data}
 
 
-def get_file(home: AdminHome, user: str, path: str, dest: Path, *, force: bool = False, max_bytes: int = MAX_GET_BYTES) -> int:
-    """Copy a regular file out of the desktop to dest (into it, if dest is a directory), written
-    atomically and 0600. An existing dest is kept unless force. Returns the bytes written."""
+def get_file(home: AdminHome, user: str, path: str, dest: Path, *, force: bool = False, max_bytes: int = MAX_GET_BYTES,
+             version: int | None = None) -> int:
+    """Copy a regular file out of the desktop (or out of one of its published versions) to dest
+    (into it, if dest is a directory), written atomically and 0600. An existing dest is kept
+    unless force. Returns the bytes written."""
     user, path = validate_user_name(user), desktop_file_path(path)
     dest = Path(dest)
     if dest.is_dir():
@@ -89,7 +92,11 @@ def get_file(home: AdminHome, user: str, path: str, dest: Path, *, force: bool =
     if (dest.exists() or dest.is_symlink()) and not force:
         raise AlreadyExists(f"{dest} exists; pass --force to overwrite it")
     with desktop_session(home, user) as (node, session):
-        data = session.call("files", "read", {**stack_params(node, user, path), "max_bytes": max_bytes})["data"]
+        params = {**stack_params(node, user, path), "max_bytes": max_bytes}
+        if version is not None:
+            session.call("mfs", "ensure_mounted", mfs_params(home.config), timeout=90)
+            params.update(version=version, mfs_mount=home.config.storage.mfs_mount)
+        data = session.call("files", "read", params)["data"]
     content = base64.b64decode(data["content_b64"])
     atomic_write(dest, content, DEST_MODE)
     return len(content)

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import sqlite3
+import subprocess
 import time
 from contextlib import contextmanager
 
@@ -28,11 +29,47 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# Fault injection for the crash tests: LABVM_CRASH_AT=KIND:STEP kills this process (as kill -9
+# would) when that step of that kind of operation begins, after the journal recorded it.
+# LABVM_STEP_HOOK=PROGRAM runs `PROGRAM KIND STEP` before each step: a test stops a node's
+# daemons or cuts its network at a chosen point of a switch with it.
+CRASH_VARIABLE = "LABVM_CRASH_AT"
+HOOK_VARIABLE = "LABVM_STEP_HOOK"
+
+
 class Operation:
-    def __init__(self, db: StateDB, op_id: int):
+    def __init__(self, db: StateDB, op_id: int, kind: str = "", params: dict | None = None):
         self.db = db
         self.id = op_id
-        self._seq = 0
+        self.kind = kind
+        self.params = dict(params or {})
+        row = db.conn.execute("SELECT COALESCE(MAX(seq), 0) AS seq FROM operation_steps WHERE op_id = ?", (op_id,)).fetchone()
+        self._seq = row["seq"] if row else 0
+
+    @classmethod
+    def load(cls, db: StateDB, op_id: int) -> "Operation":
+        row = db.conn.execute("SELECT kind, params FROM operations WHERE id = ?", (op_id,)).fetchone()
+        if row is None:
+            from .errors import NotFound
+
+            raise NotFound(f"no operation {op_id}; see `labvm ops list`")
+        return cls(db, op_id, row["kind"], json.loads(row["params"]))
+
+    def remember(self, **values) -> None:
+        """Keep values a resumed run needs (a target's GPUs, a published version) in the journal."""
+        self.params.update(values)
+        self.db.conn.execute(
+            "UPDATE operations SET params = ?, updated_at = ? WHERE id = ?",
+            (json.dumps(self.params, sort_keys=True), time.time(), self.id),
+        )
+
+    def done(self, name: str) -> bool:
+        return self.db.conn.execute(
+            "SELECT 1 FROM operation_steps WHERE op_id = ? AND name = ? AND state = 'done'", (self.id, name)
+        ).fetchone() is not None
+
+    def set_state(self, state: str) -> None:
+        self.db.conn.execute("UPDATE operations SET state = ?, updated_at = ? WHERE id = ?", (state, time.time(), self.id))
 
     @classmethod
     def begin(cls, db: StateDB, kind: str, user: str | None, params: dict) -> "Operation":
@@ -41,7 +78,7 @@ class Operation:
             "INSERT INTO operations (kind, user, state, params, created_at, updated_at) VALUES (?, ?, 'running', ?, ?, ?)",
             (kind, user, json.dumps(params, sort_keys=True), now, now),
         )
-        return cls(db, cur.lastrowid)
+        return cls(db, cur.lastrowid, kind, params)
 
     @contextmanager
     def step(self, name: str):
@@ -51,6 +88,10 @@ class Operation:
             "INSERT INTO operation_steps (op_id, seq, name, state, started_at) VALUES (?, ?, ?, 'running', ?)",
             (self.id, seq, name, time.time()),
         )
+        if os.environ.get(CRASH_VARIABLE) == f"{self.kind}:{name}":
+            os._exit(137)
+        if os.environ.get(HOOK_VARIABLE):
+            subprocess.run([os.environ[HOOK_VARIABLE], self.kind, name], check=False, timeout=120)
         try:
             yield
         except BaseException as exc:
@@ -108,12 +149,25 @@ def _acquire(db: StateDB, user: str, op_id: int | None, host: str, pid: int) -> 
 
 
 @contextmanager
-def journaled(db: StateDB, kind: str, user: str, params: dict, failed_state: str = "failed"):
+def journaled(db: StateDB, kind: str, user: str, params: dict, failed_state: str = "failed", existing: Operation | None = None):
     """Journal an operation on a desktop and hold the desktop's lock for it.
 
-    A lock held elsewhere ends the operation as `refused`; a failure as `failed_state`.
+    A lock held elsewhere ends the operation as `refused` (a resumed one keeps its state); a
+    failure as `failed_state`. With `existing`, an interrupted operation is taken up again.
     """
-    op = Operation.begin(db, kind, user, params)
+    op = existing or Operation.begin(db, kind, user, params)
+    if existing is not None:
+        try:
+            with vm_lock(db, user, op.id):
+                op.set_state("running")
+                yield op
+        except Busy:
+            raise
+        except BaseException as exc:
+            op.finish(getattr(exc, "op_state", failed_state), str(exc) or type(exc).__name__)
+            raise
+        op.finish("done")
+        return
     try:
         with vm_lock(db, user, op.id):
             yield op
@@ -121,6 +175,6 @@ def journaled(db: StateDB, kind: str, user: str, params: dict, failed_state: str
         op.finish("refused", str(exc))
         raise
     except BaseException as exc:
-        op.finish(failed_state, str(exc) or type(exc).__name__)
+        op.finish(getattr(exc, "op_state", failed_state), str(exc) or type(exc).__name__)
         raise
     op.finish("done")

@@ -82,6 +82,29 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0002_node_cordons",
+        """
+        CREATE TABLE node_cordons (
+            node        TEXT PRIMARY KEY,
+            reason      TEXT,
+            since       REAL NOT NULL
+        );
+        """,
+    ),
+    (
+        # What `labvm idle` decides from: when each running desktop was last seen busy.
+        "0003_desktop_activity",
+        """
+        CREATE TABLE desktop_activity (
+            user        TEXT PRIMARY KEY REFERENCES vms(user) ON DELETE CASCADE,
+            started_at  TEXT,
+            first_seen  REAL NOT NULL,
+            last_seen   REAL NOT NULL,
+            last_active REAL NOT NULL
+        );
+        """,
+    ),
 ]
 
 

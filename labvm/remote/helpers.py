@@ -3,6 +3,9 @@
 The bundle goes to /var/lib/labvm/helpers/<sha256>/ on a node. The node's
 installer recomputes the hash before publishing the directory with a rename,
 so a node runs exactly the helpers this admin host holds, or none.
+
+Besides the Python helpers the bundle carries the native tools (native/*.c), compiled, as flat
+executable members: the merge helper runs labvm_merge from its own directory.
 """
 
 from __future__ import annotations
@@ -11,7 +14,11 @@ import base64
 import hashlib
 import io
 import json
+import os
+import shutil
+import subprocess
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -23,6 +30,14 @@ from .connection import NodeConnection
 HELPERS_ROOT = "/var/lib/labvm/helpers"
 ENTRY = "labvm_helper.py"
 STDERR_TAIL = 800
+
+# Compiled from native/<name>.c; each travels in the bundle as a flat member, mode 0755.
+NATIVE_TOOLS = ("labvm_merge",)
+# The same as setup.py's (tests/unit/test_packaging.py checks): -static so the tool runs on
+# whatever glibc a node has.
+NATIVE_CC_FLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11", "-static")
+NATIVE_LIBS = ("-lpthread",)
+CC_TIMEOUT_S = 300
 
 # Runs on the node as root, from `python3 -c`; the tarball arrives base64 on stdin.
 _INSTALLER = r"""
@@ -72,11 +87,69 @@ def helper_source_dir():
     raise StateError("node helpers are missing from this labvm installation; reinstall labvm")
 
 
+def checkout_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def native_tool(name: str) -> bytes:
+    """The compiled tool: as setup.py built it into the installed package, or, in a source
+    checkout (an editable install), compiled here from native/<name>.c."""
+    installed = resources.files("labvm").joinpath("native", name)
+    if installed.is_file():
+        return installed.read_bytes()
+    source = checkout_root() / "native" / f"{name}.c"
+    if source.is_file():
+        return compiled_from_source(source).read_bytes()
+    raise StateError(
+        f"the native tool {name} is missing from this labvm installation (no labvm/native/{name}, "
+        f"no native/{name}.c to build it from); reinstall labvm"
+    )
+
+
+def native_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "labvm" / "native"
+
+
+def compiled_from_source(source: Path) -> Path:
+    """Compile once per source (and flags), into ~/.cache/labvm/native/<sha256>/<name>. The
+    compiler writes a temporary name that is renamed into place, so a half-written binary is
+    never used, and two labvm processes compiling at once both end up with a whole one."""
+    code = source.read_bytes()
+    key = hashlib.sha256(code + b"\0" + " ".join(NATIVE_CC_FLAGS + NATIVE_LIBS).encode()).hexdigest()
+    output = native_cache_dir() / key / source.stem
+    if output.is_file():
+        return output
+    cc = shutil.which("cc")
+    if cc is None:
+        raise StateError(
+            f"cannot build {source.stem}: no C compiler (cc) on this host; install gcc and libc6-dev, "
+            "or install labvm from a wheel, which carries the tool built"
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=f".{source.stem}-", dir=output.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [cc, *NATIVE_CC_FLAGS, "-o", partial, str(source), *NATIVE_LIBS],
+            capture_output=True, text=True, timeout=CC_TIMEOUT_S,
+        )
+        if result.returncode != 0:
+            raise StateError(f"cannot build {source.stem} from {source}: {_tail(result.stderr or result.stdout)}")
+        os.chmod(partial, 0o755)
+        os.replace(partial, output)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return output
+
+
 @dataclass(frozen=True)
 class HelperBundle:
-    """The helper files shipped in this package, and their content hash."""
+    """The helper files shipped in this package, and their content hash. Members named in
+    `executables` are installed with mode 0755, the rest 0644."""
 
     files: tuple[tuple[str, bytes], ...]
+    executables: frozenset[str] = frozenset()
 
     @classmethod
     def from_package(cls) -> "HelperBundle":
@@ -85,7 +158,8 @@ class HelperBundle:
         for entry in sorted(root.iterdir(), key=lambda e: e.name):
             if entry.is_file() and entry.name.endswith(".py") and entry.name != "__init__.py":
                 files.append((entry.name, entry.read_bytes()))
-        return cls(tuple(files))
+        files += [(name, native_tool(name)) for name in NATIVE_TOOLS]
+        return cls(tuple(sorted(files)), frozenset(NATIVE_TOOLS))
 
     @cached_property
     def sha256(self) -> str:
@@ -101,7 +175,7 @@ class HelperBundle:
             for name, data in self.files:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
-                info.mode = 0o644
+                info.mode = 0o755 if name in self.executables else 0o644
                 tar.addfile(info, io.BytesIO(data))
         return buf.getvalue()
 

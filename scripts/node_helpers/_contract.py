@@ -178,6 +178,16 @@ user_name = string_matching(USER_PATTERN, "a user name: a lowercase letter, then
 LAYER_PATH_FORBIDDEN = ",:\\"
 
 
+NODE_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}"
+
+
+def node_name(name: str, value: Any) -> str:
+    """A node's name as the cluster file spells it."""
+    if not isinstance(value, str) or not re.fullmatch(NODE_NAME_PATTERN, value):
+        raise BadRequest(f"param {name!r} must be a node name", "bad_param")
+    return value
+
+
 def layer_path(name: str, value: Any) -> str:
     """An absolute path that can sit in overlay's option string: no ',', ':' or backslash,
     which would split it, and not / itself."""

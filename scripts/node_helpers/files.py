@@ -2,7 +2,8 @@
 
 Actions:
   locate  what a path in the desktop is: type, size, mode, owner; a symlink's target text
-  read    a regular file's content, base64, up to max_bytes
+  read    a regular file's content, base64, up to max_bytes; with version and mfs_mount, from
+          that published version on MooseFS (<mfs_mount>/vms/<user>/low_mfs.v<N>) instead
   write   create or replace a regular file: a temp file in the same directory, fchown, fchmod,
           fsync, rename; keeps the existing mode and owner unless told otherwise
 
@@ -17,6 +18,7 @@ import base64
 import binascii
 import errno
 import os
+import posixpath
 import stat
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -86,6 +88,8 @@ READ_PARAMS = {
     **STACK_PARAMS,
     "path": Param(desktop_path, required=True),
     "max_bytes": Param(integer_between(0, 256 * MIB), default=DEFAULT_MAX_READ_BYTES),
+    "version": Param(integer_between(0, 2**31 - 1)),
+    "mfs_mount": Param(layer_path),
 }
 OWNER_ID = integer_between(0, 2**32 - 2)  # 2**32 - 1 is chown's "leave unchanged"
 WRITE_PARAMS = {
@@ -291,12 +295,37 @@ def describe(root_fd: int, path: str) -> dict:
 # --- read ---------------------------------------------------------------------------------
 
 
+@contextmanager
+def version_root(mfs_mount: str, user: str, version: int):
+    """A descriptor on a published version's root. A version holds only what the member changed
+    over the shared desktop image, so a file missing here may still be in the desktop."""
+    if mount_at(read_mountinfo(), mfs_mount) is None:
+        raise PreconditionFailed(f"MooseFS is not mounted at {mfs_mount}", "mfs_not_mounted")
+    root = posixpath.join(mfs_mount, "vms", user, f"low_mfs.v{version}")
+    try:
+        fd = os.open(root, DIR_FLAGS)
+    except FileNotFoundError:
+        raise PathMissing(f"{user} has no version {version}; see labvm versions {user}", "no_such_version") from None
+    with descriptor(fd):
+        yield fd
+
+
+def read_root(params: dict):
+    if params["version"] is None:
+        return VmPaths.of(params["data_dir"], params["user"]).merge_local, mounted_stack_root
+    if params["mfs_mount"] is None:
+        raise BadRequest("param 'mfs_mount' is required with 'version'", "bad_param")
+    root = posixpath.join(params["mfs_mount"], "vms", params["user"], f"low_mfs.v{params['version']}")
+    return root, lambda _root: version_root(params["mfs_mount"], params["user"], params["version"])
+
+
 def read_file(params: dict, _check: bool) -> Result:
-    merge_local, path, limit = VmPaths.of(params["data_dir"], params["user"]).merge_local, params["path"], params["max_bytes"]
+    path, limit = params["path"], params["max_bytes"]
+    merge_local, open_root = read_root(params)
     directories, name = split_path(path)
     if name is None:
         raise PreconditionFailed("/ is the desktop's root directory, not a file", "not_a_file")
-    with mounted_stack_root(merge_local) as root_fd, descriptor(open_directory(root_fd, directories)) as parent_fd:
+    with open_root(merge_local) as root_fd, descriptor(open_directory(root_fd, directories)) as parent_fd:
         fd, entry = open_regular(parent_fd, name, path)
         with descriptor(fd):
             if entry.st_size > limit:

@@ -26,6 +26,9 @@ HELPER_MODULES = {
     "image": "image",
     "vm": "vm",
     "files": "files",
+    "merge": "merge",
+    "metrics": "metrics",
+    "sync": "sync",
 }
 
 

@@ -10,6 +10,14 @@ Actions:
   remove_container        docker stop (if running) and docker rm; the layers are never touched
   remove_local_layers     delete <data_dir>/vms/<user> once nothing there is mounted
   status                  what the mount table and dockerd say (changes nothing)
+  freeze / thaw           docker pause / unpause: a consistent instant for a backup of a running VM
+  reset_upper             empty up_local, work_local and up_mfs once a published version holds them
+  set_owner / owner       the owner record on MooseFS: the one node allowed to run the desktop
+
+Fencing: <mfs_mount>/vms/<user>/owner.json names the node that may run the desktop. A switch
+moves it to the target before the target mounts anything, and ensure_stack / ensure_container
+given their node's name refuse to act for a desktop that another node owns. So a node that was
+cut off or presumed dead cannot bring up a second copy when it returns.
 
 Node layout, per VM:
 
@@ -37,6 +45,7 @@ import posixpath
 import re
 import shutil
 import socket
+import stat
 import time
 from dataclasses import astuple, dataclass
 from typing import Any
@@ -54,6 +63,7 @@ from _contract import (
     integer_between,
     layer_path,
     log,
+    node_name,
     user_name,
 )
 from _docker import (
@@ -312,13 +322,17 @@ DATA_DIR_PARAM = {"data_dir": Param(layer_path, required=True)}
 DOCKER_SOCKET_PARAM = {"docker_socket": Param(absolute_path, default=DEFAULT_DOCKER_SOCKET)}
 SECRETS_PARAM = {"secrets": Param(password_secrets, required=True)}
 
+NODE_PARAM = {"node": Param(node_name)}
 ENSURE_STACK_PARAMS = {
     **USER_PARAM,
     **DATA_DIR_PARAM,
     "mfs_mount": Param(layer_path, required=True),
     "version": Param(integer_between(0, 2**31 - 1), required=True),
     "xfce_local": Param(layer_path, required=True),
+    **NODE_PARAM,
 }
+OWNER_PARAMS = {**USER_PARAM, "mfs_mount": Param(layer_path, required=True)}
+SET_OWNER_PARAMS = {**OWNER_PARAMS, "node": Param(node_name, required=True), "op": Param(integer_between(0, 2**62))}
 STACK_UNMOUNTED_PARAMS = {**USER_PARAM, **DATA_DIR_PARAM, **DOCKER_SOCKET_PARAM}
 # Optional where the stack must be mounted anyway: then it is found in the mount table.
 FOUND_DATA_DIR_PARAM = {"data_dir": Param(layer_path)}
@@ -329,6 +343,8 @@ ENSURE_CONTAINER_PARAMS = {
     **SECRETS_PARAM,
     **DOCKER_SOCKET_PARAM,
     "vnc_wait_s": Param(integer_between(0, 600), default=VNC_WAIT_DEFAULT_S),
+    **NODE_PARAM,
+    "mfs_mount": Param(layer_path),
 }
 SET_PASSWORD_PARAMS = {**USER_PARAM, **FOUND_DATA_DIR_PARAM, **SECRETS_PARAM, **DOCKER_SOCKET_PARAM}
 STOP_CONTAINER_PARAMS = {**USER_PARAM, "timeout": Param(integer_between(0, 3600), default=30), **DOCKER_SOCKET_PARAM}
@@ -336,6 +352,8 @@ REMOVE_CONTAINER_PARAMS = STOP_CONTAINER_PARAMS
 REMOVE_LAYERS_PARAMS = {**USER_PARAM, **DATA_DIR_PARAM}
 STATUS_PARAMS = {**USER_PARAM, **DATA_DIR_PARAM, **DOCKER_SOCKET_PARAM}
 PURGE_PARAMS = {**USER_PARAM, "mfs_mount": Param(layer_path, required=True)}
+FREEZE_PARAMS = {**USER_PARAM, **DOCKER_SOCKET_PARAM}
+RESET_UPPER_PARAMS = {**USER_PARAM, **DATA_DIR_PARAM, "mfs_mount": Param(layer_path, required=True), **DOCKER_SOCKET_PARAM}
 
 
 # --- paths --------------------------------------------------------------------------------
@@ -462,6 +480,8 @@ def ensure_stack(params: dict, check: bool) -> Result:
     if merge_entry is not None:
         refuse_live_stack_mismatch(merge_entry, low_entry, low_is_wanted, paths, xfce_local, user, version)
     require_mfs_answers(params["mfs_mount"])
+    if params["node"] is not None:
+        claim_or_refuse(params["mfs_mount"], user, params["node"], check)
     plan = StackPlan(
         create_version_dir=needs_version_dir(version_dir, version),
         create_up_mfs=not os.path.isdir(posixpath.join(user_dir, "up_mfs")),
@@ -474,6 +494,8 @@ def ensure_stack(params: dict, check: bool) -> Result:
     if check or not plan.changes:
         return Result(changed=plan.changes, data=data)
     apply_stack_plan(plan, paths, user_dir, version_dir, xfce_local)
+    if paths.up_local in plan.create_local_dirs:
+        seed_upper(posixpath.join(user_dir, "up_mfs"), paths.up_local)
     verify_stack_mounted(paths, xfce_local, mfs_entry, wanted_low_root)
     return Result(changed=True, data={**data, "mounted": True})
 
@@ -523,6 +545,74 @@ def needs_version_dir(version_dir: str, version: int) -> bool:
 
 def local_dirs(paths: VmPaths) -> tuple[str, ...]:
     return (paths.up_local, paths.work_local, paths.low_local, paths.merge_local, paths.runtime)
+
+
+def seed_upper(up_mfs: str, up_local: str) -> None:
+    """A node that has no up_local for this desktop (a new node, a lost disk) takes it from
+    up_mfs, which the sync kept equal to the last up_local. Starting with an empty one instead
+    would hide those changes, and the sync's first full pass would then delete them on MooseFS."""
+    if not os.path.isdir(up_mfs) or not os.listdir(up_mfs):
+        return
+    rsync = find_tool("rsync")
+    if rsync is None:
+        raise PreconditionFailed("rsync is not installed on this node (apt-get install rsync)", "rsync_missing")
+    log(f"seeding {up_local} from {up_mfs}")
+    result = run_command([rsync, "-aHAX", "--numeric-ids", up_mfs + "/", up_local + "/"], timeout_s=3600)
+    if result.returncode != 0:
+        raise Failed(f"copying {up_mfs} to {up_local} failed: {result.output_tail()}", "seed_failed")
+
+
+# --- the owner record ---------------------------------------------------------------------
+
+OWNER_FILE = "owner.json"
+
+
+def owner_path(mfs_mount: str, user: str) -> str:
+    return posixpath.join(mfs_user_dir(mfs_mount, user), OWNER_FILE)
+
+
+def read_owner(mfs_mount: str, user: str) -> dict | None:
+    try:
+        with open(owner_path(mfs_mount, user), encoding="utf-8") as stream:
+            record = json.load(stream)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise Failed(f"cannot read {owner_path(mfs_mount, user)}: {error}", "owner_unreadable") from None
+    return record if isinstance(record, dict) else None
+
+
+def write_owner(mfs_mount: str, user: str, node: str, op: int | None) -> None:
+    path = owner_path(mfs_mount, user)
+    make_dirs(posixpath.dirname(path), 0o755)
+    record = {"node": node, "op": op, "since": time.time()}
+    write_file_atomically(path, json.dumps(record, sort_keys=True).encode() + b"\n", 0o644)
+
+
+def claim_or_refuse(mfs_mount: str, user: str, node: str, check: bool) -> None:
+    record = read_owner(mfs_mount, user)
+    if record is None:
+        if not check:
+            write_owner(mfs_mount, user, node, None)
+        return
+    if record.get("node") != node:
+        raise PreconditionFailed(
+            f"{user}'s desktop belongs to node {record.get('node')!r} (its owner record on MooseFS); "
+            f"this node ({node}) may not run it. Move it with labvm switch.",
+            "fenced",
+        )
+
+
+def set_owner(params: dict, check: bool) -> Result:
+    previous = read_owner(params["mfs_mount"], params["user"])
+    changed = previous is None or previous.get("node") != params["node"] or previous.get("op") != params["op"]
+    if changed and not check:
+        write_owner(params["mfs_mount"], params["user"], params["node"], params["op"])
+    return Result(changed=changed, data={"previous": previous, "node": params["node"]})
+
+
+def get_owner(params: dict, check: bool) -> Result:
+    return Result(changed=False, data={"owner": read_owner(params["mfs_mount"], params["user"])})
 
 
 def apply_stack_plan(plan: StackPlan, paths: VmPaths, user_dir: str, version_dir: str, xfce_local: str) -> None:
@@ -665,6 +755,13 @@ def remove_local_layers(params: dict, check: bool) -> Result:
         raise PreconditionFailed(
             f"refusing to remove {paths.vm_dir}: still mounted there: {', '.join(mounted[:5])}; run ensure_stack_unmounted first",
             "stack_mounted",
+        )
+    from sync import SyncPaths, running_daemon  # here: sync imports vm
+
+    daemon = running_daemon(SyncPaths.of(params["data_dir"], user))
+    if daemon is not None:
+        raise PreconditionFailed(
+            f"the sync of {user} still runs (pid {daemon.pid}); stop it first (sync ensure_stopped)", "sync_running"
         )
     exists = os.path.lexists(paths.vm_dir)
     data = {"vm_dir": paths.vm_dir, "removed": exists}
@@ -947,6 +1044,8 @@ def ensure_container(params: dict, check: bool) -> Result:
     paths = mounted_stack_paths(params["data_dir"], user)
     refuse_symlinks(paths)
     require_stack_mounted(paths)
+    if params["node"] is not None and params["mfs_mount"] is not None:
+        claim_or_refuse(params["mfs_mount"], user, params["node"], check=True)
     wanted_hash = spec_hash(spec)
     state = inspect_ours(socket_path, user)
     if state is not None and state["spec_hash"] != wanted_hash:
@@ -1145,6 +1244,86 @@ def container_status(socket_path: str, user: str) -> dict:
     return {**(public_state(state) if state else NO_CONTAINER), "error": None}
 
 
+# --- freeze, thaw, reset_upper ------------------------------------------------------------
+
+
+def freeze(params: dict, check: bool) -> Result:
+    """docker pause: the cgroup freezer stops every process of the desktop, so nothing writes
+    while a backup flushes the sync and snapshots up_mfs. Pages already written are in the
+    page cache, which the sync reads; the desktop sees only a pause of a second or two."""
+    return pause_or_unpause(params, check, pause=True)
+
+
+def thaw(params: dict, check: bool) -> Result:
+    return pause_or_unpause(params, check, pause=False)
+
+
+def pause_or_unpause(params: dict, check: bool, pause: bool) -> Result:
+    user, socket_path = params["user"], params["docker_socket"]
+    name = container_name(user)
+    container = inspect_container(socket_path, name)
+    if container is None:
+        raise PreconditionFailed(f"container {name} does not exist", "no_container")
+    state = container.get("State") or {}
+    paused = bool(state.get("Paused"))
+    if not state.get("Running"):
+        raise PreconditionFailed(f"container {name} is not running", "container_not_running")
+    if paused == pause or check:
+        return Result(changed=paused != pause, data={"paused": paused if check else pause})
+    verb = "pause" if pause else "unpause"
+    status, body = docker_call(socket_path, "POST", api_url(f"/containers/{quoted(name)}/{verb}"))
+    if status not in (204, 304):
+        raise unexpected(f"{verb} of container {name}", status, body, f"container_{verb}_failed")
+    return Result(changed=True, data={"paused": pause})
+
+
+def reset_upper(params: dict, check: bool) -> Result:
+    """Empty the desktop's upper layer, locally and on MooseFS, after a published version took
+    in everything it held (a solidify). Safe to run again: an upper applied twice over the
+    version made from it changes nothing, so a crash between publishing and this step loses
+    no file. Refused while the stack is mounted or the container runs."""
+    user = params["user"]
+    paths = VmPaths.of(params["data_dir"], user)
+    refuse_symlinks(paths)
+    refuse_running_container(params["docker_socket"], user)
+    entries = read_mountinfo()
+    if any(mount_at(entries, point) is not None for point in paths.mount_points()):
+        raise PreconditionFailed(f"{user}'s stack is mounted; unmount it first (ensure_stack_unmounted)", "stack_mounted")
+    if mount_at(entries, params["mfs_mount"]) is None:
+        raise PreconditionFailed(f"MooseFS is not mounted at {params['mfs_mount']}", "mfs_not_mounted")
+    up_mfs = posixpath.join(mfs_user_dir(params["mfs_mount"], user), "up_mfs")
+    refuse_symlinked_path(up_mfs)
+    directories = (paths.up_local, paths.work_local, up_mfs)
+    targets = [d for d in directories if os.path.lexists(emptying_name(d)) or (os.path.isdir(d) and os.listdir(d))]
+    if check or not targets:
+        return Result(changed=bool(targets), data={"emptied": targets})
+    for directory in targets:
+        empty_directory(directory)
+    return Result(changed=True, data={"emptied": targets})
+
+
+def emptying_name(directory: str) -> str:
+    parent, name = posixpath.split(directory.rstrip("/"))
+    return posixpath.join(parent, f".{name}.emptying")
+
+
+def empty_directory(directory: str) -> None:
+    """Move the content aside with one rename, then delete it: a crash midway leaves the
+    directory either whole or empty, never a half-deleted upper that a mount would show."""
+    trash = emptying_name(directory)
+    if os.path.lexists(trash):
+        if not os.path.lexists(directory):
+            # The earlier run stopped between its rename and mkdir: its trash holds the old upper.
+            os.mkdir(directory, 0o755)
+        shutil.rmtree(trash)
+    st = os.lstat(directory)
+    os.rename(directory, trash)
+    os.mkdir(directory, 0o700)
+    os.chown(directory, st.st_uid, st.st_gid)
+    os.chmod(directory, stat.S_IMODE(st.st_mode))
+    shutil.rmtree(trash)
+
+
 # --- what runs in the container -----------------------------------------------------------
 
 # POSIX sh, run as root by tini (docker's --init) as PID 2. The password never appears in argv,
@@ -1297,4 +1476,9 @@ ACTIONS = {
     "remove_local_layers": Action(run=remove_local_layers, params=REMOVE_LAYERS_PARAMS),
     "status": Action(run=vm_status, params=STATUS_PARAMS),
     "purge_mfs_data": Action(run=purge_mfs_data, params=PURGE_PARAMS),
+    "freeze": Action(run=freeze, params=FREEZE_PARAMS),
+    "thaw": Action(run=thaw, params=FREEZE_PARAMS),
+    "reset_upper": Action(run=reset_upper, params=RESET_UPPER_PARAMS),
+    "set_owner": Action(run=set_owner, params=SET_OWNER_PARAMS),
+    "owner": Action(run=get_owner, params=OWNER_PARAMS),
 }

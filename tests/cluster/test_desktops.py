@@ -79,7 +79,7 @@ def test_create_gives_a_desktop_a_vnc_client_can_see(desk, testbed, tmp_path):
 
 
 def test_gpus_are_exclusive_and_reach_the_container(desk, testbed):
-    alice = desk.labvm_json("status", "--user", "alice")[0]
+    alice = desk.labvm_json("status", "--user", "alice")["desktops"][0]
     assert container_env(testbed, "n1", "alice")["NVIDIA_VISIBLE_DEVICES"] == alice["gpus"][0]["uuid"]
     bob = desk.labvm_json("create", "bobby", "--node", "n1", "--gpus", "2", "--memory", "512m")
     bob_uuids = {g["uuid"] for g in bob["gpus"]}
@@ -93,7 +93,7 @@ def test_more_gpus_than_free_is_refused_and_nothing_is_made(desk, testbed):
     desk.labvm("user", "add", "carol", "--password-stdin", stdin="carol-Pw-1234\n")
     result = desk.labvm("create", "carol", "--node", "n1", "--gpus", "2")
     assert result.returncode == 10 and "n1 has 1 free GPU" in result.stderr
-    assert desk.labvm_json("status", "--user", "carol") == []
+    assert desk.labvm_json("status", "--user", "carol")["desktops"] == []
     names = [c.name for c in node_docker(testbed, "n1").containers.list(all=True)]
     assert "labvm-carol" not in names
 
@@ -127,7 +127,7 @@ def test_files_survive_stop_and_start_and_are_visible_from_the_host(desk, testbe
     merged = invoke_testbed("exec", "n1", "--", "cat", "/var/lib/labvm/data/vms/alice/merge_local/home/alice/note.txt")
     assert merged.stdout.strip() == "hello"
     assert desk.labvm("stop", "alice").returncode == 0
-    assert desk.labvm_json("status", "--user", "alice")[0]["state"] == "stopped"
+    assert desk.labvm_json("status", "--user", "alice")["desktops"][0]["state"] == "stopped"
     started = desk.labvm("start", "alice")
     assert started.returncode == 0, started.stderr
     assert exec_in(testbed, "n1", "alice", "cat", "/home/alice/note.txt").strip() == "hello"
@@ -140,7 +140,7 @@ def test_tini_is_pid_1(desk, testbed):
 
 
 def test_io_limits_reach_the_cgroup(desk, testbed):
-    bob = desk.labvm_json("status", "--user", "bobby")[0]
+    bob = desk.labvm_json("status", "--user", "bobby")["desktops"][0]
     desk.labvm("rm", "bobby", "--yes")
     created = desk.labvm("create", "bobby", "--node", "n1", "--gpus", str(len(bob["gpus"])), "--memory", "512m",
                          "--io-weight", "300", "--io-read-bps", "50m")
@@ -151,7 +151,7 @@ def test_io_limits_reach_the_cgroup(desk, testbed):
         assert c.attrs["HostConfig"]["BlkioWeight"] == 300
     else:
         assert "the IO weight is not applied" in created.stdout
-        assert desk.labvm_json("status", "--user", "bobby")[0]["limits"]["io_weight"] is None
+        assert desk.labvm_json("status", "--user", "bobby")["desktops"][0]["limits"]["io_weight"] is None
     assert c.attrs["HostConfig"]["BlkioDeviceReadBps"] == [{"Path": "/dev/vda", "Rate": 50 << 20}]
     throttle = next(Path("/sys/fs/cgroup/blkio").rglob(f"{c.id}/blkio.throttle.read_bps_device")).read_text()
     assert f"{50 << 20}" in throttle
@@ -179,7 +179,7 @@ def test_a_locked_desktop_refuses_other_commands(desk):
         db.execute("DELETE FROM vm_locks")
         db.commit()
         db.close()
-    assert desk.labvm_json("status", "--user", "alice")[0]["state"] == "running"
+    assert desk.labvm_json("status", "--user", "alice")["desktops"][0]["state"] == "running"
 
 
 def admin_with(testbed, tmp_path, old: str, new: str):
@@ -195,7 +195,7 @@ def test_image_not_pushed_is_one_clear_line(testbed, tmp_path):
     assert named.returncode == 2 and "desktop image is not pushed there; run `labvm image push n2`" in named.stderr
     auto = admin.labvm("create", "carol")
     assert auto.returncode == 10 and "n1: desktop image not pushed" in auto.stderr
-    assert admin.labvm_json("status") == []
+    assert admin.labvm_json("status")["desktops"] == []
 
 
 def test_mfs_unreachable_rolls_back_everything(testbed, tmp_path):
@@ -204,7 +204,7 @@ def test_mfs_unreachable_rolls_back_everything(testbed, tmp_path):
     admin.config.write_text(config)
     result = admin.labvm("create", "carol", "--node", "n2", timeout=300)
     assert result.returncode == 7 and "not reachable" in result.stderr, result.stderr
-    assert admin.labvm_json("status") == []
+    assert admin.labvm_json("status")["desktops"] == []
     assert "labvm-carol" not in [c.name for c in node_docker(testbed, "n2").containers.list(all=True)]
     leftover = invoke_testbed("exec", "n2", "--", "ls", "-A", "/var/lib/labvm/data/vms/", check=False)
     assert "carol" not in leftover.stdout
@@ -240,7 +240,7 @@ def test_passwd_changes_the_vnc_password_of_a_running_desktop(desk, tmp_path):
         changed = desk.labvm("passwd", "alice", "--password-stdin", stdin=new + "\n")
     assert changed.returncode == 0, changed.stderr
     assert watcher.leaks == []
-    vnc = desk.labvm_json("status", "--user", "alice")[0]["vnc"]
+    vnc = desk.labvm_json("status", "--user", "alice")["desktops"][0]["vnc"]
     assert wait_vnc(vnc, new, tmp_path / "new.png", deadline_s=30).returncode == 0
     assert vnc_capture(vnc, ALICE_PW, tmp_path / "old.png", timeout=15).returncode != 0
 
@@ -266,7 +266,7 @@ def test_rm_purge_needs_the_typed_name_then_deletes_every_version(desk, testbed)
     child.close()
     assert child.exitstatus == 0, child.before
     assert "bobby" not in invoke_testbed("exec", "n1", "--", "ls", "/mnt/labvm-mfs/vms").stdout.split()
-    assert desk.labvm_json("status", "--user", "bobby") == []
+    assert desk.labvm_json("status", "--user", "bobby")["desktops"] == []
 
 
 def test_shell_opens_an_interactive_shell_in_the_desktop(desk):

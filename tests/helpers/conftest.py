@@ -23,7 +23,7 @@ import pytest
 
 BUNDLE_DIR = Path(__file__).resolve().parents[2] / "scripts" / "node_helpers"
 ENTRY = BUNDLE_DIR / "labvm_helper.py"
-BUNDLE_MODULES = ("_contract", "_system", "_docker", "probe", "mfs", "image", "vm", "files")
+BUNDLE_MODULES = ("_contract", "_system", "_docker", "probe", "mfs", "image", "vm", "files", "merge", "metrics", "syncd", "sync")
 EXIT_CODES = {0, 1, 2, 3, 75}
 MNT_DETACH = 2
 
@@ -143,7 +143,7 @@ def load_bundle_modules() -> dict:
 @pytest.fixture(scope="session")
 def bundle():
     """The bundle's modules: bundle.contract, bundle.system, bundle.docker, bundle.probe, bundle.mfs, bundle.image,
-    bundle.vm, bundle.files."""
+    bundle.vm, bundle.files, bundle.merge, bundle.metrics, bundle.syncd, bundle.sync."""
     return SimpleNamespace(**{name.lstrip("_"): module for name, module in load_bundle_modules().items()})
 
 

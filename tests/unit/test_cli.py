@@ -125,7 +125,7 @@ def test_dynamic_completion_of_users_and_nodes(home):
     env = dict(os.environ)
     assert complete("labvm user passwd al", 3, env) == ["albert", "alice"]
     assert complete("labvm node check ", 3, env) == ["gpu7"]
-    assert complete("labvm node ", 2, env) == ["add", "check", "list", "rekey", "rm"]
+    assert complete("labvm node ", 2, env) == ["add", "check", "cordon", "drain", "list", "rekey", "rm", "uncordon"]
     # A broken setup completes nothing, and prints no traceback into the shell.
     env["LABVM_CONFIG"] = str(Path(home) / "missing.xml")
     assert complete("labvm node check ", 3, env) == []

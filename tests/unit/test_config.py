@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from labvm.config import Node, add_node_to_file, check_new_node, parse_config, parse_size, remove_node_from_file
+from labvm.config import (
+    Monitoring,
+    Node,
+    add_node_to_file,
+    check_new_node,
+    parse_config,
+    parse_duration,
+    parse_size,
+    remove_node_from_file,
+)
 from labvm.errors import BadInput, ConfigError, NotFound
 
 EXAMPLE = resources.files("labvm").joinpath("schema/bkConfxml.xml").read_text()
@@ -50,6 +59,7 @@ def test_repo_example_is_the_shipped_starter_and_valid(tmp_path):
     assert cfg.nodes == ()
     assert cfg.vm_defaults.memory == 16 << 30
     assert cfg.retention.keep_daily == 14
+    assert cfg.monitoring == Monitoring(idle_after=168 * 3600, idle_cpu_percent=5.0, status_timeout=5.0)
 
 
 def test_commented_example_node_is_valid_when_uncommented(tmp_path):
@@ -70,6 +80,7 @@ def test_good_file_parses_with_defaults(tmp_path):
     assert cfg.node("n1").docker_port_base == 30000
     assert cfg.vm_defaults.cpus == 1.5 and cfg.vm_defaults.memory == 2 << 30
     assert cfg.vm_defaults.shm == 1 << 30  # default
+    assert cfg.monitoring == Monitoring()  # no <monitoring>: the old tool's week, 5 % CPU, 5 s per node
     assert cfg.home == tmp_path
     with pytest.raises(NotFound, match="unknown node 'n9'.*known: n1"):
         cfg.node("n9")
@@ -169,3 +180,37 @@ def test_parse_size(text, value):
 def test_parse_size_rejects(text):
     with pytest.raises(BadInput):
         parse_size(text)
+
+
+@pytest.mark.parametrize(
+    "element, expect",
+    [
+        ("<idle_after>1 week</idle_after>", r"Element 'idle_after': The value '1 week' is not valid; expected a duration"),
+        ("<status_timeout>0</status_timeout>", r"Element 'status_timeout'"),
+        ("<idle_cpu_percent>-1</idle_cpu_percent>", r"Element 'idle_cpu_percent'"),
+    ],
+)
+def test_invalid_monitoring_values_name_the_line(tmp_path, element, expect):
+    text = GOOD.replace("</vm_defaults>", f"</vm_defaults>\n  <monitoring>\n    {element}\n  </monitoring>")
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:{line_of(text, element)}: element /labvm/monitoring.*{expect}"):
+        parse_config(path)
+
+
+def test_monitoring_settings_are_read(tmp_path):
+    text = GOOD.replace("</vm_defaults>", "</vm_defaults>\n  <monitoring>\n    <idle_after>30m</idle_after>\n"
+                        "    <idle_cpu_percent>12.5</idle_cpu_percent>\n    <status_timeout>2.5</status_timeout>\n  </monitoring>")
+    assert parse_config(write(tmp_path, text)).monitoring == Monitoring(idle_after=1800, idle_cpu_percent=12.5, status_timeout=2.5)
+    partial = GOOD.replace("</vm_defaults>", "</vm_defaults>\n  <monitoring><idle_after>45s</idle_after></monitoring>")
+    assert parse_config(write(tmp_path, partial)).monitoring == Monitoring(idle_after=45)
+
+
+@pytest.mark.parametrize("text, seconds", [("45s", 45), ("30m", 1800), ("168h", 604800), ("2d", 172800), ("1d12h", 129600), ("0s", 0)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "168", "h", "1.5h", "-1h", "1w", "1 h"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(BadInput, match="not a duration"):
+        parse_duration(text)

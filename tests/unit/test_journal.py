@@ -2,6 +2,8 @@
 
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -70,3 +72,54 @@ def test_journaled_ends_each_operation_with_what_happened(db):
     states = [tuple(r) for r in db.conn.execute("SELECT kind, state FROM operations ORDER BY id")]
     assert states == [("stop", "refused"), ("start", "done"), ("create", "rolled_back")]
     assert [r[0] for r in db.conn.execute("SELECT user FROM vm_locks")] == ["alice"]
+
+
+def test_remembered_values_and_done_steps_survive_a_reload(db):
+    op = Operation.begin(db, "switch", "alice", {"target": "n2"})
+    with op.step("preflight"):
+        op.remember(target_ports=[20000, 20001])
+    again = Operation.load(db, op.id)
+    assert again.kind == "switch" and again.params == {"target": "n2", "target_ports": [20000, 20001]}
+    assert again.done("preflight") and not again.done("merge")
+    with again.step("merge"):
+        pass
+    seqs = [r["seq"] for r in db.conn.execute("SELECT seq FROM operation_steps WHERE op_id = ? ORDER BY seq", (op.id,))]
+    assert seqs == [1, 2]  # a resumed operation numbers its steps on from the journal
+
+
+def test_a_crash_point_kills_the_process_after_journaling_the_step(tmp_path):
+    StateDB.create(tmp_path)
+    code = (
+        "from pathlib import Path; from labvm.state import StateDB; from labvm.journal import Operation\n"
+        f"db = StateDB.open(Path({str(tmp_path)!r})); op = Operation.begin(db, 'switch', 'alice', {{}})\n"
+        "with op.step('preflight'): pass\n"
+        "with op.step('merge'): print('not reached')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "LABVM_CRASH_AT": "switch:merge"})
+    assert result.returncode == 137 and "not reached" not in result.stdout
+    with StateDB.open(tmp_path) as db:
+        steps = {r["name"]: r["state"] for r in db.conn.execute("SELECT name, state FROM operation_steps")}
+    assert steps == {"preflight": "done", "merge": "running"}
+
+
+def test_resuming_an_operation_takes_over_its_dead_lock_and_finishes_it(db):
+    op = Operation.begin(db, "switch", "alice", {})
+    db.conn.execute(
+        "INSERT INTO vm_locks (user, op_id, owner_host, owner_pid, acquired_at) VALUES ('alice', ?, ?, 999999999, 0)",
+        (op.id, socket.gethostname()),
+    )
+    with journaled(db, "switch", "alice", {}, existing=Operation.load(db, op.id)) as resumed:
+        assert resumed.id == op.id
+    row = db.conn.execute("SELECT state FROM operations WHERE id = ?", (op.id,)).fetchone()
+    assert row["state"] == "done"
+    assert db.conn.execute("SELECT COUNT(*) FROM vm_locks").fetchone()[0] == 0
+
+
+def test_a_rolled_back_failure_is_journaled_as_rolled_back(db):
+    from labvm.errors import RolledBack
+
+    with pytest.raises(RolledBack):
+        with journaled(db, "switch", "alice", {}):
+            raise RolledBack(msg="switch failed and was rolled back")
+    assert db.conn.execute("SELECT state FROM operations").fetchone()["state"] == "rolled_back"

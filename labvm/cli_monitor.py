@@ -1,0 +1,141 @@
+"""Commands that watch the cluster: status, top and idle."""
+
+from __future__ import annotations
+
+import time
+
+import click
+from rich.console import Console
+
+from .admin import AdminHome
+from .cli import _audit, _emit_json, complete_nodes, complete_users, json_option, out
+from .errors import LabvmError
+from .monitor import (
+    SORT_KEYS,
+    IdleRule,
+    NodeSessions,
+    collect_status,
+    find_idle,
+    human_duration,
+    require_reachable,
+    status_view,
+    stop_idle,
+    top_view,
+    unreachable_nodes,
+)
+
+node_filter_option = click.option("--node", "node_filter", shell_complete=complete_nodes, help="Only this node and its desktops.")
+
+
+def _timeout(home: AdminHome, given: float | None) -> float:
+    return given if given is not None else home.config.monitoring.status_timeout
+
+
+@click.command()
+@node_filter_option
+@click.option("--user", "user_filter", shell_complete=complete_users, help="Only this user's desktop (and its node).")
+@click.option("--timeout", type=click.FloatRange(0.5, 600), metavar="SECONDS",
+              help="How long to wait for each node (default: <monitoring><status_timeout>, 5).")
+@json_option
+@click.pass_obj
+def status(home: AdminHome, node_filter, user_filter, timeout, as_json):
+    """Every node's CPU, memory, disk, MooseFS and GPUs, then every desktop's.
+
+    All nodes are asked at once; one that does not answer in time is a red
+    row saying why, and the command exits 7 after printing everything else.
+    A desktop row shows its state, CPU (of one CPU), memory of its limit,
+    GPUs, IO, network, uptime, sync lag, latest version on MooseFS, how long
+    it has been idle, and its VNC address.
+
+    --json prints one document: {"schema": "labvm.status/1", "generated",
+    "nodes": [...], "desktops": [...]}, described field by field in
+    labvm/schema/status.schema.json.
+    """
+    with NodeSessions(home, _timeout(home, timeout)) as sessions:
+        document = collect_status(home, sessions, node_filter, user_filter)
+    if as_json:
+        _emit_json(document)
+    else:
+        out.print(status_view(document))
+    require_reachable(document)
+
+
+@click.command()
+@click.option("--sort", type=click.Choice(SORT_KEYS), default="cpu", show_default=True,
+              help="Order of the desktops: busiest CPU, memory or GPU memory first, or by user.")
+@click.option("--interval", type=click.FloatRange(0.5, 3600), default=2.0, show_default=True, metavar="SECONDS",
+              help="Time between refreshes.")
+@node_filter_option
+@click.pass_obj
+def top(home: AdminHome, sort, interval, node_filter):
+    """A live view of `labvm status`, refreshed until Ctrl-C.
+
+    Each node keeps one SSH connection for the whole session; a node that
+    stops answering is shown in red and reconnected on the next refresh.
+    """
+    from rich.live import Live
+
+    console = Console(highlight=False)
+    try:
+        with NodeSessions(home, home.config.monitoring.status_timeout) as sessions, \
+                Live(console=console, auto_refresh=False) as live:
+            while True:
+                started = time.monotonic()
+                document = collect_status(home, sessions, node_filter)
+                live.update(top_view(document, sort, interval), refresh=True)
+                time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        pass
+
+
+@click.command()
+@click.option("--stop", "stop_them", is_flag=True,
+              help="Stop every idle desktop, without asking (for cron). Its files are flushed to MooseFS first.")
+@json_option
+@click.pass_obj
+def idle(home: AdminHome, stop_them, as_json):
+    """Desktops unused for longer than <monitoring><idle_after> (default 168h).
+
+    Unused: CPU under <monitoring><idle_cpu_percent> of one CPU, and no GPU
+    busy or holding a process of it, in every sample taken since. Each
+    `labvm status`, `top` and `idle` takes a sample; a desktop labvm has not
+    watched for that long is never idle. Prints one line per idle desktop;
+    with --stop, one line per desktop stopped or not, and exits 1 if any stop
+    failed. --json prints [{"user", "node", "idle_s", "last_active",
+    "stopped", "error"}].
+    """
+    cfg = home.config
+    with NodeSessions(home, cfg.monitoring.status_timeout) as sessions:
+        document = collect_status(home, sessions)
+    for name in unreachable_nodes(document):
+        Console(stderr=True).print(f"labvm: warning: {name} did not answer; its desktops were not checked", markup=False)
+    found = find_idle(document, IdleRule.from_config(cfg.monitoring))
+    rows = [_handle_idle(home, desktop, stop_them) for desktop in found]
+    if as_json:
+        _emit_json([row for row, _line in rows])
+    else:
+        for _row, line in rows:
+            click.echo(line)
+        if not rows and not stop_them:
+            click.echo(f"no desktop has been idle for more than {human_duration(cfg.monitoring.idle_after)}")
+    failed = [row["user"] for row, _line in rows if row["stopped"] is False]
+    if failed:
+        raise LabvmError(f"could not stop {len(failed)} idle desktop(s): {', '.join(failed)}")
+
+
+def _handle_idle(home: AdminHome, desktop, stop_them: bool) -> tuple[dict, str]:
+    row = {"user": desktop.user, "node": desktop.node, "idle_s": desktop.idle_s, "last_active": desktop.last_active,
+           "stopped": None, "error": None}
+    where = f"{desktop.user} on {desktop.node}, idle {human_duration(desktop.idle_s)}"
+    if not stop_them:
+        return row, where
+    try:
+        stop_idle(home, desktop.user, say=lambda _m: None)
+    except LabvmError as exc:
+        _audit(home, "labvm idle --stop", desktop.user, f"failed: {exc}")
+        return {**row, "stopped": False, "error": str(exc)}, f"failed to stop {where}: {exc}"
+    _audit(home, "labvm idle --stop", desktop.user, "ok")
+    return {**row, "stopped": True}, f"stopped {where}"
+
+
+COMMANDS = (status, top, idle)

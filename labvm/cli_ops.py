@@ -1,0 +1,188 @@
+"""Commands that move desktops between nodes, and the operations journal."""
+
+from __future__ import annotations
+
+import click
+from click.shell_completion import CompletionItem
+from rich.table import Table
+
+from .admin import AdminHome
+from .cli import _confirm, _emit_json, _home_from_ctx, _when, audited, complete_nodes, complete_users, json_option, out
+from .errors import LabvmError
+
+
+def complete_ops(ctx, param, incomplete):
+    from .ops import list_ops
+
+    try:
+        views = list_ops(_home_from_ctx(ctx), limit=50)
+    except Exception:  # completion must never print a traceback into the shell
+        return []
+    return [CompletionItem(str(v.id), help=f"{v.kind} {v.user or ''} ({v.state})") for v in views if str(v.id).startswith(incomplete)]
+
+
+def _say(m: str) -> None:
+    out.print(m, markup=False)
+
+
+@click.command()
+@click.argument("user", shell_complete=complete_users)
+@click.argument("node", shell_complete=complete_nodes)
+@click.option("--gpus", metavar="N|I,J", help="GPUs on the target: a count or indexes (default: as many as now).")
+@click.option("--dry-run", is_flag=True, help="Print the steps and what each would change; change nothing.")
+@click.option("--from-lost", is_flag=True, help="The desktop's node is dead: start it on NODE from its state on MooseFS.")
+@click.option("--yes", "-y", is_flag=True, help="With --from-lost: don't ask for confirmation.")
+@click.option("--no-precopy", is_flag=True, hidden=True, help="Skip the pre-copy (to measure what it saves).")
+@json_option
+@click.pass_obj
+@audited("user")
+def switch(home: AdminHome, user, node, gpus, dry_run, from_lost, yes, no_precopy, as_json):
+    """Move USER's desktop to NODE.
+
+    \b
+    labvm switch alice n2              move it, GPU count as now
+    labvm switch alice n2 --dry-run    show the plan
+    labvm switch alice n2 --from-lost  its node died: start it from MooseFS
+
+    The desktop is synced while it runs, then stopped, flushed, merged into a
+    new version and started on NODE with the same password, home and limits.
+    The downtime is printed at the end. Until the new node answers, any failure
+    brings the desktop back where it was; an interrupted switch is finished
+    with `labvm ops resume ID`.
+    """
+    from .switch import Switcher
+
+    switcher = Switcher(home, say=_say if not as_json else (lambda _m: None))
+    if dry_run:
+        for index, (name, text) in enumerate(switcher.plan(user, node, gpus, from_lost), 1):
+            out.print(f"{index:2}. {name:15} {text}", markup=False)
+        return
+    result = switcher.switch(user, node, gpus, from_lost, confirm=_confirm(yes), precopy=not no_precopy)
+    if as_json:
+        _emit_json(result.as_dict())
+        return
+    if result.vnc:
+        out.print(f"{user}'s desktop runs on {result.target}: VNC at [bold]{result.vnc}[/]")
+    if result.downtime_s is not None:
+        out.print(f"downtime: {result.downtime_s:.1f} s (desktop stopped to VNC answering)")
+
+
+@click.group()
+def ops():
+    """The journal of multi-step operations: list, show, resume, abort."""
+
+
+@ops.command("list")
+@click.option("--user", shell_complete=complete_users, help="Only this user's operations.")
+@click.option("--unfinished", is_flag=True, help="Only interrupted or failed ones.")
+@click.option("-n", "limit", default=30, show_default=True, type=click.IntRange(1))
+@json_option
+@click.pass_obj
+def ops_list(home: AdminHome, user, unfinished, limit, as_json):
+    """Recent operations, newest first. `interrupted` means its process died: resume or abort it."""
+    from .ops import list_ops
+
+    views = list_ops(home, user=user, limit=limit, unfinished=unfinished)
+    if as_json:
+        _emit_json([v.as_dict() for v in views])
+        return
+    table = Table("id", "kind", "user", "state", "started", "last step", "error", title="labvm ops")
+    colors = {"done": "green", "interrupted": "yellow", "failed": "red", "running": "cyan"}
+    for v in views:
+        color = colors.get(v.state)
+        table.add_row(str(v.id), v.kind, v.user or "", f"[{color}]{v.state}[/]" if color else v.state,
+                      _when(v.created_at), v.last_step or "", (v.error or "")[:60])
+    out.print(table)
+
+
+@ops.command("show")
+@click.argument("op_id", type=int, shell_complete=complete_ops)
+@json_option
+@click.pass_obj
+def ops_show(home: AdminHome, op_id, as_json):
+    """One operation: its parameters and each step with its times."""
+    from .ops import show_op
+
+    v = show_op(home, op_id)
+    if as_json:
+        _emit_json(v.as_dict())
+        return
+    out.print(f"operation {v.id}: {v.kind} {v.user or ''} -- {v.state}", markup=False)
+    if v.error:
+        out.print(f"  error: {v.error}", markup=False)
+    table = Table("#", "step", "state", "took", "detail")
+    for s in v.steps:
+        took = f"{s['finished_at'] - s['started_at']:.1f} s" if s["finished_at"] and s["started_at"] else ""
+        table.add_row(str(s["seq"]), s["name"], s["state"], took, (s["detail"] or "")[:80])
+    out.print(table)
+
+
+@ops.command("resume")
+@click.argument("op_id", type=int, shell_complete=complete_ops)
+@click.pass_obj
+@audited("op_id")
+def ops_resume(home: AdminHome, op_id):
+    """Finish an interrupted or failed operation from where it stopped."""
+    from .ops import resume
+
+    resume(home, op_id, say=_say)
+    out.print(f"operation {op_id} resumed and finished")
+
+
+@ops.command("abort")
+@click.argument("op_id", type=int, shell_complete=complete_ops)
+@click.pass_obj
+@audited("op_id")
+def ops_abort(home: AdminHome, op_id):
+    """Give up an interrupted or failed operation. A switch that has not committed is rolled back."""
+    from .ops import abort
+
+    out.print(abort(home, op_id, say=_say), markup=False)
+
+
+@click.command("cordon")
+@click.argument("name", shell_complete=complete_nodes)
+@click.option("--reason", help="Shown to whoever tries to place a desktop there.")
+@click.pass_obj
+@audited("name")
+def node_cordon(home: AdminHome, name, reason):
+    """Keep new desktops off node NAME (its running desktops stay)."""
+    from .switch import cordon
+
+    out.print(f"cordoned {name}" if cordon(home, name, reason) else f"{name} was already cordoned")
+
+
+@click.command("uncordon")
+@click.argument("name", shell_complete=complete_nodes)
+@click.pass_obj
+@audited("name")
+def node_uncordon(home: AdminHome, name):
+    """Let new desktops onto node NAME again."""
+    from .switch import uncordon
+
+    out.print(f"uncordoned {name}" if uncordon(home, name) else f"{name} was not cordoned")
+
+
+@click.command("drain")
+@click.argument("name", shell_complete=complete_nodes)
+@click.option("--to", "to", shell_complete=complete_nodes, help="Move every desktop to this node (default: placed by free GPUs and memory).")
+@click.option("--parallel", default=2, show_default=True, type=click.IntRange(1, 16), help="Moves at a time.")
+@click.pass_obj
+@audited("name")
+def node_drain(home: AdminHome, name, to, parallel):
+    """Move every desktop off node NAME for maintenance, and cordon it.
+
+    One line per desktop; exits 1 if any move failed (that desktop stays on NAME).
+    """
+    from .switch import drain
+
+    results = drain(home, name, to, parallel, say=_say)
+    for r in results:
+        out.print(r.line, markup=False)
+    failed = [r.user for r in results if not r.ok]
+    if failed:
+        raise LabvmError(f"{len(failed)} of {len(results)} moves failed: {', '.join(failed)}")
+
+
+COMMANDS = (switch, ops)
+NODE_COMMANDS = (node_cordon, node_uncordon, node_drain)

@@ -1,0 +1,193 @@
+"""Commands for a desktop's files on MooseFS: sync, versions, backup, restore, cron."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from .admin import AdminHome
+from .cli import _emit_json, _when, audited, complete_users, json_option, out
+from .errors import BadInput, LabvmError
+from .storage import (
+    CRON_FILE,
+    DEFAULT_IDLE_SCHEDULE,
+    DEFAULT_SCHEDULE,
+    Storage,
+    _size,
+    cron_text,
+    install_cron,
+)
+
+
+def _storage(home: AdminHome, quiet: bool = False) -> Storage:
+    return Storage(home, say=(lambda _m: None) if quiet else (lambda m: out.print(m, markup=False)))
+
+
+@click.group()
+def sync():
+    """The sync that streams each running desktop's writes to MooseFS."""
+
+
+@sync.command("flush")
+@click.argument("user", shell_complete=complete_users)
+@json_option
+@click.pass_obj
+def sync_flush(home: AdminHome, user, as_json):
+    """Return once everything USER's desktop wrote before now is on MooseFS."""
+    data = _storage(home, quiet=as_json).flush(user)
+    if as_json:
+        _emit_json(data)
+    elif data.get("mode") == "stopped":
+        out.print(f"{user}'s desktop is stopped: its writes went to MooseFS when it stopped")
+    else:
+        out.print(f"{user}: flushed in {data.get('seconds', 0):.2f} s")
+
+
+@sync.command("status")
+@click.argument("user", shell_complete=complete_users)
+@json_option
+@click.pass_obj
+def sync_status(home: AdminHome, user, as_json):
+    """Whether USER's sync runs, its lag, last success and last error."""
+    data = _storage(home, quiet=True).sync_status(user)
+    if as_json:
+        _emit_json(data)
+        return
+    if not data.get("running"):
+        out.print(f"{user}: no sync running (the desktop is stopped, or its sync died: `labvm start {user}` restarts it)")
+    else:
+        out.print(f"{user}: sync running (pid {data.get('pid')}), {data.get('pending', 0)} paths pending, lag {data.get('lag_s') or 0:.1f} s")
+    if data.get("last_success"):
+        out.print(f"  last success {_when(data['last_success'])}")
+    if data.get("last_error"):
+        out.print(f"  [red]last error: {data['last_error']}[/]")
+
+
+@click.command()
+@click.argument("user", shell_complete=complete_users)
+@json_option
+@click.pass_obj
+def versions(home: AdminHome, user, as_json):
+    """List the versions of USER's files, with the retention rule that keeps each.
+
+    A version is what `labvm backup` published; the desktop runs on the one
+    marked "in use" plus the changes made since. Versions without a rule are
+    pruned by the next backup.
+    """
+    desktop, verdicts = _storage(home, quiet=True).versions(user)
+    if as_json:
+        _emit_json({"user": user, "in_use": desktop.version,
+                    "versions": [{**v.version.as_dict(), "kept_by": v.kept_by} for v in verdicts]})
+        return
+    table = Table("version", "created", "files", "size", "kept by", title=f"versions of {user}'s files")
+    for v in verdicts:
+        mark = " (in use)" if v.version.number == desktop.version else ""
+        table.add_row(f"v{v.version.number}{mark}", _when(v.version.created),
+                      "?" if v.version.files is None else str(v.version.files), _size(v.version.bytes),
+                      v.kept_by or "[yellow]pruned by the next backup[/]")
+    out.print(table)
+
+
+@click.command()
+@click.argument("users", nargs=-1, shell_complete=complete_users)
+@click.option("--all", "all_desktops", is_flag=True, help="Every running or stopped desktop.")
+@json_option
+@click.pass_obj
+@audited()
+def backup(home: AdminHome, users, all_desktops, as_json):
+    """Publish a new version of each desktop's files, then prune old versions.
+
+    \b
+    labvm backup alice bob        two desktops
+    labvm backup --all            every desktop (what cron runs)
+
+    A running desktop keeps running: it is frozen for about a second while its
+    last writes are flushed and its upper layer is snapshotted on MooseFS, so
+    the version is one instant of its files. Prints one line per desktop, and
+    exits 1 if any failed. Safe under cron: a second run while one is going
+    exits 75 without doing anything.
+    """
+    storage = _storage(home, quiet=True)
+    if all_desktops == bool(users):
+        raise BadInput("name the desktops to back up, or pass --all")
+    chosen = storage.all_users() if all_desktops else list(dict.fromkeys(users))
+    results = storage.backup_many(chosen, report=(lambda _r: None) if as_json else lambda r: out.print(r.line, markup=False))
+    if as_json:
+        _emit_json([r.as_dict() for r in results])
+    if not chosen and not as_json:
+        out.print("no desktops to back up")
+    failed = [r.user for r in results if not r.ok]
+    if failed:
+        raise LabvmError(f"{len(failed)} of {len(results)} backups failed: {', '.join(failed)}")
+
+
+@click.command()
+@click.argument("user", shell_complete=complete_users)
+@click.argument("version", type=int)
+@click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation.")
+@click.pass_obj
+@audited("user")
+def restore(home: AdminHome, user, version, yes):
+    """Roll USER's desktop back to VERSION (see `labvm versions USER`).
+
+    The desktop's current files are first published as a new version, so a
+    restore loses nothing and can itself be undone. A running desktop is
+    stopped for it and started again.
+    """
+    from .cli import _confirm
+
+    if not _confirm(yes)(f"Roll {user}'s desktop back to v{version}? A running desktop restarts."):
+        raise click.exceptions.Exit(1)
+    data = _storage(home).restore(user, version)
+    out.print(f"{user}'s desktop now shows v{data['restored']}; what it had before is kept as v{data['kept_as']}")
+
+
+@click.command()
+@click.argument("user", shell_complete=complete_users)
+@click.pass_obj
+@audited("user")
+def solidify(home: AdminHome, user):
+    """Fold USER's changes into a new version and run the desktop over it.
+
+    The changes made since the desktop's version (its upper layer) are merged
+    into a new version, which becomes the one it runs on, and the upper layer
+    starts empty again. A running desktop is stopped for it and started again.
+    A switch to another node does the same.
+    """
+    data = _storage(home).solidify(user)
+    out.print(f"{user}'s desktop now runs on v{data['version']}" + (" (restarted)" if data["running"] else ""))
+
+
+@click.group()
+def cron():
+    """The cron entry that backs up every desktop."""
+
+
+@cron.command("install")
+@click.option("--schedule", default=DEFAULT_SCHEDULE, show_default=True, help="When `labvm backup --all` runs (cron fields).")
+@click.option("--idle-schedule", default=None, help=f"Also run `labvm idle --stop` then, e.g. '{DEFAULT_IDLE_SCHEDULE}'.")
+@click.option("--file", "path", type=click.Path(dir_okay=False, path_type=Path), default=CRON_FILE, show_default=True)
+@click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("/var/log/labvm-backup.log"),
+              show_default=True, help="Where the runs' one-line summaries go.")
+@click.pass_obj
+@audited()
+def cron_install(home: AdminHome, schedule, idle_schedule, path, log_path):
+    """Write the cron file that runs `labvm backup --all` (as root, with this cluster file)."""
+    text = cron_text(home.config.path.resolve(), schedule, idle_schedule, log_path)
+    changed = install_cron(text, path)
+    out.print(("wrote " if changed else "unchanged: ") + str(path), markup=False)
+    out.print(text.rstrip().splitlines()[-1], markup=False)
+
+
+@cron.command("show")
+@click.option("--file", "path", type=click.Path(dir_okay=False, path_type=Path), default=CRON_FILE, show_default=True)
+def cron_show(path):
+    """Print the installed cron file."""
+    if not path.is_file():
+        raise BadInput(f"{path} does not exist; write it with `labvm cron install`")
+    click.echo(path.read_text(), nl=False)
+
+
+COMMANDS = (sync, versions, backup, restore, solidify, cron)

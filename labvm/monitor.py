@@ -1,0 +1,610 @@
+"""Monitoring: every node's and desktop's figures at once, for `labvm status`, `top` and `idle`.
+
+Each node is sampled by its `metrics` helper, all nodes in parallel, each within a timeout: a
+slow or dead node becomes a row saying so, never a wait. The samples are joined with the state
+database (which desktop runs where, with which GPUs and ports) into one document, the one
+`labvm status --json` prints; schema/status.schema.json describes it. The tables are drawn from
+that same document, so what a person reads and what a script parses cannot disagree.
+
+Idle tracking: every sample of a running desktop is recorded in `desktop_activity`. A desktop
+is idle once nothing was seen busy (CPU over the threshold, a GPU busy or holding a process of
+it) for longer than <monitoring><idle_after>. A desktop seen for the first time, or again after
+a restart or a gap in observation longer than idle_after, counts as busy at that moment: labvm
+never stops what it has not watched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Callable
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from .admin import AdminHome
+from .config import ClusterConfig, Monitoring, Node
+from .errors import HelperCrashed, HelperFailed, NodeError
+from .remote.connection import NodeConnection
+from .remote.helpers import ENTRY, HelperBundle, HelperRunner, parse_reply
+from .remote.pool import NodeOutcome, run_on_nodes
+from .state import StateDB
+
+SCHEMA_ID = "labvm.status/1"
+SAMPLE_INTERVAL_S = 0.5
+SORT_KEYS = ("cpu", "mem", "gpu", "user")
+
+Say = Callable[[str], None]
+
+NODE_FIGURES = ("cpu_percent", "cpus", "load", "memory", "swap", "disk", "mfs", "gpus", "gpu_error", "docker_error")
+DESKTOP_FIGURES = ("container", "started_at", "uptime_s", "cpu_percent", "memory", "blkio", "net", "gpu_memory",
+                   "gpu_processes", "sync", "last_version")
+UNKNOWN_FIGURES = {
+    "container": None, "started_at": None, "uptime_s": None, "cpu_percent": None,
+    "memory": {"used": None, "limit": None}, "blkio": {"read": None, "write": None}, "net": {"rx": None, "tx": None},
+    "gpu_memory": None, "gpu_processes": None, "sync": None, "last_version": None,
+}
+
+
+def status_schema() -> dict:
+    """The JSON schema of the status document, shipped beside the cluster file's XSD."""
+    return json.loads(resources.files("labvm").joinpath("schema/status.schema.json").read_text())
+
+
+# -- sampling the nodes ----------------------------------------------------------------------
+# Runs the helper only if this bundle is installed, else exits NOT_INSTALLED without output.
+# Asking first would cost one more SSH exec per node and status call, a good part of the time
+# status takes; the bundle directory and helper name arrive as arguments, never in the script.
+RUN_IF_INSTALLED = 'test -f "$1/.complete" || exit 97; exec python3 "$1/$2" "$3"'
+NOT_INSTALLED = 97
+
+
+class MetricsSession:
+    """One node's SSH connection, and the metrics helper run over it."""
+
+    def __init__(self, home: AdminHome, node: Node, bundle: HelperBundle, timeout: float):
+        self.node = node
+        self.bundle = bundle
+        self.conn = NodeConnection(node, home.home, connect_timeout=max(1.0, timeout))
+        self.runner = HelperRunner(self.conn, bundle)
+
+    def sample(self, params: dict, timeout: float) -> dict:
+        request = json.dumps({"action": "sample", "params": params, "check": False})
+        argv = self.conn.as_root + ["sh", "-c", RUN_IF_INSTALLED, "sh", self.bundle.remote_dir, ENTRY, "metrics"]
+        result = self.conn.run(argv, stdin=request, timeout=timeout)
+        if result.exited == NOT_INSTALLED and not result.stdout:
+            self.runner.ensure_installed()
+            result = self.conn.run(argv, stdin=request, timeout=timeout)
+        return parse_reply(self.node.name, "metrics", "sample", result.exited, result.stdout, result.stderr)["data"]
+
+
+class NodeSessions:
+    """One SSH connection per node, kept across samples (labvm top) and closed at the end.
+
+    A node that failed or timed out loses its connection: closing it also ends a call still
+    stuck on it, and the next sample connects afresh.
+    """
+
+    def __init__(self, home: AdminHome, timeout: float):
+        self.home = home
+        self.timeout = timeout
+        self.bundle = HelperBundle.from_package()
+        self._sessions: dict[str, MetricsSession] = {}
+        self._lock = threading.Lock()
+
+    def sample(self, node: Node, users: list[str]) -> dict:
+        session = self._session(node)
+        params = {
+            "data_dir": node.data_dir,
+            "mfs_mount": self.home.config.storage.mfs_mount,
+            "interval_s": SAMPLE_INTERVAL_S,
+            "users": users,
+        }
+        try:
+            return session.sample(params, self.timeout)
+        except (HelperFailed, HelperCrashed):
+            raise  # the helper answered: the connection itself is fine
+        except BaseException:
+            self.drop(node.name, session)
+            raise
+
+    def _session(self, node: Node) -> MetricsSession:
+        with self._lock:
+            session = self._sessions.get(node.name)
+            if session is None:
+                session = self._sessions[node.name] = MetricsSession(self.home, node, self.bundle, self.timeout)
+            return session
+
+    def drop(self, name: str, session: MetricsSession | None = None) -> None:
+        with self._lock:
+            current = self._sessions.get(name)
+            if current is None or (session is not None and current is not session):
+                return
+            del self._sessions[name]
+        current.conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            session.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def gather(sessions: NodeSessions, nodes: list[Node], users_by_node: dict[str, list[str]]) -> list[NodeOutcome[dict]]:
+    """Sample every node in parallel; a node past the timeout is an outcome with an error."""
+    outcomes = run_on_nodes(nodes, lambda n: sessions.sample(n, users_by_node.get(n.name, [])), timeout=sessions.timeout)
+    for outcome in outcomes:
+        if outcome.error_kind == "timeout":
+            sessions.drop(outcome.node)
+    return outcomes
+
+
+# -- idle tracking ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IdleRule:
+    idle_after: float
+    cpu_percent: float
+
+    @classmethod
+    def from_config(cls, monitoring: Monitoring) -> "IdleRule":
+        return cls(float(monitoring.idle_after), float(monitoring.idle_cpu_percent))
+
+
+@dataclass(frozen=True)
+class Activity:
+    started_at: str | None
+    first_seen: float
+    last_seen: float
+    last_active: float
+
+    def idle_seconds(self, now: float) -> float:
+        return max(0.0, now - self.last_active)
+
+
+def is_busy(sample: dict, gpus_by_uuid: dict[str, dict], gpu_uuids: list[str], rule: IdleRule) -> bool:
+    """Whether one sample shows the desktop in use. A figure that could not be read counts as
+    busy, except a GPU's utilization, which some GPUs never report; their processes still count."""
+    cpu = sample.get("cpu_percent")
+    if cpu is None or cpu >= rule.cpu_percent:
+        return True
+    if sample.get("gpu_processes"):
+        return True
+    return any((gpus_by_uuid.get(uuid) or {}).get("utilization") or 0 for uuid in gpu_uuids)
+
+
+def observe(previous: Activity | None, started_at: str | None, busy: bool, now: float, rule: IdleRule) -> Activity:
+    """The desktop's activity record after one more sample."""
+    unwatched = previous is None or previous.started_at != started_at or now - previous.last_seen > rule.idle_after
+    if unwatched:
+        return Activity(started_at, now, now, now)
+    return Activity(previous.started_at, previous.first_seen, now, now if busy else previous.last_active)
+
+
+def is_idle(activity: Activity | None, now: float, rule: IdleRule) -> bool:
+    return activity is not None and activity.idle_seconds(now) > rule.idle_after
+
+
+def load_activity(db: StateDB) -> dict[str, Activity]:
+    rows = db.conn.execute("SELECT user, started_at, first_seen, last_seen, last_active FROM desktop_activity")
+    return {r["user"]: Activity(r["started_at"], r["first_seen"], r["last_seen"], r["last_active"]) for r in rows}
+
+
+def save_activity(db: StateDB, user: str, activity: Activity) -> None:
+    db.conn.execute(
+        "INSERT INTO desktop_activity (user, started_at, first_seen, last_seen, last_active) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT(user) DO UPDATE SET started_at = excluded.started_at, first_seen = excluded.first_seen, "
+        "last_seen = excluded.last_seen, last_active = excluded.last_active",
+        (user, activity.started_at, activity.first_seen, activity.last_seen, activity.last_active),
+    )
+
+
+def forget_activity(db: StateDB, user: str) -> None:
+    db.conn.execute("DELETE FROM desktop_activity WHERE user = ?", (user,))
+
+
+def record_activity(db: StateDB, desktops: list, samples: dict[str, dict], now: float, rule: IdleRule) -> dict[str, Activity]:
+    """Fold this round's samples into the activity table; desktops on nodes that did not
+    answer keep their record untouched. Returns every desktop's record after the update."""
+    known = load_activity(db)
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        for desktop in desktops:
+            node_sample = samples.get(desktop.node)
+            if node_sample is None:
+                continue
+            mine = next((d for d in node_sample["desktops"] if d["user"] == desktop.user), None)
+            if mine is None or mine["state"] != "running" or desktop.state != "running":
+                forget_activity(db, desktop.user)
+                known.pop(desktop.user, None)
+                continue
+            gpus = {g["uuid"]: g for g in node_sample["node"].get("gpus") or []}
+            uuids = sorted({g["uuid"] for g in desktop.gpus} | set(mine.get("gpus") or []))
+            activity = observe(known.get(desktop.user), mine.get("started_at"), is_busy(mine, gpus, uuids, rule), now, rule)
+            save_activity(db, desktop.user, activity)
+            known[desktop.user] = activity
+        db.conn.execute("COMMIT")
+    except BaseException:
+        db.conn.execute("ROLLBACK")
+        raise
+    return known
+
+
+# -- the status document ---------------------------------------------------------------------
+def utc_iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def node_entry(node: Node, outcome: NodeOutcome[dict], assigned: dict[str, str]) -> dict:
+    entry = {
+        "name": node.name,
+        "host": node.host,
+        "reachable": outcome.ok,
+        "error": outcome.error,
+        "seconds": round(outcome.seconds, 3),
+    }
+    if not outcome.ok:
+        return {**entry, **{key: None for key in NODE_FIGURES}}
+    figures = outcome.value["node"]
+    gpus = [{**gpu, "assigned_to": assigned.get(gpu["uuid"])} for gpu in figures.get("gpus") or []]
+    return {**entry, **{key: figures.get(key) for key in NODE_FIGURES}, "gpus": gpus}
+
+
+def desktop_entry(cfg: ClusterConfig, desktop, node_sample: dict | None, activity: Activity | None, now: float) -> dict:
+    base = desktop.as_dict(cfg)
+    gpu_figures = {g["uuid"]: g for g in ((node_sample or {}).get("node") or {}).get("gpus") or []}
+    base["gpus"] = [
+        {
+            "index": g["index"],
+            "uuid": g["uuid"],
+            "utilization": gpu_figures.get(g["uuid"], {}).get("utilization"),
+            "memory_used": gpu_figures.get(g["uuid"], {}).get("memory_used"),
+            "memory_total": gpu_figures.get(g["uuid"], {}).get("memory_total"),
+        }
+        for g in desktop.gpus
+    ]
+    mine = next((d for d in (node_sample or {}).get("desktops", []) if d["user"] == desktop.user), None)
+    if node_sample is None or mine is None:
+        figures = dict(UNKNOWN_FIGURES)
+        container_state = None
+    else:
+        figures = {key: mine.get(key) for key in DESKTOP_FIGURES}
+        container_state = mine["state"]
+    watched = activity is not None and container_state == "running"
+    return {
+        **base,
+        "container_state": container_state,
+        **figures,
+        "last_active": activity.last_active if watched else None,
+        "idle_s": round(activity.idle_seconds(now), 1) if watched else None,
+    }
+
+
+def build_document(cfg: ClusterConfig, desktops: list, nodes: list[Node], outcomes: list[NodeOutcome[dict]],
+                   activity: dict[str, Activity], now: float) -> dict:
+    assigned = {g["uuid"]: d.user for d in desktops for g in d.gpus}
+    samples = {o.node: o.value for o in outcomes if o.ok}
+    return {
+        "schema": SCHEMA_ID,
+        "generated": utc_iso(now),
+        "nodes": [node_entry(node, outcome, assigned) for node, outcome in zip(nodes, outcomes, strict=True)],
+        "desktops": [desktop_entry(cfg, d, samples.get(d.node), activity.get(d.user), now) for d in desktops],
+    }
+
+
+def select_nodes(cfg: ClusterConfig, desktops: list, node_filter: str | None, user_filter: str | None) -> list[Node]:
+    if node_filter:
+        return [cfg.node(node_filter)]
+    if user_filter:
+        wanted = {d.node for d in desktops}
+        return [n for n in cfg.nodes if n.name in wanted]
+    return list(cfg.nodes)
+
+
+def collect_status(home: AdminHome, sessions: NodeSessions, node_filter: str | None = None,
+                   user_filter: str | None = None) -> dict:
+    """Sample the nodes, record the desktops' activity, and return the status document."""
+    from .desktops import Desktops
+
+    cfg = home.config
+    rule = IdleRule.from_config(cfg.monitoring)
+    if node_filter:
+        cfg.node(node_filter)  # an unknown node is refused before any connection
+    with home.state() as db:
+        everything = Desktops(home).list(db)
+    shown = [d for d in everything if (not node_filter or d.node == node_filter) and (not user_filter or d.user == user_filter)]
+    nodes = select_nodes(cfg, shown, node_filter, user_filter)
+    users_by_node = {n.name: [d.user for d in everything if d.node == n.name] for n in nodes}
+    outcomes = gather(sessions, nodes, users_by_node)
+    now = time.time()
+    samples = {o.node: o.value for o in outcomes if o.ok}
+    with home.state() as db:
+        activity = record_activity(db, [d for d in everything if d.node in samples], samples, now, rule)
+    return build_document(cfg, shown, nodes, outcomes, activity, now)
+
+
+def unreachable_nodes(document: dict) -> list[str]:
+    return [n["name"] for n in document["nodes"] if not n["reachable"]]
+
+
+# -- idle desktops -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IdleDesktop:
+    user: str
+    node: str
+    idle_s: float
+    last_active: float
+
+
+def find_idle(document: dict, rule: IdleRule) -> list[IdleDesktop]:
+    return [
+        IdleDesktop(d["user"], d["node"], d["idle_s"], d["last_active"])
+        for d in document["desktops"]
+        if d["state"] == "running" and d["container_state"] == "running" and d["idle_s"] is not None and d["idle_s"] > rule.idle_after
+    ]
+
+
+def stop_idle(home: AdminHome, user: str, say: Say) -> None:
+    """Stop an idle desktop the way `labvm stop` does: its sync is flushed to MooseFS before its
+    layers go, so nothing it wrote is lost."""
+    from .desktops import Desktops
+
+    Desktops(home, say).stop(user)
+    with home.state() as db:
+        forget_activity(db, user)
+
+
+def require_reachable(document: dict) -> None:
+    down = unreachable_nodes(document)
+    if down:
+        raise NodeError(node=", ".join(down), msg="did not answer (its row says why)")
+
+
+# -- sorting and rendering -------------------------------------------------------------------
+def sort_desktops(desktops: list[dict], key: str) -> list[dict]:
+    """Busiest first for cpu, mem and gpu (unknown figures last); by name for user."""
+    if key == "user":
+        return sorted(desktops, key=lambda d: d["user"])
+    figure = {
+        "cpu": lambda d: d["cpu_percent"],
+        "mem": lambda d: (d["memory"] or {}).get("used"),
+        "gpu": lambda d: d["gpu_memory"],
+    }[key]
+    return sorted(desktops, key=lambda d: (figure(d) is None, -(figure(d) or 0), d["user"]))
+
+
+BAR_FULL, BAR_EMPTY = "█", "░"
+BAR_WIDTH = 10
+
+
+def bar_cells(fraction: float | None, width: int = BAR_WIDTH) -> str:
+    """A bar of `width` cells for a fraction 0..1 (clamped); empty when unknown."""
+    if fraction is None:
+        return ""
+    filled = round(min(1.0, max(0.0, fraction)) * width)
+    return BAR_FULL * filled + BAR_EMPTY * (width - filled)
+
+
+def level_style(fraction: float) -> str:
+    if fraction >= 0.9:
+        return "red"
+    if fraction >= 0.7:
+        return "yellow"
+    return "green"
+
+
+def bar(fraction: float | None, label: str, width: int = BAR_WIDTH, stacked: bool = False) -> Text:
+    """The bar, then its label: beside it, or (stacked) on the next line, which keeps table
+    columns narrow enough that a bar is never cut."""
+    if fraction is None:
+        return Text(label or "?", style="dim")
+    text = Text(bar_cells(fraction, width), style=level_style(fraction))
+    text.append(f"{chr(10) if stacked else ' '}{label}")
+    return text
+
+
+def human_size(n: int | float | None) -> str:
+    """Powers of 1024, with a decimal only below 10 of a unit: 512B, 1.5K, 300M, 16G."""
+    if n is None:
+        return "?"
+    for unit in ("B", "K", "M", "G"):
+        if abs(n) < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" or abs(n) >= 10 else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}T" if abs(n) < 10 else f"{n:.0f}T"
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    for size, unit, smaller, smaller_unit in ((86400, "d", 3600, "h"), (3600, "h", 60, "m"), (60, "m", 1, "s")):
+        if seconds >= size:
+            rest = (seconds % size) // smaller
+            return f"{seconds // size}{unit}{rest}{smaller_unit}" if rest else f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def fraction(used, total) -> float | None:
+    return used / total if used is not None and total else None
+
+
+def used_of(figures: dict | None, total_key: str = "total", width: int = BAR_WIDTH) -> Text:
+    figures = figures or {}
+    used, total = figures.get("used"), figures.get(total_key)
+    label = f"{human_size(used)}/{human_size(total)}" if total else human_size(used)
+    return bar(fraction(used, total), label, width=width, stacked=True)
+
+
+def node_health(node: dict) -> Text:
+    if not node["reachable"]:
+        return Text(node["error"] or "unreachable", style="bold red")
+    problems = []
+    if node["docker_error"]:
+        problems.append(f"docker: {node['docker_error']}")
+    if node["gpu_error"]:
+        problems.append(f"GPUs: {node['gpu_error']}")
+    mfs = node["mfs"] or {}
+    if not mfs.get("healthy"):
+        problems.append(f"MooseFS: {mfs.get('error') or 'not healthy'}")
+    return Text("\n".join(problems), style="yellow") if problems else Text("ok", style="green")
+
+
+def gpu_line(gpu: dict, who: str | None) -> Text:
+    """Two lines: index, utilization bar and owner; then memory, temperature and power."""
+    util = gpu.get("utilization")
+    line = Text(f"#{gpu['index']} ")
+    line.append_text(bar(None if util is None else util / 100, f"{util}%" if util is not None else "?%", width=6))
+    if who:
+        line.append(f" {who}", style="bold")
+    line.append(f"\n   {human_size(gpu.get('memory_used'))}/{human_size(gpu.get('memory_total'))}")
+    if gpu.get("temperature") is not None:
+        line.append(f" {gpu['temperature']}°C")
+    if gpu.get("power") is not None:
+        line.append(f" {gpu['power']:.0f}W")
+    return line
+
+
+def node_gpus(node: dict) -> Text:
+    lines = []
+    for gpu in node["gpus"] or []:
+        users = sorted({p["user"] or p["container"] or f"pid {p['pid']}" for p in gpu.get("processes") or []})
+        who = gpu.get("assigned_to") or ""
+        strangers = [u for u in users if u != who]
+        lines.append(gpu_line(gpu, " ".join(filter(None, [who, *(f"[{u}]" for u in strangers)])) or None))
+    return Text("\n").join(lines) if lines else Text("none", style="dim")
+
+
+def nodes_table(document: dict) -> Table:
+    table = Table("node", "status", "CPU", "load", "memory", "disk", "MooseFS", "GPUs", title="nodes", title_justify="left")
+    for node in document["nodes"]:
+        if not node["reachable"]:
+            table.add_row(Text(node["name"], style="bold red"), node_health(node), *[""] * 6)
+            continue
+        cpu = node["cpu_percent"]
+        memory = used_of(node["memory"])
+        swap = node["swap"] or {}
+        if swap.get("total"):
+            memory.append("\nswap ").append_text(used_of(swap))
+        mfs = node["mfs"] or {}
+        table.add_row(
+            node["name"],
+            node_health(node),
+            bar(fraction(cpu, 100), f"{cpu:.0f}% of {node['cpus']}" if cpu is not None else "?", stacked=True),
+            " ".join(f"{x:.2f}" for x in node["load"] or []),
+            memory,
+            used_of(node["disk"]),
+            Text(f"{human_size(mfs.get('free'))} free", style="green") if mfs.get("healthy") else Text("down", style="red"),
+            node_gpus(node),
+        )
+    return table
+
+
+def cpu_limit(desktop: dict) -> float | None:
+    limits = desktop.get("limits") or {}
+    if limits.get("cpus"):
+        return float(limits["cpus"])
+    cpuset = limits.get("cpuset")
+    if cpuset:
+        count = 0
+        for part in cpuset.split(","):
+            low, _, high = part.partition("-")
+            count += int(high or low) - int(low) + 1
+        return float(count)
+    return None
+
+
+def desktop_state(desktop: dict) -> Text:
+    state, container = desktop["state"], desktop["container_state"]
+    if container is None:
+        return Text(f"{state} (node unreachable)" if state == "running" else state, style="red" if state == "running" else "")
+    if (state == "running") != (container == "running"):
+        return Text(f"{state} (container {container})", style="red")
+    return Text(state, style="green" if state == "running" else "")
+
+
+def desktop_gpus(desktop: dict) -> Text:
+    lines = []
+    for gpu in desktop["gpus"]:
+        util = gpu.get("utilization")
+        lines.append(Text(f"#{gpu['index']} {'?' if util is None else util}% {human_size(gpu.get('memory_used'))}"))
+    if desktop["gpu_memory"]:
+        lines.append(Text(f"{human_size(desktop['gpu_memory'])} in {desktop['gpu_processes']} proc", style="bold"))
+    return Text("\n").join(lines) if lines else Text("none", style="dim")
+
+
+def sync_cell(sync: dict | None) -> Text:
+    if not sync:
+        return Text("-", style="dim")
+    lag = human_duration(sync["lag_s"]) if sync.get("lag_s") is not None else "?"
+    if sync.get("last_error"):
+        return Text(f"{lag} {sync['last_error']}", style="red")
+    return Text(lag, style="" if sync.get("running") else "yellow")
+
+
+def traffic(desktop: dict) -> Text:
+    """Disk IO, then network, since the container started."""
+    io, net = desktop["blkio"] or {}, desktop["net"] or {}
+    return Text(f"r {human_size(io.get('read'))} w {human_size(io.get('write'))}\n"
+                f"rx {human_size(net.get('rx'))} tx {human_size(net.get('tx'))}")
+
+
+def times(desktop: dict) -> Text:
+    text = Text(f"up {human_duration(desktop['uptime_s'])}")
+    if desktop["idle_s"] is not None:
+        text.append(f"\nidle {human_duration(desktop['idle_s'])}", style="yellow" if desktop["idle_s"] >= 3600 else "")
+    return text
+
+
+def storage_cell(desktop: dict) -> Text:
+    text = Text(f"v{desktop['last_version']}" if desktop["last_version"] is not None else "v?")
+    text.append("\nsync ").append_text(sync_cell(desktop["sync"]))
+    return text
+
+
+def desktops_table(document: dict, sort: str = "user") -> Table:
+    table = Table(title="desktops", title_justify="left")
+    for name in ("user", "node", "state"):
+        table.add_column(name)
+    for name in ("CPU", "memory"):
+        table.add_column(name, no_wrap=True, min_width=8)
+    for name in ("GPUs", "IO / net", "time", "version"):
+        table.add_column(name)
+    table.add_column("VNC", no_wrap=True)
+    for d in sort_desktops(document["desktops"], sort):
+        cpu, limit = d["cpu_percent"], cpu_limit(d)
+        running = d["container_state"] == "running"
+        cpu_label = f"{cpu:.0f}%" if cpu is not None else "-"
+        table.add_row(
+            d["user"],
+            d["node"],
+            desktop_state(d),
+            bar(fraction(cpu, 100 * limit) if limit else None, cpu_label, width=8, stacked=True) if running else "",
+            used_of(d["memory"], "limit", width=8) if running else "",
+            desktop_gpus(d),
+            traffic(d) if running else "",
+            times(d) if running else "",
+            storage_cell(d),
+            d["vnc"] or "",
+        )
+    return table
+
+
+def status_view(document: dict, sort: str = "user") -> Group:
+    return Group(nodes_table(document), desktops_table(document, sort))
+
+
+def top_view(document: dict, sort: str, interval: float) -> Group:
+    when = dt.datetime.now().strftime("%H:%M:%S")
+    header = Text(f"labvm top  {when}  every {interval:g}s  sorted by {sort}  (Ctrl-C quits)", style="bold")
+    return Group(header, nodes_table(document), desktops_table(document, sort))

@@ -1,0 +1,142 @@
+"""The operations journal, read and acted on: `labvm ops list|show|resume|abort`.
+
+An operation that was killed (its process gone) stays `running` in the journal with a lock whose
+owner is dead; it is shown as `interrupted`. Resuming a switch runs it again from its first
+unfinished step with what it recorded; other kinds are idempotent commands, so resuming one runs
+the same command again as a new operation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from .admin import AdminHome
+from .errors import BadInput, Busy, StateError
+from .journal import Operation, _pid_alive, vm_lock
+
+RESUMABLE = ("switch", "start", "stop", "backup", "restore", "solidify", "rm")
+
+
+@dataclass
+class OpView:
+    id: int
+    kind: str
+    user: str | None
+    state: str
+    params: dict
+    error: str | None
+    created_at: float
+    updated_at: float
+    steps: list[dict]
+
+    @property
+    def last_step(self) -> str | None:
+        return self.steps[-1]["name"] if self.steps else None
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _lock_alive(db, op_id: int) -> bool:
+    row = db.conn.execute("SELECT owner_pid FROM vm_locks WHERE op_id = ?", (op_id,)).fetchone()
+    return row is not None and _pid_alive(row["owner_pid"])
+
+
+def _view(db, row) -> OpView:
+    steps = [dict(r) for r in db.conn.execute(
+        "SELECT seq, name, state, detail, started_at, finished_at FROM operation_steps WHERE op_id = ? ORDER BY seq", (row["id"],))]
+    state = row["state"]
+    if state == "running" and not _lock_alive(db, row["id"]):
+        state = "interrupted"
+    return OpView(row["id"], row["kind"], row["user"], state, json.loads(row["params"]), row["error"],
+                  row["created_at"], row["updated_at"], steps)
+
+
+def list_ops(home: AdminHome, user: str | None = None, limit: int = 30, unfinished: bool = False) -> list[OpView]:
+    with home.state() as db:
+        sql, args = "SELECT * FROM operations", []
+        if user:
+            sql, args = sql + " WHERE user = ?", [user]
+        rows = db.conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit if not unfinished else 100000)).fetchall()
+        views = [_view(db, r) for r in rows]
+    if unfinished:
+        views = [v for v in views if v.state in ("running", "interrupted", "failed")][:limit]
+    return views
+
+
+def show_op(home: AdminHome, op_id: int) -> OpView:
+    with home.state() as db:
+        row = db.conn.execute("SELECT * FROM operations WHERE id = ?", (op_id,)).fetchone()
+        if row is None:
+            raise BadInput(f"no operation {op_id}; see `labvm ops list`")
+        return _view(db, row)
+
+
+def _refuse_live(view: OpView) -> None:
+    if view.state == "running":
+        raise Busy(f"operation {view.id} is still running; wait for it to end")
+
+
+def resume(home: AdminHome, op_id: int, say=lambda _m: None):
+    view = show_op(home, op_id)
+    _refuse_live(view)
+    if view.state in ("done", "rolled_back", "aborted", "resumed", "refused"):
+        raise StateError(f"operation {op_id} ({view.kind}) is {view.state}: nothing to resume")
+    if view.kind not in RESUMABLE:
+        raise StateError(f"a {view.kind} cannot be resumed; run `labvm {view.kind} {view.user or ''}` again".rstrip())
+    if view.kind == "switch":
+        from .switch import Switcher
+
+        with home.state() as db:
+            op = Operation.load(db, op_id)
+            return Switcher(home, say).resume(db, op)
+    with home.state() as db:
+        Operation.load(db, op_id).finish("resumed", view.error)
+    return _rerun(home, view, say)
+
+
+def _rerun(home: AdminHome, view: OpView, say):
+    from .desktops import Desktops
+    from .storage import Storage
+
+    user = view.user
+    if view.kind in ("start", "stop", "rm"):
+        desktops = Desktops(home, say)
+        return {"start": desktops.start, "stop": desktops.stop, "rm": desktops.remove}[view.kind](user)
+    storage = Storage(home, say)
+    if view.kind == "backup":
+        return storage.backup(user)
+    if view.kind == "solidify":
+        return storage.solidify(user)
+    return storage.restore(user, view.params["version"])
+
+
+def abort(home: AdminHome, op_id: int, say=lambda _m: None) -> str:
+    """Give up an interrupted or failed operation. A switch that has not committed is rolled back
+    first; one that has can only go forward."""
+    view = show_op(home, op_id)
+    _refuse_live(view)
+    if view.state not in ("interrupted", "failed"):
+        raise StateError(f"operation {op_id} is {view.state}: nothing to abort")
+    with home.state() as db:
+        op = Operation.load(db, op_id)
+        if view.kind == "switch" and not view.params.get("rolled_back"):
+            if op.done("commit"):
+                raise StateError(f"switch {op_id} has committed: {view.user}'s desktop lives on {view.params['target']} now. "
+                                 f"It can only go forward: `labvm ops resume {op_id}`")
+            from .switch import Switcher
+
+            switcher = Switcher(home, say)
+            with vm_lock(db, view.user, op_id):
+                try:
+                    for note in switcher._rollback(db, op, view.user):
+                        say(note)
+                finally:
+                    switcher.close()
+        elif view.user:
+            with vm_lock(db, view.user, op_id):
+                pass  # takes over a dead owner's lock, and releases it
+        op.finish("aborted", f"aborted at {time.strftime('%Y-%m-%d %H:%M:%S')}; was: {view.error or view.state}")
+    return f"operation {op_id} ({view.kind} {view.user or ''}) aborted".replace("  ", " ")

@@ -1,0 +1,328 @@
+"""Versions of a desktop's files on MooseFS: sync flush, backup, retention, restore.
+
+A desktop's files are three layers. Its upper (up_local, streamed to up_mfs by the sync) holds
+what changed since its base version `low_mfs.vN`. A backup publishes `lower + upper` as a new
+version with the node-side merge; the desktop keeps running on its base with its upper, so a
+backup never stops it. A restore, or a switch, "solidifies": it publishes the upper into a new
+version, makes that the base and empties the upper.
+
+Why a running backup is consistent: the desktop is frozen (docker pause, the cgroup freezer)
+only for the last sync flush and an `mfsmakesnapshot` of up_mfs, about a second. The snapshot is
+the state of the desktop at one instant, as if its power had been cut, which is what file
+systems and databases are built to recover from. The merge then works from the snapshot while
+the desktop runs on.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .admin import AdminHome
+from .desktops import Desktop, Desktops, NodeSession, Say
+from .errors import BadInput, Busy, LabvmError, NotFound, StateError
+from .fsutil import atomic_write
+from .journal import journaled
+from .nodes import mfs_params
+from .retention import Verdict, Version, plan
+
+FLUSH_TIMEOUT_S = 900
+MERGE_TIMEOUT_S = 3600
+BACKUP_LOCK = "backup.lock"
+
+
+@dataclass
+class BackupResult:
+    user: str
+    ok: bool
+    line: str
+    version: int | None = None
+    pruned: tuple[int, ...] = ()
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"user": self.user, "ok": self.ok, "version": self.version, "pruned": list(self.pruned),
+                "seconds": round(self.seconds, 3), "summary": self.line}
+
+
+def versions_from_reply(data: dict) -> list[Version]:
+    return [Version(v["version"], v["created"], v.get("files"), v.get("bytes"), v.get("base")) for v in data["versions"]]
+
+
+class Storage:
+    def __init__(self, home: AdminHome, say: Say = lambda _msg: None):
+        self.home = home
+        self.cfg = home.config
+        self.say = say
+        self.desktops = Desktops(home, say)
+
+    # -- helpers on one node ----------------------------------------------------------------
+    def _mfs(self, s: NodeSession) -> None:
+        s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
+
+    def _list(self, s: NodeSession, user: str) -> list[Version]:
+        data = s.call("merge", "versions", {"user": user, "mfs_mount": self.cfg.storage.mfs_mount})["data"]
+        return versions_from_reply(data)
+
+    def _desktop(self, user: str) -> Desktop:
+        with self.home.state() as db:
+            return self.desktops.get(db, user)
+
+    # -- reading ----------------------------------------------------------------------------
+    def versions(self, user: str) -> tuple[Desktop, list[Verdict]]:
+        """Every version of the user's files, newest first, with the rule that keeps each."""
+        desktop = self._desktop(user)
+        with self.desktops.session(self.cfg.node(desktop.node)) as s:
+            self._mfs(s)
+            found = self._list(s, user)
+        return desktop, plan(found, self.cfg.retention, in_use={desktop.version})
+
+    def sync_status(self, user: str) -> dict:
+        desktop = self._desktop(user)
+        node = self.cfg.node(desktop.node)
+        with self.desktops.session(node) as s:
+            return s.call("sync", "status", {"user": user, "data_dir": node.data_dir})["data"]
+
+    # -- flush ------------------------------------------------------------------------------
+    def flush(self, user: str) -> dict:
+        """Return once everything the desktop wrote before this call is on MooseFS."""
+        desktop = self._desktop(user)
+        if desktop.state != "running":
+            return {"mode": "stopped", "seconds": 0.0, "files": 0}
+        node = self.cfg.node(desktop.node)
+        with self.desktops.session(node) as s:
+            return s.call("sync", "flush", {"user": user, "data_dir": node.data_dir, "timeout_s": FLUSH_TIMEOUT_S},
+                          timeout=FLUSH_TIMEOUT_S + 60)["data"]
+
+    # -- backup -----------------------------------------------------------------------------
+    def backup(self, user: str) -> BackupResult:
+        """Publish the desktop's current files as a new version, then prune by the retention rule."""
+        started = time.monotonic()
+        with self.home.state() as db:
+            self.desktops.get(db, user)
+            with journaled(db, "backup", user, {}) as op:
+                desktop = self.desktops.get(db, user)
+                if desktop.state not in ("running", "stopped"):
+                    raise StateError(f"{user}'s desktop is {desktop.state}; only a running or stopped desktop is backed up")
+                with self.desktops.session(self.cfg.node(desktop.node)) as s:
+                    version, published, pruned = self._backup_on_node(s, op, desktop)
+        seconds = time.monotonic() - started
+        size = f"{published.get('files', '?')} files, {_size(published.get('bytes'))}"
+        line = f"{user}: v{version} published ({size}, over v{desktop.version}) in {seconds:.1f} s"
+        if pruned:
+            line += "; pruned " + ", ".join(f"v{n}" for n in pruned)
+        return BackupResult(user, True, line, version, tuple(pruned), seconds)
+
+    def _backup_on_node(self, s: NodeSession, op, desktop: Desktop) -> tuple[int, dict, list[int]]:
+        user, node, mfs_mount = desktop.user, s.node, self.cfg.storage.mfs_mount
+        with op.step("mount_mfs"):
+            self._mfs(s)
+        existing = self._list(s, user)
+        target = max([v.number for v in existing] + [desktop.version]) + 1
+        with op.step("snapshot_upper"):
+            upper = self._frozen_upper(s, desktop, node, target)
+        with op.step("publish"):
+            published = s.call("merge", "publish", {"user": user, "mfs_mount": mfs_mount, "base": desktop.version,
+                                                    "upper": upper, "target": target, "image": self.cfg.xfce_local},
+                                 timeout=MERGE_TIMEOUT_S)["data"]
+        with op.step("prune"):
+            pruned = self._prune(s, user, desktop.version)
+        return target, published, pruned
+
+    def _frozen_upper(self, s: NodeSession, desktop: Desktop, node, target: int) -> str:
+        """An instant's copy of up_mfs to merge from. A running desktop is flushed, frozen,
+        flushed again and snapshotted, then thawed; a stopped one was flushed when it stopped."""
+        user, mfs_mount = desktop.user, self.cfg.storage.mfs_mount
+        snapshot = {"user": user, "mfs_mount": mfs_mount, "name": str(target)}
+        if desktop.state != "running":
+            return s.call("merge", "snapshot_upper", snapshot, timeout=600)["data"]["path"]
+        flush = {"user": user, "data_dir": node.data_dir, "timeout_s": FLUSH_TIMEOUT_S}
+        # The first flush, while the desktop works, sends the bulk; the frozen one only the rest.
+        s.call("sync", "flush", flush, timeout=FLUSH_TIMEOUT_S + 60)
+        s.call("vm", "freeze", {"user": user})
+        try:
+            s.call("sync", "flush", flush, timeout=FLUSH_TIMEOUT_S + 60)
+            return s.call("merge", "snapshot_upper", snapshot, timeout=600)["data"]["path"]
+        finally:
+            s.call("vm", "thaw", {"user": user})
+
+    def _prune(self, s: NodeSession, user: str, in_use: int) -> list[int]:
+        verdicts = plan(self._list(s, user), self.cfg.retention, in_use={in_use})
+        pruned = []
+        for verdict in verdicts:
+            if not verdict.keep:
+                s.call("merge", "remove_version", {"user": user, "mfs_mount": self.cfg.storage.mfs_mount,
+                                                   "version": verdict.version.number}, timeout=600)
+                pruned.append(verdict.version.number)
+        return sorted(pruned)
+
+    def backup_many(self, users: list[str], report=lambda _result: None) -> list[BackupResult]:
+        """Back up each desktop in turn, under one lock against an overlapping run (cron). One
+        failed desktop is reported and the others still run."""
+        with backup_lock(self.home.home):
+            results = []
+            for user in users:
+                try:
+                    result = self.backup(user)
+                except LabvmError as exc:
+                    result = BackupResult(user, False, f"{user}: FAILED: {exc}")
+                report(result)
+                results.append(result)
+            return results
+
+    def all_users(self) -> list[str]:
+        with self.home.state() as db:
+            return [d.user for d in self.desktops.list(db) if d.state in ("running", "stopped")]
+
+    # -- solidify and restore -----------------------------------------------------------------
+    def solidify(self, user: str) -> dict:
+        """Publish the desktop's changes as a new version and run it over that version with an
+        empty upper layer. A running desktop is stopped for it and started again."""
+        return self._stopped_for(user, "solidify", {}, lambda s, op, db, desktop: {"version": self._solidify_on_node(s, op, db, desktop)})
+
+    def restore(self, user: str, version: int) -> dict:
+        """Roll the desktop back to a version; its current files are published as a new version first."""
+
+        def work(s, op, db, desktop):
+            self._require_version(s, user, version)
+            kept = self._solidify_on_node(s, op, db, desktop)
+            with op.step("rebase"):
+                _set(db, user, version=version)
+            return {"restored": version, "kept_as": kept}
+
+        return self._stopped_for(user, "restore", {"version": version}, work)
+
+    def _stopped_for(self, user: str, kind: str, params: dict, work) -> dict:
+        with self.home.state() as db:
+            self.desktops.get(db, user)
+            with journaled(db, kind, user, params) as op:
+                desktop = self.desktops.get(db, user)
+                if desktop.state not in ("running", "stopped"):
+                    raise StateError(f"{user}'s desktop is {desktop.state}; it must be running or stopped")
+                with self.desktops.session(self.cfg.node(desktop.node)) as s:
+                    with op.step("mount_mfs"):
+                        self._mfs(s)
+                    was_running = desktop.state == "running"
+                    if was_running:
+                        self.desktops.stop_on_node(s, op, user, 20)
+                        _set(db, user, state="stopped")
+                    data = work(s, op, db, self.desktops.get(db, user))
+                    if was_running:
+                        self.desktops.bring_up(s, op, db, self.desktops.get(db, user), db.get_user(user).uid)
+        return {"user": user, "running": was_running, **data}
+
+    def _require_version(self, s: NodeSession, user: str, version: int) -> None:
+        numbers = sorted(v.number for v in self._list(s, user))
+        if version not in numbers:
+            shown = ", ".join(f"v{n}" for n in numbers) or "none"
+            raise NotFound(f"{user} has no version {version} (versions: {shown}); see `labvm versions {user}`")
+
+    def _solidify_on_node(self, s: NodeSession, op, db, desktop: Desktop) -> int:
+        """Publish base + upper as a new version, make it the base, empty the upper. Each state
+        between these steps shows the same files: the new version holds the upper, and an upper
+        applied over the version made from it changes nothing. Only then is it emptied."""
+        user, node, mfs_mount = desktop.user, s.node, self.cfg.storage.mfs_mount
+        target = max([v.number for v in self._list(s, user)] + [desktop.version]) + 1
+        with op.step("publish"):
+            s.call("merge", "publish", {"user": user, "mfs_mount": mfs_mount, "base": desktop.version, "target": target,
+                                                    "image": self.cfg.xfce_local},
+                   timeout=MERGE_TIMEOUT_S)
+        with op.step("solidify"):
+            _set(db, user, version=target)
+            s.call("vm", "reset_upper", {"user": user, "data_dir": node.data_dir, "mfs_mount": mfs_mount})
+        return target
+
+
+def _set(db, user: str, **fields) -> None:
+    assignments = ", ".join(f"{name} = ?" for name in fields)
+    db.conn.execute(f"UPDATE vms SET {assignments}, updated_at = ? WHERE user = ?", (*fields.values(), time.time(), user))
+
+
+def _size(value: int | None) -> str:
+    if value is None:
+        return "? bytes"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value} bytes"
+
+
+class backup_lock:
+    """One backup run at a time on this admin host: cron must not start a second over a slow first."""
+
+    def __init__(self, home: Path):
+        self.path = Path(home) / BACKUP_LOCK
+        self.fd: int | None = None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise Busy(f"another labvm backup is running (pid {holder}); this one does nothing") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # closing releases the flock
+
+
+# -- cron ---------------------------------------------------------------------------------------
+CRON_FILE = Path("/etc/cron.d/labvm")
+CRON_FIELD = re.compile(r"[0-9A-Za-z*/,-]+")
+DEFAULT_SCHEDULE = "17 3 * * *"
+DEFAULT_IDLE_SCHEDULE = "47 * * * *"
+
+
+def check_schedule(schedule: str) -> str:
+    fields = schedule.split()
+    if schedule.startswith("@") and len(fields) == 1 and fields[0] in ("@hourly", "@daily", "@weekly", "@monthly"):
+        return schedule
+    if len(fields) != 5 or not all(CRON_FIELD.fullmatch(f) for f in fields):
+        raise BadInput(f"schedule {schedule!r}: give five cron fields like '17 3 * * *', or @daily")
+    return " ".join(fields)
+
+
+def labvm_command() -> str:
+    found = shutil.which("labvm")
+    if found:
+        return os.path.realpath(found)
+    return f"{os.path.realpath(sys.executable)} -m labvm"
+
+
+def cron_text(config: Path, schedule: str, idle_schedule: str | None, log: Path, command: str | None = None) -> str:
+    command = command or labvm_command()
+    base = f"{command} --config {shlex.quote(str(config))}"
+    redirect = f">> {shlex.quote(str(log))} 2>&1"
+    lines = [
+        "# labvm: periodic backups of every desktop. Written by `labvm cron install`; edit with it too.",
+        "SHELL=/bin/sh",
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        f"{check_schedule(schedule)} root {base} backup --all {redirect}",
+    ]
+    if idle_schedule:
+        lines.append(f"{check_schedule(idle_schedule)} root {base} idle --stop {redirect}")
+    return "\n".join(lines) + "\n"
+
+
+def install_cron(text: str, path: Path = CRON_FILE) -> bool:
+    """Write the cron file (0644: cron ignores files others may write). True if it changed."""
+    path = Path(path)
+    if path.is_file() and path.read_text() == text:
+        return False
+    if not path.parent.is_dir():
+        raise StateError(f"{path.parent} does not exist: is cron installed? (apt-get install cron)")
+    atomic_write(path, text.encode(), 0o644)
+    return True

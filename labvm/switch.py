@@ -1,0 +1,543 @@
+"""Switch: move a desktop to another node as a journaled, resumable list of steps.
+
+    preflight  precopy  stop_source  final_flush  merge  fence  build_stack  start_target
+    verify  commit  cleanup_source
+
+Each step records what a later run needs (the target's GPUs and ports, the published version)
+in the operation's journal entry before it acts, and each node action is an idempotent ensure,
+so `labvm ops resume` can run an interrupted switch again from its first unfinished step.
+
+Before `commit`, a failure rolls back: the desktop runs on its source again. After it, only
+forward: the state database already says the desktop lives on the target.
+
+The downtime is what the changed data sets: the sync keeps up_mfs current while the desktop
+runs and `precopy` flushes it, so after the stop only the last seconds of writes travel. The
+merge is renames and deletes on MooseFS, and the target's upper starts empty over the new
+version, so no file data is copied at all.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .admin import AdminHome
+from .config import Node
+from .desktops import Desktop, Desktops, Limits, NodeSession, build_spec
+from .errors import BadInput, LabvmError, NodeError, NodeUnreachable, NotFound, RolledBack, StateError
+from .images import base_image_tag, base_image_tar
+from .journal import Operation, journaled
+from .nodes import mfs_params
+from .placement import GpuRequest, allocate_gpus, allocate_ports
+from .remote.connection import NodeConnection
+
+STEPS = (
+    ("preflight", "check the target: reachable, image pushed, MooseFS mounted, free GPUs, memory and ports; reserve them"),
+    ("precopy", "flush the sync while the desktop still runs, so little is left for the stop"),
+    ("stop_source", "stop the desktop's container on the source (downtime starts)"),
+    ("final_flush", "send the last writes to MooseFS, stop the sync, unmount the layers on the source"),
+    ("merge", "publish the base version plus the upper layer as a new version (renames on MooseFS)"),
+    ("fence", "make the target the desktop's owner on MooseFS: the source may no longer mount it"),
+    ("build_stack", "mount the new version on the target, with an empty upper layer"),
+    ("start_target", "start the sync and the container on the target, same user, password, home and limits"),
+    ("verify", "check that VNC answers on the new address (downtime ends)"),
+    ("commit", "record the new node, GPUs and ports in the state database"),
+    ("cleanup_source", "delete the source's local layers"),
+)
+STEP_NAMES = tuple(name for name, _ in STEPS)
+COMMIT = "commit"
+VERIFY_TIMEOUT_S = 60
+LOST_PROBE_TIMEOUT_S = 5
+ALIVE_TIMEOUT_S = 15
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class SwitchResult:
+    user: str
+    source: str
+    target: str
+    version: int
+    downtime_s: float | None
+    op_id: int
+    vnc: str | None
+    notes: list[str]
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def node_unreachable(node: Node, home: AdminHome) -> str | None:
+    """Why node is unreachable (no TCP answer on its SSH port, or no SSH login), or None if it answers."""
+    try:
+        with socket.create_connection((node.host, node.port), timeout=LOST_PROBE_TIMEOUT_S) as sock:
+            sock.settimeout(LOST_PROBE_TIMEOUT_S)
+            if not sock.recv(64).startswith(b"SSH-"):
+                return f"{node.host}:{node.port} answers, but not with SSH"
+    except OSError as exc:
+        return f"no answer from {node.host}:{node.port}: {exc.strerror or exc}"
+    try:
+        with NodeConnection(node, home.home) as conn:
+            conn.run(["true"], timeout=LOST_PROBE_TIMEOUT_S)
+    except LabvmError as exc:
+        return f"SSH login fails: {exc}"
+    return None
+
+
+class Switcher:
+    def __init__(self, home: AdminHome, say: Say = lambda _m: None, progress: Say | None = None):
+        self.home = home
+        self.cfg = home.config
+        self.say = say
+        self.progress = progress or say
+        self.desktops = Desktops(home, say)
+        self._sessions: dict[str, NodeSession] = {}
+
+    # -- sessions, opened once per node for the whole switch ---------------------------------
+    def session(self, name: str) -> NodeSession:
+        """The node's session, checked to answer within seconds: a node whose network went away
+        mid-switch must fail its step now, not after a long helper timeout."""
+        if name not in self._sessions:
+            self._sessions[name] = NodeSession(self.home, self.cfg.node(name), self.desktops.bundle)
+        s = self._sessions[name]
+        try:
+            s.conn.run(["true"], timeout=ALIVE_TIMEOUT_S)
+        except LabvmError:
+            self._sessions.pop(name).close()
+            raise
+        return s
+
+    def close(self) -> None:
+        for s in self._sessions.values():
+            s.close()
+        self._sessions.clear()
+
+    # -- planning ----------------------------------------------------------------------------
+    def plan(self, user: str, target: str, gpus: str | None = None, from_lost: bool = False) -> list[tuple[str, str]]:
+        """The steps a switch would run, with what each changes (for --dry-run)."""
+        with self.home.state() as db:
+            desktop = self.desktops.get(db, user)
+        self._check_target(desktop, target)
+        skipped = self._skipped(desktop.state == "running", from_lost)
+        return [(name, "skipped: " + skipped[name] if name in skipped else text) for name, text in STEPS]
+
+    @staticmethod
+    def _skipped(was_running: bool, from_lost: bool) -> dict[str, str]:
+        skipped = {}
+        if from_lost:
+            for name in ("precopy", "stop_source", "final_flush"):
+                skipped[name] = "the source is lost; what the sync sent last is used"
+            skipped["cleanup_source"] = "the source is lost; its layers go when it returns (labvm node check)"
+        if not was_running:
+            skipped["precopy"] = "the desktop is stopped"
+            skipped["stop_source"] = "the desktop is stopped"
+            for name in ("start_target", "verify"):
+                skipped[name] = "the desktop is stopped; `labvm start` starts it on the target"
+        return skipped
+
+    def _check_target(self, desktop: Desktop, target: str) -> Node:
+        node = self.cfg.node(target)
+        if node.name == desktop.node:
+            raise BadInput(f"{desktop.user}'s desktop already runs on {target}")
+        if desktop.state not in ("running", "stopped"):
+            raise StateError(f"{desktop.user}'s desktop is {desktop.state}; only a running or stopped desktop can switch")
+        with self.home.state() as db:
+            row = db.conn.execute("SELECT reason FROM node_cordons WHERE node = ?", (target,)).fetchone()
+        if row is not None:
+            raise BadInput(f"{target} is cordoned ({row['reason'] or 'no reason given'}); `labvm node uncordon {target}` first")
+        return node
+
+    # -- running -----------------------------------------------------------------------------
+    def switch(self, user: str, target: str, gpus: str | None = None, from_lost: bool = False,
+               confirm: Callable[[str], bool] | None = None, precopy: bool = True) -> SwitchResult:
+        with self.home.state() as db:
+            desktop = self.desktops.get(db, user)
+        self._check_target(desktop, target)
+        if from_lost:
+            self._prove_lost(desktop, confirm)
+        params = {"source": desktop.node, "target": target, "gpus": gpus, "from_lost": from_lost,
+                  "was_running": desktop.state == "running", "base": desktop.version, "precopy": precopy}
+        with self.home.state() as db:
+            with journaled(db, "switch", user, params) as op:
+                return self._run(db, op, user)
+
+    def resume(self, db, op: Operation) -> SwitchResult:
+        with journaled(db, "switch", op_user(db, op), op.params, existing=op) as op:
+            return self._run(db, op, op_user(db, op))
+
+    def _prove_lost(self, desktop: Desktop, confirm) -> None:
+        why = node_unreachable(self.cfg.node(desktop.node), self.home)
+        if why is None:
+            raise BadInput(f"{desktop.node} answers over SSH, so it is not lost; switch without --from-lost")
+        lost_s = self._lost_window(desktop)
+        window = f"about {lost_s:.0f} s of writes (the sync's last success)" if lost_s is not None else "an unknown span of writes"
+        self.say(f"{desktop.node} is unreachable: {why}")
+        question = (f"Start {desktop.user}'s desktop elsewhere from its state on MooseFS? Up to {window} made on "
+                    f"{desktop.node} may be lost, and {desktop.node} will be fenced off from this desktop.")
+        if confirm is None or not confirm(question):
+            raise BadInput("not confirmed; nothing changed")
+
+    def _lost_window(self, desktop: Desktop) -> float | None:
+        """Seconds since the sync last reported success on MooseFS, read from any live node."""
+        for node in self.cfg.nodes:
+            if node.name == desktop.node:
+                continue
+            try:
+                s = self.session(node.name)
+                s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
+                data = s.call("sync", "last_success", {"user": desktop.user, "mfs_mount": self.cfg.storage.mfs_mount})["data"]
+            except LabvmError:
+                continue
+            if data.get("last_success"):
+                return max(0.0, time.time() - data["last_success"])
+            return None
+        return None
+
+    def _run(self, db, op: Operation, user: str) -> SwitchResult:
+        p = op.params
+        skipped = self._skipped(p["was_running"], p["from_lost"])
+        if not p.get("precopy", True):
+            skipped.setdefault("precopy", "asked for with --no-precopy")
+        started = time.monotonic()
+        try:
+            for index, (name, _text) in enumerate(STEPS, 1):
+                if op.done(name):
+                    continue
+                if name in skipped:
+                    continue
+                self.progress(f"[{index}/{len(STEPS)}] {name}")
+                t0 = time.monotonic()
+                try:
+                    with op.step(name):
+                        getattr(self, f"_step_{name}")(db, op, user)
+                except BaseException as exc:
+                    if op.done(COMMIT):
+                        self.say(f"{name} failed after the commit: {exc}; the desktop lives on {p['target']} now. "
+                                 f"Finish with `labvm ops resume {op.id}`")
+                        raise
+                    self.say(f"{name} failed: {exc}; rolling back to {p['source']}")
+                    notes = self._rollback(db, op, user)
+                    for note in notes:
+                        self.say(note)
+                    op.remember(rolled_back=True)
+                    raise RolledBack(msg=f"switch of {user} to {p['target']} failed at {name} and was rolled back: {exc}") from exc
+                self.progress(f"[{index}/{len(STEPS)}] {name} done in {time.monotonic() - t0:.1f} s")
+        finally:
+            self.close()
+        p = op.params
+        downtime = (p["verified_at"] - p["stopped_at"]) if p.get("verified_at") and p.get("stopped_at") else None
+        target = self.cfg.node(p["target"])
+        vnc = f"{target.host}:{p['target_ports'][0]}" if p.get("target_ports") else None
+        self.say(f"switched {user} from {p['source']} to {p['target']} in {time.monotonic() - started:.1f} s"
+                 + (f"; downtime {downtime:.1f} s" if downtime is not None else ""))
+        return SwitchResult(user, p["source"], p["target"], p["new_version"], downtime, op.id, vnc, p.get("notes", []))
+
+    # -- the steps ---------------------------------------------------------------------------
+    def _desktop(self, db, user: str) -> Desktop:
+        return self.desktops.get(db, user)
+
+    def _step_preflight(self, db, op: Operation, user: str) -> None:
+        p = op.params
+        desktop = self._desktop(db, user)
+        target = self.cfg.node(p["target"])
+        s = self.session(target.name)
+        s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
+        facts, image = self.desktops._probe(target)
+        if not image.get("present"):
+            raise BadInput(f"{target.name}: the desktop image is not pushed there; run `labvm image push {target.name}`")
+        if not p["from_lost"]:
+            source = self.session(p["source"])
+            source.call("vm", "status", {"user": user, "data_dir": source.node.data_dir})
+        request = GpuRequest.parse(p["gpus"], default=len(desktop.gpus))
+        cap = self.desktops._capacity(target, self.desktops._usage(db, target), (facts, image))
+        limits = dict(desktop.limits)
+        free_memory = cap.memory_total - cap.memory_promised
+        if limits.get("memory", 0) > free_memory:
+            raise BadInput(f"{target.name} has {free_memory >> 20} MiB of memory not promised to other desktops; "
+                           f"{user}'s desktop needs {limits['memory'] >> 20} MiB")
+        if limits.get("io_read_bps") or limits.get("io_write_bps"):
+            if not cap.disk_device:
+                raise BadInput(f"{target.name}: its data dir is on no block device, so {user}'s IO caps can't apply")
+            limits["io_device"] = cap.disk_device
+        if limits.get("io_weight") is not None and not cap.blkio_weight:
+            limits["io_weight"] = None
+        self._reserve(db, user, target, cap.gpus, request, op, limits)
+
+    def _reserve(self, db, user: str, target: Node, gpus: list[dict], request: GpuRequest, op: Operation, limits: dict) -> None:
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            db.conn.execute("DELETE FROM gpu_assignments WHERE user = ? AND node = ?", (user, target.name))
+            taken = {r["gpu_uuid"] for r in db.conn.execute("SELECT gpu_uuid FROM gpu_assignments WHERE node = ?", (target.name,))}
+            chosen = allocate_gpus(target.name, gpus, taken, request)
+            used = set()
+            for r in db.conn.execute("SELECT vnc_port, ssh_port FROM vms WHERE node = ?", (target.name,)):
+                used.update(port for port in (r["vnc_port"], r["ssh_port"]) if port)
+            ports = allocate_ports(target, used)
+            now = time.time()
+            for g in chosen:
+                db.conn.execute("INSERT INTO gpu_assignments VALUES (?, ?, ?, ?, ?)", (g["uuid"], target.name, g["index"], user, now))
+            op.remember(target_gpus=[{"uuid": g["uuid"], "index": g["index"]} for g in chosen], target_ports=list(ports),
+                        target_limits=limits)
+            db.conn.execute("COMMIT")
+        except BaseException:
+            db.conn.execute("ROLLBACK")
+            raise
+        shown = ", ".join(f"#{g['index']}" for g in chosen) or "no GPUs"
+        self.say(f"reserved on {target.name}: {shown}, VNC port {ports[0]}")
+
+    def _step_precopy(self, db, op: Operation, user: str) -> None:
+        source = self.session(op.params["source"])
+        data = source.call("sync", "flush", {"user": user, "data_dir": source.node.data_dir, "timeout_s": 900}, timeout=960)["data"]
+        self.progress(f"  pre-copy: {data.get('files', 0)} paths sent in {data.get('seconds', 0):.1f} s while the desktop ran")
+
+    def _step_stop_source(self, db, op: Operation, user: str) -> None:
+        source = self.session(op.params["source"])
+        op.remember(stopped_at=time.time())
+        source.call("vm", "stop_container", {"user": user, "timeout": 20}, timeout=90)
+
+    def _step_final_flush(self, db, op: Operation, user: str) -> None:
+        source = self.session(op.params["source"])
+        data_dir = source.node.data_dir
+        data = source.call("sync", "ensure_stopped", {"user": user, "data_dir": data_dir, "flush": True}, timeout=960)["data"]
+        self.progress(f"  final flush: {data.get('files', 0)} paths")
+        source.call("vm", "remove_container", {"user": user})
+        source.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": data_dir})
+        db.conn.execute("UPDATE vms SET state = 'stopped', updated_at = ? WHERE user = ?", (time.time(), user))
+
+    def _step_merge(self, db, op: Operation, user: str) -> None:
+        target = self.session(op.params["target"])
+        mfs_mount = self.cfg.storage.mfs_mount
+        if "new_version" not in op.params:
+            found = target.call("merge", "versions", {"user": user, "mfs_mount": mfs_mount})["data"]["versions"]
+            op.remember(new_version=max([v["version"] for v in found] + [op.params["base"]]) + 1)
+        new = op.params["new_version"]
+        target.call("merge", "publish", {"user": user, "mfs_mount": mfs_mount, "base": op.params["base"], "target": new,
+                                         "image": self.cfg.xfce_local}, timeout=3600)
+        # The new version holds everything the upper held: it is the desktop's base from now on,
+        # wherever it runs (a rollback runs the source over it too, with an emptied upper).
+        db.conn.execute("UPDATE vms SET version = ?, updated_at = ? WHERE user = ?", (new, time.time(), user))
+
+    def _step_fence(self, db, op: Operation, user: str) -> None:
+        target = self.session(op.params["target"])
+        target.call("vm", "set_owner", {"user": user, "mfs_mount": self.cfg.storage.mfs_mount, "node": target.node.name, "op": op.id})
+
+    def _step_build_stack(self, db, op: Operation, user: str) -> None:
+        target = self.session(op.params["target"])
+        node, mfs_mount = target.node, self.cfg.storage.mfs_mount
+        target.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": node.data_dir})
+        target.call("vm", "reset_upper", {"user": user, "data_dir": node.data_dir, "mfs_mount": mfs_mount})
+        target.call("vm", "ensure_stack", self.desktops._stack_params(user, node, op.params["new_version"]))
+
+    def _step_start_target(self, db, op: Operation, user: str) -> None:
+        p = op.params
+        target = self.session(p["target"])
+        node = target.node
+        target.call("image", "ensure_docker_base", {"tag": base_image_tag(), "tar_b64": _b64(base_image_tar())})
+        target.call("sync", "ensure_running", self.desktops.sync_params(user, node))
+        image = target.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]
+        spec = build_spec(user, db.get_user(user).uid, node, image.get("desktop") or "minimal", Limits(**p["target_limits"]),
+                          [g["uuid"] for g in p["target_gpus"]], tuple(p["target_ports"]))
+        target.call("vm", "ensure_container", {"user": user, "data_dir": node.data_dir, "spec": spec,
+                                               "secrets": {"password": db.vnc_secret(user)}, "node": node.name,
+                                               "mfs_mount": self.cfg.storage.mfs_mount}, timeout=240)
+
+    def _step_verify(self, db, op: Operation, user: str) -> None:
+        p = op.params
+        target = self.cfg.node(p["target"])
+        port = p["target_ports"][0]
+        deadline = time.monotonic() + VERIFY_TIMEOUT_S
+        while True:
+            try:
+                with socket.create_connection((target.host, port), timeout=5) as sock:
+                    sock.settimeout(5)
+                    if sock.recv(12).startswith(b"RFB "):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise NodeError(f"VNC does not answer at {target.host}:{port} within {VERIFY_TIMEOUT_S} s")
+            time.sleep(0.5)
+        op.remember(verified_at=time.time())
+
+    def _step_commit(self, db, op: Operation, user: str) -> None:
+        p = op.params
+        state = "running" if p["was_running"] else "stopped"
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            db.conn.execute(
+                "UPDATE vms SET node = ?, vnc_port = ?, ssh_port = ?, limits = ?, version = ?, state = ?, updated_at = ? WHERE user = ?",
+                (p["target"], p["target_ports"][0], p["target_ports"][1], json.dumps(p["target_limits"]), p["new_version"],
+                 state, time.time(), user),
+            )
+            db.conn.execute("DELETE FROM gpu_assignments WHERE user = ? AND node = ?", (user, p["source"]))
+            db.conn.execute("COMMIT")
+        except BaseException:
+            db.conn.execute("ROLLBACK")
+            raise
+
+    def _step_cleanup_source(self, db, op: Operation, user: str) -> None:
+        source = self.session(op.params["source"])
+        data_dir = source.node.data_dir
+        source.call("vm", "remove_container", {"user": user})
+        source.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": data_dir})
+        source.call("vm", "remove_local_layers", {"user": user, "data_dir": data_dir})
+
+    # -- rollback ----------------------------------------------------------------------------
+    def _rollback(self, db, op: Operation, user: str) -> list[str]:
+        """Undo a switch that has not committed: the target loses what it got, the source runs
+        the desktop again. Best effort on the target (it may be the part that failed)."""
+        p, notes = op.params, []
+        target_node = self.cfg.node(p["target"])
+        data_dir = target_node.data_dir
+        undo_target = (
+            ("vm", "remove_container", {"user": user}),
+            ("sync", "ensure_stopped", {"user": user, "data_dir": data_dir, "flush": False}),
+            ("vm", "ensure_stack_unmounted", {"user": user, "data_dir": data_dir}),
+            ("vm", "remove_local_layers", {"user": user, "data_dir": data_dir}),
+        )
+        for helper, action, params in undo_target:
+            # Each on its own: a dead dockerd must not keep the sync or the mounts from going.
+            try:
+                self.session(target_node.name).call(helper, action, params, timeout=120)
+            except NodeUnreachable as exc:
+                notes.append(f"note: {target_node.name} is unreachable ({exc}); its leftovers of {user} stay until it is back")
+                break
+            except LabvmError as exc:
+                notes.append(f"note: {target_node.name}: {helper}.{action} failed ({exc}); `labvm node check` shows what is left there")
+        db.conn.execute("DELETE FROM gpu_assignments WHERE user = ? AND node = ?", (user, p["target"]))
+        if p["from_lost"]:
+            db.conn.execute("UPDATE vms SET state = 'stopped', updated_at = ? WHERE user = ?", (time.time(), user))
+            notes.append(f"{user}'s desktop stays fenced off {p['source']}; run the switch again when a target is ready")
+            return notes
+        source = self.session(p["source"])
+        mfs_mount = self.cfg.storage.mfs_mount
+        source.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
+        source.call("vm", "set_owner", {"user": user, "mfs_mount": mfs_mount, "node": source.node.name, "op": op.id})
+        desktop = self._desktop(db, user)
+        if desktop.version != p["base"]:
+            # The merge published the upper: the source runs over that version with an empty upper.
+            source.call("vm", "stop_container", {"user": user, "timeout": 20}, timeout=90)
+            source.call("sync", "ensure_stopped", {"user": user, "data_dir": source.node.data_dir, "flush": True}, timeout=960)
+            source.call("vm", "remove_container", {"user": user})
+            source.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": source.node.data_dir})
+            source.call("vm", "reset_upper", {"user": user, "data_dir": source.node.data_dir, "mfs_mount": mfs_mount})
+        if p["was_running"]:
+            rollback_op = _NoSteps()
+            self.desktops.bring_up(source, rollback_op, db, self._desktop(db, user), db.get_user(user).uid)
+            notes.append(f"{user}'s desktop runs on {p['source']} again")
+        return notes
+
+
+class _NoSteps:
+    """Stands in for an Operation where a rollback reuses bring_up: its steps are not journaled
+    as the switch's own (the switch's step of that name may already be done)."""
+
+    def step(self, _name: str):
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+
+def op_user(db, op: Operation) -> str:
+    row = db.conn.execute("SELECT user FROM operations WHERE id = ?", (op.id,)).fetchone()
+    if row is None or row["user"] is None:
+        raise NotFound(f"operation {op.id} names no desktop")
+    return row["user"]
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+# -- cordon and drain -------------------------------------------------------------------------
+def cordon(home: AdminHome, node: str, reason: str | None = None) -> bool:
+    """Keep new desktops (create --node auto, switch, drain) off a node. True if it changed."""
+    home.config.node(node)
+    with home.state() as db:
+        if db.conn.execute("SELECT 1 FROM node_cordons WHERE node = ?", (node,)).fetchone():
+            return False
+        db.conn.execute("INSERT INTO node_cordons (node, reason, since) VALUES (?, ?, ?)", (node, reason, time.time()))
+        return True
+
+
+def uncordon(home: AdminHome, node: str) -> bool:
+    home.config.node(node)
+    with home.state() as db:
+        return db.conn.execute("DELETE FROM node_cordons WHERE node = ?", (node,)).rowcount > 0
+
+
+def cordoned(home: AdminHome) -> dict[str, str | None]:
+    with home.state() as db:
+        return {r["node"]: r["reason"] for r in db.conn.execute("SELECT node, reason FROM node_cordons")}
+
+
+@dataclass
+class MoveResult:
+    user: str
+    target: str | None
+    ok: bool
+    line: str
+
+
+def drain(home: AdminHome, node: str, to: str | None = None, parallel: int = 2, say: Say = lambda _m: None) -> list[MoveResult]:
+    """Cordon the node, then move every desktop off it: GPU-aware placement, a few moves at a
+    time, and one failed move never stops the others (it rolls back to the node)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .placement import NodeCapacity, choose_node
+    from .remote.pool import run_on_nodes
+
+    cfg = home.config
+    cfg.node(node)
+    if to is not None and to == node:
+        raise BadInput(f"--to {to}: that is the node being drained")
+    if cordon(home, node, "drain"):
+        say(f"cordoned {node}: no new desktops go there")
+    desktops = Desktops(home)
+    with home.state() as db:
+        moving = [d for d in desktops.list(db) if d.node == node and d.state in ("running", "stopped")]
+        fenced = set(cordoned(home))
+        candidates = [cfg.node(to)] if to else [n for n in cfg.nodes if n.name != node and n.name not in fenced]
+        usage = {n.name: desktops._usage(db, n) for n in candidates}
+    if not moving:
+        say(f"no desktops on {node}")
+        return []
+    if not candidates:
+        raise BadInput(f"no node to move {node}'s desktops to: every other node is cordoned")
+    outcomes = run_on_nodes(candidates, desktops._probe, timeout=60)
+    caps = [desktops._capacity(n, usage[n.name], o.value) if o.ok else NodeCapacity(n, [], set(), 0, 0, False, error=o.error)
+            for n, o in zip(candidates, outcomes, strict=True)]
+    plan: list[tuple[Desktop, str | None, str]] = []
+    # The desktops with the most GPUs are placed first, while the most GPUs are free.
+    for d in sorted(moving, key=lambda d: (-len(d.gpus), d.user)):
+        request = GpuRequest(count=len(d.gpus))
+        try:
+            chosen, reason = choose_node(caps, request, d.limits.get("memory", 0))
+        except LabvmError as exc:
+            plan.append((d, None, str(exc)))
+            continue
+        cap = next(c for c in caps if c.node is chosen)
+        free = [g["uuid"] for g in cap.gpus if g["uuid"] not in cap.taken_gpus][: len(d.gpus)]
+        cap.taken_gpus = set(cap.taken_gpus) | set(free)
+        cap.memory_promised += d.limits.get("memory", 0)
+        plan.append((d, chosen.name, reason))
+
+    def move(item) -> MoveResult:
+        d, target, reason = item
+        if target is None:
+            return MoveResult(d.user, None, False, f"{d.user}: not moved: {reason}")
+        try:
+            result = Switcher(home, say=lambda m: say(f"{d.user}: {m}"), progress=lambda _m: None).switch(d.user, target)
+        except LabvmError as exc:
+            return MoveResult(d.user, target, False, f"{d.user}: move to {target} FAILED: {exc}")
+        downtime = f", downtime {result.downtime_s:.1f} s" if result.downtime_s is not None else ""
+        return MoveResult(d.user, target, True, f"{d.user}: moved to {target}{downtime}")
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        return list(pool.map(move, plan))

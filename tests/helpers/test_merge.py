@@ -1,0 +1,385 @@
+"""The merge helper run as labvm runs it: from the installed bundle (with its labvm_merge), as a
+subprocess, JSON on stdin, as root, against a tmpfs standing in for MooseFS (the copies fall
+back to cp -a there). A desktop session on a real overlay makes the upper layer, and a crash
+at any point of a publish must leave the base version and up_mfs as they were."""
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from labvm.remote.helpers import ENTRY, HelperBundle
+
+from ..merge.trees import (
+    assert_same_tree,
+    copy_tree,
+    detach,
+    mount_overlay,
+    tree_state,
+    unmount,
+    view_of,
+)
+from .conftest import assert_reply_shape, only_json_object
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts tmpfs and overlays: needs root")
+
+USER = "alice"
+HELPER_STEPS = ("copied_lower", "copied_upper", "merged", "described", "published")
+
+
+# --- the bundle as a node has it ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def installed_bundle(tmp_path_factory):
+    """The bundle unpacked from its tarball, as the node installer does."""
+    bundle = HelperBundle.from_package()
+    directory = tmp_path_factory.mktemp("bundle") / bundle.sha256
+    directory.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(bundle.tarball), mode="r:gz") as tar:
+        tar.extractall(directory)
+    return directory
+
+
+def call(bundle_dir: Path, action: str, params: dict, check: bool = False, env: dict | None = None):
+    request = json.dumps({"action": action, "params": params, "check": check}).encode()
+    process = subprocess.run(
+        [sys.executable, "-I", str(bundle_dir / ENTRY), "merge"],
+        input=request, capture_output=True, env=env, timeout=300,
+    )
+    reply = only_json_object(process.stdout.decode())
+    assert_reply_shape(reply, process.returncode)
+    return process.returncode, reply, process.stderr.decode()
+
+
+def test_the_bundle_carries_an_executable_merge_engine(installed_bundle):
+    engine = installed_bundle / "labvm_merge"
+    assert engine.stat().st_mode & 0o777 == 0o755
+    result = subprocess.run([str(engine), "--help"], capture_output=True)
+    assert result.returncode == 0 and b"usage: labvm_merge apply" in result.stdout
+
+
+# --- a user's files on a MooseFS stand-in ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mfs(tmp_path_factory):
+    """A tmpfs mounted at mfs_mount: the helper refuses an mfs_mount with nothing mounted."""
+    mount = Path(tempfile.mkdtemp(prefix="labvm-mfs-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "labvm-test-mfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        detach(mount)
+        mount.rmdir()
+
+
+def write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+
+
+def build_image(image: Path) -> None:
+    for index in range(3):
+        write(image / "usr/share/doc" / f"pkg{index}" / "README", f"image doc {index}")
+    write(image / "etc/motd", "image motd")
+    write(image / "opt/tool/bin/tool", "image tool", 0o755)
+
+
+def build_base(base: Path) -> None:
+    """low_mfs.v1: what the member had before, over the image."""
+    for d in range(12):
+        for f in range(4):
+            write(base / "home/alice" / f"project{d}" / f"file{f}.txt", f"v1 {d} {f}")
+    write(base / "home/alice/.bashrc", "alias ll='ls -l'\n")
+    os.link(base / "home/alice/.bashrc", base / "home/alice/.bashrc.link")
+    write(base / "etc/hostname", "desk\n")
+    (base / "usr/share/doc").mkdir(parents=True)
+
+
+def desktop_session(mfs_mount: Path, image: Path, user_dir: Path) -> dict:
+    """The member works on the desktop's overlay (lower = v1 over the image, upper = up_mfs)
+    and the view at the end is what every publish must reproduce."""
+    merged, work = mfs_mount / "session", mfs_mount / "session-work"
+    merged.mkdir()
+    work.mkdir()
+    mount_overlay(merged, [user_dir / "low_mfs.v1", image], user_dir / "up_mfs", work)
+    try:
+        home = merged / "home/alice"
+        for d in (0, 3, 6, 10):
+            shutil.rmtree(home / f"project{d}")
+        for d in (1, 5, 9):
+            (home / f"project{d}" / "file0.txt").write_text("changed")
+            os.setxattr(home / f"project{d}", "user.tag", b"touched")
+        shutil.rmtree(home / "project2")
+        write(home / "project2/fresh", "recreated: opaque now")
+        for index in range(3):
+            write(home / "new" / f"n{index}" / f"file{index}", "brand new")
+        os.link(home / "new/n0/file0", home / "new/n0/hard")
+        (home / "link").symlink_to("new/n0/file0")
+        os.mkfifo(home / "fifo")
+        os.chmod(home / ".bashrc", 0o600)
+        os.unlink(merged / "etc/motd")
+        shutil.rmtree(merged / "usr/share/doc/pkg1")
+        shutil.rmtree(merged / "opt/tool")
+        write(merged / "opt/tool/mine", "replaced the image's tool")
+        with open(home / "sparse", "wb") as stream:
+            stream.seek(8 << 20)
+            stream.write(b"end")
+        os.chmod(home, 0o700)
+        return tree_state(merged)
+    finally:
+        unmount(merged)
+        shutil.rmtree(work)
+        merged.rmdir()
+
+
+@pytest.fixture(scope="module")
+def pristine(mfs):
+    """A user dir (v0 empty, v1, up_mfs after a session) to copy fresh for each test, the
+    image, and the view the session ended with."""
+    image = mfs / "image"
+    build_image(image)
+    source = mfs / "pristine"
+    (source / "low_mfs.v0").mkdir(parents=True)
+    build_base(source / "low_mfs.v1")
+    (source / "up_mfs").mkdir()
+    view = desktop_session(mfs, image, source)
+    return source, image, view
+
+
+@pytest.fixture
+def desk(mfs, pristine):
+    source, image, view = pristine
+    user_dir = mfs / "vms" / USER
+    if user_dir.exists():
+        shutil.rmtree(user_dir)
+    user_dir.parent.mkdir(exist_ok=True)
+    copy_tree(source, user_dir)
+    params = {"user": USER, "mfs_mount": str(mfs)}
+    return Desk(mfs, user_dir, image, view, params)
+
+
+class Desk:
+    def __init__(self, mfs_mount, user_dir, image, view, params):
+        self.mfs_mount, self.user_dir, self.image, self.view, self.params = mfs_mount, user_dir, image, view, params
+
+    def publish(self, bundle_dir, env=None, **extra):
+        return call(bundle_dir, "publish", {**self.params, "base": 1, "image": str(self.image), **extra}, env=env)
+
+    def publish_raw(self, bundle_dir, env):
+        """A publish that may be killed: no reply is expected, only how it ended."""
+        request = json.dumps({"action": "publish", "params": {**self.params, "base": 1, "image": str(self.image)}})
+        return subprocess.run(
+            [sys.executable, "-I", str(bundle_dir / ENTRY), "merge"], input=request.encode(), capture_output=True,
+            env=env, timeout=300,
+        )
+
+    def reset(self) -> None:
+        """Back to before any publish: only v0, v1 and up_mfs, which no publish may change."""
+        for name in os.listdir(self.user_dir):
+            if name not in ("low_mfs.v0", "low_mfs.v1", "up_mfs"):
+                path = self.user_dir / name
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+    def layers(self) -> dict:
+        return {name: tree_state(self.user_dir / name, keep_overlay=True) for name in ("low_mfs.v1", "up_mfs")}
+
+    def leftovers(self) -> list[str]:
+        return sorted(name for name in os.listdir(self.user_dir) if name.startswith("."))
+
+    def shows_the_session(self, version: int) -> None:
+        scratch = self.mfs_mount / "scratch"
+        scratch.mkdir(exist_ok=True)
+        try:
+            assert_same_tree(self.view, view_of([self.user_dir / f"low_mfs.v{version}", self.image], scratch))
+        finally:
+            scratch.rmdir()
+
+
+# --- publish --------------------------------------------------------------------------------
+
+
+def test_publish_makes_the_next_version_show_what_the_desktop_showed(installed_bundle, desk):
+    before = desk.layers()
+
+    code, reply, stderr = desk.publish(installed_bundle)
+
+    assert code == 0, stderr
+    data = reply["data"]
+    assert reply["changed"] is True
+    assert (data["version"], data["base"], data["path"]) == (2, 1, str(desk.user_dir / "low_mfs.v2"))
+    assert data["stats"]["errors"] == 0 and data["stats"]["below"] == "given" and data["seconds"] >= 0
+    desk.shows_the_session(2)
+    assert desk.layers() == before, "the base version or up_mfs changed"
+    assert desk.leftovers() == []
+    metadata = json.loads((desk.user_dir / "low_mfs.v2.json").read_text())
+    expected_files = sum(1 for p in (desk.user_dir / "low_mfs.v2").rglob("*") if p.is_file() and not p.is_symlink())
+    assert metadata == {key: data[key] for key in ("version", "base", "created", "files", "bytes")}
+    assert metadata["files"] == expected_files and metadata["bytes"] > 8 << 20
+
+
+def test_publish_again_changes_nothing(installed_bundle, desk):
+    first = desk.publish(installed_bundle)[1]["data"]
+    code, reply, _ = desk.publish(installed_bundle)
+    assert code == 0 and reply["changed"] is False
+    assert {k: reply["data"][k] for k in ("version", "base", "created", "files")} == {
+        k: first[k] for k in ("version", "base", "created", "files")
+    }
+
+
+def test_publish_in_check_mode_changes_nothing(installed_bundle, desk):
+    code, reply, _ = call(installed_bundle, "publish", {**desk.params, "base": 1}, check=True)
+    assert code == 0 and reply["changed"] is True and reply["data"]["version"] == 2
+    assert not (desk.user_dir / "low_mfs.v2").exists() and desk.leftovers() == []
+
+
+def test_publish_refuses_a_target_it_did_not_make(installed_bundle, desk):
+    (desk.user_dir / "low_mfs.v2").mkdir()
+    code, reply, _ = desk.publish(installed_bundle)
+    assert code == 3 and reply["error"]["code"] == "version_exists"
+
+
+def test_publish_needs_the_base_version(installed_bundle, desk):
+    code, reply, _ = call(installed_bundle, "publish", {**desk.params, "base": 7})
+    assert code == 3 and reply["error"]["code"] == "version_missing"
+
+
+def test_publish_target_must_be_newer_than_base(installed_bundle, desk):
+    code, reply, _ = call(installed_bundle, "publish", {**desk.params, "base": 1, "target": 1})
+    assert code == 2 and reply["error"]["code"] == "bad_param"
+
+
+def test_publish_refuses_an_mfs_mount_with_nothing_mounted(installed_bundle, tmp_path):
+    code, reply, _ = call(installed_bundle, "publish", {"user": USER, "mfs_mount": str(tmp_path), "base": 1})
+    assert code == 3 and reply["error"]["code"] == "mfs_not_mounted"
+
+
+def test_an_upper_snapshot_is_published_then_removed(installed_bundle, desk):
+    code, reply, _ = call(installed_bundle, "snapshot_upper", {**desk.params, "name": "3"})
+    assert code == 0
+    snapshot = reply["data"]["path"]
+    assert snapshot == str(desk.user_dir / ".upper-3")
+    (desk.user_dir / "up_mfs/home/alice/after-the-snapshot").write_text("not in v3")
+
+    code, reply, stderr = desk.publish(installed_bundle, upper=snapshot, target=3)
+
+    assert code == 0, stderr
+    desk.shows_the_session(3)
+    assert not os.path.exists(snapshot)
+    assert (desk.user_dir / "up_mfs/home/alice/after-the-snapshot").exists()
+
+
+def test_a_merge_failure_is_reported_with_its_reason(installed_bundle, desk):
+    os.setxattr(desk.user_dir / "up_mfs/home/alice", "trusted.overlay.redirect", b"/elsewhere")
+    code, reply, _ = desk.publish(installed_bundle)
+    assert code == 1 and reply["error"]["code"] == "merge_failed"
+    assert "trusted.overlay.redirect" in reply["error"]["msg"]
+    assert not (desk.user_dir / "low_mfs.v2").exists()
+
+
+# --- versions and remove_version ------------------------------------------------------------
+
+
+def test_versions_lists_every_version_with_its_metadata(installed_bundle, desk):
+    desk.publish(installed_bundle)
+    code, reply, _ = call(installed_bundle, "versions", desk.params)
+    assert code == 0 and reply["changed"] is False
+    versions = reply["data"]["versions"]
+    assert [v["version"] for v in versions] == [0, 1, 2]
+    v0, v2 = versions[0], versions[2]
+    assert v0["files"] is None and v0["base"] is None
+    assert v0["created"] == pytest.approx(os.lstat(desk.user_dir / "low_mfs.v0").st_mtime)
+    assert v2["base"] == 1 and v2["files"] > 0
+
+
+def test_versions_of_a_user_without_files_is_empty(installed_bundle, desk):
+    code, reply, _ = call(installed_bundle, "versions", {**desk.params, "user": "nobody"})
+    assert code == 0 and reply["data"]["versions"] == []
+
+
+def test_remove_version_deletes_one_and_is_idempotent(installed_bundle, desk):
+    desk.publish(installed_bundle)
+    params = {**desk.params, "version": 1}
+    code, reply, _ = call(installed_bundle, "remove_version", params)
+    assert code == 0 and reply["changed"] is True
+    assert not (desk.user_dir / "low_mfs.v1").exists() and not (desk.user_dir / "low_mfs.v1.json").exists()
+    assert desk.leftovers() == []
+    code, reply, _ = call(installed_bundle, "remove_version", params)
+    assert code == 0 and reply["changed"] is False
+
+
+def test_remove_version_never_removes_the_newest(installed_bundle, desk):
+    code, reply, _ = call(installed_bundle, "remove_version", {**desk.params, "version": 1})
+    assert code == 3 and reply["error"]["code"] == "newest_version"
+    assert (desk.user_dir / "low_mfs.v1").is_dir()
+
+
+def test_remove_version_refuses_a_version_mounted_here(installed_bundle, desk, tmp_path):
+    desk.publish(installed_bundle)
+    subprocess.run(["mount", "--bind", "-o", "ro", str(desk.user_dir / "low_mfs.v1"), str(tmp_path)], check=True)
+    try:
+        code, reply, _ = call(installed_bundle, "remove_version", {**desk.params, "version": 1})
+    finally:
+        detach(tmp_path)
+    assert code == 3 and reply["error"]["code"] == "version_in_use"
+
+
+# --- crashes --------------------------------------------------------------------------------
+
+
+def engine_changes(installed_bundle, desk) -> int:
+    """How many changes the engine makes in this publish: the kill points spread over them."""
+    code, reply, stderr = desk.publish(installed_bundle)
+    assert code == 0, stderr
+    return reply["data"]["stats"]["changes"]
+
+
+def kill_points(changes: int, count: int = 20) -> list[int]:
+    return sorted({1, 2, changes} | {1 + (changes - 1) * index // (count - 1) for index in range(count)})
+
+
+def crash_then_recover(installed_bundle, desk, env: dict, reference: dict, crashed_by) -> None:
+    before = desk.layers()
+    crashed_by(desk.publish_raw(installed_bundle, env))
+    assert desk.layers() == before, f"a crash ({env}) changed the base version or up_mfs"
+    code, reply, stderr = desk.publish(installed_bundle)
+    assert code == 0, stderr
+    assert tree_state(desk.user_dir / "low_mfs.v2", keep_overlay=True) == reference
+    assert desk.leftovers() == []
+    metadata = json.loads((desk.user_dir / "low_mfs.v2.json").read_text())
+    assert (metadata["version"], metadata["base"]) == (2, 1)
+
+
+def engine_killed(process) -> None:
+    assert process.returncode == 1, process.stderr.decode()
+    assert json.loads(process.stdout)["error"]["code"] == "merge_failed"
+
+
+def helper_killed(process) -> None:
+    assert process.returncode == -signal.SIGKILL and process.stdout == b""
+
+
+def test_a_crash_at_any_point_leaves_base_and_upper_intact_and_the_next_publish_recovers(installed_bundle, desk, mfs):
+    changes = engine_changes(installed_bundle, desk)
+    reference = tree_state(desk.user_dir / "low_mfs.v2", keep_overlay=True)
+    desk.shows_the_session(2)
+    points = kill_points(changes)
+    assert len(points) >= 20 and changes > 40
+    for point in points:
+        desk.reset()
+        env = {**os.environ, "LABVM_MERGE_CRASH_AFTER": str(point)}
+        crash_then_recover(installed_bundle, desk, env, reference, engine_killed)
+    for step in HELPER_STEPS:
+        desk.reset()
+        env = {**os.environ, "LABVM_MERGE_HELPER_CRASH_AT": step}
+        crash_then_recover(installed_bundle, desk, env, reference, helper_killed)
