@@ -292,6 +292,8 @@ class Desktops:
             with self.session(node) as s:
                 with op.step("base_image"):
                     s.call("image", "ensure_docker_base", {"tag": base_image_tag(), "tar_b64": base64.b64encode(base_image_tar()).decode()})
+                with op.step("adopt_files"):
+                    self._adopt_files(s, db, user)
                 self.bring_up(s, op, db, self.get(db, user), uid)
         except BaseException:
             self.say(f"create failed on {node.name}; rolling back")
@@ -316,6 +318,19 @@ class Desktops:
             s.call("vm", "ensure_container", {"user": user, "data_dir": node.data_dir, "spec": spec, "secrets": secrets,
                                               "node": node.name, "mfs_mount": self.cfg.storage.mfs_mount}, timeout=240)
         db.conn.execute("UPDATE vms SET state = 'running', updated_at = ? WHERE user = ?", (time.time(), user))
+
+    def _adopt_files(self, s: NodeSession, db: StateDB, user: str) -> None:
+        """A new desktop continues from the newest version of the member's files, if an earlier
+        desktop left any (`labvm rm` keeps them), and this node becomes its owner on MooseFS."""
+        mfs_mount = self.cfg.storage.mfs_mount
+        s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
+        found = s.call("merge", "versions", {"user": user, "mfs_mount": mfs_mount})["data"]["versions"]
+        latest = max((v["version"] for v in found), default=0)
+        if latest:
+            self.say(f"continuing from v{latest} of {user}'s files, kept when the last desktop was removed "
+                     f"(`labvm rm {user} --purge` deletes them)")
+            db.conn.execute("UPDATE vms SET version = ? WHERE user = ?", (latest, user))
+        s.call("vm", "set_owner", {"user": user, "mfs_mount": mfs_mount, "node": s.node.name})
 
     def _reserve(self, db, user, node, cap, request, limits) -> None:
         """Record the desktop with its GPUs and ports in one transaction: no GPU or port is given twice."""
@@ -412,16 +427,35 @@ class Desktops:
 
     def remove(self, user: str, purge: bool = False) -> None:
         def work(db, op, desktop, node):
+            mfs_mount = self.cfg.storage.mfs_mount
             with self.session(node) as s:
                 self.stop_on_node(s, op, user, 10)
+                if not purge:
+                    with op.step("keep_files"):
+                        self._keep_files(s, user, desktop.version)
                 with op.step("remove_local_layers"):
                     s.call("vm", "remove_local_layers", {"user": user, "data_dir": node.data_dir})
-                if purge:
-                    with op.step("purge_mfs_data"):
-                        s.call("vm", "purge_mfs_data", {"user": user, "mfs_mount": self.cfg.storage.mfs_mount})
+                with op.step("release_owner" if not purge else "purge_mfs_data"):
+                    s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
+                    if purge:
+                        s.call("vm", "purge_mfs_data", {"user": user, "mfs_mount": mfs_mount})
+                    else:
+                        s.call("vm", "release_owner", {"user": user, "mfs_mount": mfs_mount})
             db.conn.execute("DELETE FROM vms WHERE user = ?", (user,))
 
         self._with_desktop(user, "rm", work)
+
+    def _keep_files(self, s: NodeSession, user: str, base: int) -> None:
+        """Fold the upper layer into a last version, so the files on MooseFS stand alone: a later
+        `labvm create` continues from that version."""
+        mfs_mount = self.cfg.storage.mfs_mount
+        s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
+        found = s.call("merge", "versions", {"user": user, "mfs_mount": mfs_mount})["data"]["versions"]
+        target = max([v["version"] for v in found] + [base]) + 1
+        s.call("merge", "publish", {"user": user, "mfs_mount": mfs_mount, "base": base, "target": target,
+                                    "image": self.cfg.xfce_local}, timeout=3600)
+        s.call("vm", "reset_upper", {"user": user, "data_dir": s.node.data_dir, "mfs_mount": mfs_mount})
+        self.say(f"{user}'s files are kept on MooseFS as v{target}")
 
     def passwd(self, user: str, password: str) -> None:
         with self.home.state() as db:

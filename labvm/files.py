@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from .admin import AdminHome
 from .config import Node
 from .desktops import Desktops, NodeSession
-from .errors import AlreadyExists, BadInput
+from .errors import AlreadyExists, BadInput, HelperFailed, NotFound
 from .fsutil import atomic_write
 from .names import validate_user_name
 from .nodes import mfs_params
@@ -96,7 +96,12 @@ def get_file(home: AdminHome, user: str, path: str, dest: Path, *, force: bool =
         if version is not None:
             session.call("mfs", "ensure_mounted", mfs_params(home.config), timeout=90)
             params.update(version=version, mfs_mount=home.config.storage.mfs_mount)
-        data = session.call("files", "read", params)["data"]
+        try:
+            data = session.call("files", "read", params)["data"]
+        except HelperFailed as exc:
+            if exc.code in ("not_found", "no_such_version"):
+                raise NotFound(exc.fields["msg"] + (f" (version {version})" if version is not None else "")) from None
+            raise
     content = base64.b64decode(data["content_b64"])
     atomic_write(dest, content, DEST_MODE)
     return len(content)

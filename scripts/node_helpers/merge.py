@@ -35,6 +35,7 @@ that cannot be opened.
 the length of symlink targets, as `mfsdirinfo` counts them (checked with MooseFS 3.0.117).
 """
 
+import contextlib
 import json
 import os
 import posixpath
@@ -230,9 +231,17 @@ def remove_tree(path: str, moosefs: bool) -> None:
         except CommandTimedOut:
             log(f"mfsrmsnapshot {path} did not finish; deleting file by file")
     if is_real_dir(path):
-        shutil.rmtree(path)
+        shutil.rmtree(path, onerror=ignore_missing)
     elif os.path.lexists(path):
-        os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def ignore_missing(function, path, exc_info) -> None:
+    """mfsrmsnapshot deletes in the master while the mount's attribute cache may still list
+    what it deleted: what is gone meanwhile is what we wanted gone."""
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
 
 
 def remove_leftovers(user_dir: str, moosefs: bool) -> list[str]:

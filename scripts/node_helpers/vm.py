@@ -611,6 +611,15 @@ def set_owner(params: dict, check: bool) -> Result:
     return Result(changed=changed, data={"previous": previous, "node": params["node"]})
 
 
+def release_owner(params: dict, check: bool) -> Result:
+    """The desktop is removed (its files stay as versions): no node owns it any more."""
+    path = owner_path(params["mfs_mount"], params["user"])
+    exists = os.path.lexists(path)
+    if exists and not check:
+        os.unlink(path)
+    return Result(changed=exists, data={})
+
+
 def get_owner(params: dict, check: bool) -> Result:
     return Result(changed=False, data={"owner": read_owner(params["mfs_mount"], params["user"])})
 
@@ -1481,4 +1490,5 @@ ACTIONS = {
     "reset_upper": Action(run=reset_upper, params=RESET_UPPER_PARAMS),
     "set_owner": Action(run=set_owner, params=SET_OWNER_PARAMS),
     "owner": Action(run=get_owner, params=OWNER_PARAMS),
+    "release_owner": Action(run=release_owner, params=OWNER_PARAMS),
 }

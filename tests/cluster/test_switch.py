@@ -13,7 +13,7 @@ import pytest
 
 from .conftest import NODES, REPO, TESTBED, fake_gpu_uuid, invoke_testbed, make_admin
 from .test_desktops import container_env, node_docker, wait_vnc
-from .test_storage import DATA, inside, ok, on_node, set_config, tree_sums
+from .test_storage import DATA, inside, ok, on_node, set_config, tree_sums, wipe_mfs_files
 
 ERIN_PW = "erin-Pw-3318"
 FRANK_PW = "frank-Pw-2207"
@@ -32,6 +32,7 @@ def moves(testbed, tmp_path_factory):
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
     for name, pw in (("erin", ERIN_PW), ("frank", FRANK_PW), ("grace", GRACE_PW)):
         assert admin.labvm("user", "add", name, "--password-stdin", stdin=pw + "\n").returncode == 0
+    wipe_mfs_files(admin, "erin", "frank", "grace")
     created = admin.labvm("create", "erin", "--node", "n1", "--gpus", "1", "--memory", "512m")
     assert created.returncode == 0, created.stdout + created.stderr
     inside(admin, "erin", "mkdir -p /usr/local/share/erin /home/erin/.cache/deep/er && "
