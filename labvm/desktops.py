@@ -331,6 +331,8 @@ class Desktops:
                      f"(`labvm rm {user} --purge` deletes them)")
             db.conn.execute("UPDATE vms SET version = ? WHERE user = ?", (latest, user))
         s.call("vm", "set_owner", {"user": user, "mfs_mount": mfs_mount, "node": s.node.name})
+        # A container of that name on this node is a leftover of an earlier desktop of the user.
+        s.call("vm", "remove_container", {"user": user}, timeout=90)
 
     def _reserve(self, db, user, node, cap, request, limits) -> None:
         """Record the desktop with its GPUs and ports in one transaction: no GPU or port is given twice."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from .admin import AdminHome
@@ -276,6 +276,11 @@ class Switcher:
             used = set()
             for r in db.conn.execute("SELECT vnc_port, ssh_port FROM vms WHERE node = ?", (target.name,)):
                 used.update(port for port in (r["vnc_port"], r["ssh_port"]) if port)
+            # Ports another switch to this node holds until it commits (a drain runs several).
+            for r in db.conn.execute("SELECT id, params FROM operations WHERE kind = 'switch' AND state = 'running' AND id != ?", (op.id,)):
+                other = json.loads(r["params"])
+                if other.get("target") == target.name and not other.get("rolled_back"):
+                    used.update(port for port in other.get("target_ports") or () if port)
             ports = allocate_ports(target, used)
             now = time.time()
             for g in chosen:
@@ -328,6 +333,9 @@ class Switcher:
     def _step_build_stack(self, db, op: Operation, user: str) -> None:
         target = self.session(op.params["target"])
         node, mfs_mount = target.node, self.cfg.storage.mfs_mount
+        # Whatever an earlier life of this desktop left on the target (a container, mounts) is
+        # stale: the fence already says the desktop belongs here now, starting from the new version.
+        target.call("vm", "remove_container", {"user": user}, timeout=90)
         target.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": node.data_dir})
         target.call("vm", "reset_upper", {"user": user, "data_dir": node.data_dir, "mfs_mount": mfs_mount})
         target.call("vm", "ensure_stack", self.desktops._stack_params(user, node, op.params["new_version"]))
@@ -522,10 +530,12 @@ def drain(home: AdminHome, node: str, to: str | None = None, parallel: int = 2, 
         except LabvmError as exc:
             plan.append((d, None, str(exc)))
             continue
-        cap = next(c for c in caps if c.node is chosen)
+        index = next(i for i, c in enumerate(caps) if c.node is chosen)
+        cap = caps[index]
         free = [g["uuid"] for g in cap.gpus if g["uuid"] not in cap.taken_gpus][: len(d.gpus)]
-        cap.taken_gpus = set(cap.taken_gpus) | set(free)
-        cap.memory_promised += d.limits.get("memory", 0)
+        # What this move will take is counted before placing the next one.
+        caps[index] = replace(cap, taken_gpus=set(cap.taken_gpus) | set(free),
+                              memory_promised=cap.memory_promised + d.limits.get("memory", 0))
         plan.append((d, chosen.name, reason))
 
     def move(item) -> MoveResult:
