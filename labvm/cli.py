@@ -53,6 +53,21 @@ def complete_users(ctx, param, incomplete):
     return [CompletionItem(n) for n in names if n.startswith(incomplete)]
 
 
+def complete_versions(ctx, param, incomplete):
+    """Versions of the USER already on the command line, read from MooseFS through its node."""
+    user = ctx.params.get("user")
+    if not user:
+        return []
+    try:
+        from .storage import Storage
+
+        _desktop, verdicts = Storage(_home_from_ctx(ctx)).versions(user)
+    except Exception:  # completion must never print a traceback into the shell
+        return []
+    return [CompletionItem(str(v.version.number), help=_when(v.version.created)) for v in verdicts
+            if str(v.version.number).startswith(incomplete)]
+
+
 # -- shared helpers ----------------------------------------------------------
 def _emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
@@ -626,7 +641,7 @@ def shell(home: AdminHome, user, as_user):
 @click.option("--put", "put_from", metavar="SRC", help="Copy SRC into the desktop at PATH.")
 @click.option("--mode", help="With --put: octal mode for the file, e.g. 0644.")
 @click.option("--force", is_flag=True, help="With --get: overwrite DEST.")
-@click.option("--version", "version", type=click.IntRange(0), metavar="N",
+@click.option("--version", "version", type=click.IntRange(0), metavar="N", shell_complete=complete_versions,
               help="With --get: copy the file out of version N (see `labvm versions USER`) instead of the live desktop.")
 @json_option
 @click.pass_obj

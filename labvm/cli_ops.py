@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import click
 from click.shell_completion import CompletionItem
 from rich.table import Table
@@ -23,6 +25,26 @@ def complete_ops(ctx, param, incomplete):
 
 def _say(m: str) -> None:
     out.print(m, markup=False)
+
+
+@contextmanager
+def step_display(quiet: bool = False):
+    """A live line with a spinner showing the step that runs now (on a terminal); finished steps
+    are printed above it. Without a terminal, every step is one printed line."""
+    if quiet:
+        yield lambda _m: None
+        return
+    if not out.is_terminal:
+        yield _say
+        return
+    with out.status("starting") as status:
+        def show(message: str) -> None:
+            if " done in " in message or message.startswith("  "):
+                out.print(message, markup=False)
+            else:
+                status.update(message)
+
+        yield show
 
 
 @click.command()
@@ -52,12 +74,13 @@ def switch(home: AdminHome, user, node, gpus, dry_run, from_lost, yes, no_precop
     """
     from .switch import Switcher
 
-    switcher = Switcher(home, say=_say if not as_json else (lambda _m: None))
     if dry_run:
-        for index, (name, text) in enumerate(switcher.plan(user, node, gpus, from_lost), 1):
+        for index, (name, text) in enumerate(Switcher(home).plan(user, node, gpus, from_lost), 1):
             out.print(f"{index:2}. {name:15} {text}", markup=False)
         return
-    result = switcher.switch(user, node, gpus, from_lost, confirm=_confirm(yes), precopy=not no_precopy)
+    with step_display(quiet=as_json) as show:
+        switcher = Switcher(home, say=_say if not as_json else (lambda _m: None), progress=show)
+        result = switcher.switch(user, node, gpus, from_lost, confirm=_confirm(yes), precopy=not no_precopy)
     if as_json:
         _emit_json(result.as_dict())
         return

@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from .admin import AdminHome
-from .cli import _emit_json, _when, audited, complete_users, json_option, out
+from .cli import _emit_json, _when, audited, complete_users, complete_versions, json_option, out
 from .errors import BadInput, LabvmError
 from .storage import (
     CRON_FILE,
@@ -36,7 +36,11 @@ def sync():
 @click.pass_obj
 def sync_flush(home: AdminHome, user, as_json):
     """Return once everything USER's desktop wrote before now is on MooseFS."""
-    data = _storage(home, quiet=as_json).flush(user)
+    if as_json or not out.is_terminal:
+        data = _storage(home, quiet=as_json).flush(user)
+    else:
+        with out.status(f"flushing {user}'s writes to MooseFS"):
+            data = _storage(home).flush(user)
     if as_json:
         _emit_json(data)
     elif data.get("mode") == "stopped":
@@ -113,7 +117,17 @@ def backup(home: AdminHome, users, all_desktops, as_json):
     if all_desktops == bool(users):
         raise BadInput("name the desktops to back up, or pass --all")
     chosen = storage.all_users() if all_desktops else list(dict.fromkeys(users))
-    results = storage.backup_many(chosen, report=(lambda _r: None) if as_json else lambda r: out.print(r.line, markup=False))
+    if as_json or not out.is_terminal:
+        results = storage.backup_many(chosen, report=(lambda _r: None) if as_json else lambda r: out.print(r.line, markup=False))
+    else:
+        with out.status(f"backing up {len(chosen)} desktop(s)") as status:
+            def report(r):
+                out.print(r.line, markup=False)
+                status.update(f"backed up {len(done) + 1} of {len(chosen)}")
+                done.append(r)
+
+            done: list = []
+            results = storage.backup_many(chosen, report=report)
     if as_json:
         _emit_json([r.as_dict() for r in results])
     if not chosen and not as_json:
@@ -125,7 +139,7 @@ def backup(home: AdminHome, users, all_desktops, as_json):
 
 @click.command()
 @click.argument("user", shell_complete=complete_users)
-@click.argument("version", type=int)
+@click.argument("version", type=int, shell_complete=complete_versions)
 @click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation.")
 @click.pass_obj
 @audited("user")

@@ -129,6 +129,21 @@ def test_a_switch_killed_at_any_step_resumes_with_no_file_lost(moves, testbed, s
     assert snapshot(target, "erin") == before
 
 
+def test_an_interrupted_switch_can_be_aborted_back_to_its_source(moves, testbed):
+    source = where(moves, "erin")["node"]
+    before = snapshot(source, "erin")
+    killed = labvm_with(moves, {"LABVM_CRASH_AT": "switch:build_stack"}, "switch", "erin", other(source))
+    assert killed.returncode == 137, killed.stdout + killed.stderr
+    op = next(o for o in moves.labvm_json("ops", "list", "--unfinished") if o["kind"] == "switch")
+    aborted = moves.labvm("ops", "abort", str(op["id"]))
+    assert aborted.returncode == 0, aborted.stdout + aborted.stderr
+    assert moves.labvm_json("ops", "show", str(op["id"]))["state"] == "aborted"
+    assert where(moves, "erin")["node"] == source and running_on(testbed, "erin") == [source]
+    assert snapshot(source, "erin") == before
+    again = moves.labvm("ops", "resume", str(op["id"]))
+    assert again.returncode == 6 and "nothing to resume" in again.stderr
+
+
 def hook_script(tmp_path: Path, step: str, *command: str) -> Path:
     """A LABVM_STEP_HOOK program that runs command when the switch reaches step."""
     script = tmp_path / "hook"

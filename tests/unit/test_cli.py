@@ -150,3 +150,13 @@ def test_changing_commands_are_audited_and_reads_are_not(home, capsys):
     assert PW not in (home / "audit.log").read_text()
     assert main(["log", "--json", "-t", "alice", "-n", "1"]) == 0
     assert [e["result"] for e in json.loads(capsys.readouterr().out)] == ["failed: user 'alice' already exists"]
+
+
+def test_completion_of_operation_ids(home):
+    from labvm.journal import Operation
+    from labvm.state import StateDB
+
+    with StateDB.open(Path(home)) as db:
+        ids = [Operation.begin(db, "switch", "alice", {}).id for _ in range(3)]
+    assert complete("labvm ops show ", 3, dict(os.environ)) == [str(i) for i in sorted(ids, reverse=True)]
+    assert complete(f"labvm ops resume {ids[0]}", 3, dict(os.environ)) == [str(ids[0])]
