@@ -39,6 +39,7 @@ from _contract import (
     TemporaryFailure,
     integer_between,
     layer_path,
+    log,
     node_name,
     user_name,
 )
@@ -477,15 +478,33 @@ def ensure_stopped(params: dict, check: bool) -> Result:
     paths = SyncPaths.of(params["data_dir"], params["user"])
     daemon = running_daemon(paths)
     if daemon is None:
-        return Result(changed=False, data={"pid": None, "flushed": None})
+        # A daemon that died (killed, out of memory) left its queue unsent: whoever stops the
+        # desktop relies on this flush, so a full pass sends what the queue held.
+        flushed = flush_without_daemon(paths, params, check) if params["flush"] else None
+        return Result(changed=bool(flushed and flushed.get("files")), data={"pid": None, "flushed": flushed})
     if check:
         return Result(changed=True, data={"pid": daemon.pid, "flushed": None})
     flushed = None
     if params["flush"]:
-        flushed = flush_through_daemon(daemon, paths, params["timeout_s"]).data
+        try:
+            flushed = flush_through_daemon(daemon, paths, params["timeout_s"]).data
+        except PreconditionFailed as error:
+            if error.code != "sync_daemon_died":
+                raise
+            flushed = flush_without_daemon(paths, params, check)
     with ControlLock(paths):
         stop_daemon(daemon, paths, params["timeout_s"])
     return Result(changed=True, data={"pid": daemon.pid, "flushed": flushed})
+
+
+def flush_without_daemon(paths: SyncPaths, params: dict, check: bool) -> dict | None:
+    """A full pass when this node ever synced the desktop and still has its upper; None when
+    there is nothing here to send (no upper: layers removed, or never synced from here)."""
+    config = syncd.read_json(paths.file(CONFIG_FILE))
+    if not os.path.isdir(paths.up_local) or not isinstance(config, dict) or not isinstance(config.get("up_mfs"), str):
+        return None
+    log(f"no live sync daemon for {params['user']}: flushing with a full pass")
+    return full_pass_now(paths, config["up_mfs"], check).data
 
 
 # --- status ---------------------------------------------------------------------------------

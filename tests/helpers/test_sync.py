@@ -668,3 +668,19 @@ sent 1,000 bytes  received 20 bytes
     assert (run.ok, run.changed, run.examined) == (True, 5, 1234)
     failed = bundle.syncd.RsyncRun(23, "", "rsync: [receiver] mkstemp failed: Read-only file system (30)", 0.1)
     assert not failed.ok and "Read-only file system" in failed.error
+
+
+def test_stopping_after_the_daemon_died_still_sends_its_queue(run_helper, node):
+    """kill -9 of the daemon with changes queued, then the desktop is stopped: the stop's flush
+    must not skip them because no daemon is left to ask."""
+    pid = start(run_helper, node, sync_time_s=3600).data["pid"]
+    flush(run_helper, node)
+    write(node.merge / "home/alice/late.txt", "queued, never sent\n")
+    wait_for(lambda: status(run_helper, node)["pending"] > 0, "the change to be queued")
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: gone(pid), "the daemon to die")
+    stopped = sync(run_helper, "ensure_stopped", node.params(flush=True))
+    assert stopped.exit_code == 0, stopped.reply
+    assert stopped.data["pid"] is None and stopped.data["flushed"] is not None
+    assert (node.up_mfs / "home/alice/late.txt").read_text() == "queued, never sent\n"
+    assert_same_tree(node.up, node.up_mfs)
