@@ -1064,6 +1064,10 @@ def ensure_container(params: dict, check: bool) -> Result:
             "container_differs",
         )
     data = {"name": spec["name"], "spec_hash": wanted_hash, "created": state is None, "started": False}
+    if state is not None and state["running"] and state["status"] == "paused" and not check:
+        # A backup froze it and was killed before it could thaw it: starting it thaws it.
+        pause_or_unpause({"user": user, "docker_socket": socket_path}, False, pause=False)
+        state = inspect_ours(socket_path, user)
     if state is not None and state["running"]:
         vnc = {"address": spec["bind_address"], "port": spec["ports"]["vnc"], "ready": vnc_answers(spec)}
         if check:

@@ -195,3 +195,16 @@ def test_cron_install_writes_the_entry(store, tmp_path):
     ok(store.labvm("cron", "install", "--file", str(path), "--schedule", "5 4 * * *"))
     line = path.read_text().splitlines()[-1]
     assert line.startswith("5 4 * * * root ") and f"--config {store.config}" in line and line.split(">>")[0].rstrip().endswith("backup --all")
+
+
+def test_start_thaws_a_desktop_a_killed_backup_left_frozen(store, testbed):
+    from .test_desktops import node_docker
+
+    container = node_docker(testbed, "n1").containers.get("labvm-carol")
+    container.pause()  # what a backup killed between its freeze and thaw leaves behind
+    container.reload()
+    assert container.status == "paused"
+    ok(store.labvm("start", "carol"))
+    container.reload()
+    assert container.status == "running"
+    assert inside(store, "carol", "echo thawed").strip() == "thawed"
