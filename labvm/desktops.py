@@ -229,6 +229,7 @@ class Desktops:
             image_ready=bool(image.get("present")),
             disk_device=(facts.get("disk") or {}).get("device"),
             blkio_weight=bool(facts.get("blkio_weight")),
+            ports_in_use=frozenset(facts.get("listening_ports") or ()),
         )
 
     def _place(self, db: StateDB, node_name: str, request: GpuRequest, memory: int) -> tuple[NodeCapacity, str]:
@@ -340,7 +341,7 @@ class Desktops:
         try:
             taken = {r["gpu_uuid"] for r in db.conn.execute("SELECT gpu_uuid FROM gpu_assignments WHERE node = ?", (node.name,))}
             chosen = allocate_gpus(node.name, cap.gpus, taken, request)
-            used = set()
+            used = set(cap.ports_in_use)
             for r in db.conn.execute("SELECT vnc_port, ssh_port FROM vms WHERE node = ?", (node.name,)):
                 used.update(p for p in (r["vnc_port"], r["ssh_port"]) if p)
             vnc, ssh = allocate_ports(node, used)

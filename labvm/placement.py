@@ -83,6 +83,7 @@ class NodeCapacity:
     error: str | None = None
     disk_device: str | None = None
     blkio_weight: bool = True
+    ports_in_use: frozenset[int] = frozenset()
 
     @property
     def free_gpus(self) -> int:

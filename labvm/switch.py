@@ -265,15 +265,15 @@ class Switcher:
             limits["io_device"] = cap.disk_device
         if limits.get("io_weight") is not None and not cap.blkio_weight:
             limits["io_weight"] = None
-        self._reserve(db, user, target, cap.gpus, request, op, limits)
+        self._reserve(db, user, target, cap, request, op, limits)
 
-    def _reserve(self, db, user: str, target: Node, gpus: list[dict], request: GpuRequest, op: Operation, limits: dict) -> None:
+    def _reserve(self, db, user: str, target: Node, cap, request: GpuRequest, op: Operation, limits: dict) -> None:
         db.conn.execute("BEGIN IMMEDIATE")
         try:
             db.conn.execute("DELETE FROM gpu_assignments WHERE user = ? AND node = ?", (user, target.name))
             taken = {r["gpu_uuid"] for r in db.conn.execute("SELECT gpu_uuid FROM gpu_assignments WHERE node = ?", (target.name,))}
-            chosen = allocate_gpus(target.name, gpus, taken, request)
-            used = set()
+            chosen = allocate_gpus(target.name, cap.gpus, taken, request)
+            used = set(cap.ports_in_use)
             for r in db.conn.execute("SELECT vnc_port, ssh_port FROM vms WHERE node = ?", (target.name,)):
                 used.update(port for port in (r["vnc_port"], r["ssh_port"]) if port)
             # Ports another switch to this node holds until it commits (a drain runs several).

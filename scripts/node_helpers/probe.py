@@ -64,8 +64,35 @@ def gather_facts(params: dict, check: bool) -> Result:
         "memory": memory_facts(),
         "disk": disk_facts(params["data_dir"]) if params["data_dir"] else None,
         "mfs": mfs_mount_facts(params["mfs_mount"]) if params["mfs_mount"] else None,
+        "listening_ports": listening_ports(),
     }
     return Result(changed=False, data=data)
+
+
+TCP_LISTEN = "0A"
+
+
+def parse_listening_ports(text: str) -> set[int]:
+    """Local ports in state LISTEN from /proc/net/tcp or tcp6 (hex address:port, hex state)."""
+    ports = set()
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == TCP_LISTEN:
+            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def listening_ports() -> list[int]:
+    """What already listens here: a port labvm hands a desktop must be free on the node itself,
+    whatever the state database knows (a container of an earlier life, another service)."""
+    found: set[int] = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name, encoding="ascii") as stream:
+                found |= parse_listening_ports(stream.read())
+        except OSError:
+            continue
+    return sorted(found)
 
 
 def host_facts() -> dict:

@@ -71,12 +71,34 @@ class Admin:
         return json.loads(result.stdout)
 
 
+def remove_desktop_containers(testbed: Path) -> None:
+    """Desktop containers an earlier run left on the nodes (stopped by `down`, not removed):
+    each test module's admin home knows nothing of them, and they would hold their names."""
+    import docker
+
+    for node in NODES:
+        client = docker.DockerClient(base_url=f"unix://{testbed}/nodes/{node}/run/docker.sock", version="1.41")
+        for container in client.containers.list(all=True, filters={"name": "labvm-"}):
+            container.remove(force=True)
+        client.close()
+
+
+def wipe_mfs_files(admin: "Admin", *users: str) -> None:
+    """Start the users from nothing: the files an earlier desktop of theirs left on MooseFS
+    (`labvm rm` keeps them as a version) would be continued from."""
+    result = admin.labvm("node", "check", "n1")  # mounts MooseFS there
+    assert result.returncode == 0, result.stdout + result.stderr
+    for user in users:
+        invoke_testbed("exec", "n1", "--", "rm", "-rf", f"/mnt/labvm-mfs/vms/{user}")
+
+
 @pytest.fixture(scope="session")
 def testbed():
     # Start from a clean slate: `down` stops any desktop a demo or an earlier run left
     # running (their layers would pin the image), and `up` repairs whatever is stale.
     invoke_testbed("down")
     invoke_testbed("up", "--nodes", str(len(NODES)), "--gpus", str(GPUS_PER_NODE))
+    remove_desktop_containers(TESTBED_DIR)
     yield TESTBED_DIR
     if os.environ.get("LABVM_TESTBED_KEEP") != "1":
         invoke_testbed("down", check=False)

@@ -12,7 +12,7 @@ import docker
 import pytest
 from PIL import Image
 
-from .conftest import REPO, invoke_testbed, make_admin
+from .conftest import REPO, invoke_testbed, make_admin, wipe_mfs_files
 from .test_secrets import ProcWatcher
 
 ALICE_PW = "alice-Pw-4417"
@@ -29,6 +29,7 @@ def desk(testbed, tmp_path_factory):
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
     for name, pw in (("alice", ALICE_PW), ("bobby", BOB_PW)):
         assert admin.labvm("user", "add", name, "--password-stdin", stdin=pw + "\n").returncode == 0
+    wipe_mfs_files(admin, "alice", "bobby", "carol")
     yield admin
     for name in ("alice", "bobby"):
         admin.labvm("rm", name, "--yes")

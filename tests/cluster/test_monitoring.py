@@ -16,7 +16,7 @@ import pytest
 from labvm.monitor import status_schema
 from tests.status_schema import validate
 
-from .conftest import REPO, invoke_testbed, make_admin
+from .conftest import REPO, invoke_testbed, make_admin, wipe_mfs_files
 from .test_desktops import container_env, node_docker
 
 MIB = 1 << 20
@@ -39,6 +39,7 @@ def mon(testbed, tmp_path_factory):
     assert admin.labvm("image", "build", "--desktop", "minimal", timeout=1800).returncode == 0
     pushed = admin.labvm("image", "push", timeout=900)
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    wipe_mfs_files(admin, *(user for user, _node, _gpus in DESKTOPS))
     for user, node, gpus in DESKTOPS:
         assert admin.labvm("user", "add", user, "--password-stdin", stdin=f"{user}-Pw-4417\n").returncode == 0
         created = admin.labvm("create", user, "--node", node, "--gpus", gpus, "--memory", "512m", "--cpus", "1")

@@ -14,7 +14,7 @@ import time
 import pytest
 from lxml import etree
 
-from .conftest import invoke_testbed, make_admin
+from .conftest import invoke_testbed, make_admin, wipe_mfs_files
 
 CAROL_PW = "carol-Pw-5521"
 DAVE_PW = "dave-Pw-7731"
@@ -37,13 +37,6 @@ def set_config(admin, **values) -> None:
     tree.write(str(admin.config), xml_declaration=True, encoding="UTF-8")
 
 
-def wipe_mfs_files(admin, *users: str) -> None:
-    """Start the users from nothing: files an earlier run left on MooseFS would be continued from."""
-    ok(admin.labvm("node", "check", "n1"))  # mounts MooseFS there
-    for user in users:
-        on_node("n1", "rm", "-rf", f"{MFS}/vms/{user}")
-
-
 @pytest.fixture(scope="module")
 def store(testbed, tmp_path_factory):
     admin = make_admin(testbed, tmp_path_factory.mktemp("store") / "admin")
@@ -56,7 +49,8 @@ def store(testbed, tmp_path_factory):
     wipe_mfs_files(admin, "carol", "dave")
     yield admin
     for name in ("carol", "dave"):
-        admin.labvm("rm", name, "--purge", "--yes")
+        admin.labvm("rm", name, "--yes")
+    wipe_mfs_files(admin, "carol", "dave")
 
 
 def ok(result: subprocess.CompletedProcess) -> str:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import NODES, REPO, TESTBED, fake_gpu_uuid, invoke_testbed, make_admin
+from .conftest import NODES, REPO, TESTBED, fake_gpu_uuid, invoke_testbed, make_admin, wipe_mfs_files
 from .test_desktops import container_env, node_docker, wait_vnc
-from .test_storage import DATA, inside, ok, on_node, set_config, tree_sums, wipe_mfs_files
+from .test_storage import DATA, inside, ok, on_node, set_config, tree_sums
 
 ERIN_PW = "erin-Pw-3318"
 FRANK_PW = "frank-Pw-2207"
@@ -41,7 +41,8 @@ def moves(testbed, tmp_path_factory):
                           "chmod 0600 /home/erin/.cache/deep/er/.dotfile && rm /etc/issue")
     yield admin
     for name in ("erin", "frank", "grace"):
-        admin.labvm("rm", name, "--purge", "--yes")
+        admin.labvm("rm", name, "--yes")
+    wipe_mfs_files(admin, "erin", "frank", "grace")
 
 
 def where(admin, user: str) -> dict:

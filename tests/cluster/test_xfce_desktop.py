@@ -8,7 +8,7 @@ import time
 import paramiko
 from PIL import Image
 
-from .conftest import make_admin
+from .conftest import make_admin, wipe_mfs_files
 from .test_desktops import wait_vnc
 
 PW = "xfce-Pw-5150"
@@ -35,6 +35,7 @@ def test_xfce_desktop_over_vnc_and_ssh(testbed, tmp_path):
     assert built.returncode == 0, built.stderr
     assert admin.labvm("image", "push", "n2", timeout=900).returncode == 0
     assert admin.labvm("user", "add", "dora", "--password-stdin", stdin=PW + "\n").returncode == 0
+    wipe_mfs_files(admin, "dora")
     desktop = admin.labvm_json("create", "dora", "--node", "n2", "--gpus", "1", "--memory", "2g")
     try:
         shot = tmp_path / "xfce.png"

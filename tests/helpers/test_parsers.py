@@ -321,3 +321,13 @@ def test_block_device_of_takes_the_whole_disk_of_a_partition(bundle, tmp_path):
     assert found == str(dev / "vdz")
     (block / f"{os.major(st_dev)}:{os.minor(st_dev)}").unlink()
     assert bundle.probe.block_device_of(str(tmp_path), sys_root=str(tmp_path / "sys"), dev_root=str(dev)) is None
+
+
+def test_listening_ports_come_from_proc_net_tcp(bundle):
+    text = (
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+        "   0: 0B00D50A:4E21 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1\n"
+        "   1: 0100007F:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1\n"
+        "   2: 0B00D50A:0016 0100D50A:A2C4 01 00000000:00000000 02:00000000 00000000     0        0 3 1\n"
+    )
+    assert bundle.probe.parse_listening_ports(text) == {0x4E21, 22}  # the established connection is not listening
