@@ -296,6 +296,10 @@ class Switcher:
 
     def _step_precopy(self, db, op: Operation, user: str) -> None:
         source = self.session(op.params["source"])
+        status = source.call("sync", "status", {"user": user, "data_dir": source.node.data_dir})["data"]
+        if status.get("running"):
+            self.progress(f"  still to sync: {status.get('pending') or 0} paths, "
+                          f"{(status.get('pending_bytes') or 0) / (1 << 20):.1f} MiB")
         data = source.call("sync", "flush", {"user": user, "data_dir": source.node.data_dir, "timeout_s": 900}, timeout=960)["data"]
         self.progress(f"  pre-copy: {data.get('files', 0)} paths sent in {data.get('seconds', 0):.1f} s while the desktop ran")
 

@@ -38,6 +38,7 @@ import argparse
 import ctypes
 import errno
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -652,6 +653,7 @@ class Fenced(Exception):
 
 OWNER_FILE = "owner.json"
 HEARTBEAT_FILE = "sync-heartbeat.json"
+PENDING_BYTES_SAMPLE = 2000
 HEARTBEAT_EVERY_S = 5.0
 IDLE_HEARTBEAT_EVERY_S = 30.0
 
@@ -1003,6 +1005,18 @@ class Syncer:
 
     # -- status
 
+    def pending_bytes(self, sample: list[bytes], total: int) -> int:
+        """About how many bytes the queued paths hold (what a switch still has to send): their
+        sizes on local disk, scaled up from a sample when the queue is long."""
+        size = 0
+        root = os.fsencode(self.settings.up_local)
+        for rel in sample:
+            try:
+                size += os.lstat(os.path.join(root, rel)).st_size
+            except OSError:
+                continue
+        return size if len(sample) >= total or not sample else size * total // len(sample)
+
     def write_status(self, force: bool = False, final: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self.last_status_write < STATUS_INTERVAL_S:
@@ -1011,6 +1025,7 @@ class Syncer:
         oldest = self.state.oldest()
         with self.state.lock:
             pending = len(self.state.pending)
+            sample = list(itertools.islice(self.state.pending, PENDING_BYTES_SAMPLE))
             full_pass_needed = self.state.full_pass_needed
             degraded = self.state.degraded
         status = {
@@ -1019,6 +1034,7 @@ class Syncer:
             "updated": time.time(),
             "state": "stopped" if final else self.state_name,
             "pending": pending,
+            "pending_bytes": self.pending_bytes(sample, pending),
             "oldest_pending_age_s": round(now - oldest[1], 3) if oldest else 0.0,
             "full_pass_needed": full_pass_needed,
             "last_success": self.last_success,

@@ -400,6 +400,8 @@ def test_kill_9_with_changes_queued_loses_nothing(run_helper, node):
     (node.merge / "home/alice/notes.txt").unlink()
     wait_for(lambda: status(run_helper, node)["pending"] > 0, "the changes to be queued")
     assert not (node.up_mfs / "home/alice/queued").exists()
+    # What a switch shows as still to send: the queued files' sizes (each "N\n").
+    wait_for(lambda: status(run_helper, node)["pending_bytes"] >= 20, "the queued bytes to be counted")
 
     os.kill(first, signal.SIGKILL)
     wait_for(lambda: gone(first), "the daemon to die")
