@@ -58,6 +58,7 @@ FACT_KEYS = {
     "gpu_error",
     "cpus",
     "loadavg",
+    "listening_ports",
     "memory",
     "disk",
     "mfs",
