@@ -29,6 +29,7 @@ from .remote.pool import run_on_nodes
 from .state import StateDB
 
 Say = Callable[[str], None]
+MERGE_TIMEOUT_S = 3600
 
 DESKTOP_SESSIONS = {
     "minimal": "twm & exec xterm -geometry 100x30+20+20",
@@ -210,11 +211,24 @@ class Desktops:
 
     def _probe(self, node: Node) -> tuple[dict, dict]:
         with self.session(node) as s:
-            facts = s.call("probe", "facts", {"data_dir": node.data_dir})["data"]
-            image = s.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]
+            return self.probe(s)
+
+    def probe(self, s: NodeSession) -> tuple[dict, dict]:
+        """The node's facts and its desktop image's status, over an open session."""
+        facts = s.call("probe", "facts", {"data_dir": s.node.data_dir})["data"]
+        image = s.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]
         if facts.get("gpu_error"):
-            raise LabvmError(f"{node.name}: GPUs: {facts['gpu_error']}")
+            raise LabvmError(f"{s.node.name}: GPUs: {facts['gpu_error']}")
         return facts, image
+
+    def capacities(self, db: StateDB, nodes: list[Node]) -> list[NodeCapacity]:
+        """What each node can still give, all probed at once; a node that fails is one with an error."""
+        usage = {n.name: self._usage(db, n) for n in nodes}
+        outcomes = run_on_nodes(nodes, self._probe, timeout=60)
+        return [
+            self._capacity(n, usage[n.name], o.value) if o.ok else NodeCapacity(n, [], set(), 0, 0, False, error=o.error)
+            for n, o in zip(nodes, outcomes, strict=True)
+        ]
 
     @staticmethod
     def _capacity(node: Node, usage: tuple[set[str], int], probed: tuple[dict, dict]) -> NodeCapacity:
@@ -233,7 +247,7 @@ class Desktops:
         )
 
     def _place(self, db: StateDB, node_name: str, request: GpuRequest, memory: int) -> tuple[NodeCapacity, str]:
-        cordoned = {r["node"]: r["reason"] for r in db.conn.execute("SELECT node, reason FROM node_cordons")}
+        cordoned = db.cordons()
         if node_name != "auto":
             node = self.cfg.node(node_name)
             if node.name in cordoned:
@@ -248,12 +262,7 @@ class Desktops:
             if self.cfg.nodes:
                 raise BadInput("every node is cordoned; `labvm node uncordon NODE` one of them")
             raise BadInput(f"no nodes in {self.cfg.path}; add one with `labvm node add`")
-        usage = {n.name: self._usage(db, n) for n in nodes}
-        outcomes = run_on_nodes(nodes, self._probe, timeout=60)
-        caps = [
-            self._capacity(n, usage[n.name], o.value) if o.ok else NodeCapacity(n, [], set(), 0, 0, False, error=o.error)
-            for n, o in zip(nodes, outcomes, strict=True)
-        ]
+        caps = self.capacities(db, nodes)
         chosen, reason = choose_node(caps, request, memory)
         return next(c for c in caps if c.node is chosen), reason
 
@@ -292,7 +301,7 @@ class Desktops:
         try:
             with self.session(node) as s:
                 with op.step("base_image"):
-                    s.call("image", "ensure_docker_base", {"tag": base_image_tag(), "tar_b64": base64.b64encode(base_image_tar()).decode()})
+                    self.ensure_base_image(s)
                 with op.step("adopt_files"):
                     self._adopt_files(s, db, user)
                 self.bring_up(s, op, db, self.get(db, user), uid)
@@ -320,13 +329,32 @@ class Desktops:
                                               "node": node.name, "mfs_mount": self.cfg.storage.mfs_mount}, timeout=240)
         db.conn.execute("UPDATE vms SET state = 'running', updated_at = ? WHERE user = ?", (time.time(), user))
 
+    # -- versions on MooseFS (the merge helper) ---------------------------------
+    def versions_on_mfs(self, s: NodeSession, user: str) -> list[dict]:
+        return s.call("merge", "versions", {"user": user, "mfs_mount": self.cfg.storage.mfs_mount})["data"]["versions"]
+
+    def next_version(self, s: NodeSession, user: str, base: int) -> int:
+        """The number the next published version of the user's files gets."""
+        return max([v["version"] for v in self.versions_on_mfs(s, user)] + [base]) + 1
+
+    def publish(self, s: NodeSession, user: str, base: int, target: int, upper: str | None = None) -> dict:
+        """Publish base + upper (default: up_mfs as it is) as low_mfs.v<target>, over the desktop image."""
+        params = {"user": user, "mfs_mount": self.cfg.storage.mfs_mount, "base": base, "target": target,
+                  "image": self.cfg.xfce_local}
+        if upper is not None:
+            params["upper"] = upper
+        return s.call("merge", "publish", params, timeout=MERGE_TIMEOUT_S)["data"]
+
+    def ensure_base_image(self, s: NodeSession) -> None:
+        """The tiny docker image every desktop container starts from (its root comes from the layers)."""
+        s.call("image", "ensure_docker_base", {"tag": base_image_tag(), "tar_b64": base64.b64encode(base_image_tar()).decode()})
+
     def _adopt_files(self, s: NodeSession, db: StateDB, user: str) -> None:
         """A new desktop continues from the newest version of the member's files, if an earlier
         desktop left any (`labvm rm` keeps them), and this node becomes its owner on MooseFS."""
         mfs_mount = self.cfg.storage.mfs_mount
         s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
-        found = s.call("merge", "versions", {"user": user, "mfs_mount": mfs_mount})["data"]["versions"]
-        latest = max((v["version"] for v in found), default=0)
+        latest = max((v["version"] for v in self.versions_on_mfs(s, user)), default=0)
         if latest:
             self.say(f"continuing from v{latest} of {user}'s files, kept when the last desktop was removed "
                      f"(`labvm rm {user} --purge` deletes them)")
@@ -451,13 +479,10 @@ class Desktops:
     def _keep_files(self, s: NodeSession, user: str, base: int) -> None:
         """Fold the upper layer into a last version, so the files on MooseFS stand alone: a later
         `labvm create` continues from that version."""
-        mfs_mount = self.cfg.storage.mfs_mount
         s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
-        found = s.call("merge", "versions", {"user": user, "mfs_mount": mfs_mount})["data"]["versions"]
-        target = max([v["version"] for v in found] + [base]) + 1
-        s.call("merge", "publish", {"user": user, "mfs_mount": mfs_mount, "base": base, "target": target,
-                                    "image": self.cfg.xfce_local}, timeout=3600)
-        s.call("vm", "reset_upper", {"user": user, "data_dir": s.node.data_dir, "mfs_mount": mfs_mount})
+        target = self.next_version(s, user, base)
+        self.publish(s, user, base, target)
+        s.call("vm", "reset_upper", {"user": user, "data_dir": s.node.data_dir, "mfs_mount": self.cfg.storage.mfs_mount})
         self.say(f"{user}'s files are kept on MooseFS as v{target}")
 
     def passwd(self, user: str, password: str) -> None:

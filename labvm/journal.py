@@ -156,23 +156,14 @@ def journaled(db: StateDB, kind: str, user: str, params: dict, failed_state: str
     failure as `failed_state`. With `existing`, an interrupted operation is taken up again.
     """
     op = existing or Operation.begin(db, kind, user, params)
-    if existing is not None:
-        try:
-            with vm_lock(db, user, op.id):
-                op.set_state("running")
-                yield op
-        except Busy:
-            raise
-        except BaseException as exc:
-            op.finish(getattr(exc, "op_state", failed_state), str(exc) or type(exc).__name__)
-            raise
-        op.finish("done")
-        return
     try:
         with vm_lock(db, user, op.id):
+            if existing is not None:
+                op.set_state("running")
             yield op
     except Busy as exc:
-        op.finish("refused", str(exc))
+        if existing is None:
+            op.finish("refused", str(exc))
         raise
     except BaseException as exc:
         op.finish(getattr(exc, "op_state", failed_state), str(exc) or type(exc).__name__)

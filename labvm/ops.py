@@ -55,15 +55,15 @@ def _view(db, row) -> OpView:
 
 
 def list_ops(home: AdminHome, user: str | None = None, limit: int = 30, unfinished: bool = False) -> list[OpView]:
-    with home.state() as db:
-        sql, args = "SELECT * FROM operations", []
-        if user:
-            sql, args = sql + " WHERE user = ?", [user]
-        rows = db.conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit if not unfinished else 100000)).fetchall()
-        views = [_view(db, r) for r in rows]
+    where, args = [], []
+    if user:
+        where, args = ["user = ?"], [user]
     if unfinished:
-        views = [v for v in views if v.state in ("running", "interrupted", "failed")][:limit]
-    return views
+        # `interrupted` is a `running` one whose process died; both are unfinished.
+        where.append("state IN ('running', 'failed')")
+    sql = "SELECT * FROM operations" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
+    with home.state() as db:
+        return [_view(db, r) for r in db.conn.execute(sql, (*args, limit))]
 
 
 def show_op(home: AdminHome, op_id: int) -> OpView:

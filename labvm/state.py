@@ -244,6 +244,10 @@ class StateDB:
         rows = self.conn.execute("SELECT name, uid, created_at, updated_at FROM users ORDER BY name")
         return [User(**dict(r)) for r in rows]
 
+    def cordons(self) -> dict[str, str | None]:
+        """Cordoned nodes and why: no new desktop goes there."""
+        return {r["node"]: r["reason"] for r in self.conn.execute("SELECT node, reason FROM node_cordons")}
+
     def user_names(self) -> list[str]:
         return [r["name"] for r in self.conn.execute("SELECT name FROM users ORDER BY name")]
 

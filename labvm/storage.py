@@ -34,7 +34,6 @@ from .nodes import mfs_params
 from .retention import Verdict, Version, plan
 
 FLUSH_TIMEOUT_S = 900
-MERGE_TIMEOUT_S = 3600
 BACKUP_LOCK = "backup.lock"
 
 
@@ -68,8 +67,7 @@ class Storage:
         s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
 
     def _list(self, s: NodeSession, user: str) -> list[Version]:
-        data = s.call("merge", "versions", {"user": user, "mfs_mount": self.cfg.storage.mfs_mount})["data"]
-        return versions_from_reply(data)
+        return versions_from_reply({"versions": self.desktops.versions_on_mfs(s, user)})
 
     def _desktop(self, user: str) -> Desktop:
         with self.home.state() as db:
@@ -121,17 +119,14 @@ class Storage:
         return BackupResult(user, True, line, version, tuple(pruned), seconds)
 
     def _backup_on_node(self, s: NodeSession, op, desktop: Desktop) -> tuple[int, dict, list[int]]:
-        user, node, mfs_mount = desktop.user, s.node, self.cfg.storage.mfs_mount
+        user, node = desktop.user, s.node
         with op.step("mount_mfs"):
             self._mfs(s)
-        existing = self._list(s, user)
-        target = max([v.number for v in existing] + [desktop.version]) + 1
+        target = self.desktops.next_version(s, user, desktop.version)
         with op.step("snapshot_upper"):
             upper = self._frozen_upper(s, desktop, node, target)
         with op.step("publish"):
-            published = s.call("merge", "publish", {"user": user, "mfs_mount": mfs_mount, "base": desktop.version,
-                                                    "upper": upper, "target": target, "image": self.cfg.xfce_local},
-                                 timeout=MERGE_TIMEOUT_S)["data"]
+            published = self.desktops.publish(s, user, desktop.version, target, upper=upper)
         with op.step("prune"):
             pruned = self._prune(s, user, desktop.version)
         return target, published, pruned
@@ -229,11 +224,9 @@ class Storage:
         between these steps shows the same files: the new version holds the upper, and an upper
         applied over the version made from it changes nothing. Only then is it emptied."""
         user, node, mfs_mount = desktop.user, s.node, self.cfg.storage.mfs_mount
-        target = max([v.number for v in self._list(s, user)] + [desktop.version]) + 1
+        target = self.desktops.next_version(s, user, desktop.version)
         with op.step("publish"):
-            s.call("merge", "publish", {"user": user, "mfs_mount": mfs_mount, "base": desktop.version, "target": target,
-                                                    "image": self.cfg.xfce_local},
-                   timeout=MERGE_TIMEOUT_S)
+            self.desktops.publish(s, user, desktop.version, target)
         with op.step("solidify"):
             _set(db, user, version=target)
             s.call("vm", "reset_upper", {"user": user, "data_dir": node.data_dir, "mfs_mount": mfs_mount})

@@ -28,7 +28,6 @@ from .admin import AdminHome
 from .config import Node
 from .desktops import Desktop, Desktops, Limits, NodeSession, build_spec
 from .errors import BadInput, LabvmError, NodeError, NodeUnreachable, NotFound, RolledBack, StateError
-from .images import base_image_tag, base_image_tar
 from .journal import Operation, journaled
 from .nodes import mfs_params
 from .placement import GpuRequest, allocate_gpus, allocate_ports
@@ -146,9 +145,9 @@ class Switcher:
         if desktop.state not in ("running", "stopped"):
             raise StateError(f"{desktop.user}'s desktop is {desktop.state}; only a running or stopped desktop can switch")
         with self.home.state() as db:
-            row = db.conn.execute("SELECT reason FROM node_cordons WHERE node = ?", (target,)).fetchone()
-        if row is not None:
-            raise BadInput(f"{target} is cordoned ({row['reason'] or 'no reason given'}); `labvm node uncordon {target}` first")
+            cordons = db.cordons()
+        if target in cordons:
+            raise BadInput(f"{target} is cordoned ({cordons[target] or 'no reason given'}); `labvm node uncordon {target}` first")
         return node
 
     # -- running -----------------------------------------------------------------------------
@@ -246,7 +245,7 @@ class Switcher:
         target = self.cfg.node(p["target"])
         s = self.session(target.name)
         s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
-        facts, image = self.desktops._probe(target)
+        facts, image = self.desktops.probe(s)
         if not image.get("present"):
             raise BadInput(f"{target.name}: the desktop image is not pushed there; run `labvm image push {target.name}`")
         if not p["from_lost"]:
@@ -319,13 +318,10 @@ class Switcher:
 
     def _step_merge(self, db, op: Operation, user: str) -> None:
         target = self.session(op.params["target"])
-        mfs_mount = self.cfg.storage.mfs_mount
         if "new_version" not in op.params:
-            found = target.call("merge", "versions", {"user": user, "mfs_mount": mfs_mount})["data"]["versions"]
-            op.remember(new_version=max([v["version"] for v in found] + [op.params["base"]]) + 1)
+            op.remember(new_version=self.desktops.next_version(target, user, op.params["base"]))
         new = op.params["new_version"]
-        target.call("merge", "publish", {"user": user, "mfs_mount": mfs_mount, "base": op.params["base"], "target": new,
-                                         "image": self.cfg.xfce_local}, timeout=3600)
+        self.desktops.publish(target, user, op.params["base"], new)
         # The new version holds everything the upper held: it is the desktop's base from now on,
         # wherever it runs (a rollback runs the source over it too, with an emptied upper).
         db.conn.execute("UPDATE vms SET version = ?, updated_at = ? WHERE user = ?", (new, time.time(), user))
@@ -348,7 +344,7 @@ class Switcher:
         p = op.params
         target = self.session(p["target"])
         node = target.node
-        target.call("image", "ensure_docker_base", {"tag": base_image_tag(), "tar_b64": _b64(base_image_tar())})
+        self.desktops.ensure_base_image(target)
         target.call("sync", "ensure_running", self.desktops.sync_params(user, node))
         image = target.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]
         spec = build_spec(user, db.get_user(user).uid, node, image.get("desktop") or "minimal", Limits(**p["target_limits"]),
@@ -432,26 +428,13 @@ class Switcher:
         desktop = self._desktop(db, user)
         if desktop.version != p["base"]:
             # The merge published the upper: the source runs over that version with an empty upper.
-            source.call("vm", "stop_container", {"user": user, "timeout": 20}, timeout=90)
-            source.call("sync", "ensure_stopped", {"user": user, "data_dir": source.node.data_dir, "flush": True}, timeout=960)
-            source.call("vm", "remove_container", {"user": user})
-            source.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": source.node.data_dir})
+            self.desktops.stop_on_node(source, op, user, 20)
             source.call("vm", "reset_upper", {"user": user, "data_dir": source.node.data_dir, "mfs_mount": mfs_mount})
         if p["was_running"]:
-            rollback_op = _NoSteps()
-            self.desktops.bring_up(source, rollback_op, db, self._desktop(db, user), db.get_user(user).uid)
+            # Journaled as steps of this switch, so `labvm ops show` tells what the rollback did.
+            self.desktops.bring_up(source, op, db, self._desktop(db, user), db.get_user(user).uid)
             notes.append(f"{user}'s desktop runs on {p['source']} again")
         return notes
-
-
-class _NoSteps:
-    """Stands in for an Operation where a rollback reuses bring_up: its steps are not journaled
-    as the switch's own (the switch's step of that name may already be done)."""
-
-    def step(self, _name: str):
-        from contextlib import nullcontext
-
-        return nullcontext()
 
 
 def op_user(db, op: Operation) -> str:
@@ -461,18 +444,12 @@ def op_user(db, op: Operation) -> str:
     return row["user"]
 
 
-def _b64(data: bytes) -> str:
-    import base64
-
-    return base64.b64encode(data).decode()
-
-
 # -- cordon and drain -------------------------------------------------------------------------
 def cordon(home: AdminHome, node: str, reason: str | None = None) -> bool:
     """Keep new desktops (create --node auto, switch, drain) off a node. True if it changed."""
     home.config.node(node)
     with home.state() as db:
-        if db.conn.execute("SELECT 1 FROM node_cordons WHERE node = ?", (node,)).fetchone():
+        if node in db.cordons():
             return False
         db.conn.execute("INSERT INTO node_cordons (node, reason, since) VALUES (?, ?, ?)", (node, reason, time.time()))
         return True
@@ -482,11 +459,6 @@ def uncordon(home: AdminHome, node: str) -> bool:
     home.config.node(node)
     with home.state() as db:
         return db.conn.execute("DELETE FROM node_cordons WHERE node = ?", (node,)).rowcount > 0
-
-
-def cordoned(home: AdminHome) -> dict[str, str | None]:
-    with home.state() as db:
-        return {r["node"]: r["reason"] for r in db.conn.execute("SELECT node, reason FROM node_cordons")}
 
 
 @dataclass
@@ -502,8 +474,7 @@ def drain(home: AdminHome, node: str, to: str | None = None, parallel: int = 2, 
     time, and one failed move never stops the others (it rolls back to the node)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .placement import NodeCapacity, choose_node
-    from .remote.pool import run_on_nodes
+    from .placement import choose_node
 
     cfg = home.config
     cfg.node(node)
@@ -514,17 +485,14 @@ def drain(home: AdminHome, node: str, to: str | None = None, parallel: int = 2, 
     desktops = Desktops(home)
     with home.state() as db:
         moving = [d for d in desktops.list(db) if d.node == node and d.state in ("running", "stopped")]
-        fenced = set(cordoned(home))
+        fenced = set(db.cordons())
         candidates = [cfg.node(to)] if to else [n for n in cfg.nodes if n.name != node and n.name not in fenced]
-        usage = {n.name: desktops._usage(db, n) for n in candidates}
-    if not moving:
-        say(f"no desktops on {node}")
-        return []
-    if not candidates:
-        raise BadInput(f"no node to move {node}'s desktops to: every other node is cordoned")
-    outcomes = run_on_nodes(candidates, desktops._probe, timeout=60)
-    caps = [desktops._capacity(n, usage[n.name], o.value) if o.ok else NodeCapacity(n, [], set(), 0, 0, False, error=o.error)
-            for n, o in zip(candidates, outcomes, strict=True)]
+        if not moving:
+            say(f"no desktops on {node}")
+            return []
+        if not candidates:
+            raise BadInput(f"no node to move {node}'s desktops to: every other node is cordoned")
+        caps = desktops.capacities(db, candidates)
     plan: list[tuple[Desktop, str | None, str]] = []
     # The desktops with the most GPUs are placed first, while the most GPUs are free.
     for d in sorted(moving, key=lambda d: (-len(d.gpus), d.user)):
