@@ -295,7 +295,8 @@ def node_list(home: AdminHome, as_json):
 
 @node.command("check")
 @click.argument("names", nargs=-1, shell_complete=complete_nodes)
-@click.option("--no-mount", is_flag=True, help="Don't mount MooseFS; only report whether it is mounted.")
+@click.option("--no-mount", is_flag=True,
+              help="Change nothing: don't mount MooseFS or add the desktop network rules; only report.")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for each node.")
 @json_option
 @click.pass_obj
@@ -304,7 +305,9 @@ def node_check(home: AdminHome, names, no_mount, timeout, as_json):
 
     Reports kernel, overlayfs and FUSE support, the docker engine, the
     MooseFS client (and mounts MooseFS unless --no-mount), rsync, python3,
-    GPUs from nvidia-smi, CPUs, memory and disk. An unreachable node is
+    GPUs from nvidia-smi, CPUs, memory and disk, and the packet filter that
+    keeps desktops off MooseFS, the nodes and each other (added unless
+    --no-mount; every desktop start adds it too). An unreachable node is
     reported on its own row. Exits 7 if any node has a problem.
     """
     cfg = home.config

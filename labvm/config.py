@@ -108,6 +108,13 @@ class Monitoring:
 
 
 @dataclass(frozen=True)
+class Network:
+    # Host names, addresses or CIDR ranges desktops may not reach, besides the MooseFS master
+    # and the nodes, which are always denied.
+    deny: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     path: Path
     storage: Storage
@@ -117,6 +124,7 @@ class ClusterConfig:
     retention: Retention = field(default_factory=Retention)
     sync: SyncSettings = field(default_factory=SyncSettings)
     monitoring: Monitoring = field(default_factory=Monitoring)
+    network: Network = field(default_factory=Network)
 
     @property
     def home(self) -> Path:
@@ -292,6 +300,13 @@ def _parse_sync(root) -> SyncSettings:
     )
 
 
+def _parse_network(root) -> Network:
+    el = root.find("network")
+    if el is None:
+        return Network()
+    return Network(deny=tuple((d.text or "").strip() for d in el.findall("deny")))
+
+
 def _parse_monitoring(root) -> Monitoring:
     d = Monitoring()
     el = root.find("monitoring")
@@ -330,6 +345,7 @@ def parse_config(path: Path, tree=None) -> ClusterConfig:
         retention=_parse_retention(root),
         sync=_parse_sync(root),
         monitoring=_parse_monitoring(root),
+        network=_parse_network(root),
     )
 
 

@@ -21,7 +21,7 @@ from .config import ClusterConfig, Node, parse_size
 from .errors import AlreadyExists, BadInput, LabvmError, NotFound
 from .images import base_image_tag, base_image_tar
 from .journal import journaled
-from .nodes import mfs_params
+from .nodes import isolation_params, mfs_params
 from .placement import GpuRequest, NodeCapacity, allocate_gpus, allocate_ports, choose_node
 from .remote.connection import NodeConnection
 from .remote.helpers import HelperBundle, HelperRunner
@@ -324,10 +324,17 @@ class Desktops:
         with op.step("start_container"):
             spec = build_spec(user, uid, node, image.get("desktop") or "minimal", Limits(**desktop.limits),
                               [g["uuid"] for g in desktop.gpus], (desktop.vnc_port, desktop.ssh_port))
-            secrets = {"password": db.vnc_secret(user)}
-            s.call("vm", "ensure_container", {"user": user, "data_dir": node.data_dir, "spec": spec, "secrets": secrets,
-                                              "node": node.name, "mfs_mount": self.cfg.storage.mfs_mount}, timeout=240)
+            self.run_container(s, db, user, spec)
         db.conn.execute("UPDATE vms SET state = 'running', updated_at = ? WHERE user = ?", (time.time(), user))
+
+    def run_container(self, s: NodeSession, db: StateDB, user: str, spec: dict) -> None:
+        """Start the desktop's container, never before the node walls its network off from
+        MooseFS, the nodes and the other desktops (re-applied each time: a dockerd restart or
+        an admin's iptables flush must not leave a desktop open)."""
+        s.call("net", "ensure_isolation", isolation_params(self.cfg))
+        s.call("vm", "ensure_container", {"user": user, "data_dir": s.node.data_dir, "spec": spec,
+                                          "secrets": {"password": db.vnc_secret(user)}, "node": s.node.name,
+                                          "mfs_mount": self.cfg.storage.mfs_mount}, timeout=240)
 
     # -- versions on MooseFS (the merge helper) ---------------------------------
     def versions_on_mfs(self, s: NodeSession, user: str) -> list[dict]:

@@ -108,6 +108,12 @@ def mfs_params(cfg: ClusterConfig) -> dict:
     return {"master": s.mfs_master, "port": s.mfs_port, "mount": s.mfs_mount, "subdir": s.mfs_dir, "options": s.mount_options}
 
 
+def isolation_params(cfg: ClusterConfig) -> dict:
+    """What desktops may never reach: MooseFS (master; chunkservers by their ports and by
+    <network><deny>), every node of the cluster, and whatever else the cluster file denies."""
+    return {"deny": [cfg.storage.mfs_master, *(n.host for n in cfg.nodes), *cfg.network.deny]}
+
+
 def check_node(cfg: ClusterConfig, node: Node, *, mount_mfs: bool, bundle: HelperBundle) -> dict:
     """Probe one node. MooseFS problems are reported in the facts; only SSH or helper crashes fail the node."""
     with NodeConnection(node, cfg.home) as conn:
@@ -119,6 +125,15 @@ def check_node(cfg: ClusterConfig, node: Node, *, mount_mfs: bool, bundle: Helpe
             except HelperFailed as exc:
                 mfs_error = exc.fields.get("msg")
         facts = runner.call("probe", "facts", {"data_dir": node.data_dir, "mfs_mount": cfg.storage.mfs_mount})["data"]
+        try:
+            # Like the mount above, what check may set right it sets right: the rules that keep
+            # desktops off MooseFS and the nodes. Without mount_mfs it only reports.
+            action = "ensure_isolation" if mount_mfs else "isolation_status"
+            facts["isolation"] = runner.call("net", action, isolation_params(cfg))["data"]
+            if action == "ensure_isolation":
+                facts["isolation"]["missing"] = []
+        except HelperFailed as exc:
+            facts["isolation"] = {"error": exc.fields.get("msg")}
     mfs = facts.get("mfs") or {}
     if mfs_error:
         mfs["error"] = mfs_error
@@ -157,6 +172,12 @@ def node_problems(outcome: NodeOutcome[dict]) -> list[str]:
         problems.append(f"MooseFS: {mfs['error']}")
     elif not mfs.get("mounted"):
         problems.append("MooseFS not mounted")
+    isolation = facts.get("isolation") or {}
+    if isolation.get("error"):
+        problems.append(f"desktop network isolation: {isolation['error']}")
+    elif isolation.get("missing"):
+        problems.append("desktop network isolation missing (the next desktop start adds it): "
+                        + ", ".join(isolation["missing"]))
     if facts.get("gpu_error"):
         problems.append(f"GPUs: {facts['gpu_error']}")
     return problems

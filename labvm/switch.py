@@ -349,9 +349,7 @@ class Switcher:
         image = target.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]
         spec = build_spec(user, db.get_user(user).uid, node, image.get("desktop") or "minimal", Limits(**p["target_limits"]),
                           [g["uuid"] for g in p["target_gpus"]], tuple(p["target_ports"]))
-        target.call("vm", "ensure_container", {"user": user, "data_dir": node.data_dir, "spec": spec,
-                                               "secrets": {"password": db.vnc_secret(user)}, "node": node.name,
-                                               "mfs_mount": self.cfg.storage.mfs_mount}, timeout=240)
+        self.desktops.run_container(target, db, user, spec)
 
     def _step_verify(self, db, op: Operation, user: str) -> None:
         p = op.params

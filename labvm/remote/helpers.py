@@ -11,6 +11,7 @@ executable members: the merge helper runs labvm_merge from its own directory.
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import io
 import json
@@ -171,7 +172,8 @@ class HelperBundle:
     @cached_property
     def tarball(self) -> bytes:
         buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        # gzip's header holds a time: pinned, so the same files always make the same bytes.
+        with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as packed, tarfile.open(fileobj=packed, mode="w") as tar:
             for name, data in self.files:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)

@@ -29,6 +29,7 @@ HELPER_MODULES = {
     "merge": "merge",
     "metrics": "metrics",
     "sync": "sync",
+    "net": "net",
 }
 
 

@@ -5,14 +5,18 @@ Actions:
   ensure_unmounted  unmount it cleanly; a busy mount is refused, never detached lazily
   status            what the mount table says about MOUNT (reads /proc only)
 
-The mount always carries `suid,dev`. Overlay whiteouts are character devices 0/0 and the
-VM layers on MooseFS hold setuid programs; libfuse mounts `nosuid,nodev` unless told otherwise
-(checked with MooseFS 3.0.117 / fuse 3.14), so without them the layers lose their meaning.
+The mount always carries `nosuid,nodev`, and the `vms` tree that holds every member's
+versions is root's alone (0700). The members' files hold whatever a member with root in their
+desktop made: setuid-root programs, device nodes. Through the overlay those keep their meaning
+inside the desktop (the overlay mount's own flags decide, not the lower layer's, and a whiteout
+is only ever stat'ed), but on the node itself no local account may run or open them. An older
+mount with `suid,dev` is switched over in place (a bind remount changes only the flags).
 """
 
 import errno
 import os
 import re
+import stat
 
 from _contract import (
     Action,
@@ -47,10 +51,10 @@ MFSMOUNT_TIMEOUT_S = 60.0
 # Reading .params or stat-ing a mount waits on the FUSE server; a stuck one must not hang us.
 FUSE_CALL_TIMEOUT_S = 5.0
 
-REQUIRED_OPTIONS = ("suid", "dev")
+REQUIRED_OPTIONS = ("nosuid", "nodev")
 REFUSED_OPTIONS = {
-    "nosuid": "the VM layers on MooseFS hold setuid programs",
-    "nodev": "overlay whiteouts on MooseFS are device files",
+    "suid": "members' setuid programs on MooseFS must not run on the node",
+    "dev": "members' device nodes on MooseFS must not open on the node",
     "mfsmaster": "use the 'master' param",
     "mfsport": "use the 'port' param",
     "mfssubfolder": "use the 'subdir' param",
@@ -74,6 +78,8 @@ REGISTER_ERROR_MARKER = "mfsmaster register error"
 MISSING_SUBDIR_MARKER = "no such file or directory"
 
 MFS_SOURCE = re.compile(r"mfs#(?P<master>[^:]+):(?P<port>\d+)")
+VMS_DIR = "vms"  # every member's versions and upper, one directory each
+VMS_MODE = 0o700
 MOUNT_PARAMS_FILE = ".params"  # MooseFS serves it at the mount root from the client's memory
 
 
@@ -179,7 +185,11 @@ def ensure_mounted(params: dict, check: bool) -> Result:
     wanted = {"master": params["master"], "port": params["port"], "subdir": params["subdir"], "options": list(options)}
     if entry is not None:
         verify_existing_mount(entry, params)
-        return Result(changed=False, data={**described, "wanted": wanted})
+        changed = open_flags(entry) != [] or tree_is_open(mount)
+        if changed and not check:
+            close_mount(mount, entry)
+            entry, described = current_mount(mount)
+        return Result(changed=changed, data={**described, "wanted": wanted})
     refuse_symlinked_path(mount)
     if check:
         return Result(changed=True, data={**described, "wanted": wanted})
@@ -187,7 +197,42 @@ def ensure_mounted(params: dict, check: bool) -> Result:
     entry, described = current_mount(mount)
     if entry is None or not is_moosefs(entry):
         raise Failed(f"mfsmount reported success but no MooseFS is mounted at {mount}", "mfs_mount_missing")
+    close_mount(mount, entry)
     return Result(changed=True, data={**described, "wanted": wanted})
+
+
+def open_flags(entry: MountEntry) -> list[str]:
+    """The per-mount flags the mount still lacks."""
+    return [flag for flag in REQUIRED_OPTIONS if flag not in entry.mount_options]
+
+
+def tree_is_open(mount: str) -> bool:
+    # verify_existing_mount has just read the mount's .params, so it answers.
+    try:
+        info = os.lstat(os.path.join(mount, VMS_DIR))
+    except FileNotFoundError:
+        return True
+    return not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or stat.S_IMODE(info.st_mode) != VMS_MODE
+
+
+def close_mount(mount: str, entry: MountEntry) -> None:
+    """nosuid,nodev on the mount and a root-only vms tree, whatever made them otherwise."""
+    flags = open_flags(entry)
+    if flags:
+        log(f"remounting {mount} with {','.join(flags)}")
+        result = run_command([find_tool("mount") or "mount", "-o", "remount,bind,nosuid,nodev", "--", mount], timeout_s=30.0)
+        if result.returncode != 0:
+            raise Failed(f"cannot remount {mount} nosuid,nodev: {result.output_tail()}", "mfs_remount_failed")
+    vms = os.path.join(mount, VMS_DIR)
+    try:
+        os.mkdir(vms, VMS_MODE)
+    except FileExistsError:
+        pass
+    info = os.lstat(vms)
+    if not stat.S_ISDIR(info.st_mode):
+        raise PreconditionFailed(f"{vms} is not a directory; move it away", "vms_not_a_directory")
+    os.chown(vms, 0, 0, follow_symlinks=False)
+    os.chmod(vms, VMS_MODE, follow_symlinks=False)
 
 
 def verify_existing_mount(entry: MountEntry, params: dict) -> None:
@@ -198,13 +243,6 @@ def verify_existing_mount(entry: MountEntry, params: dict) -> None:
             f"{mount} already has a {entry.fstype} mount from {entry.source}, not MooseFS; "
             "unmount it or choose another mount point",
             "mount_point_in_use",
-        )
-    missing = [flag for flag in ("nosuid", "nodev") if flag in entry.mount_options]
-    if missing:
-        raise PreconditionFailed(
-            f"MooseFS at {mount} is mounted {','.join(missing)}, which breaks overlay "
-            "whiteouts and setuid programs; run ensure_unmounted, then ensure_mounted",
-            "mfs_mount_options",
         )
     actual = mounted_from(entry, mount)
     expected = {"master": params["master"], "port": str(params["port"]), "subdir": params["subdir"]}

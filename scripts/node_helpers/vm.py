@@ -92,6 +92,7 @@ from _system import (
     run_command,
     unmount,
 )
+from net import NETWORK_NAME as DESKTOP_NETWORK
 
 IMAGE_MARKER = ".labvm-image.json"
 MOUNT_TIMEOUT_S = 60.0
@@ -841,6 +842,13 @@ def bound_top_level(merge_local: str) -> list[str]:
     return sorted(names)
 
 
+# Of docker's default set, what a member's root needs least and could abuse most: raw packets
+# (ARP spoofing a neighbour's session on the bridge), device nodes (raw disks through MooseFS
+# on another node), file capabilities that outlive the desktop on MooseFS, and writing into
+# the node's audit log. ping still works through ICMP datagram sockets, which docker allows.
+DROPPED_CAPABILITIES = ("NET_RAW", "MKNOD", "SETFCAP", "AUDIT_WRITE")
+
+
 def container_create_body(user: str, spec: dict, top_level: list[str], merge_local: str, runtime_dir: str) -> dict:
     """The body of POST /containers/create for this spec; pure, so tests can check it whole."""
     ports = spec["ports"]
@@ -859,7 +867,10 @@ def container_create_body(user: str, spec: dict, top_level: list[str], merge_loc
         # No restart by dockerd: after a node reboot the stack is not mounted yet, and a
         # restarted container would bind empty directories over its root. `labvm start`
         # mounts the layers first.
-        "RestartPolicy": {"Name": "no", "MaximumRetryCount": 0},
+        "RestartPolicy": {"Name": "no", "MaximumRetryCount": 0},        # The desktops' own network, which net.ensure_isolation walls off from MooseFS, the
+        # nodes and each other.
+        "NetworkMode": DESKTOP_NETWORK,
+        "CapDrop": list(DROPPED_CAPABILITIES),
     }
     optional = {
         "NanoCpus": None if spec["cpus"] is None else round(spec["cpus"] * 1e9),

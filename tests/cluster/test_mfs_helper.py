@@ -45,8 +45,12 @@ def test_mount_is_an_idempotent_ensure_that_keeps_whiteouts(run_helper, params, 
     first = call(run_helper, "ensure_mounted", params)
     assert first.exit_code == 0 and first.reply["changed"] is True, first.reply
     assert first.data["is_moosefs"] is True
-    assert "nodev" not in first.data["mount_options"]
-    assert "nosuid" not in first.data["mount_options"]
+    # Members' setuid programs and device nodes live here: on the node they mean nothing, and
+    # the versions' tree is root's alone. Whiteouts (0/0 devices) are still made and seen.
+    assert "nodev" in first.data["mount_options"]
+    assert "nosuid" in first.data["mount_options"]
+    vms = os.lstat(mount / "vms")
+    assert stat.S_IMODE(vms.st_mode) == 0o700 and vms.st_uid == 0
     again = call(run_helper, "ensure_mounted", params)
     assert again.exit_code == 0 and again.reply["changed"] is False
 
@@ -57,6 +61,16 @@ def test_mount_is_an_idempotent_ensure_that_keeps_whiteouts(run_helper, params, 
         assert stat.S_ISCHR(info.st_mode) and info.st_rdev == 0
     finally:
         whiteout.unlink()
+
+
+def test_an_older_suid_dev_mount_is_closed_in_place(run_helper, params, mount):
+    assert call(run_helper, "ensure_mounted", params).exit_code == 0
+    subprocess.run(["mount", "-o", "remount,bind,suid,dev", "--", str(mount)], check=True)
+    os.chmod(mount / "vms", 0o755)
+    run = call(run_helper, "ensure_mounted", params)
+    assert run.exit_code == 0 and run.reply["changed"] is True, run.reply
+    assert {"nosuid", "nodev"} <= set(run.data["mount_options"])
+    assert stat.S_IMODE(os.lstat(mount / "vms").st_mode) == 0o700
 
 
 def test_existing_mount_of_another_subdir_is_not_taken_for_done(run_helper, params, mount):

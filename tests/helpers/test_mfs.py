@@ -58,15 +58,15 @@ def test_check_mode_reports_a_mount_it_would_make_and_touches_nothing(run_helper
         "master": MASTER,
         "port": 9421,
         "subdir": "/labvm",
-        "options": ["mfscachemode=DIRECT", "suid", "dev"],
+        "options": ["mfscachemode=DIRECT", "nosuid", "nodev"],
     }
     assert not mount.exists()
 
 
 def test_defaults_and_required_options_are_added_once(run_helper, tmp_path):
-    params = {"master": MASTER, "mount": str(tmp_path / "mfs"), "options": "dev,suid"}
+    params = {"master": MASTER, "mount": str(tmp_path / "mfs"), "options": "nodev,nosuid"}
     run = mfs(run_helper, "ensure_mounted", params, check=True)
-    assert run.data["wanted"] == {"master": MASTER, "port": 9421, "subdir": "/", "options": ["dev", "suid"]}
+    assert run.data["wanted"] == {"master": MASTER, "port": 9421, "subdir": "/", "options": ["nodev", "nosuid"]}
 
 
 @pytest.mark.parametrize("check", [True, False])
@@ -120,8 +120,8 @@ def test_unknown_action(run_helper):
         ({"options": "-f"}, "option name may only use"),
         ({"options": "1x"}, "option name may only use"),
         ({"options": "mfscachemode="}, "value of option 'mfscachemode'"),
-        ({"options": "nodev"}, "option 'nodev' is not allowed"),
-        ({"options": "suid,nosuid"}, "option 'nosuid' is not allowed"),
+        ({"options": "dev"}, "option 'dev' is not allowed"),
+        ({"options": "nosuid,suid"}, "option 'suid' is not allowed"),
         ({"options": "mfsmaster=10.0.0.9"}, "use the 'master' param"),
         ({"options": "mfssubfolder=/"}, "use the 'subdir' param"),
         ({"options": "mfspassword=hunter2"}, "visible in the process list"),

@@ -639,7 +639,11 @@ def test_create_body_from_a_full_spec(bundle):
 def test_create_body_from_a_minimal_spec_sets_no_optional_limits(bundle):
     spec = bundle.vm.container_spec("spec", minimal_spec())
     host = bundle.vm.container_create_body(USER, spec, [], "/m", "/rt")["HostConfig"]
-    assert set(host) == {"Init", "Binds", "Memory", "MemorySwap", "PortBindings", "RestartPolicy"}
+    assert set(host) == {"Init", "Binds", "Memory", "MemorySwap", "PortBindings", "RestartPolicy", "NetworkMode", "CapDrop"}
+    # Every desktop sits on the walled-off network and lacks the capabilities a member could
+    # turn against the node or a neighbour, whatever else its spec says.
+    assert host["NetworkMode"] == "labvm"
+    assert set(host["CapDrop"]) >= {"NET_RAW", "MKNOD", "SETFCAP", "AUDIT_WRITE"}
     assert host["PortBindings"] == {"5901/tcp": [{"HostIp": "127.0.0.1", "HostPort": "20000"}]}
     env = dict(item.split("=", 1) for item in bundle.vm.container_create_body(USER, spec, [], "/m", "/rt")["Env"])
     assert env["NVIDIA_VISIBLE_DEVICES"] == "void" and env["LABVM_SSH"] == "0"
