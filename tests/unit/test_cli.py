@@ -160,3 +160,19 @@ def test_completion_of_operation_ids(home):
         ids = [Operation.begin(db, "switch", "alice", {}).id for _ in range(3)]
     assert complete("labvm ops show ", 3, dict(os.environ)) == [str(i) for i in sorted(ids, reverse=True)]
     assert complete(f"labvm ops resume {ids[0]}", 3, dict(os.environ)) == [str(ids[0])]
+
+
+@pytest.mark.parametrize("password", ["pa\udcffss", "\udce9t\udce9"])
+def test_a_password_that_is_not_utf8_is_refused_without_showing_it(home, capsys, password):
+    assert run(["user", "add", "alice", "--password-stdin"], password + "\n") == 2
+    err = capsys.readouterr().err
+    assert err == "labvm: error: the password is not valid UTF-8 text; choose another\n"
+    assert main(["user", "list", "--json"]) == 0 and json.loads(capsys.readouterr().out) == []
+
+
+def test_a_password_of_raw_bytes_on_stdin_is_refused_without_showing_it(home):
+    """As a script would pipe it: bytes that are not UTF-8, read by the real command."""
+    result = subprocess.run([sys.executable, "-m", "labvm", "user", "add", "alice", "--password-stdin"],
+                            input=b"secret\xe9\xff7\n", capture_output=True, timeout=60, env={**os.environ, "PYTHONUTF8": "1"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == b"labvm: error: the password is not valid UTF-8 text; choose another\n"
