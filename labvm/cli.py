@@ -22,7 +22,7 @@ from rich.text import Text
 from . import __version__, audit, images
 from .admin import AdminHome
 from .config import Node
-from .errors import Aborted, AlreadyExists, BadInput, LabvmError, NodeError, NotFound
+from .errors import Aborted, AlreadyExists, BadInput, InsecureFile, LabvmError, NodeError, NotFound
 from .names import validate_user_name
 from .nodes import add_node, check_nodes, node_problems, node_rows, rekey_node, remove_node
 from .text import cell, safe
@@ -123,7 +123,10 @@ def _audit(home: AdminHome | None, command: str, target: str | None, result: str
     if home is None or not home.home.is_dir():
         return
     try:
+        home.check_safe()
         audit.append(home.home, command, target, result)
+    except InsecureFile:
+        return  # nothing is written into an unsafe admin directory; the command has said why
     except (OSError, LabvmError) as exc:  # the command's own outcome matters more than its log line
         warn(f"audit log not written: {exc}")
 
