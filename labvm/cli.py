@@ -619,7 +619,8 @@ def _desktop_node(home: AdminHome, user: str):
 @click.pass_obj
 @audited("user")
 def exec_(home: AdminHome, user, command):
-    """Run COMMAND as root inside USER's desktop and print its output.
+    """Run COMMAND as root inside USER's desktop and print its output (escaped on a terminal,
+    as it is into a pipe or file).
 
     \b
     labvm exec alice -- nvidia-smi
@@ -663,7 +664,7 @@ def shell(home: AdminHome, user, as_user):
 @cli.command()
 @click.argument("user", shell_complete=complete_users)
 @click.argument("path", default="/")
-@click.option("--get", "get_to", metavar="DEST", help="Copy the file at PATH out of the desktop to DEST.")
+@click.option("--get", "get_to", metavar="DEST", help="Copy the file at PATH out of the desktop to DEST: a new or regular file, or a directory to copy into.")
 @click.option("--put", "put_from", metavar="SRC", help="Copy SRC into the desktop at PATH.")
 @click.option("--mode", help="With --put: octal mode for the file, e.g. 0644.")
 @click.option("--force", is_flag=True, help="With --get: overwrite DEST.")
