@@ -69,7 +69,6 @@ class AdminHome:
             created.append(f"SSH identity {identity} (add {identity}.pub to each node's authorized_keys)")
         return created
 
-
     def check_safe(self) -> None:
         """Refuse an admin directory that another user owns or could write to, or whose
         secrets others could read (InsecureFile, naming the fix). A missing one is `labvm
