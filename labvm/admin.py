@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -10,10 +11,16 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from .audit import AUDIT_LOG
 from .config import ClusterConfig, parse_config, resolve_config_path
-from .fsutil import create_private, ensure_private_dir
+from .fsutil import atomic_write, create_private, ensure_private_dir, require_safe
 from .remote.connection import IDENTITY
-from .state import StateDB
+from .remote.hostkeys import KNOWN_HOSTS
+from .state import DB_NAME, KEY_NAME, StateDB
+
+# Readable by root alone; everything else in the admin directory, and the directory itself,
+# must not be writable by group or others. All of it must belong to whoever runs labvm.
+SECRET_FILES = frozenset({DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", KEY_NAME, IDENTITY, KNOWN_HOSTS, AUDIT_LOG})
 
 
 @dataclass
@@ -32,9 +39,11 @@ class AdminHome:
 
     @cached_property
     def config(self) -> ClusterConfig:
+        self.check_safe()
         return parse_config(self.config_path)
 
     def state(self) -> StateDB:
+        self.check_safe()
         db = StateDB.open(self.home)
         db.require_current_schema()
         return db
@@ -42,6 +51,8 @@ class AdminHome:
     def init(self) -> list[str]:
         """Create whatever is missing: the starter cluster file, state database, key, SSH identity."""
         created = []
+        if self.home.exists():
+            self.check_safe()
         ensure_private_dir(self.home)
         if not self.config_path.exists():
             starter = resources.files("labvm").joinpath("schema/bkConfxml.xml").read_bytes()
@@ -58,6 +69,27 @@ class AdminHome:
             created.append(f"SSH identity {identity} (add {identity}.pub to each node's authorized_keys)")
         return created
 
+    def check_safe(self) -> None:
+        """Refuse an admin directory that another user owns or could write to, or whose
+        secrets others could read (InsecureFile, naming the fix). A missing one is `labvm
+        init`'s to create, and the commands that need it say so."""
+        try:
+            require_safe(self.home, os.stat(self.home))
+            for entry in os.scandir(self.home):
+                found = _stat_or_none(entry.path)
+                if found is not None:
+                    require_safe(Path(entry.path), found, secret=entry.name in SECRET_FILES)
+        except FileNotFoundError:
+            return
+
+
+def _stat_or_none(path: str) -> os.stat_result | None:
+    """What a path in the admin directory points to; None for a dangling link or one gone since."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
 
 def write_ssh_identity(path: Path) -> None:
     key = Ed25519PrivateKey.generate()
@@ -66,4 +98,4 @@ def write_ssh_identity(path: Path) -> None:
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     create_private(path, private)
-    path.with_name(path.name + ".pub").write_bytes(public + b" labvm-admin\n")
+    atomic_write(path.with_name(path.name + ".pub"), public + b" labvm-admin\n", 0o644)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import getpass
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -30,6 +31,20 @@ class AuditEntry:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+    @classmethod
+    def from_line(cls, line: str) -> "AuditEntry | None":
+        """The entry a log line holds; None for a line cut short by a crash, or not one of ours."""
+        try:
+            fields = json.loads(line)
+            entry = cls(**fields)
+        except (ValueError, TypeError, RecursionError):
+            return None
+        texts_ok = all(isinstance(v, str) for v in (entry.who, entry.command, entry.result))
+        time_ok = isinstance(entry.time, (int, float)) and not isinstance(entry.time, bool) and math.isfinite(entry.time)
+        if not (texts_ok and time_ok and (entry.target is None or isinstance(entry.target, str))):
+            return None
+        return entry
 
 
 def operator() -> str:
@@ -55,12 +70,10 @@ def read(home: Path, *, target: str | None = None, last: int | None = None) -> l
         return []
     require_private(path)
     entries = []
-    with open(path, encoding="utf-8") as f:
+    # Bytes that are not UTF-8 are kept as surrogate escapes; what shows them escapes them.
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
-            try:
-                entry = AuditEntry(**json.loads(line))
-            except (ValueError, TypeError):
-                continue  # a line cut short by a crash is skipped, never fatal
-            if target is None or entry.target == target:
+            entry = AuditEntry.from_line(line)
+            if entry is not None and (target is None or entry.target == target):
                 entries.append(entry)
     return entries[-last:] if last else entries

@@ -17,17 +17,29 @@ import click
 from click.shell_completion import CompletionItem, get_completion_class
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__, audit, images
 from .admin import AdminHome
 from .config import Node
-from .errors import Aborted, AlreadyExists, BadInput, LabvmError, NodeError, NotFound
+from .errors import Aborted, AlreadyExists, BadInput, InsecureFile, LabvmError, NodeError, NotFound
 from .names import validate_user_name
 from .nodes import add_node, check_nodes, node_problems, node_rows, rekey_node, remove_node
+from .text import cell, safe
 
 COMPLETE_VAR = "_LABVM_COMPLETE"
 
 out = Console(highlight=False, soft_wrap=True)
+
+
+def say(message: str) -> None:
+    """One line of output that may hold a desktop's, a node's or the audit log's text: shown
+    escaped, never read as markup."""
+    out.print(safe(message), markup=False)
+
+
+def warn(message: str) -> None:
+    Console(stderr=True, highlight=False, soft_wrap=True).print("labvm: warning: " + safe(message), markup=False)
 
 
 # -- completion ------------------------------------------------------------
@@ -74,6 +86,16 @@ def _emit_json(data) -> None:
 
 
 def _read_password(password_stdin: bool, prompt: str = "Password") -> str:
+    # A decoding error quotes the byte it stopped at and its position: never let it out.
+    try:
+        password = _password_text(password_stdin, prompt)
+        password.encode("utf-8")
+    except UnicodeError:
+        raise BadInput("the password is not valid UTF-8 text; choose another") from None
+    return password
+
+
+def _password_text(password_stdin: bool, prompt: str) -> str:
     if password_stdin:
         line = sys.stdin.readline()
         if not line:
@@ -90,7 +112,7 @@ def _confirm(yes: bool):
             return True
         if not sys.stdin.isatty():
             raise BadInput(f"{question} -- no terminal to ask; pass --yes (or --fingerprint) to confirm")
-        return click.confirm(question, default=False)
+        return click.confirm(safe(question), default=False)
 
     return ask
 
@@ -101,9 +123,12 @@ def _audit(home: AdminHome | None, command: str, target: str | None, result: str
     if home is None or not home.home.is_dir():
         return
     try:
+        home.check_safe()
         audit.append(home.home, command, target, result)
+    except InsecureFile:
+        return  # nothing is written into an unsafe admin directory; the command has said why
     except (OSError, LabvmError) as exc:  # the command's own outcome matters more than its log line
-        Console(stderr=True).print(f"labvm: warning: audit log not written: {exc}", markup=False)
+        warn(f"audit log not written: {exc}")
 
 
 def audited(target_param: str | None = None):
@@ -171,9 +196,9 @@ def init(home: AdminHome):
     """
     created = home.init()
     for line in created:
-        out.print(f"created {line}")
+        say(f"created {line}")
     if not created:
-        out.print(f"nothing to do: {home.home} is set up")
+        say(f"nothing to do: {home.home} is set up")
 
 
 # -- users -------------------------------------------------------------------
@@ -202,7 +227,7 @@ def user_add(home: AdminHome, name, password_stdin):
             raise AlreadyExists(f"user {name!r} already exists")
         password = _read_password(password_stdin)
         created = db.add_user(name, password)
-    out.print(f"added user {created.name} (uid {created.uid})")
+    say(f"added user {created.name} (uid {created.uid})")
 
 
 @user.command("list")
@@ -217,7 +242,7 @@ def user_list(home: AdminHome, as_json):
         return
     table = Table("user", "uid", "created")
     for u in users:
-        table.add_row(u.name, str(u.uid), _when(u.created_at))
+        table.add_row(cell(u.name), str(u.uid), _when(u.created_at))
     out.print(table)
 
 
@@ -231,7 +256,7 @@ def user_passwd(home: AdminHome, name, password_stdin):
     with home.state() as db:
         db.get_user(name)
         db.set_password(name, _read_password(password_stdin, "New password"))
-    out.print(f"password of {name} changed")
+    say(f"password of {name} changed")
 
 
 @user.command("rm")
@@ -246,7 +271,7 @@ def user_rm(home: AdminHome, name, yes):
         if not _confirm(yes)(f"Remove user {name}?"):
             raise Aborted()
         db.remove_user(name)
-    out.print(f"removed user {name}")
+    say(f"removed user {name}")
 
 
 # -- nodes -------------------------------------------------------------------
@@ -275,7 +300,7 @@ def node_add(home: AdminHome, name, host, port, ssh_user, data_dir, fingerprint,
     """
     new = Node(name=name, host=host, port=port, user=ssh_user, data_dir=data_dir)
     decision = add_node(home.config, new, expected_fingerprint=fingerprint, confirm=_confirm(yes))
-    out.print(f"added node {name} ({ssh_user}@{host}:{port}), host key {decision.key_type} {decision.fingerprint} pinned")
+    say(f"added node {name} ({ssh_user}@{host}:{port}), host key {decision.key_type} {decision.fingerprint} pinned")
 
 
 @node.command("list")
@@ -289,7 +314,8 @@ def node_list(home: AdminHome, as_json):
         return
     table = Table("node", "address", "data dir", "ports", "host key")
     for r in rows:
-        table.add_row(r["name"], f"{r['user']}@{r['host']}:{r['port']}", r["data_dir"], r["ports"], r["host_key"] or "[red]not pinned[/]")
+        table.add_row(cell(r["name"]), cell(f"{r['user']}@{r['host']}:{r['port']}"), cell(r["data_dir"]), cell(r["ports"]),
+                      cell(r["host_key"]) if r["host_key"] else Text("not pinned", style="red"))
     out.print(table)
 
 
@@ -323,7 +349,7 @@ def node_check(home: AdminHome, names, no_mount, timeout, as_json):
         out.print(_check_table(outcomes, problems))
         for o in outcomes:
             for problem in problems[o.node]:
-                out.print(f"[red]{o.node}[/]: {problem}", markup=True)
+                out.print(Text.assemble((safe(o.node), "red"), ": ", safe(problem)))
     failed = [node for node, found in problems.items() if found]
     if failed:
         raise NodeError(node=", ".join(failed), msg="node check found problems (listed above)")
@@ -333,8 +359,8 @@ def _check_table(outcomes, problems: dict[str, list[str]]) -> Table:
     table = Table("node", "status", "kernel", "docker", "MooseFS", "GPUs", "CPUs", "memory", "disk", title="labvm node check")
     for o in outcomes:
         if not o.ok:
-            status = "[red]timeout[/]" if o.error_kind == "timeout" else "[red]unreachable[/]"
-            table.add_row(o.node, status, *[""] * 7)
+            status = Text("timeout" if o.error_kind == "timeout" else "unreachable", style="red")
+            table.add_row(cell(o.node), status, *[""] * 7)
             continue
         f = o.value
         mfs = f.get("mfs") or {}
@@ -342,15 +368,15 @@ def _check_table(outcomes, problems: dict[str, list[str]]) -> Table:
         disk = f.get("disk") or {}
         gpus = f.get("gpus") or []
         table.add_row(
-            o.node,
-            "[yellow]problems[/]" if problems[o.node] else "[green]ok[/]",
-            f["kernel"]["release"],
-            f["docker"]["version"] if f["docker"].get("ok") else "[red]down[/]",
-            f"{_gib(mfs.get('free_mib'))} free" if mfs.get("mounted") else "[red]not mounted[/]",
-            "\n".join(f"{g['index']} {g['name']} {g['uuid']}" for g in gpus) or "none",
-            str(f["cpus"]["count"]),
-            f"{_gib(mem.get('available_mib'))}/{_gib(mem.get('total_mib'))}",
-            f"{_gib(disk.get('free_mib'))} free" if disk else "?",
+            cell(o.node),
+            Text("problems", style="yellow") if problems[o.node] else Text("ok", style="green"),
+            cell(f["kernel"]["release"]),
+            cell(f["docker"]["version"]) if f["docker"].get("ok") else Text("down", style="red"),
+            cell(f"{_gib(mfs.get('free_mib'))} free") if mfs.get("mounted") else Text("not mounted", style="red"),
+            Text("\n").join(cell(f"{g['index']} {g['name']} {g['uuid']}") for g in gpus) if gpus else "none",
+            cell(f["cpus"]["count"]),
+            cell(f"{_gib(mem.get('available_mib'))}/{_gib(mem.get('total_mib'))}"),
+            cell(f"{_gib(disk.get('free_mib'))} free") if disk else "?",
         )
     return table
 
@@ -369,7 +395,7 @@ def node_rm(home: AdminHome, name, yes):
     if not _confirm(yes)(f"Remove node {name} from {cfg.path}?"):
         raise Aborted()
     remove_node(cfg, name, on_node)
-    out.print(f"removed node {name}")
+    say(f"removed node {name}")
 
 
 @node.command("rekey")
@@ -381,7 +407,7 @@ def node_rm(home: AdminHome, name, yes):
 def node_rekey(home: AdminHome, name, fingerprint, yes):
     """Pin NAME's new host key after the node was reinstalled."""
     decision = rekey_node(home.config, name, expected_fingerprint=fingerprint, confirm=_confirm(yes))
-    out.print(f"{name}: host key {decision.key_type} {decision.fingerprint} pinned")
+    say(f"{name}: host key {decision.key_type} {decision.fingerprint} pinned")
 
 
 # -- desktop images ------------------------------------------------------------
@@ -418,12 +444,12 @@ def image_build(home: AdminHome, desktop, mirror, rebuild, cache_dir, as_json):
     """
     out_dir = _image_dir(home)
     out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    say = (lambda _m: None) if as_json else (lambda m: out.print(m, markup=False))
-    info = images.build_image(desktop, out_dir, cache_dir=Path(cache_dir), mirror=mirror, rebuild=rebuild, progress=say)
+    progress = (lambda _m: None) if as_json else say
+    info = images.build_image(desktop, out_dir, cache_dir=Path(cache_dir), mirror=mirror, rebuild=rebuild, progress=progress)
     if as_json:
         _emit_json(info.to_dict())
         return
-    out.print(f"image {info.path} ({info.size / 2**20:.0f} MiB, sha256 {info.sha256[:16]}...) in {info.seconds:.0f}s")
+    say(f"image {info.path} ({info.size / 2**20:.0f} MiB, sha256 {info.sha256[:16]}...) in {info.seconds:.0f}s")
 
 
 @image.command("push")
@@ -454,10 +480,10 @@ def image_push(home: AdminHome, nodes, image_path):
     for o in outcomes:
         if o.ok:
             r = o.value
-            out.print(f"{o.node}: " + ("pushed" if r.unpacked else "already has it") + f" ({sha[:12]})")
+            say(f"{o.node}: " + ("pushed" if r.unpacked else "already has it") + f" ({sha[:12]})")
         else:
             failed.append(o.node)
-            out.print(f"[red]{o.node}[/]: {o.error}")
+            out.print(Text.assemble((safe(o.node), "red"), ": ", safe(o.error)))
     if failed:
         raise NodeError(node=", ".join(failed), msg="image push failed")
 
@@ -482,15 +508,15 @@ def limit_options(f):
 def _desktops(home: AdminHome, quiet: bool = False):
     from .desktops import Desktops
 
-    return Desktops(home, say=(lambda _m: None) if quiet else (lambda m: out.print(m, markup=False)))
+    return Desktops(home, say=(lambda _m: None) if quiet else say)
 
 
 def _show_connect(home: AdminHome, desktop) -> None:
     cfg = home.config
-    out.print(f"{desktop.user}'s desktop runs on {desktop.node}: VNC at [bold]{desktop.vnc_address(cfg)}[/]")
+    out.print(Text.assemble(safe(f"{desktop.user}'s desktop runs on {desktop.node}: VNC at "), (safe(desktop.vnc_address(cfg)), "bold")))
     gpus = ", ".join(f"{g['index']} ({g['uuid']})" for g in desktop.gpus) or "none"
-    out.print(f"  GPUs: {gpus}")
-    out.print(f"  connect with a VNC client, e.g.: vncviewer {desktop.vnc_address(cfg)}  (password: {desktop.user}'s labvm password)")
+    say(f"  GPUs: {gpus}")
+    say(f"  connect with a VNC client, e.g.: vncviewer {desktop.vnc_address(cfg)}  (password: {desktop.user}'s labvm password)")
 
 
 @cli.command()
@@ -536,7 +562,7 @@ def start(home: AdminHome, user):
 def stop(home: AdminHome, user, timeout):
     """Stop USER's desktop. Its files stay; `labvm start` brings it back."""
     _desktops(home).stop(user, timeout=timeout)
-    out.print(f"stopped {user}'s desktop")
+    say(f"stopped {user}'s desktop")
 
 
 @cli.command()
@@ -566,7 +592,7 @@ def rm(home: AdminHome, user, purge, yes):
     elif not _confirm(yes)(f"Remove {user}'s desktop (container and local layers)?"):
         raise Aborted()
     _desktops(home).remove(user, purge=purge)
-    out.print(f"removed {user}'s desktop" + (" and all its versions" if purge else "; its versions on MooseFS are kept"))
+    say(f"removed {user}'s desktop" + (" and all its versions" if purge else "; its versions on MooseFS are kept"))
 
 
 @cli.command()
@@ -579,7 +605,7 @@ def passwd(home: AdminHome, user, password_stdin):
     with home.state() as db:
         db.get_user(user)
     _desktops(home).passwd(user, _read_password(password_stdin, "New password"))
-    out.print(f"password of {user} changed")
+    say(f"password of {user} changed")
 
 
 def _desktop_node(home: AdminHome, user: str):
@@ -596,7 +622,8 @@ def _desktop_node(home: AdminHome, user: str):
 @click.pass_obj
 @audited("user")
 def exec_(home: AdminHome, user, command):
-    """Run COMMAND as root inside USER's desktop and print its output.
+    """Run COMMAND as root inside USER's desktop and print its output (escaped on a terminal,
+    as it is into a pipe or file).
 
     \b
     labvm exec alice -- nvidia-smi
@@ -607,8 +634,8 @@ def exec_(home: AdminHome, user, command):
     node = _desktop_node(home, user)
     with NodeConnection(node, home.home) as conn:
         result = conn.run(conn.as_root + ["docker", "exec", f"labvm-{user}", *command], timeout=3600)
-    click.echo(result.stdout, nl=False)
-    click.echo(result.stderr, nl=False, err=True)
+    click.echo(_terminal_safe(result.stdout, sys.stdout), nl=False)
+    click.echo(_terminal_safe(result.stderr, sys.stderr), nl=False, err=True)
     sys.exit(result.exited)
 
 
@@ -640,7 +667,7 @@ def shell(home: AdminHome, user, as_user):
 @cli.command()
 @click.argument("user", shell_complete=complete_users)
 @click.argument("path", default="/")
-@click.option("--get", "get_to", metavar="DEST", help="Copy the file at PATH out of the desktop to DEST.")
+@click.option("--get", "get_to", metavar="DEST", help="Copy the file at PATH out of the desktop to DEST: a new or regular file, or a directory to copy into.")
 @click.option("--put", "put_from", metavar="SRC", help="Copy SRC into the desktop at PATH.")
 @click.option("--mode", help="With --put: octal mode for the file, e.g. 0644.")
 @click.option("--force", is_flag=True, help="With --get: overwrite DEST.")
@@ -670,7 +697,7 @@ def files(home: AdminHome, user, path, get_to, put_from, mode, force, version, a
     if get_to:
         size = desktop_files.get_file(home, user, path, Path(get_to), force=force, version=version)
         where = f"version {version} of {user}'s files" if version is not None else f"{user}'s desktop"
-        out.print(f"copied {path} from {where} to {get_to} ({size} bytes)")
+        say(f"copied {path} from {where} to {get_to} ({size} bytes)")
         return
     if put_from:
         file_mode = None
@@ -680,15 +707,15 @@ def files(home: AdminHome, user, path, get_to, put_from, mode, force, version, a
             except ValueError:
                 raise BadInput(f"--mode {mode!r}: give an octal mode such as 0644") from None
         changed = desktop_files.put_file(home, user, Path(put_from), path, mode=file_mode)
-        out.print(f"copied {put_from} into {user}'s desktop at {path}" if changed else f"{path} already has that content")
+        say(f"copied {put_from} into {user}'s desktop at {path}" if changed else f"{path} already has that content")
         return
     info = desktop_files.locate(home, user, path)
     if as_json:
         _emit_json(info)
         return
-    out.print(f"{user}'s {path} is {info['node']}:{info['host_path']}" + ("" if info["mounted"] else " (desktop not mounted: start it first)"))
+    say(f"{user}'s {path} is {info['node']}:{info['host_path']}" + ("" if info["mounted"] else " (desktop not mounted: start it first)"))
     if info.get("type"):
-        out.print(f"  {info['type']}" + (f", {info['size']} bytes" if info.get("size") is not None else "") + (f" -> {info['target']}" if info.get("target") else ""))
+        say(f"  {info['type']}" + (f", {info['size']} bytes" if info.get("size") is not None else "") + (f" -> {info['target']}" if info.get("target") else ""))
 
 
 @cli.command("log")
@@ -704,7 +731,7 @@ def log_(home: AdminHome, target, last, as_json):
         return
     table = Table("time", "who", "command", "target", "result", title="labvm log")
     for e in entries:
-        table.add_row(_when(e.time), e.who, e.command, e.target or "", e.result if e.result == "ok" else f"[red]{e.result}[/]")
+        table.add_row(_when(e.time), cell(e.who), cell(e.command), cell(e.target), cell(e.result, "" if e.result == "ok" else "red"))
     out.print(table)
 
 
@@ -738,14 +765,23 @@ def _register_commands() -> None:
 
 
 # -- formatting --------------------------------------------------------------
+def _terminal_safe(output: str, stream) -> str:
+    """A command's output as it is into a pipe or file (it may be data); escaped on a terminal."""
+    return safe(output, keep_lines=True) if stream.isatty() else output
+
+
 def _gib(mib) -> str:
     if mib is None:
         return "?"
     return f"{mib / 1024:.1f}G"
 
 
-def _when(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+def _when(ts) -> str:
+    """A time stamp as local date and minute; one that is not a time stamp, as it came."""
+    try:
+        return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return str(ts)
 
 
 _register_commands()
@@ -759,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=args, prog_name="labvm", complete_var=COMPLETE_VAR, standalone_mode=False)
     except click.exceptions.Abort:
-        err.print("labvm: aborted")
+        err.print("labvm: aborted", markup=False)
         return 1
     except click.ClickException as exc:
         exc.show()
@@ -768,16 +804,16 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except LabvmError as exc:
         if debug:
-            err.print(traceback.format_exc(), markup=False)
-        err.print(f"labvm: error: {exc}", markup=False)
+            err.print(safe(traceback.format_exc(), keep_lines=True), markup=False)
+        err.print(f"labvm: error: {safe(exc)}", markup=False)
         return exc.exit_code
     except KeyboardInterrupt:
-        err.print("labvm: interrupted")
+        err.print("labvm: interrupted", markup=False)
         return 130
     except Exception as exc:
         if debug:
-            raise
-        err.print(f"labvm: internal error: {type(exc).__name__}: {exc} (run with --debug for details)", markup=False)
+            err.print(safe(traceback.format_exc(), keep_lines=True), markup=False)
+        err.print(f"labvm: internal error: {type(exc).__name__}: {safe(exc)} (run with --debug for details)", markup=False)
         return 70
     return 0
 

@@ -8,7 +8,7 @@ import click
 from rich.console import Console
 
 from .admin import AdminHome
-from .cli import _audit, _emit_json, complete_nodes, complete_users, json_option, out
+from .cli import _audit, _emit_json, complete_nodes, complete_users, json_option, out, say, warn
 from .errors import LabvmError
 from .monitor import (
     SORT_KEYS,
@@ -108,16 +108,16 @@ def idle(home: AdminHome, stop_them, as_json):
     with NodeSessions(home, cfg.monitoring.status_timeout) as sessions:
         document = collect_status(home, sessions)
     for name in unreachable_nodes(document):
-        Console(stderr=True).print(f"labvm: warning: {name} did not answer; its desktops were not checked", markup=False)
+        warn(f"{name} did not answer; its desktops were not checked")
     found = find_idle(document, IdleRule.from_config(cfg.monitoring))
     rows = [_handle_idle(home, desktop, stop_them) for desktop in found]
     if as_json:
         _emit_json([row for row, _line in rows])
     else:
         for _row, line in rows:
-            click.echo(line)
+            say(line)
         if not rows and not stop_them:
-            click.echo(f"no desktop has been idle for more than {human_duration(cfg.monitoring.idle_after)}")
+            say(f"no desktop has been idle for more than {human_duration(cfg.monitoring.idle_after)}")
     failed = [row["user"] for row, _line in rows if row["stopped"] is False]
     if failed:
         raise LabvmError(f"could not stop {len(failed)} idle desktop(s): {', '.join(failed)}")

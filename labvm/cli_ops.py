@@ -7,10 +7,12 @@ from contextlib import contextmanager
 import click
 from click.shell_completion import CompletionItem
 from rich.table import Table
+from rich.text import Text
 
 from .admin import AdminHome
-from .cli import _confirm, _emit_json, _home_from_ctx, _when, audited, complete_nodes, complete_users, json_option, out
+from .cli import _confirm, _emit_json, _home_from_ctx, _when, audited, complete_nodes, complete_users, json_option, out, say
 from .errors import LabvmError
+from .text import cell, safe
 
 
 def complete_ops(ctx, param, incomplete):
@@ -20,11 +22,10 @@ def complete_ops(ctx, param, incomplete):
         views = list_ops(_home_from_ctx(ctx), limit=50)
     except Exception:  # completion must never print a traceback into the shell
         return []
-    return [CompletionItem(str(v.id), help=f"{v.kind} {v.user or ''} ({v.state})") for v in views if str(v.id).startswith(incomplete)]
+    return [CompletionItem(str(v.id), help=safe(f"{v.kind} {v.user or ''} ({v.state})")) for v in views if str(v.id).startswith(incomplete)]
 
 
-def _say(m: str) -> None:
-    out.print(m, markup=False)
+_say = say
 
 
 @contextmanager
@@ -40,9 +41,9 @@ def step_display(quiet: bool = False):
     with out.status("starting") as status:
         def show(message: str) -> None:
             if " done in " in message or message.startswith("  "):
-                out.print(message, markup=False)
+                say(message)
             else:
-                status.update(message)
+                status.update(Text(safe(message)))
 
         yield show
 
@@ -76,7 +77,7 @@ def switch(home: AdminHome, user, node, gpus, dry_run, from_lost, yes, no_precop
 
     if dry_run:
         for index, (name, text) in enumerate(Switcher(home).plan(user, node, gpus, from_lost), 1):
-            out.print(f"{index:2}. {name:15} {text}", markup=False)
+            say(f"{index:2}. {name:15} {text}")
         return
     with step_display(quiet=as_json) as show:
         switcher = Switcher(home, say=_say if not as_json else (lambda _m: None), progress=show)
@@ -85,9 +86,9 @@ def switch(home: AdminHome, user, node, gpus, dry_run, from_lost, yes, no_precop
         _emit_json(result.as_dict())
         return
     if result.vnc:
-        out.print(f"{user}'s desktop runs on {result.target}: VNC at [bold]{result.vnc}[/]")
+        out.print(Text.assemble(safe(f"{user}'s desktop runs on {result.target}: VNC at "), (safe(result.vnc), "bold")))
     if result.downtime_s is not None:
-        out.print(f"downtime: {result.downtime_s:.1f} s (desktop stopped to VNC answering)")
+        say(f"downtime: {result.downtime_s:.1f} s (desktop stopped to VNC answering)")
 
 
 @click.group()
@@ -113,8 +114,8 @@ def ops_list(home: AdminHome, user, unfinished, limit, as_json):
     colors = {"done": "green", "interrupted": "yellow", "failed": "red", "running": "cyan"}
     for v in views:
         color = colors.get(v.state)
-        table.add_row(str(v.id), v.kind, v.user or "", f"[{color}]{v.state}[/]" if color else v.state,
-                      _when(v.created_at), v.last_step or "", (v.error or "")[:60])
+        table.add_row(str(v.id), cell(v.kind), cell(v.user), cell(v.state, color or ""),
+                      _when(v.created_at), cell(v.last_step), cell((v.error or "")[:60]))
     out.print(table)
 
 
@@ -130,13 +131,13 @@ def ops_show(home: AdminHome, op_id, as_json):
     if as_json:
         _emit_json(v.as_dict())
         return
-    out.print(f"operation {v.id}: {v.kind} {v.user or ''} -- {v.state}", markup=False)
+    say(f"operation {v.id}: {v.kind} {v.user or ''} -- {v.state}")
     if v.error:
-        out.print(f"  error: {v.error}", markup=False)
+        say(f"  error: {v.error}")
     table = Table("#", "step", "state", "took", "detail")
     for s in v.steps:
         took = f"{s['finished_at'] - s['started_at']:.1f} s" if s["finished_at"] and s["started_at"] else ""
-        table.add_row(str(s["seq"]), s["name"], s["state"], took, (s["detail"] or "")[:80])
+        table.add_row(str(s["seq"]), cell(s["name"]), cell(s["state"]), took, cell((s["detail"] or "")[:80]))
     out.print(table)
 
 
@@ -149,7 +150,7 @@ def ops_resume(home: AdminHome, op_id):
     from .ops import resume
 
     resume(home, op_id, say=_say)
-    out.print(f"operation {op_id} resumed and finished")
+    say(f"operation {op_id} resumed and finished")
 
 
 @ops.command("abort")
@@ -160,7 +161,7 @@ def ops_abort(home: AdminHome, op_id):
     """Give up an interrupted or failed operation. A switch that has not committed is rolled back."""
     from .ops import abort
 
-    out.print(abort(home, op_id, say=_say), markup=False)
+    say(abort(home, op_id, say=_say))
 
 
 @click.command("cordon")
@@ -172,7 +173,7 @@ def node_cordon(home: AdminHome, name, reason):
     """Keep new desktops off node NAME (its running desktops stay)."""
     from .switch import cordon
 
-    out.print(f"cordoned {name}" if cordon(home, name, reason) else f"{name} was already cordoned")
+    say(f"cordoned {name}" if cordon(home, name, reason) else f"{name} was already cordoned")
 
 
 @click.command("uncordon")
@@ -183,7 +184,7 @@ def node_uncordon(home: AdminHome, name):
     """Let new desktops onto node NAME again."""
     from .switch import uncordon
 
-    out.print(f"uncordoned {name}" if uncordon(home, name) else f"{name} was not cordoned")
+    say(f"uncordoned {name}" if uncordon(home, name) else f"{name} was not cordoned")
 
 
 @click.command("drain")
@@ -201,7 +202,7 @@ def node_drain(home: AdminHome, name, to, parallel):
 
     results = drain(home, name, to, parallel, say=_say)
     for r in results:
-        out.print(r.line, markup=False)
+        say(r.line)
     failed = [r.user for r in results if not r.ok]
     if failed:
         raise LabvmError(f"{len(failed)} of {len(results)} moves failed: {', '.join(failed)}")

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from .admin import AdminHome
-from .cli import _emit_json, _when, audited, complete_users, complete_versions, json_option, out
+from .cli import _emit_json, _when, audited, complete_users, complete_versions, json_option, out, say
 from .errors import BadInput, LabvmError
 from .storage import (
     CRON_FILE,
@@ -19,10 +20,18 @@ from .storage import (
     cron_text,
     install_cron,
 )
+from .text import cell, safe
 
 
 def _storage(home: AdminHome, quiet: bool = False) -> Storage:
-    return Storage(home, say=(lambda _m: None) if quiet else (lambda m: out.print(m, markup=False)))
+    return Storage(home, say=(lambda _m: None) if quiet else say)
+
+
+def _seconds(value) -> str:
+    """A duration a node reported; whatever else it sent is shown as it came."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.2f} s"
+    return "?" if value is None else str(value)
 
 
 @click.group()
@@ -39,14 +48,14 @@ def sync_flush(home: AdminHome, user, as_json):
     if as_json or not out.is_terminal:
         data = _storage(home, quiet=as_json).flush(user)
     else:
-        with out.status(f"flushing {user}'s writes to MooseFS"):
+        with out.status(Text(f"flushing {user}'s writes to MooseFS")):
             data = _storage(home).flush(user)
     if as_json:
         _emit_json(data)
     elif data.get("mode") == "stopped":
-        out.print(f"{user}'s desktop is stopped: its writes went to MooseFS when it stopped")
+        say(f"{user}'s desktop is stopped: its writes went to MooseFS when it stopped")
     else:
-        out.print(f"{user}: flushed in {data.get('seconds', 0):.2f} s")
+        say(f"{user}: flushed in {_seconds(data.get('seconds'))}")
 
 
 @sync.command("status")
@@ -60,13 +69,13 @@ def sync_status(home: AdminHome, user, as_json):
         _emit_json(data)
         return
     if not data.get("running"):
-        out.print(f"{user}: no sync running (the desktop is stopped, or its sync died: `labvm start {user}` restarts it)")
+        say(f"{user}: no sync running (the desktop is stopped, or its sync died: `labvm start {user}` restarts it)")
     else:
-        out.print(f"{user}: sync running (pid {data.get('pid')}), {data.get('pending', 0)} paths pending, lag {data.get('lag_s') or 0:.1f} s")
+        say(f"{user}: sync running (pid {data.get('pid')}), {data.get('pending', 0)} paths pending, lag {_seconds(data.get('lag_s'))}")
     if data.get("last_success"):
-        out.print(f"  last success {_when(data['last_success'])}")
+        say(f"  last success {_when(data['last_success'])}")
     if data.get("last_error"):
-        out.print(f"  [red]last error: {data['last_error']}[/]")
+        out.print(Text("  last error: " + safe(data["last_error"]), style="red"))
 
 
 @click.command()
@@ -88,9 +97,9 @@ def versions(home: AdminHome, user, as_json):
     table = Table("version", "created", "files", "size", "kept by", title=f"versions of {user}'s files")
     for v in verdicts:
         mark = " (in use)" if v.version.number == desktop.version else ""
-        table.add_row(f"v{v.version.number}{mark}", _when(v.version.created),
-                      "?" if v.version.files is None else str(v.version.files), _size(v.version.bytes),
-                      v.kept_by or "[yellow]pruned by the next backup[/]")
+        table.add_row(cell(f"v{v.version.number}{mark}"), cell(_when(v.version.created)),
+                      "?" if v.version.files is None else cell(v.version.files), cell(_size(v.version.bytes)),
+                      cell(v.kept_by) if v.kept_by else Text("pruned by the next backup", style="yellow"))
     out.print(table)
 
 
@@ -118,11 +127,11 @@ def backup(home: AdminHome, users, all_desktops, as_json):
         raise BadInput("name the desktops to back up, or pass --all")
     chosen = storage.all_users() if all_desktops else list(dict.fromkeys(users))
     if as_json or not out.is_terminal:
-        results = storage.backup_many(chosen, report=(lambda _r: None) if as_json else lambda r: out.print(r.line, markup=False))
+        results = storage.backup_many(chosen, report=(lambda _r: None) if as_json else lambda r: say(r.line))
     else:
         with out.status(f"backing up {len(chosen)} desktop(s)") as status:
             def report(r):
-                out.print(r.line, markup=False)
+                say(r.line)
                 status.update(f"backed up {len(done) + 1} of {len(chosen)}")
                 done.append(r)
 
@@ -131,7 +140,7 @@ def backup(home: AdminHome, users, all_desktops, as_json):
     if as_json:
         _emit_json([r.as_dict() for r in results])
     if not chosen and not as_json:
-        out.print("no desktops to back up")
+        say("no desktops to back up")
     failed = [r.user for r in results if not r.ok]
     if failed:
         raise LabvmError(f"{len(failed)} of {len(results)} backups failed: {', '.join(failed)}")
@@ -155,7 +164,7 @@ def restore(home: AdminHome, user, version, yes):
     if not _confirm(yes)(f"Roll {user}'s desktop back to v{version}? A running desktop restarts."):
         raise click.exceptions.Exit(1)
     data = _storage(home).restore(user, version)
-    out.print(f"{user}'s desktop now shows v{data['restored']}; what it had before is kept as v{data['kept_as']}")
+    say(f"{user}'s desktop now shows v{data['restored']}; what it had before is kept as v{data['kept_as']}")
 
 
 @click.command()
@@ -171,7 +180,7 @@ def solidify(home: AdminHome, user):
     A switch to another node does the same.
     """
     data = _storage(home).solidify(user)
-    out.print(f"{user}'s desktop now runs on v{data['version']}" + (" (restarted)" if data["running"] else ""))
+    say(f"{user}'s desktop now runs on v{data['version']}" + (" (restarted)" if data["running"] else ""))
 
 
 @click.group()
@@ -191,8 +200,8 @@ def cron_install(home: AdminHome, schedule, idle_schedule, path, log_path):
     """Write the cron file that runs `labvm backup --all` (as root, with this cluster file)."""
     text = cron_text(home.config.path.resolve(), schedule, idle_schedule, log_path)
     changed = install_cron(text, path)
-    out.print(("wrote " if changed else "unchanged: ") + str(path), markup=False)
-    out.print(text.rstrip().splitlines()[-1], markup=False)
+    say(("wrote " if changed else "unchanged: ") + str(path))
+    say(text.rstrip().splitlines()[-1])
 
 
 @cron.command("show")

@@ -319,11 +319,29 @@ def _parse_monitoring(root) -> Monitoring:
     )
 
 
+def _node_line(tree, node: Node) -> int:
+    return next(e.sourceline for e in tree.iter("node") if e.get("name") == node.name)
+
+
+def _check_unique_addresses(path: Path, nodes: tuple[Node, ...], tree) -> None:
+    """Two nodes at one SSH address would be one machine counted twice: its GPUs, ports and
+    desktops handed out twice (`labvm node add` refuses it too)."""
+    seen: dict[tuple[str, int], Node] = {}
+    for node in nodes:
+        address = (node.host.lower(), node.port)
+        if address in seen:
+            raise ConfigError(
+                f"{path}:{_node_line(tree, node)}: element /labvm/nodes/node[@name='{node.name}']: "
+                f"{node.host}:{node.port} is already node {seen[address].name!r}; each node needs its own host"
+            )
+        seen[address] = node
+
+
 def _check_port_ranges(path: Path, nodes: tuple[Node, ...], tree) -> None:
     for node in nodes:
         last = node.docker_port_base + node.docker_user_port_num * node.docker_port_slots - 1
         if last > 65535:
-            line = next(e.sourceline for e in tree.iter("node") if e.get("name") == node.name)
+            line = _node_line(tree, node)
             raise ConfigError(
                 f"{path}:{line}: element /labvm/nodes/node[@name='{node.name}']: port range "
                 f"{node.docker_port_base}-{last} goes past 65535; lower docker_port_base or docker_port_slots"
@@ -335,6 +353,7 @@ def parse_config(path: Path, tree=None) -> ClusterConfig:
     validate_tree(path, tree)
     root = tree.getroot()
     nodes = tuple(_parse_node(el) for el in root.find("nodes").findall("node"))
+    _check_unique_addresses(path, nodes, tree)
     _check_port_ranges(path, nodes, tree)
     return ClusterConfig(
         path=path,

@@ -60,7 +60,7 @@ class StateError(LabvmError):
 
 
 class InsecureFile(StateError):
-    """{path} is readable or writable by others (mode {mode}); run: chmod 600 {path}"""
+    """{path} {problem}; run: {fix}"""
 
 
 class NodeError(LabvmError):

@@ -8,6 +8,8 @@ desktop's node, and moves the content in base64 within the helper's JSON request
 from __future__ import annotations
 
 import base64
+import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -86,11 +88,7 @@ def get_file(home: AdminHome, user: str, path: str, dest: Path, *, force: bool =
     (into it, if dest is a directory), written atomically and 0600. An existing dest is kept
     unless force. Returns the bytes written."""
     user, path = validate_user_name(user), desktop_file_path(path)
-    dest = Path(dest)
-    if dest.is_dir():
-        dest = dest / PurePosixPath(path).name
-    if (dest.exists() or dest.is_symlink()) and not force:
-        raise AlreadyExists(f"{dest} exists; pass --force to overwrite it")
+    dest = local_destination(Path(dest), PurePosixPath(path).name, force)
     with desktop_session(home, user) as (node, session):
         params = {**stack_params(node, user, path), "max_bytes": max_bytes}
         if version is not None:
@@ -107,6 +105,31 @@ def get_file(home: AdminHome, user: str, path: str, dest: Path, *, force: bool =
     return len(content)
 
 
+def local_destination(dest: Path, name: str, force: bool) -> Path:
+    """Where a copied-out file goes: dest, or dest/name if dest is a directory. Only a regular
+    file is ever replaced (with force): the copy lands by rename, which would put a file in the
+    place of a device, FIFO, socket or symlink."""
+    if dest.is_dir():
+        dest = dest / name
+    try:
+        found = dest.lstat()
+    except FileNotFoundError:
+        if not dest.parent.is_dir():
+            raise BadInput(f"{dest.parent}: no such directory to copy into") from None
+        return dest
+    if not stat.S_ISREG(found.st_mode):
+        raise BadInput(f"{dest} is {_kind(found.st_mode)}, not a regular file; give a file or directory to copy to")
+    if not force:
+        raise AlreadyExists(f"{dest} exists; pass --force to overwrite it")
+    return dest
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
 def put_file(home: AdminHome, user: str, src: Path, path: str, mode: int | None = None, *, check: bool = False) -> bool:
     """Create or replace a regular file in the desktop with src's content. Mode and owner stay
     as they are (a new file: 0644, owned like its directory) unless mode is given. Returns
@@ -120,8 +143,16 @@ def put_file(home: AdminHome, user: str, src: Path, path: str, mode: int | None 
 
 
 def read_source(src: Path) -> bytes:
+    """src's content; anything but a regular file is refused before it is opened (a FIFO
+    would block, a device could be read forever), and checked again once it is open."""
     try:
-        with open(src, "rb") as stream:
+        found = os.stat(src)
+        if not stat.S_ISREG(found.st_mode):
+            raise BadInput(f"{src} is {_kind(found.st_mode)}, not a regular file; --put copies a regular file")
+        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as stream:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise BadInput(f"{src} changed while it was opened; --put copies a regular file")
             content = stream.read(MAX_PUT_BYTES + 1)
     except OSError as error:
         raise BadInput(f"cannot read {src}: {error.strerror}") from None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pwd
+import shlex
 import stat
 import tempfile
 from pathlib import Path
@@ -43,10 +45,33 @@ def ensure_private_dir(path: Path) -> None:
 
 
 def require_private(path: Path) -> None:
-    """Refuse a secret-bearing file that group or others can read or write."""
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    if mode & 0o077:
-        raise InsecureFile(path=path, mode=f"{mode:04o}")
+    """Refuse a secret-bearing file that group or others can read or write, or that another
+    user owns."""
+    require_safe(path, os.stat(path), secret=True)
+
+
+def require_safe(path: Path, found: os.stat_result, secret: bool = False) -> None:
+    """Refuse what labvm trusts (its state, keys, cluster file, their directory) if another user
+    owns it or could change it; a secret must also be unreadable by group and others. The
+    message ends with the command that fixes it."""
+    me = os.geteuid()
+    if found.st_uid != me:
+        raise InsecureFile(path=path, problem=f"is owned by uid {found.st_uid}, not by {_user_name(me)} who runs labvm",
+                           fix=f"chown {_user_name(me)} {shlex.quote(str(path))}")
+    mode = stat.S_IMODE(found.st_mode)
+    if secret and mode & 0o077:
+        raise InsecureFile(path=path, problem=f"is readable or writable by others (mode {mode:04o})",
+                           fix=f"chmod 600 {shlex.quote(str(path))}")
+    if mode & 0o022:
+        raise InsecureFile(path=path, problem=f"is writable by group or others (mode {mode:04o})",
+                           fix=f"chmod go-w {shlex.quote(str(path))}")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def create_private(path: Path, data: bytes) -> None:

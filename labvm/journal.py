@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 from .errors import Busy
 from .state import StateDB
+from .text import storable
 
 
 def _pid_alive(pid: int) -> bool:
@@ -102,12 +103,13 @@ class Operation:
     def _finish_step(self, seq: int, state: str, detail: str | None) -> None:
         self.db.conn.execute(
             "UPDATE operation_steps SET state = ?, detail = ?, finished_at = ? WHERE op_id = ? AND seq = ?",
-            (state, detail, time.time(), self.id, seq),
+            (state, None if detail is None else storable(detail), time.time(), self.id, seq),
         )
 
     def finish(self, state: str, error: str | None = None) -> None:
         self.db.conn.execute(
-            "UPDATE operations SET state = ?, error = ?, updated_at = ? WHERE id = ?", (state, error, time.time(), self.id)
+            "UPDATE operations SET state = ?, error = ?, updated_at = ? WHERE id = ?",
+            (state, None if error is None else storable(error), time.time(), self.id),
         )
 
 

@@ -34,6 +34,7 @@ from .remote.connection import NodeConnection
 from .remote.helpers import ENTRY, HelperBundle, HelperRunner, parse_reply
 from .remote.pool import NodeOutcome, run_on_nodes
 from .state import StateDB
+from .text import cell, safe
 
 SCHEMA_ID = "labvm.status/1"
 SAMPLE_INTERVAL_S = 0.5
@@ -448,7 +449,7 @@ def used_of(figures: dict | None, total_key: str = "total", width: int = BAR_WID
 
 def node_health(node: dict) -> Text:
     if not node["reachable"]:
-        return Text(node["error"] or "unreachable", style="bold red")
+        return cell(node["error"] or "unreachable", style="bold red")
     problems = []
     if node["docker_error"]:
         problems.append(f"docker: {node['docker_error']}")
@@ -457,16 +458,16 @@ def node_health(node: dict) -> Text:
     mfs = node["mfs"] or {}
     if not mfs.get("healthy"):
         problems.append(f"MooseFS: {mfs.get('error') or 'not healthy'}")
-    return Text("\n".join(problems), style="yellow") if problems else Text("ok", style="green")
+    return Text("\n".join(map(safe, problems)), style="yellow") if problems else Text("ok", style="green")
 
 
 def gpu_line(gpu: dict, who: str | None) -> Text:
     """Two lines: index, utilization bar and owner; then memory, temperature and power."""
     util = gpu.get("utilization")
-    line = Text(f"#{gpu['index']} ")
+    line = Text(safe(f"#{gpu['index']} "))
     line.append_text(bar(None if util is None else util / 100, f"{util}%" if util is not None else "?%", width=6))
     if who:
-        line.append(f" {who}", style="bold")
+        line.append(safe(f" {who}"), style="bold")
     line.append(f"\n   {human_size(gpu.get('memory_used'))}/{human_size(gpu.get('memory_total'))}")
     if gpu.get("temperature") is not None:
         line.append(f" {gpu['temperature']}°C")
@@ -489,7 +490,7 @@ def nodes_table(document: dict) -> Table:
     table = Table("node", "status", "CPU", "load", "memory", "disk", "MooseFS", "GPUs", title="nodes", title_justify="left")
     for node in document["nodes"]:
         if not node["reachable"]:
-            table.add_row(Text(node["name"], style="bold red"), node_health(node), *[""] * 6)
+            table.add_row(cell(node["name"], style="bold red"), node_health(node), *[""] * 6)
             continue
         cpu = node["cpu_percent"]
         memory = used_of(node["memory"])
@@ -498,7 +499,7 @@ def nodes_table(document: dict) -> Table:
             memory.append("\nswap ").append_text(used_of(swap))
         mfs = node["mfs"] or {}
         table.add_row(
-            node["name"],
+            cell(node["name"]),
             node_health(node),
             bar(fraction(cpu, 100), f"{cpu:.0f}% of {node['cpus']}" if cpu is not None else "?", stacked=True),
             " ".join(f"{x:.2f}" for x in node["load"] or []),
@@ -527,17 +528,17 @@ def cpu_limit(desktop: dict) -> float | None:
 def desktop_state(desktop: dict) -> Text:
     state, container = desktop["state"], desktop["container_state"]
     if container is None:
-        return Text(f"{state} (node unreachable)" if state == "running" else state, style="red" if state == "running" else "")
+        return cell(f"{state} (node unreachable)" if state == "running" else state, style="red" if state == "running" else "")
     if (state == "running") != (container == "running"):
-        return Text(f"{state} (container {container})", style="red")
-    return Text(state, style="green" if state == "running" else "")
+        return cell(f"{state} (container {container})", style="red")
+    return cell(state, style="green" if state == "running" else "")
 
 
 def desktop_gpus(desktop: dict) -> Text:
     lines = []
     for gpu in desktop["gpus"]:
         util = gpu.get("utilization")
-        lines.append(Text(f"#{gpu['index']} {'?' if util is None else util}% {human_size(gpu.get('memory_used'))}"))
+        lines.append(cell(f"#{gpu['index']} {'?' if util is None else util}% {human_size(gpu.get('memory_used'))}"))
     if desktop["gpu_memory"]:
         lines.append(Text(f"{human_size(desktop['gpu_memory'])} in {desktop['gpu_processes']} proc", style="bold"))
     return Text("\n").join(lines) if lines else Text("none", style="dim")
@@ -548,7 +549,7 @@ def sync_cell(sync: dict | None) -> Text:
         return Text("-", style="dim")
     lag = human_duration(sync["lag_s"]) if sync.get("lag_s") is not None else "?"
     if sync.get("last_error"):
-        return Text(f"{lag} {sync['last_error']}", style="red")
+        return cell(f"{lag} {sync['last_error']}", style="red")
     return Text(lag, style="" if sync.get("running") else "yellow")
 
 
@@ -586,8 +587,8 @@ def desktops_table(document: dict, sort: str = "user") -> Table:
         running = d["container_state"] == "running"
         cpu_label = f"{cpu:.0f}%" if cpu is not None else "-"
         table.add_row(
-            d["user"],
-            d["node"],
+            cell(d["user"]),
+            cell(d["node"]),
             desktop_state(d),
             bar(fraction(cpu, 100 * limit) if limit else None, cpu_label, width=8, stacked=True) if running else "",
             used_of(d["memory"], "limit", width=8) if running else "",
@@ -595,7 +596,7 @@ def desktops_table(document: dict, sort: str = "user") -> Table:
             traffic(d) if running else "",
             times(d) if running else "",
             storage_cell(d),
-            d["vnc"] or "",
+            cell(d["vnc"]),
         )
     return table
 

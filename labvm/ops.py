@@ -50,8 +50,15 @@ def _view(db, row) -> OpView:
     state = row["state"]
     if state == "running" and not _lock_alive(db, row["id"]):
         state = "interrupted"
-    return OpView(row["id"], row["kind"], row["user"], state, json.loads(row["params"]), row["error"],
+    return OpView(row["id"], row["kind"], row["user"], state, _params(row["params"]), row["error"],
                   row["created_at"], row["updated_at"], steps)
+
+
+def _params(recorded: str):
+    try:
+        return json.loads(recorded)
+    except (TypeError, ValueError, RecursionError):
+        return {"unreadable": recorded}
 
 
 def list_ops(home: AdminHome, user: str | None = None, limit: int = 30, unfinished: bool = False) -> list[OpView]:

@@ -119,6 +119,10 @@ class User:
         return {"name": self.name, "uid": self.uid, "created_at": self.created_at, "updated_at": self.updated_at}
 
 
+def _text_of(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
 class StateDB:
     """One open state database. Use `StateDB.open(home)`; `StateDB.create(home)` for `labvm init`."""
 
@@ -157,6 +161,8 @@ class StateDB:
         box = SecretBox.from_file(home / KEY_NAME)
         conn = sqlite3.connect(db, timeout=30, isolation_level=None)
         conn.row_factory = sqlite3.Row
+        # A row holding bytes that are not UTF-8 must still read: its text keeps them as escapes.
+        conn.text_factory = _text_of
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA journal_mode = WAL")
         # WAL and shm side files must be as private as the database itself.

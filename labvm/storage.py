@@ -288,17 +288,26 @@ def check_schedule(schedule: str) -> str:
     return " ".join(fields)
 
 
-def labvm_command() -> str:
+def labvm_command() -> list[str]:
     found = shutil.which("labvm")
     if found:
-        return os.path.realpath(found)
-    return f"{os.path.realpath(sys.executable)} -m labvm"
+        return [os.path.realpath(found)]
+    return [os.path.realpath(sys.executable), "-m", "labvm"]
 
 
-def cron_text(config: Path, schedule: str, idle_schedule: str | None, log: Path, command: str | None = None) -> str:
-    command = command or labvm_command()
-    base = f"{command} --config {shlex.quote(str(config))}"
-    redirect = f">> {shlex.quote(str(log))} 2>&1"
+def cron_word(word: str) -> str:
+    """One word of a cron command: quoted for /bin/sh, then with cron's '%' (a newline, and the
+    start of the command's stdin) escaped. A backslash would eat that escape, and a line break
+    or other control character would end the line: such a word is refused."""
+    if "\\" in word or not word.isprintable():
+        raise BadInput(f"{word}: cron cannot carry a backslash, line break or control character in a path; use another path")
+    return shlex.quote(word).replace("%", "\\%")
+
+
+def cron_text(config: Path, schedule: str, idle_schedule: str | None, log: Path, command: list[str] | None = None) -> str:
+    words = [*(command or labvm_command()), "--config", str(config)]
+    base = " ".join(cron_word(word) for word in words)
+    redirect = f">> {cron_word(str(log))} 2>&1"
     lines = [
         "# labvm: periodic backups of every desktop. Written by `labvm cron install`; edit with it too.",
         "SHELL=/bin/sh",

@@ -3,6 +3,7 @@ merge_local sits. The tree is the lab member's: symlinks planted in it must neve
 to a file of the node's own."""
 
 import base64
+import json
 import os
 import stat
 import subprocess
@@ -287,3 +288,56 @@ def test_missing_params_unknown_actions_and_malformed_requests(run_helper, deskt
     assert "locate" in run.error["msg"] and "write" in run.error["msg"]
     run = run_helper("files", raw=b'{"action": "read", "params": ')
     assert run.exit_code == 2 and run.error["code"] == "malformed_request"
+
+
+# --- what the helper reports reaches the admin's terminal escaped --------------------------
+
+
+def test_a_planted_name_and_link_target_are_shown_escaped_by_labvm_files(run_helper, desktop, tmp_path, monkeypatch, capsys):
+    """The helper's real reply about a symlink at `[/]` (a link `]` in a directory `[`) whose
+    target holds markup, escape sequences, a bidi override and bytes that are not UTF-8, shown
+    by the real `labvm files` command."""
+    from contextlib import contextmanager
+
+    from labvm import files as admin_files
+    from labvm.admin import AdminHome
+    from labvm.cli import main
+    from labvm.config import Node
+    from labvm.errors import HelperFailed
+    from labvm.text import safe
+
+    target = b"\x1b]8;;http://evil.example/\x1b\\[red]x[/]\xff\xe2\x80\xae\x07\r"
+    (desktop.merge / "home/alice/[").mkdir()
+    os.symlink(target, desktop.merge / "home/alice/[/]")
+
+    class HelperSession:
+        runner = None
+
+        def call(self, helper, action, params, check=False, timeout=None):
+            run = files(run_helper, action, params, check)
+            if not run.reply["ok"]:
+                error = run.reply["error"]
+                raise HelperFailed("n1", helper, action, error["code"], error["msg"])
+            return run.reply
+
+    @contextmanager
+    def desktop_session(_home, _user):
+        yield Node(name="n1", host="10.0.0.1", data_dir=str(desktop.data)), HelperSession()
+
+    monkeypatch.setattr(admin_files, "desktop_session", desktop_session)
+    config = tmp_path / "admin" / "bkConfxml.xml"
+    AdminHome(config).init()
+    shown_target = safe(os.fsdecode(target))
+
+    assert main(["-c", str(config), "files", "alice", "/home/alice/[/]"]) == 0
+    out = capsys.readouterr().out
+    assert "merge_local/home/alice/[/]" in out and out.endswith(f" -> {shown_target}\n")
+    assert all(char == "\n" or char.isprintable() for char in out)
+
+    assert main(["-c", str(config), "files", "alice", "/home/alice/[/]", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["target"] == os.fsdecode(target)
+
+    assert main(["-c", str(config), "files", "alice", "/home/alice/[/]", "--get", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and all(char == "\n" or char.isprintable() for char in err)
+    assert not (tmp_path / "out").exists()

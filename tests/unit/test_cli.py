@@ -160,3 +160,75 @@ def test_completion_of_operation_ids(home):
         ids = [Operation.begin(db, "switch", "alice", {}).id for _ in range(3)]
     assert complete("labvm ops show ", 3, dict(os.environ)) == [str(i) for i in sorted(ids, reverse=True)]
     assert complete(f"labvm ops resume {ids[0]}", 3, dict(os.environ)) == [str(ids[0])]
+
+
+@pytest.mark.parametrize("password", ["pa\udcffss", "\udce9t\udce9"])
+def test_a_password_that_is_not_utf8_is_refused_without_showing_it(home, capsys, password):
+    assert run(["user", "add", "alice", "--password-stdin"], password + "\n") == 2
+    err = capsys.readouterr().err
+    assert err == "labvm: error: the password is not valid UTF-8 text; choose another\n"
+    assert main(["user", "list", "--json"]) == 0 and json.loads(capsys.readouterr().out) == []
+
+
+def test_a_password_of_raw_bytes_on_stdin_is_refused_without_showing_it(home):
+    """As a script would pipe it: bytes that are not UTF-8, read by the real command."""
+    result = subprocess.run([sys.executable, "-m", "labvm", "user", "add", "alice", "--password-stdin"],
+                            input=b"secret\xe9\xff7\n", capture_output=True, timeout=60, env={**os.environ, "PYTHONUTF8": "1"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == b"labvm: error: the password is not valid UTF-8 text; choose another\n"
+
+
+@pytest.mark.parametrize(
+    "name, mode, fix",
+    [
+        ("id_ed25519", 0o644, "chmod 600"),
+        ("secret.key", 0o604, "chmod 600"),
+        ("state.db", 0o640, "chmod 600"),
+        ("known_hosts", 0o644, "chmod 600"),
+        ("audit.log", 0o620, "chmod 600"),
+        ("bkConfxml.xml", 0o666, "chmod go-w"),
+        ("bkConfxml.xml", 0o620, "chmod go-w"),
+        ("id_ed25519.pub", 0o646, "chmod go-w"),
+        (".", 0o777, "chmod go-w"),
+        (".", 0o770, "chmod go-w"),
+    ],
+)
+def test_unsafe_admin_state_is_refused_naming_the_fix(home, capsys, name, mode, fix):
+    path = (home / name) if name != "." else home
+    path.touch()
+    os.chmod(path, mode)
+    for command in (["user", "list"], ["node", "list"], ["init"]):
+        assert main(command) == 6, command
+        assert capsys.readouterr().err == f"labvm: error: {path} {'is readable or writable by others' if fix == 'chmod 600' else 'is writable by group or others'} (mode {mode:04o}); run: {fix} {path}\n"
+
+
+def test_safe_modes_that_are_not_the_defaults_are_accepted(home, capsys):
+    for name, mode in (("bkConfxml.xml", 0o644), ("bkConfxml.xml", 0o600), ("id_ed25519.pub", 0o444), (".", 0o755)):
+        os.chmod(home if name == "." else home / name, mode)
+        assert main(["user", "list"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["secret.key", "bkConfxml.xml", "id_ed25519", "."])
+def test_admin_state_owned_by_another_user_is_refused(home, capsys, monkeypatch, name):
+    path = home if name == "." else home / name
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+        owner, me = 65534, "root"
+    else:  # the same check, seen from a user who is not the owner
+        owner = os.geteuid()
+        monkeypatch.setattr(os, "geteuid", lambda: owner + 1)
+        path, me = home, str(owner + 1)
+    assert main(["user", "list"]) == 6
+    assert capsys.readouterr().err == f"labvm: error: {path} is owned by uid {owner}, not by {me} who runs labvm; run: chown {me} {path}\n"
+
+
+def test_a_fresh_init_passes_its_own_check_even_under_a_loose_umask(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LABVM_CONFIG", str(tmp_path / "fresh" / "bkConfxml.xml"))
+    old = os.umask(0)
+    try:
+        assert main(["init"]) == 0
+        assert run(["user", "add", "alice", "--password-stdin"], PW + "\n") == 0
+    finally:
+        os.umask(old)
+    assert main(["user", "list"]) == 0, capsys.readouterr().err
+    assert main(["log", "--json"]) == 0

@@ -214,3 +214,50 @@ def test_parse_duration(text, seconds):
 def test_parse_duration_rejects(text):
     with pytest.raises(BadInput, match="not a duration"):
         parse_duration(text)
+
+
+@pytest.mark.parametrize("element, value", [
+    (element, value)
+    for element in ("data_dir", "mfs_mount", "mfs_dir", "xfce_local")
+    for value in ("/", "//", "/var/lib/../../etc", "/var/..", "/var/./lib", "/var//lib", "/var/lib/", "/.", "/..")
+])
+def test_paths_must_be_absolute_normalised_and_not_root(tmp_path, element, value):
+    text = GOOD.replace("      <docker_port_base>", "      <data_dir>/var/lib/labvm/data</data_dir>\n      <docker_port_base>")
+    old = re.search(rf"<{element}>[^<]*</{element}>", text).group(0)
+    text = text.replace(old, f"<{element}>{value}</{element}>")
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        parse_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}:{line_of(text, f'<{element}>')}: element "), message
+    assert f"Element '{element}': The value '{value}' is not valid; expected an absolute, normalised path other than /" in message
+
+
+@pytest.mark.parametrize("value", ["/a", "/var/lib/labvm/data", "/srv/.hidden/x", "/srv/..x/y...", "/a.b/c..d"])
+def test_plain_absolute_paths_are_accepted(tmp_path, value):
+    text = GOOD.replace("<xfce_local>/var/lib/labvm/xfce_local</xfce_local>", f"<xfce_local>{value}</xfce_local>")
+    assert parse_config(write(tmp_path, text)).xfce_local == value
+
+
+@pytest.mark.parametrize("second, port", [("10.0.0.11", ""), ("10.0.0.11", "<port>22</port>")])
+def test_two_nodes_at_one_address_are_refused_at_the_second(tmp_path, second, port):
+    node = f'    <node name="n2">\n      <host>{second}</host>{port}\n    </node>\n'
+    text = GOOD.replace("  </nodes>", node + "  </nodes>")
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        parse_config(path)
+    line = line_of(text, '<node name="n2">')
+    assert str(err.value) == (f"{path}:{line}: element /labvm/nodes/node[@name='n2']: "
+                              f"{second}:22 is already node 'n1'; each node needs its own host")
+
+
+def test_one_host_on_two_ssh_ports_is_two_nodes(tmp_path):
+    node = '    <node name="n2">\n      <host>10.0.0.11</host>\n      <port>2222</port>\n    </node>\n'
+    cfg = parse_config(write(tmp_path, GOOD.replace("  </nodes>", node + "  </nodes>")))
+    assert [(n.host, n.port) for n in cfg.nodes] == [("10.0.0.11", 22), ("10.0.0.11", 2222)]
+
+
+def test_node_add_refuses_a_data_dir_of_root(tmp_path):
+    path = write(tmp_path, GOOD)
+    with pytest.raises(BadInput, match="The value '/' is not valid; expected an absolute, normalised path"):
+        check_new_node(path, Node(name="n2", host="10.0.0.12", data_dir="/"))

@@ -3,6 +3,7 @@ answer. The node session is a fake; nothing here touches the network."""
 
 import base64
 import os
+import signal
 import stat
 from contextlib import contextmanager
 
@@ -145,6 +146,82 @@ def test_get_keeps_an_existing_file_unless_forced(no_node, node_answers, tmp_pat
     node_answers(read_reply(b"theirs\n"))
     files.get_file(None, "alice", "/home/alice/notes.txt", dest, force=True)
     assert dest.read_text() == "theirs\n"
+
+
+@pytest.fixture
+def specials(tmp_path):
+    """A FIFO, a socket, and symlinks to /dev/null and to the FIFO, all in a temp dir."""
+    import socket
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    sock = tmp_path / "sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock))
+    (tmp_path / "to-null").symlink_to("/dev/null")
+    (tmp_path / "to-fifo").symlink_to(fifo)
+    (tmp_path / "to-file").symlink_to(tmp_path / "plain")
+    (tmp_path / "plain").write_text("mine\n")
+    yield tmp_path
+    listener.close()
+
+
+def snapshot(directory):
+    return {p.name: (p.lstat().st_mode, p.lstat().st_ino, p.lstat().st_mtime_ns) for p in directory.iterdir()}
+
+
+@pytest.mark.parametrize("name, kind", [("fifo", "a FIFO"), ("sock", "a socket"), ("to-null", "a symbolic link"),
+                                        ("to-fifo", "a symbolic link"), ("to-file", "a symbolic link")])
+def test_get_refuses_a_destination_that_is_not_a_regular_file(no_node, specials, name, kind):
+    before = snapshot(specials)
+    for force in (False, True):
+        with pytest.raises(BadInput, match=f"is {kind}, not a regular file"):
+            files.get_file(None, "alice", "/home/alice/x", specials / name, force=force)
+    assert snapshot(specials) == before
+
+
+def test_get_into_a_directory_refuses_a_fifo_of_that_name(no_node, specials):
+    with pytest.raises(BadInput, match="a FIFO"):
+        files.get_file(None, "alice", "/home/alice/fifo", specials, force=True)
+
+
+def test_get_into_a_missing_directory_names_it(no_node, tmp_path):
+    with pytest.raises(BadInput, match=f"{tmp_path / 'missing'}: no such directory"):
+        files.get_file(None, "alice", "/home/alice/x", tmp_path / "missing" / "x")
+    assert os.listdir(tmp_path) == []
+
+
+@contextmanager
+def must_not_block(seconds: int = 10):
+    def stuck(*_):
+        raise AssertionError("blocked opening the source")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("name, kind", [("fifo", "a FIFO"), ("to-fifo", "a FIFO"), ("sock", "a socket")])
+def test_put_refuses_a_source_that_is_not_a_regular_file_without_opening_it(no_node, specials, name, kind):
+    with must_not_block(), pytest.raises(BadInput, match=f"is {kind}, not a regular file"):
+        files.put_file(None, "alice", specials / name, "/home/alice/x")
+    with must_not_block(), pytest.raises(BadInput, match="a character device"):
+        files.read_source(specials / "to-null")
+
+
+def test_cli_get_to_a_device_exits_2_and_changes_nothing(specials, capsys, monkeypatch):
+    from labvm.cli import main
+
+    monkeypatch.setenv("LABVM_CONFIG", str(specials / "admin" / "bkConfxml.xml"))
+    assert main(["init"]) == 0
+    capsys.readouterr()
+    assert main(["files", "alice", "/root/x", "--get", str(specials / "to-null"), "--force"]) == 2
+    assert capsys.readouterr().err == f"labvm: error: {specials / 'to-null'} is a symbolic link, not a regular file; give a file or directory to copy to\n"
+    assert os.readlink(specials / "to-null") == "/dev/null"
 
 
 # --- put ----------------------------------------------------------------------------------
