@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from .audit import AUDIT_LOG
 from .config import ClusterConfig, parse_config, resolve_config_path
 from .fsutil import atomic_write, create_private, ensure_private_dir, require_safe
+from .names import validate_user_name
 from .remote.connection import IDENTITY
 from .remote.hostkeys import KNOWN_HOSTS
 from .state import DB_NAME, KEY_NAME, StateDB
@@ -36,6 +37,17 @@ class AdminHome:
     @property
     def home(self) -> Path:
         return self.config_path.parent
+
+    @property
+    def images_dir(self) -> Path:
+        """Where `labvm image build` puts images, and beside each the names of its accounts."""
+        return self.home / "images"
+
+    def check_member_name(self, name: str) -> str:
+        """The member name rule, with the accounts of the images built here refused too."""
+        from .images import image_account_names
+
+        return validate_user_name(name, image_account_names(self.images_dir))
 
     @cached_property
     def config(self) -> ClusterConfig:

@@ -23,7 +23,6 @@ from . import __version__, audit, images
 from .admin import AdminHome
 from .config import Node
 from .errors import Aborted, AlreadyExists, BadInput, InsecureFile, LabvmError, NodeError, NotFound
-from .names import validate_user_name
 from .nodes import add_node, check_nodes, node_problems, node_rows, rekey_node, remove_node
 from .text import cell, safe
 
@@ -215,13 +214,16 @@ def user():
 def user_add(home: AdminHome, name, password_stdin):
     """Add lab member NAME.
 
-    NAME is a Linux login: a lowercase letter, then up to 30 lowercase letters,
-    digits, '_' or '-'; system names (root, daemon, ...) are refused. The
-    password is asked twice, or read from stdin with --password-stdin; it is
-    never taken from the command line. It is the desktop's login password and
-    its VNC password (VNC checks the first 8 characters only).
+    NAME is a Linux login and part of the desktop's host name: a lowercase
+    letter, then up to 30 lowercase letters, digits or '-', not ending in '-'
+    (no '_' or '.'). Names of system accounts and groups (root, daemon,
+    tcpdump, systemd-*, ...) and of the built desktop image's accounts are
+    refused. The password is asked twice, or read from stdin with
+    --password-stdin; it is never taken from the command line. It is the
+    desktop's login password and its VNC password (VNC checks the first 8
+    characters only).
     """
-    validate_user_name(name)
+    home.check_member_name(name)
     with home.state() as db:
         if db.has_user(name):
             raise AlreadyExists(f"user {name!r} already exists")
@@ -261,17 +263,35 @@ def user_passwd(home: AdminHome, name, password_stdin):
 
 @user.command("rm")
 @click.argument("name", shell_complete=complete_users)
-@click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation.")
+@click.option("--purge", is_flag=True, help="Delete every version of NAME's files on MooseFS. Cannot be undone.")
+@click.option("--keep-files", is_flag=True,
+              help="Keep NAME's files on MooseFS with no member; a later NAME gets them only with `labvm create NAME --adopt`.")
+@click.option("--dry-run", is_flag=True, help="Show what is on MooseFS and what would happen; change nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation (with --purge, you must still type NAME).")
 @click.pass_obj
 @audited("name")
-def user_rm(home: AdminHome, name, yes):
-    """Remove lab member NAME (refused while NAME has a desktop)."""
-    with home.state() as db:
-        db.get_user(name)
-        if not _confirm(yes)(f"Remove user {name}?"):
+def user_rm(home: AdminHome, name, purge, keep_files, dry_run, yes):
+    """Remove lab member NAME (refused while NAME has a desktop: `labvm rm NAME` first).
+
+    Say what happens to NAME's files on MooseFS, which outlive the desktop:
+    --purge deletes them, --keep-files keeps them belonging to no member.
+
+    \b
+    labvm user rm alice --keep-files --dry-run    what is there, and what would happen
+    labvm user rm alice --purge
+    """
+    from .members import Members
+
+    members = Members(home, say=say)
+    members.check(name, purge=purge, keep_files=keep_files)
+    if not dry_run:
+        if purge:
+            _confirm_purge(name)
+        elif not _confirm(yes)(f"Remove user {name}, keeping their files on MooseFS with no member?"):
             raise Aborted()
-        db.remove_user(name)
-    say(f"removed user {name}")
+    plan = members.remove(name, purge=purge, keep_files=keep_files, dry_run=dry_run)
+    for line in plan.lines:
+        say(line)
 
 
 # -- nodes -------------------------------------------------------------------
@@ -417,7 +437,7 @@ def image():
 
 
 def _image_dir(home: AdminHome):
-    return home.home / "images"
+    return home.images_dir
 
 
 def _latest_image(home: AdminHome):
@@ -524,12 +544,18 @@ def _show_connect(home: AdminHome, desktop) -> None:
 @click.option("--node", default="auto", show_default=True, shell_complete=complete_nodes,
               help="Node to run on; auto picks one with the free GPUs and memory asked for.")
 @click.option("--gpus", metavar="N|I,J", help="N free GPUs, or GPU indexes like 0,2 (1, for GPU 1 alone); 0 for none.")
+@click.option("--adopt", is_flag=True,
+              help="Continue from files an earlier member of the same name left on MooseFS (refused without it).")
 @limit_options
 @json_option
 @click.pass_obj
 @audited("user")
-def create(home: AdminHome, user, node, gpus, as_json, **limits):
+def create(home: AdminHome, user, node, gpus, adopt, as_json, **limits):
     """Create and start USER's desktop.
+
+    A desktop continues from the newest version of USER's files on MooseFS,
+    kept when an earlier desktop was removed. Files there that belong to an
+    earlier member who had the same name are refused unless --adopt.
 
     \b
     labvm create alice                 defaults from the cluster file, node picked for you
@@ -538,7 +564,7 @@ def create(home: AdminHome, user, node, gpus, as_json, **limits):
     """
     from .desktops import LimitOverrides
 
-    desktop = _desktops(home, quiet=as_json).create(user, node=node, gpus=gpus, overrides=LimitOverrides(**limits))
+    desktop = _desktops(home, quiet=as_json).create(user, node=node, gpus=gpus, overrides=LimitOverrides(**limits), adopt=adopt)
     if as_json:
         _emit_json(desktop.as_dict(home.config))
     else:
@@ -585,10 +611,7 @@ def restart(home: AdminHome, user):
 def rm(home: AdminHome, user, purge, yes):
     """Remove USER's desktop: its container and local layers. The versions on MooseFS stay unless --purge."""
     if purge:
-        if not sys.stdin.isatty():
-            raise BadInput("--purge deletes every version of the user's files: run it from a terminal, where you type the user name to confirm")
-        if click.prompt(f"This deletes all of {user}'s files and versions on MooseFS. Type {user} to confirm", default="") != user:
-            raise Aborted()
+        _confirm_purge(user)
     elif not _confirm(yes)(f"Remove {user}'s desktop (container and local layers)?"):
         raise Aborted()
     _desktops(home).remove(user, purge=purge)
@@ -606,6 +629,13 @@ def passwd(home: AdminHome, user, password_stdin):
         db.get_user(user)
     _desktops(home).passwd(user, _read_password(password_stdin, "New password"))
     say(f"password of {user} changed")
+
+
+def _confirm_purge(user: str) -> None:
+    if not sys.stdin.isatty():
+        raise BadInput("--purge deletes every version of the user's files: run it from a terminal, where you type the user name to confirm")
+    if click.prompt(f"This deletes all of {user}'s files and versions on MooseFS. Type {user} to confirm", default="") != user:
+        raise Aborted()
 
 
 def _desktop_node(home: AdminHome, user: str):

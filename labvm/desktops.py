@@ -18,7 +18,7 @@ from typing import Callable
 
 from .admin import AdminHome
 from .config import ClusterConfig, Node, parse_size
-from .errors import AlreadyExists, BadInput, LabvmError, NotFound
+from .errors import AlreadyExists, BadInput, FilesOfAnotherMember, LabvmError, NotFound
 from .images import base_image_tag, base_image_tar
 from .journal import journaled
 from .nodes import isolation_params, mfs_params
@@ -26,7 +26,7 @@ from .placement import GpuRequest, NodeCapacity, allocate_gpus, allocate_ports, 
 from .remote.connection import NodeConnection
 from .remote.helpers import HelperBundle, HelperRunner
 from .remote.pool import run_on_nodes
-from .state import StateDB
+from .state import StateDB, User
 
 Say = Callable[[str], None]
 MERGE_TIMEOUT_S = 3600
@@ -116,6 +116,35 @@ class Desktop:
             "limits": self.limits,
             "version": self.version,
         }
+
+
+@dataclass(frozen=True)
+class PreviousFiles:
+    """What a new desktop starts from: the newest version MooseFS holds under the member's name
+    (0: none), and whether it was an earlier member's, taken over with --adopt."""
+
+    latest: int
+    adopted: bool = False
+
+
+def previous_files(account: User, record: dict | None, versions: list[dict], adopt: bool) -> PreviousFiles:
+    """Files under a member's name belong to whoever the owner record's member id names. A record
+    without an id (an older labvm's) is the member's only if they existed before ids did."""
+    latest = max((v["version"] for v in versions), default=0)
+    if record is None and not latest:
+        return PreviousFiles(0)
+    member = (record or {}).get("member")
+    if account.owns(member if isinstance(member, str) else None):
+        return PreviousFiles(latest)
+    if adopt:
+        return PreviousFiles(latest, adopted=True)
+    user = account.name
+    held = f"up to v{latest}" if latest else "no version yet"
+    raise FilesOfAnotherMember(
+        f"MooseFS holds files of an earlier member named {user} ({held}), not of this {user}. "
+        f"`labvm create {user} --adopt` continues from them; `labvm user rm {user} --purge` deletes them "
+        f"(then add {user} again)"
+    )
 
 
 def container_name(user: str) -> str:
@@ -267,24 +296,28 @@ class Desktops:
         return next(c for c in caps if c.node is chosen), reason
 
     # -- create --------------------------------------------------------------
-    def create(self, user: str, *, node: str = "auto", gpus: str | None = None, overrides: LimitOverrides | None = None) -> Desktop:
+    def create(self, user: str, *, node: str = "auto", gpus: str | None = None, overrides: LimitOverrides | None = None,
+               adopt: bool = False) -> Desktop:
+        """With adopt, files an earlier member of the same name left on MooseFS become this member's."""
         limits = resolve_limits(self.cfg, overrides or LimitOverrides())
         request = GpuRequest.parse(gpus, default=self.cfg.vm_defaults.gpus)
+        self.home.check_member_name(user)  # a member added under an older, looser rule
         with self.home.state() as db:
             account = db.get_user(user)
             self._refuse_existing(db, user)
-            params = {"node": node, "gpus": request.describe(), "limits": limits.as_dict()}
+            params = {"node": node, "gpus": request.describe(), "limits": limits.as_dict(), "adopt": adopt}
             with journaled(db, "create", user, params, failed_state="rolled_back") as op:
                 # Checked again under the lock: a create that finished meanwhile must not be run over.
                 self._refuse_existing(db, user)
-                return self._create_locked(db, op, account.name, account.uid, node, request, limits)
+                return self._create_locked(db, op, account, node, request, limits, adopt)
 
     def _refuse_existing(self, db: StateDB, user: str) -> None:
         if db.conn.execute("SELECT 1 FROM vms WHERE user = ?", (user,)).fetchone():
             existing = self.get(db, user)
             raise AlreadyExists(f"{user} already has a desktop on {existing.node} ({existing.state}); see `labvm status`")
 
-    def _create_locked(self, db, op, user, uid, node_name, request, limits) -> Desktop:
+    def _create_locked(self, db, op, account: User, node_name, request, limits, adopt: bool) -> Desktop:
+        user = account.name
         with op.step("place"):
             cap, reason = self._place(db, node_name, request, limits.memory)
             self.say(reason)
@@ -296,6 +329,8 @@ class Desktops:
         if limits.io_weight is not None and not cap.blkio_weight:
             self.say(f"note: {node.name}'s kernel has no block IO weight (no CFQ/BFQ blkio.weight); the IO weight is not applied")
             limits.io_weight = None
+        with op.step("check_files"):
+            files = self._check_files(node, account, adopt)
         with op.step("allocate"):
             self._reserve(db, user, node, cap, request, limits)
         try:
@@ -303,8 +338,8 @@ class Desktops:
                 with op.step("base_image"):
                     self.ensure_base_image(s)
                 with op.step("adopt_files"):
-                    self._adopt_files(s, db, user)
-                self.bring_up(s, op, db, self.get(db, user), uid)
+                    self._adopt_files(s, db, account, files)
+                self.bring_up(s, op, db, self.get(db, user), account.uid)
         except BaseException:
             self.say(f"create failed on {node.name}; rolling back")
             self._rollback_create(db, user, node)
@@ -356,19 +391,37 @@ class Desktops:
         """The tiny docker image every desktop container starts from (its root comes from the layers)."""
         s.call("image", "ensure_docker_base", {"tag": base_image_tag(), "tar_b64": base64.b64encode(base_image_tar()).decode()})
 
-    def _adopt_files(self, s: NodeSession, db: StateDB, user: str) -> None:
-        """A new desktop continues from the newest version of the member's files, if an earlier
-        desktop left any (`labvm rm` keeps them), and this node becomes its owner on MooseFS."""
-        mfs_mount = self.cfg.storage.mfs_mount
+    def files_on_mfs(self, s: NodeSession, user: str) -> tuple[dict | None, list[dict]]:
+        """The owner record and the versions MooseFS holds under a member name."""
+        params = {"user": user, "mfs_mount": self.cfg.storage.mfs_mount}
         s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
-        latest = max((v["version"] for v in self.versions_on_mfs(s, user)), default=0)
-        if latest:
-            self.say(f"continuing from v{latest} of {user}'s files, kept when the last desktop was removed "
+        return s.call("vm", "owner", params)["data"]["owner"], self.versions_on_mfs(s, user)
+
+    def _check_files(self, node: Node, account: User, adopt: bool) -> PreviousFiles:
+        """Before anything changes: files an earlier member of this name left are refused unless adopted."""
+        with self.session(node) as s:
+            record, versions = self.files_on_mfs(s, account.name)
+        return previous_files(account, record, versions, adopt)
+
+    def _adopt_files(self, s: NodeSession, db: StateDB, account: User, files: PreviousFiles) -> None:
+        """A new desktop continues from the newest version of the member's files, if an earlier
+        desktop left any (`labvm rm` keeps them), and this node becomes its owner on MooseFS,
+        with the member's id in the owner record."""
+        user = account.name
+        if files.latest:
+            whose = "an earlier member's files (--adopt)" if files.adopted else f"{user}'s files"
+            self.say(f"continuing from v{files.latest} of {whose}, kept when the last desktop was removed "
                      f"(`labvm rm {user} --purge` deletes them)")
-            db.conn.execute("UPDATE vms SET version = ? WHERE user = ?", (latest, user))
-        s.call("vm", "set_owner", {"user": user, "mfs_mount": mfs_mount, "node": s.node.name})
+            db.conn.execute("UPDATE vms SET version = ? WHERE user = ?", (files.latest, user))
+        s.call("vm", "set_owner", {"user": user, "mfs_mount": self.cfg.storage.mfs_mount, "node": s.node.name,
+                                   "member": account.member_id})
         # A container of that name on this node is a leftover of an earlier desktop of the user.
         s.call("vm", "remove_container", {"user": user}, timeout=90)
+
+    def purge_files(self, s: NodeSession, user: str) -> dict:
+        """Delete every version of the files MooseFS holds under a member name."""
+        s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
+        return s.call("vm", "purge_mfs_data", {"user": user, "mfs_mount": self.cfg.storage.mfs_mount})["data"]
 
     def _reserve(self, db, user, node, cap, request, limits) -> None:
         """Record the desktop with its GPUs and ports in one transaction: no GPU or port is given twice."""
@@ -474,10 +527,10 @@ class Desktops:
                 with op.step("remove_local_layers"):
                     s.call("vm", "remove_local_layers", {"user": user, "data_dir": node.data_dir})
                 with op.step("release_owner" if not purge else "purge_mfs_data"):
-                    s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
                     if purge:
-                        s.call("vm", "purge_mfs_data", {"user": user, "mfs_mount": mfs_mount})
+                        self.purge_files(s, user)
                     else:
+                        s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
                         s.call("vm", "release_owner", {"user": user, "mfs_mount": mfs_mount})
             db.conn.execute("DELETE FROM vms WHERE user = ?", (user,))
 

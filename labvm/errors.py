@@ -53,6 +53,12 @@ class AlreadyExists(LabvmError):
     exit_code = 5
 
 
+class FilesOfAnotherMember(AlreadyExists):
+    """{msg}"""
+
+    op_state = "refused"  # refused in create's preflight, before anything changed
+
+
 class StateError(LabvmError):
     """{msg}"""
 

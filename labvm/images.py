@@ -469,8 +469,56 @@ def _publish(info: ImageInfo, output_dir: Path, started: float, cached: bool) ->
         finally:
             tmp.unlink(missing_ok=True)
     write_checksum_file(target, info.sha256)
+    record_image_accounts(target)
     seconds = time.monotonic() - started if cached else info.seconds
     return ImageInfo(target, info.sha256, info.size, info.desktop, info.packages, seconds, info.mirror, info.built, cached)
+
+
+# --- the image's own accounts: never a member's name ---------------------------------------
+
+ACCOUNTS_SUFFIX = ".accounts"
+ACCOUNT_FILES = ("etc/passwd", "etc/group")
+
+
+def accounts_path(image: Path) -> Path:
+    return image.with_name(image.name + ACCOUNTS_SUFFIX)
+
+
+def read_image_accounts(image: Path) -> list[str]:
+    """The user and group names in the image's /etc/passwd and /etc/group. The tarball is packed
+    sorted by name, so etc/ comes early and the stream is read only that far."""
+    wanted, names = set(ACCOUNT_FILES), set()
+    with tarfile.open(image, "r|gz") as tar:
+        for member in tar:
+            name = member.name.removeprefix("./")
+            if name not in wanted or not member.isfile() or member.size > 1 << 20:
+                continue
+            text = tar.extractfile(member).read().decode("utf-8", "replace")
+            names.update(line.split(":", 1)[0] for line in text.splitlines() if ":" in line)
+            wanted.discard(name)
+            if not wanted:
+                break
+    return sorted(name for name in names if name and not name.startswith(("#", "+", "-")))
+
+
+def record_image_accounts(image: Path) -> None:
+    """Beside the image, the names `labvm user add` and `labvm create` refuse because of it."""
+    try:
+        names = read_image_accounts(image)
+    except (OSError, EOFError, tarfile.TarError):
+        return  # not a readable tarball: the static list in names.py still applies
+    atomic_write(accounts_path(image), "".join(f"{name}\n" for name in names).encode(), 0o644)
+
+
+def image_account_names(images_dir: Path) -> frozenset[str]:
+    """The accounts of every image built into images_dir (the admin home's images/)."""
+    names: set[str] = set()
+    for path in Path(images_dir).glob(f"*{ACCOUNTS_SUFFIX}"):
+        try:
+            names.update(line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip())
+        except OSError:
+            continue
+    return frozenset(names)
 
 
 def _prune_cache(built_dir: Path, desktop: str, keep: Path) -> None:

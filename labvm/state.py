@@ -7,6 +7,7 @@ recorded in `schema_migrations` (applied in order, each in one transaction).
 from __future__ import annotations
 
 import os
+import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -105,18 +106,43 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        # Whose files a version on MooseFS holds is the member's id, not their name, which a later
+        # member may be given again. The owner record there carries the id. Members who exist
+        # now may own records an older labvm wrote without one: they keep their claim on them.
+        "0004_member_ids",
+        """
+        ALTER TABLE users ADD COLUMN member_id TEXT;
+        UPDATE users SET member_id = lower(hex(randomblob(16)));
+        CREATE UNIQUE INDEX users_member_id ON users(member_id);
+        ALTER TABLE users ADD COLUMN owns_unmarked_files INTEGER NOT NULL DEFAULT 0;
+        UPDATE users SET owns_unmarked_files = 1;
+        """,
+    ),
 ]
+
+
+USER_COLUMNS = "name, uid, member_id, owns_unmarked_files, created_at, updated_at"
 
 
 @dataclass(frozen=True)
 class User:
     name: str
     uid: int
+    member_id: str
+    # True for members that existed before labvm gave out member ids: an owner record on
+    # MooseFS without an id, under their name, is taken as theirs.
+    owns_unmarked_files: bool
     created_at: float
     updated_at: float
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "uid": self.uid, "created_at": self.created_at, "updated_at": self.updated_at}
+        return {"name": self.name, "uid": self.uid, "member_id": self.member_id,
+                "created_at": self.created_at, "updated_at": self.updated_at}
+
+    def owns(self, member_id: str | None) -> bool:
+        """Whether files whose owner record names `member_id` (None: no id) are this member's."""
+        return member_id == self.member_id if member_id is not None else self.owns_unmarked_files
 
 
 def _text_of(raw: bytes) -> str:
@@ -223,32 +249,38 @@ class StateDB:
         validate_password(password)
         pw_hash = hash_password(password)
         secret = self.box.encrypt(password)
+        member_id = secrets.token_hex(16)
         now = time.time()
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             uid = self._next_uid()
             self.conn.execute(
-                "INSERT INTO users (name, uid, pw_hash, vnc_secret, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (name, uid, pw_hash, secret, now, now),
+                "INSERT INTO users (name, uid, member_id, pw_hash, vnc_secret, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, uid, member_id, pw_hash, secret, now, now),
             )
             self.conn.execute("COMMIT")
         except sqlite3.IntegrityError:
             self.conn.execute("ROLLBACK")
             raise AlreadyExists(f"user {name!r} already exists") from None
-        return User(name, uid, now, now)
+        return User(name, uid, member_id, False, now, now)
+
+    @staticmethod
+    def _user(row: sqlite3.Row) -> User:
+        values = dict(row)
+        return User(**{**values, "owns_unmarked_files": bool(values["owns_unmarked_files"])})
 
     def get_user(self, name: str) -> User:
-        row = self.conn.execute("SELECT name, uid, created_at, updated_at FROM users WHERE name = ?", (name,)).fetchone()
+        row = self.conn.execute(f"SELECT {USER_COLUMNS} FROM users WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"unknown user {name!r}; see `labvm user list`")
-        return User(**dict(row))
+        return self._user(row)
 
     def has_user(self, name: str) -> bool:
         return self.conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is not None
 
     def list_users(self) -> list[User]:
-        rows = self.conn.execute("SELECT name, uid, created_at, updated_at FROM users ORDER BY name")
-        return [User(**dict(r)) for r in rows]
+        rows = self.conn.execute(f"SELECT {USER_COLUMNS} FROM users ORDER BY name")
+        return [self._user(r) for r in rows]
 
     def cordons(self) -> dict[str, str | None]:
         """Cordoned nodes and why: no new desktop goes there."""

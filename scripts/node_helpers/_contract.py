@@ -171,8 +171,10 @@ def string_matching(pattern: str, description: str) -> Callable[[str, Any], str]
     return validate
 
 
-USER_PATTERN = r"[a-z][a-z0-9_-]{0,30}"
-user_name = string_matching(USER_PATTERN, "a user name: a lowercase letter, then up to 30 of a-z 0-9 _ -")
+# The member name rule, the same as labvm/names.py's USER_NAME_PATTERN (a unit test holds the
+# two equal): it becomes an account in the desktop and part of its host name.
+USER_PATTERN = r"[a-z](?:[a-z0-9-]{0,29}[a-z0-9])?"
+user_name = string_matching(USER_PATTERN, "a user name: a lowercase letter, then up to 30 of a-z 0-9 -, not ending in -")
 
 # Characters with a meaning in overlay's option string (and in docker's Binds "src:dst:mode").
 LAYER_PATH_FORBIDDEN = ",:\\"

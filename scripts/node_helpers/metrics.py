@@ -25,7 +25,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from _contract import Action, BadRequest, Failed, Param, PreconditionFailed, Result, TemporaryFailure, absolute_path
+from _contract import USER_PATTERN, Action, BadRequest, Failed, Param, PreconditionFailed, Result, TemporaryFailure, absolute_path
 from _docker import DEFAULT_DOCKER_SOCKET, api_url, docker_json_call, docker_message
 from _system import CommandTimedOut, MountEntry, find_tool, mount_at, parse_mountinfo, run_command
 
@@ -38,7 +38,7 @@ MFS_TIMEOUT_S = 2.0
 DOCKER_TIMEOUT_S = 3.0
 
 LABEL_USER = "labvm.user"
-USER_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")
+USER_NAME = re.compile(USER_PATTERN)
 MIB = 1024 * 1024
 # cgroup v1 reports "no limit" as the largest page-aligned signed 64-bit number.
 UNLIMITED_FLOOR = 1 << 62

@@ -12,7 +12,9 @@ Actions:
   status                  what the mount table and dockerd say (changes nothing)
   freeze / thaw           docker pause / unpause: a consistent instant for a backup of a running VM
   reset_upper             empty up_local, work_local and up_mfs once a published version holds them
-  set_owner / owner       the owner record on MooseFS: the one node allowed to run the desktop
+  set_owner / owner       the owner record on MooseFS: the one node allowed to run the desktop,
+                          and the member id of the member whose files these are
+  release_owner           no node owns it (labvm rm); the member id stays in the record
 
 Fencing: <mfs_mount>/vms/<user>/owner.json names the node that may run the desktop. A switch
 moves it to the target before the target mounts anything, and ensure_stack / ensure_container
@@ -64,6 +66,7 @@ from _contract import (
     layer_path,
     log,
     node_name,
+    string_matching,
     user_name,
 )
 from _docker import (
@@ -333,7 +336,14 @@ ENSURE_STACK_PARAMS = {
     **NODE_PARAM,
 }
 OWNER_PARAMS = {**USER_PARAM, "mfs_mount": Param(layer_path, required=True)}
-SET_OWNER_PARAMS = {**OWNER_PARAMS, "node": Param(node_name, required=True), "op": Param(integer_between(0, 2**62))}
+# A member's id (labvm's users table): whose files these are, whatever the member's name.
+MEMBER_ID_PATTERN = r"[0-9a-f]{32}"
+SET_OWNER_PARAMS = {
+    **OWNER_PARAMS,
+    "node": Param(node_name, required=True),
+    "op": Param(integer_between(0, 2**62)),
+    "member": Param(string_matching(MEMBER_ID_PATTERN, "a member id: 32 lowercase hex digits")),
+}
 STACK_UNMOUNTED_PARAMS = {**USER_PARAM, **DATA_DIR_PARAM, **DOCKER_SOCKET_PARAM}
 # Optional where the stack must be mounted anyway: then it is found in the mount table.
 FOUND_DATA_DIR_PARAM = {"data_dir": Param(layer_path)}
@@ -583,18 +593,23 @@ def read_owner(mfs_mount: str, user: str) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def write_owner(mfs_mount: str, user: str, node: str, op: int | None) -> None:
+def write_owner(mfs_mount: str, user: str, node: str | None, op: int | None, member: str | None) -> None:
     path = owner_path(mfs_mount, user)
     make_dirs(posixpath.dirname(path), 0o755)
-    record = {"node": node, "op": op, "since": time.time()}
+    record = {"node": node, "op": op, "since": time.time(), "member": member}
     write_file_atomically(path, json.dumps(record, sort_keys=True).encode() + b"\n", 0o644)
+
+
+def record_member(record: dict | None) -> str | None:
+    member = (record or {}).get("member")
+    return member if isinstance(member, str) and re.fullmatch(MEMBER_ID_PATTERN, member) else None
 
 
 def claim_or_refuse(mfs_mount: str, user: str, node: str, check: bool) -> None:
     record = read_owner(mfs_mount, user)
-    if record is None:
+    if record is None or record.get("node") is None:
         if not check:
-            write_owner(mfs_mount, user, node, None)
+            write_owner(mfs_mount, user, node, None, record_member(record))
         return
     if record.get("node") != node:
         raise PreconditionFailed(
@@ -605,20 +620,32 @@ def claim_or_refuse(mfs_mount: str, user: str, node: str, check: bool) -> None:
 
 
 def set_owner(params: dict, check: bool) -> Result:
+    """Make a node the owner. The record keeps its member id unless a new one is given: a switch
+    moves the desktop, it does not change whose files they are."""
     previous = read_owner(params["mfs_mount"], params["user"])
-    changed = previous is None or previous.get("node") != params["node"] or previous.get("op") != params["op"]
+    member = params["member"] or record_member(previous)
+    changed = previous is None or (previous.get("node"), previous.get("op"), record_member(previous)) != (
+        params["node"], params["op"], member)
     if changed and not check:
-        write_owner(params["mfs_mount"], params["user"], params["node"], params["op"])
-    return Result(changed=changed, data={"previous": previous, "node": params["node"]})
+        write_owner(params["mfs_mount"], params["user"], params["node"], params["op"], member)
+    return Result(changed=changed, data={"previous": previous, "node": params["node"], "member": member})
 
 
 def release_owner(params: dict, check: bool) -> Result:
-    """The desktop is removed (its files stay as versions): no node owns it any more."""
+    """The desktop is removed (its files stay as versions): no node owns it any more. A record
+    with a member id stays, with no node, so a later `labvm create` knows whose files they are."""
     path = owner_path(params["mfs_mount"], params["user"])
-    exists = os.path.lexists(path)
-    if exists and not check:
-        os.unlink(path)
-    return Result(changed=exists, data={})
+    record = read_owner(params["mfs_mount"], params["user"]) if os.path.lexists(path) else None
+    member = record_member(record)
+    if member is None:
+        exists = os.path.lexists(path)
+        if exists and not check:
+            os.unlink(path)
+        return Result(changed=exists, data={})
+    changed = record.get("node") is not None
+    if changed and not check:
+        write_owner(params["mfs_mount"], params["user"], None, None, member)
+    return Result(changed=changed, data={"member": member})
 
 
 def get_owner(params: dict, check: bool) -> Result:
@@ -1379,7 +1406,22 @@ as_user() {
 
 home_of_user() { getent passwd "$USER_NAME" | cut -d: -f6; }
 
+# labvm refuses the image's account names, but an image built elsewhere may hold others: never
+# take over (and give sudo to) a system account or group. An account in the member's range with
+# another uid is an earlier desktop's under this name (adopted files): its files are owned by it.
+refuse_system_account() {
+    uid=$(getent passwd "$USER_NAME" | cut -d: -f3)
+    if [ -n "$uid" ] && { [ "$uid" -lt 1000 ] || [ "$uid" -ge 60000 ]; } 2>/dev/null; then
+        die "the image already has a system account $USER_NAME (uid $uid); pick another member name"
+    fi
+    gid=$(getent group "$USER_NAME" | cut -d: -f3)
+    if [ -n "$gid" ] && { [ "$gid" -lt 1000 ] || [ "$gid" -ge 60000 ]; } 2>/dev/null; then
+        die "the image already has a system group $USER_NAME (gid $gid); pick another member name"
+    fi
+}
+
 ensure_user() {
+    refuse_system_account
     if ! getent group "$USER_NAME" >/dev/null; then
         groupadd -g "$USER_ID" "$USER_NAME" || groupadd "$USER_NAME" || die "cannot create group $USER_NAME"
     fi

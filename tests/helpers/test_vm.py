@@ -993,7 +993,8 @@ def test_init_scripts_are_valid_posix_sh(bundle, tmp_path):
 
 FAKE_TOOLS = {
     # getent passwd/group for the user and a sudo group; everything the script asks about exists.
-    "getent": 'case "$1" in passwd) echo "alice:x:2000:2000::$FAKE_HOME:/bin/bash";; group) echo "$2:x:27:alice";; esac\n',
+    "getent": 'case "$1" in passwd) echo "alice:x:2000:2000::$FAKE_HOME:/bin/bash";;\n'
+              'group) case "$2" in sudo) echo "sudo:x:27:alice";; *) echo "$2:x:2000:";; esac;; esac\n',
     "id": 'echo "alice sudo"\n',
     "chpasswd": 'cat > "$FAKE_LOG/chpasswd.stdin"\n',
     "tigervncpasswd": '[ "$1" = -f ] || exit 9\nprintf "obfuscated:"; cat\n',
@@ -1035,3 +1036,128 @@ def test_apply_password_feeds_the_secret_only_through_stdin(bundle, tmp_path, fa
     (runtime / "secret").unlink()
     missing = subprocess.run([str(runtime / "apply-password")], env=env, capture_output=True, text=True)
     assert missing.returncode == 1 and "no password waiting" in missing.stderr
+
+
+# --- the owner record and the member id ---------------------------------------------------
+
+MEMBER, OTHER_MEMBER = "0123456789abcdef" * 2, "f" * 32
+
+
+def owner_file(mfs: Path) -> Path:
+    return mfs / "vms" / USER / "owner.json"
+
+
+def test_set_owner_records_the_member_and_a_switch_keeps_it(run_helper, tmp_path):
+    mfs = tmp_path / "mfs"
+    params = {"user": USER, "mfs_mount": str(mfs)}
+    run = vm(run_helper, "set_owner", {**params, "node": "n1", "member": MEMBER})
+    assert run.exit_code == 0 and run.reply["changed"] is True
+    assert json.loads(owner_file(mfs).read_text())["member"] == MEMBER
+    assert vm(run_helper, "set_owner", {**params, "node": "n1", "member": MEMBER}).reply["changed"] is False
+    # A switch names the new node and no member: whose files they are does not change.
+    moved = vm(run_helper, "set_owner", {**params, "node": "n2", "op": 7})
+    assert moved.reply["changed"] is True and moved.data["member"] == MEMBER
+    assert vm(run_helper, "owner", params).data["owner"] | {"since": 0} == {"node": "n2", "op": 7, "member": MEMBER, "since": 0}
+    # An adopting create gives the files a new member.
+    assert vm(run_helper, "set_owner", {**params, "node": "n2", "op": 7, "member": OTHER_MEMBER}).reply["changed"] is True
+    assert vm(run_helper, "owner", params).data["owner"]["member"] == OTHER_MEMBER
+
+
+def test_release_keeps_whose_files_they_are_with_no_node(run_helper, tmp_path):
+    mfs = tmp_path / "mfs"
+    params = {"user": USER, "mfs_mount": str(mfs)}
+    vm(run_helper, "set_owner", {**params, "node": "n1", "member": MEMBER})
+    checked = vm(run_helper, "release_owner", params, check=True)
+    assert checked.reply["changed"] is True and json.loads(owner_file(mfs).read_text())["node"] == "n1"
+    released = vm(run_helper, "release_owner", params)
+    assert released.reply["changed"] is True
+    record = vm(run_helper, "owner", params).data["owner"]
+    assert record["node"] is None and record["member"] == MEMBER
+    assert vm(run_helper, "release_owner", params).reply["changed"] is False
+
+
+def test_release_of_a_record_without_a_member_removes_it_as_before(run_helper, tmp_path):
+    mfs = tmp_path / "mfs"
+    owner_file(mfs).parent.mkdir(parents=True)
+    owner_file(mfs).write_text(json.dumps({"node": "n1", "op": None, "since": 1.0}) + "\n")
+    run = vm(run_helper, "release_owner", {"user": USER, "mfs_mount": str(mfs)})
+    assert run.reply["changed"] is True and not owner_file(mfs).exists()
+
+
+@pytest.mark.parametrize("member", ["F" * 32, "a" * 31, "a" * 33, "../" + "a" * 29, 12])
+def test_a_malformed_member_id_is_a_bad_request(run_helper, tmp_path, member):
+    run = vm(run_helper, "set_owner", {"user": USER, "mfs_mount": str(tmp_path / "mfs"), "node": "n1", "member": member})
+    assert run.exit_code == 2 and run.error["code"] == "bad_param"
+    assert not owner_file(tmp_path / "mfs").exists()
+
+
+def test_a_released_record_is_claimed_by_the_next_node_keeping_its_member(bundle, tmp_path):
+    mfs = str(tmp_path / "mfs")
+    bundle.vm.write_owner(mfs, USER, None, None, MEMBER)
+    bundle.vm.claim_or_refuse(mfs, USER, "n2", check=True)
+    assert bundle.vm.read_owner(mfs, USER)["node"] is None  # check mode changes nothing
+    bundle.vm.claim_or_refuse(mfs, USER, "n2", check=False)
+    assert {k: bundle.vm.read_owner(mfs, USER)[k] for k in ("node", "member")} == {"node": "n2", "member": MEMBER}
+    with pytest.raises(bundle.contract.PreconditionFailed, match="belongs to node 'n2'"):
+        bundle.vm.claim_or_refuse(mfs, USER, "n1", check=False)
+
+
+def test_init_never_takes_over_an_account_of_the_image(bundle, tmp_path, fake_bin):
+    """A member named like a system account (an image built elsewhere, a name from an older
+    rule) would otherwise get that account, its files, and sudo on top."""
+    runtime, logs = tmp_path / "runtime", tmp_path / "logs"
+    runtime.mkdir()
+    logs.mkdir()
+    (runtime / "init").write_text(bundle.vm.INIT_SCRIPT)
+    (runtime / "init").chmod(0o700)
+    tools = {
+        "getent": 'case "$1" in passwd) echo "tcpdump:x:104:109::/nonexistent:/usr/sbin/nologin";; group) echo "tcpdump:x:109:";; esac\n',
+        "useradd": 'echo useradd >> "$FAKE_LOG/called"\n',
+        "usermod": 'echo usermod >> "$FAKE_LOG/called"\n',
+        "groupadd": 'echo groupadd >> "$FAKE_LOG/called"\n',
+        "chpasswd": 'echo chpasswd >> "$FAKE_LOG/called"\n',
+    }
+    for name, body in tools.items():
+        fake_bin.install(name, body)
+    env = {"PATH": f"{fake_bin.path}:/usr/bin:/bin", "LABVM_RUNTIME": str(runtime), "LABVM_USER": "tcpdump",
+           "LABVM_UID": "2000", "FAKE_LOG": str(logs)}
+    run = subprocess.run([str(runtime / "init")], env=env, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 1
+    assert "already has a system account tcpdump (uid 104)" in run.stderr
+    assert not (logs / "called").exists()
+
+
+def test_init_never_puts_a_member_into_a_system_group_of_the_same_name(bundle, tmp_path, fake_bin):
+    runtime, logs = tmp_path / "runtime", tmp_path / "logs"
+    runtime.mkdir()
+    logs.mkdir()
+    (runtime / "init").write_text(bundle.vm.INIT_SCRIPT)
+    (runtime / "init").chmod(0o700)
+    fake_bin.install("getent", 'case "$1" in group) echo "staff:x:50:";; esac\n')
+    for name in ("useradd", "usermod", "groupadd"):
+        fake_bin.install(name, f'echo {name} >> "$FAKE_LOG/called"\n')
+    env = {"PATH": f"{fake_bin.path}:/usr/bin:/bin", "LABVM_RUNTIME": str(runtime), "LABVM_USER": "staff",
+           "LABVM_UID": "2000", "FAKE_LOG": str(logs)}
+    run = subprocess.run([str(runtime / "init")], env=env, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 1 and "system group staff (gid 50)" in run.stderr
+    assert not (logs / "called").exists()
+
+
+def test_init_keeps_an_earlier_members_account_of_the_same_name(bundle, tmp_path, fake_bin):
+    """Adopted files hold the account an earlier member of that name had, with its uid: it is
+    used as it is (the files are owned by it), not refused as a system account."""
+    runtime, logs = tmp_path / "runtime", tmp_path / "logs"
+    runtime.mkdir()
+    logs.mkdir()
+    (runtime / "init").write_text(bundle.vm.INIT_SCRIPT)
+    (runtime / "init").chmod(0o700)
+    fake_bin.install("getent", 'case "$1" in passwd) echo "bob:x:2000:2000::/home/bob:/bin/bash";;\n'
+                               'group) case "$2" in sudo) echo "sudo:x:27:bob";; *) echo "$2:x:2000:";; esac;; esac\n')
+    fake_bin.install("id", 'echo "bob sudo"\n')
+    for name in ("useradd", "usermod", "groupadd"):
+        fake_bin.install(name, f'echo {name} >> "$FAKE_LOG/called"\n')
+    env = {"PATH": f"{fake_bin.path}:/usr/bin:/bin", "LABVM_RUNTIME": str(runtime), "LABVM_USER": "bob",
+           "LABVM_UID": "2001", "FAKE_LOG": str(logs)}
+    run = subprocess.run([str(runtime / "init"), "--apply-password"], env=env, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 1 and "no password waiting" in run.stderr, run.stderr
+    assert "system account" not in run.stderr and not (logs / "called").exists()

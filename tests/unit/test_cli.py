@@ -144,7 +144,8 @@ def test_changing_commands_are_audited_and_reads_are_not(home, capsys):
         ("labvm init", None, "ok"),
         ("labvm user add", "alice", "ok"),
         ("labvm user add", "alice", "failed: user 'alice' already exists"),
-        ("labvm user add", "x;y", "failed: invalid user name 'x;y': use a lowercase letter followed by up to 30 lowercase letters, digits, '_' or '-'"),
+        ("labvm user add", "x;y", "failed: invalid user name 'x;y': use a lowercase letter followed by up to 30 lowercase letters, "
+                                         "digits or '-', not ending in '-' (no '_' or '.')"),
     ]
     assert all(e["who"] for e in entries)
     assert PW not in (home / "audit.log").read_text()

@@ -476,3 +476,22 @@ def test_configure_leaves_nothing_machine_specific_and_never_writes_through_link
     assert not list((rootfs / "var/cache/apt/archives").iterdir())
     assert [p.name for p in (rootfs / "var/lib/apt/lists").iterdir()] == ["partial"]
     assert json.loads((rootfs / "etc/labvm-image").read_text())["desktop"] == "minimal"
+
+
+def test_the_accounts_of_a_built_image_are_recorded_beside_it(tmp_path):
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "bin").mkdir()
+    (rootfs / "bin/sh").write_text("#!\n")
+    (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\ntcpdump:x:104:109::/nonexistent:/usr/sbin/nologin\n")
+    (rootfs / "etc/group").write_text("root:x:0:\nsudo:x:27:\nnvidia-persistenced:x:110:\n")
+    out = tmp_path / "images"
+    out.mkdir()
+    image = out / "labvm-xfce-20250101.tar.gz"
+    with tarfile.open(image, "w:gz") as tar:
+        tar.add(rootfs, arcname=".")
+    images.record_image_accounts(image)
+    assert images.accounts_path(image).read_text().split() == ["nvidia-persistenced", "root", "sudo", "tcpdump"]
+    (out / "broken.tar.gz").write_bytes(b"not a tarball")
+    images.record_image_accounts(out / "broken.tar.gz")
+    assert images.image_account_names(out) == {"nvidia-persistenced", "root", "sudo", "tcpdump"}

@@ -1,6 +1,7 @@
 """The state database: password hashes, encrypted VNC secrets, file modes, migrations."""
 
 import os
+import re
 import sqlite3
 import stat
 
@@ -170,3 +171,38 @@ def test_failed_migration_rolls_back_whole(home, monkeypatch):
 def test_open_without_init_says_what_to_do(tmp_path):
     with pytest.raises(StateError, match="labvm init"):
         StateDB.open(tmp_path)
+
+
+def test_member_ids_migration_gives_existing_members_ids_and_their_unmarked_files(tmp_path, monkeypatch):
+    """A database from before member ids: its members get distinct ids and keep owner records
+    without one; members added afterwards get a fresh id and no claim on unmarked records."""
+    home = tmp_path / "admin"
+    before = [m for m in state_mod.MIGRATIONS if m[0] < "0004_member_ids"]
+    monkeypatch.setattr(state_mod, "MIGRATIONS", before)
+    StateDB.create(home)
+    with StateDB.open(home) as db:
+        for name, uid in (("alice", 2000), ("bob", 2001)):
+            db.conn.execute("INSERT INTO users (name, uid, pw_hash, vnc_secret, created_at, updated_at) VALUES (?, ?, 'x', x'00', 0, 0)",
+                            (name, uid))
+    monkeypatch.undo()
+    with StateDB.open(home) as db:
+        assert db.pending_migrations() == ["0004_member_ids"]
+        db.migrate()
+        alice, bob = db.get_user("alice"), db.get_user("bob")
+        assert re.fullmatch(r"[0-9a-f]{32}", alice.member_id) and re.fullmatch(r"[0-9a-f]{32}", bob.member_id)
+        assert alice.member_id != bob.member_id
+        assert alice.owns_unmarked_files and bob.owns_unmarked_files
+        assert alice.owns(None) and alice.owns(alice.member_id) and not alice.owns(bob.member_id)
+        carol = db.add_user("carol", PW)
+        assert db.get_user("carol") == carol
+        assert re.fullmatch(r"[0-9a-f]{32}", carol.member_id) and carol.member_id not in (alice.member_id, bob.member_id)
+        assert not carol.owns_unmarked_files and not carol.owns(None) and carol.owns(carol.member_id)
+        with pytest.raises(sqlite3.IntegrityError):
+            db.conn.execute("UPDATE users SET member_id = ? WHERE name = 'carol'", (alice.member_id,))
+
+
+def test_a_name_given_again_gets_a_new_member_id(home):
+    with StateDB.open(home) as db:
+        first = db.add_user("alice", PW).member_id
+        db.remove_user("alice")
+        assert db.add_user("alice", PW).member_id != first
