@@ -8,8 +8,10 @@
  * files with trusted.overlay.whiteout), opaque directories marked trusted.overlay.opaque="y".
  * UPPER is used up: entries move from it into TARGET with rename(2), so no file data is copied
  * and every hard link, sparse file, device node and symlink keeps its inode as it was. What
- * TARGET loses (deleted names, entries of another type) moves into UPPER/.labvm-merge-trash:
- * one rename, however big a deleted tree is. Delete UPPER after the apply.
+ * TARGET loses (deleted names, entries of another type) moves into UPPER.trash, a directory the
+ * apply creates beside UPPER: one rename, however big a deleted tree is. The trash lies outside
+ * both trees, so no name a member gives a file can meet it. Delete UPPER and UPPER.trash after
+ * the apply.
  *
  * A desktop's version is not its whole root but a layer over the shared desktop image
  * (lowerdir=low_local:xfce_local). TARGET becomes UPPER and TARGET squashed into one layer
@@ -24,11 +26,19 @@
  *   neither      unknown: every whiteout and opaque marker is kept
  *
  * On MooseFS every metadata call is a round trip to the master, so --jobs workers take
- * directories from a shared stack. A directory's own mode, owner, xattrs and times are set
- * only after all its children are done: moving entries in changes its mtime.
+ * directories from a shared stack. A merged directory takes its owner and xattrs when its
+ * work starts, its mode and times only after all its children are done: moving entries in
+ * changes its mtime. A directory waiting for its children then needs only its TARGET
+ * descriptor (its UPPER and below ones are closed once every child has opened its own), so a
+ * deep tree costs one descriptor per level.
  *
  * Upper layers written with redirect_dir or metacopy are refused: their entries point into
  * the lower layer by xattr, and publishing them as plain files would lose data.
+ *
+ * A trusted.overlay.X xattr a member sets through the overlay (Linux 6.7 and later) is stored
+ * escaped, as trusted.overlay.overlay.X, and overlayfs shows it back as trusted.overlay.X from
+ * any layer, lower ones too. It is the member's own xattr, not overlay's bookkeeping: it is
+ * published verbatim, never read as a marker.
  *
  * Exit status: 0 done, 1 failed (a message on stderr names the path), 2 usage.
  * LABVM_MERGE_CRASH_AFTER=K kills the process with SIGKILL just before its K-th change to
@@ -58,11 +68,12 @@
 #define MAX_JOBS 64
 
 #define OVERLAY_PREFIX "trusted.overlay."
+#define OVERLAY_ESCAPED_PREFIX "trusted.overlay.overlay."
 #define OVERLAY_OPAQUE "trusted.overlay.opaque"
 #define OVERLAY_WHITEOUT "trusted.overlay.whiteout"
 #define OVERLAY_REDIRECT "trusted.overlay.redirect"
 #define OVERLAY_METACOPY "trusted.overlay.metacopy"
-#define TRASH_NAME ".labvm-merge-trash"
+#define TRASH_SUFFIX ".trash"
 
 #define XATTR_LIST_BYTES 65536 /* XATTR_LIST_MAX: one listxattr call is always enough */
 #define XATTR_VALUE_BYTES 65536 /* XATTR_SIZE_MAX */
@@ -139,7 +150,9 @@ struct task {
 	struct name_list target_xattrs; /* merge tasks: TARGET's dir's xattrs as found */
 	bool target_opaque;  /* merge tasks: TARGET's dir was opaque="y" */
 	bool below_has_dir;  /* merge tasks: the layer below may have this dir, so opaque may matter */
-	int pending; /* unfinished children, plus one while the dir itself is being listed */
+	bool mode_reset;     /* merge tasks: owner or ACL written, which may change the mode bits */
+	int pending;  /* unfinished children, plus one while the dir itself is being listed */
+	int unopened; /* children that have not opened their dirs yet, plus one while listing */
 };
 
 /* Scratch space of one worker: xattr lists and values do not fit on a small stack. */
@@ -280,9 +293,11 @@ static int ref_remove(const struct xattr_ref *ref, const char *key)
 	return ref->follow ? removexattr(ref->path, key) : lremovexattr(ref->path, key);
 }
 
+/* Overlay's own xattrs; an escaped one (trusted.overlay.overlay.*) belongs to the member. */
 static bool is_overlay_xattr(const char *key)
 {
-	return strncmp(key, OVERLAY_PREFIX, strlen(OVERLAY_PREFIX)) == 0;
+	return strncmp(key, OVERLAY_PREFIX, strlen(OVERLAY_PREFIX)) == 0 &&
+	       strncmp(key, OVERLAY_ESCAPED_PREFIX, strlen(OVERLAY_ESCAPED_PREFIX)) != 0;
 }
 
 /* Filesystems without xattr support answer ENOTSUP: that is an empty list. */
@@ -471,6 +486,7 @@ static struct task *new_task(struct task *parent, const char *name, enum task_ki
 	task->below_fd = below;
 	task->upper_st = *upper_st;
 	task->pending = 1;
+	task->unopened = 1;
 	return task;
 }
 
@@ -491,6 +507,7 @@ static void free_task(struct task *task)
 static void add_child(struct merge *m, struct task *parent, struct task *child)
 {
 	__atomic_add_fetch(&parent->pending, 1, __ATOMIC_ACQ_REL);
+	__atomic_add_fetch(&parent->unopened, 1, __ATOMIC_ACQ_REL);
 	push_task(m, child);
 }
 
@@ -507,9 +524,9 @@ static int set_dir_times(struct merge *m, struct task *task)
 	return 0;
 }
 
-/* Owner first (it may clear mode bits), then xattrs (an ACL rewrites the mode), then the mode,
- * then the times, which every change before would move. */
-static int finish_merged_dir(struct merge *m, struct scratch *s, struct task *task)
+/* When a merged dir's work starts: owner first (it may clear mode bits), then xattrs (an ACL
+ * rewrites the mode). Neither changes as entries move in. */
+static int adopt_owner_and_xattrs(struct merge *m, struct scratch *s, struct task *task)
 {
 	const struct stat *want = &task->upper_st;
 	const struct stat *have = &task->target_st;
@@ -518,24 +535,31 @@ static int finish_merged_dir(struct merge *m, struct scratch *s, struct task *ta
 		before_change(m);
 		if (fchownat(task->target_fd, "", want->st_uid, want->st_gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0)
 			return fail_target(m, task, NULL, "cannot change the owner of", errno);
+		task->mode_reset = true;
 	}
 	if (sync_dir_xattrs(m, s, task, &touched_acl) < 0)
 		return -1;
-	if ((want->st_mode & 07777) != (have->st_mode & 07777) || touched_acl ||
-	    want->st_uid != have->st_uid || want->st_gid != have->st_gid) {
+	task->mode_reset |= touched_acl;
+	return 0;
+}
+
+/* Once its children are done: the mode, then the times, which every change before moved. */
+static int finish_merged_dir(struct merge *m, struct task *task)
+{
+	if ((task->upper_st.st_mode & 07777) != (task->target_st.st_mode & 07777) || task->mode_reset) {
 		char path[PROC_PATH_BYTES];
 		snprintf(path, sizeof(path), "/proc/self/fd/%d", task->target_fd);
 		before_change(m);
-		if (chmod(path, want->st_mode & 07777) < 0)
+		if (chmod(path, task->upper_st.st_mode & 07777) < 0)
 			return fail_target(m, task, NULL, "cannot change the mode of", errno);
 	}
 	return set_dir_times(m, task);
 }
 
-static int finish_task(struct merge *m, struct scratch *s, struct task *task)
+static int finish_task(struct merge *m, struct task *task)
 {
 	if (task->kind == TASK_MERGE)
-		return finish_merged_dir(m, s, task);
+		return finish_merged_dir(m, task);
 	/* Moving a dir and changing entries in it moved its times; nothing else of it changed. */
 	return set_dir_times(m, task);
 }
@@ -548,13 +572,29 @@ static void finish_run(struct merge *m)
 	pthread_mutex_unlock(&m->lock);
 }
 
+/* TASK's listing is done, or one of its children has opened its dirs: once both are true of
+ * all, nothing opens a name in its UPPER or below dir any more, and it waits with one
+ * descriptor (TARGET's, for its mode and times). */
+static void release_opened(struct task *task)
+{
+	if (__atomic_sub_fetch(&task->unopened, 1, __ATOMIC_ACQ_REL) != 0)
+		return;
+	if (task->upper_fd >= 0)
+		close(task->upper_fd);
+	task->upper_fd = -1;
+	if (task->below_fd >= 0) {
+		close(task->below_fd);
+		task->below_fd = BELOW_NONE;
+	}
+}
+
 /* One unit of TASK's work is done; the last one finishes it, and maybe its parents. */
-static int release_task(struct merge *m, struct scratch *s, struct task *task)
+static int release_task(struct merge *m, struct task *task)
 {
 	while (task != NULL) {
 		if (__atomic_sub_fetch(&task->pending, 1, __ATOMIC_ACQ_REL) != 0)
 			return 0;
-		if (has_failed(m) || finish_task(m, s, task) < 0)
+		if (has_failed(m) || finish_task(m, task) < 0)
 			return -1;
 		struct task *parent = task->parent;
 		free_task(task);
@@ -668,6 +708,9 @@ static int trash_target_entry(struct merge *m, struct task *task, const char *na
 	}
 	if (errno == ENOENT)
 		return 0;
+	if (errno == EXDEV)
+		return fail(m, m->target_root, task, name, "cannot move to the trash", errno,
+			    "the trash beside UPPER is on another mount (is UPPER a mount point?)");
 	return fail_target(m, task, name, "cannot move to the trash", errno);
 }
 
@@ -898,7 +941,7 @@ static void listing_add(struct listing *l, const char *name, unsigned char type)
 
 /* The whole listing is read before anything in the dir changes: renaming entries out of a
  * dir while reading it could skip or repeat names. */
-static int read_listing(int dir_opath_fd, struct listing *l, bool skip_trash)
+static int read_listing(int dir_opath_fd, struct listing *l)
 {
 	int fd = openat(dir_opath_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (fd < 0)
@@ -912,8 +955,6 @@ static int read_listing(int dir_opath_fd, struct listing *l, bool skip_trash)
 	errno = 0;
 	while ((d = readdir(dir)) != NULL) {
 		if (strcmp(d->d_name, ".") == 0 || strcmp(d->d_name, "..") == 0)
-			continue;
-		if (skip_trash && strcmp(d->d_name, TRASH_NAME) == 0)
 			continue;
 		listing_add(l, d->d_name, d->d_type);
 		errno = 0;
@@ -957,10 +998,8 @@ static int open_below(struct merge *m, struct task *task)
 	return fail(m, m->below_root, task, NULL, "cannot open", errno, NULL);
 }
 
-static int open_task_dirs(struct merge *m, struct scratch *s, struct task *task)
+static int open_own_dirs(struct merge *m, struct scratch *s, struct task *task)
 {
-	if (task->parent == NULL)
-		return 0;
 	struct task *parent = task->parent;
 	task->target_fd = openat(parent->target_fd, task->name, DIR_OPEN_FLAGS);
 	if (task->target_fd < 0)
@@ -973,6 +1012,16 @@ static int open_task_dirs(struct merge *m, struct scratch *s, struct task *task)
 	if (task->upper_fd < 0)
 		return fail_upper(m, task, NULL, "cannot open", errno);
 	return read_target_xattrs(m, s, task);
+}
+
+static int open_task_dirs(struct merge *m, struct scratch *s, struct task *task)
+{
+	if (task->parent != NULL) {
+		if (open_own_dirs(m, s, task) < 0)
+			return -1;
+		release_opened(task->parent);
+	}
+	return task->kind == TASK_MERGE ? adopt_owner_and_xattrs(m, s, task) : 0;
 }
 
 static bool is_whiteout_at(int dirfd, const char *name, unsigned char type)
@@ -989,7 +1038,7 @@ static int drop_stale_whiteouts(struct merge *m, struct task *task)
 {
 	struct listing l = { 0 };
 	int result = 0;
-	if (read_listing(task->target_fd, &l, false) < 0)
+	if (read_listing(task->target_fd, &l) < 0)
 		result = fail_target(m, task, NULL, "cannot read the directory", errno);
 	const char *name = l.names;
 	for (size_t i = 0; i < l.count && result == 0; i++, name += strlen(name) + 1) {
@@ -1014,7 +1063,7 @@ static int run_task(struct merge *m, struct scratch *s, struct task *task)
 	bool merging = task->kind == TASK_MERGE;
 	struct listing l = { 0 };
 	int listed_fd = merging ? task->upper_fd : task->target_fd;
-	if (read_listing(listed_fd, &l, merging && task->parent == NULL) < 0) {
+	if (read_listing(listed_fd, &l) < 0) {
 		int err = errno;
 		free(l.names);
 		free(l.types);
@@ -1030,7 +1079,8 @@ static int run_task(struct merge *m, struct scratch *s, struct task *task)
 	free(l.types);
 	if (result < 0 || has_failed(m))
 		return -1;
-	return release_task(m, s, task);
+	release_opened(task);
+	return release_task(m, task);
 }
 
 static void *worker(void *arg)
@@ -1057,7 +1107,8 @@ static void usage(FILE *stream)
 		"usage: labvm_merge apply [--jobs N] [--stats] [--below DIR | --flatten] UPPER TARGET\n"
 		"\n"
 		"Applies the overlay upper layer UPPER onto TARGET (a copy of its lower layer) in place,\n"
-		"moving entries with rename(2); UPPER is used up and should be deleted afterwards.\n"
+		"moving entries with rename(2). UPPER is used up, and what TARGET loses goes to\n"
+		"UPPER.trash, which the apply creates beside UPPER: delete both afterwards.\n"
 		"TARGET stays a layer: whiteouts and opaque directories stay where they hide something\n"
 		"in the layer below it.\n"
 		"  --jobs N     directories worked on at once (1-%d, default %d)\n"
@@ -1173,34 +1224,92 @@ static int open_root(const char *path, const char *role, struct stat *st)
 	return fd;
 }
 
-/* A trash already there means UPPER was used by an earlier apply: it is partly consumed, and
- * applying what is left would publish a tree with files missing. */
-static int make_trash(struct merge *m, int upper_fd)
+/* UPPER's path as the dir that holds it (PARENT, with its trailing slash) and the trash's name
+ * there (NAME: UPPER's own name + TRASH_SUFFIX). */
+static int trash_place(const char *upper, char *parent, char *name)
 {
-	before_change(m);
-	if (mkdirat(upper_fd, TRASH_NAME, 0700) < 0) {
-		if (errno == EEXIST)
-			fprintf(stderr,
-				"labvm_merge: UPPER already holds %s: an earlier apply used it up partly; "
-				"start again from a fresh copy of the upper layer\n",
-				TRASH_NAME);
-		else
-			fprintf(stderr, "labvm_merge: cannot create %s in UPPER: %s\n", TRASH_NAME, strerror(errno));
+	size_t end = strlen(upper);
+	while (end > 1 && upper[end - 1] == '/')
+		end--;
+	size_t start = end;
+	while (start > 0 && upper[start - 1] != '/')
+		start--;
+	size_t length = end - start;
+	bool dots = (length == 1 && upper[start] == '.') || (length == 2 && strncmp(upper + start, "..", 2) == 0);
+	if (length == 0 || dots || length + strlen(TRASH_SUFFIX) > NAME_MAX || start >= PATH_MAX) {
+		fprintf(stderr, "labvm_merge: UPPER must be a path that ends in the directory's name: its trash is "
+				"made beside it, as NAME%s\n", TRASH_SUFFIX);
 		return -1;
 	}
-	m->trash_fd = openat(upper_fd, TRASH_NAME, DIR_OPEN_FLAGS);
-	if (m->trash_fd < 0) {
-		fprintf(stderr, "labvm_merge: cannot open %s in UPPER: %s\n", TRASH_NAME, strerror(errno));
-		return -1;
+	if (start == 0)
+		strcpy(parent, ".");
+	else {
+		memcpy(parent, upper, start);
+		parent[start] = '\0';
 	}
+	memcpy(name, upper + start, length);
+	strcpy(name + length, TRASH_SUFFIX);
 	return 0;
 }
 
-/* Pending directories each hold up to three descriptors; the default soft limit (1024) is low. */
+static int trash_failure(const char *name, const char *what, const char *reason)
+{
+	char shown[MESSAGE_BYTES / 2] = "";
+	append_escaped(shown, sizeof(shown), name);
+	fprintf(stderr, "labvm_merge: %s %s beside UPPER: %s\n", what, shown, reason);
+	return -1;
+}
+
+/* The trash is created here, exclusively, outside both trees: it is the engine's own whatever
+ * names the member's tree holds. One already there means UPPER was used by an earlier apply:
+ * it is partly consumed, and applying what is left would publish a tree with files missing. */
+static int make_trash(struct merge *m, const struct stat *upper_st)
+{
+	char parent[PATH_MAX];
+	char name[NAME_MAX + 1];
+	if (trash_place(m->upper_root, parent, name) < 0)
+		return -1;
+	int parent_fd = open(parent, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	if (parent_fd < 0)
+		return trash_failure(parent, "cannot open the directory", strerror(errno));
+	before_change(m);
+	int made = mkdirat(parent_fd, name, 0700);
+	if (made == 0)
+		m->trash_fd = openat(parent_fd, name, DIR_OPEN_FLAGS);
+	int err = errno;
+	close(parent_fd);
+	if (made < 0 && err == EEXIST)
+		return trash_failure(name, "found", "an earlier apply used UPPER up partly; start again from a fresh "
+						    "copy of the upper layer, without the old trash");
+	if (made < 0)
+		return trash_failure(name, "cannot create", strerror(err));
+	struct stat st;
+	if (m->trash_fd < 0 || fstat(m->trash_fd, &st) < 0)
+		return trash_failure(name, "cannot open", strerror(m->trash_fd < 0 ? err : errno));
+	if (st.st_dev != upper_st->st_dev)
+		return trash_failure(name, "found", "it is on another filesystem than UPPER (is UPPER a mount point?)");
+	return 0;
+}
+
+/* A directory waiting for its children holds one descriptor, three while one of them has not
+ * started, so a deep tree needs at least one per level: as root, raise even the hard limit,
+ * up to fs.nr_open. */
 static void raise_fd_limit(void)
 {
 	struct rlimit limit;
-	if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
+	if (getrlimit(RLIMIT_NOFILE, &limit) != 0)
+		return;
+	FILE *stream = fopen("/proc/sys/fs/nr_open", "re");
+	unsigned long most = 0;
+	if (stream != NULL) {
+		if (fscanf(stream, "%lu", &most) != 1)
+			most = 0;
+		fclose(stream);
+	}
+	struct rlimit raised = { (rlim_t)most, (rlim_t)most };
+	if (most > limit.rlim_max && setrlimit(RLIMIT_NOFILE, &raised) == 0)
+		return;
+	if (limit.rlim_cur < limit.rlim_max) {
 		limit.rlim_cur = limit.rlim_max;
 		setrlimit(RLIMIT_NOFILE, &limit);
 	}
@@ -1322,7 +1431,7 @@ static int apply(const struct options *o)
 	}
 	struct task *root = root_task(&m, upper_fd, target_fd, below, &upper_st, &target_st, s);
 	free(s);
-	if (root == NULL || make_trash(&m, upper_fd) < 0)
+	if (root == NULL || make_trash(&m, &upper_st) < 0)
 		return EXIT_FAILURE;
 	push_task(&m, root);
 	int result = run_workers(&m);

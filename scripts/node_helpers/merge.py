@@ -67,6 +67,8 @@ ENGINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "labvm_merge")
 UP_MFS = "up_mfs"
 WORK_PREFIX = ".merge-"
 UPPER_SNAPSHOT_PREFIX = ".upper-"
+# labvm_merge moves what the lower copy loses into <upper copy> + this, a dir it makes beside it.
+ENGINE_TRASH_SUFFIX = ".trash"
 DEFAULT_JOBS = 8
 SNAPSHOT_TIMEOUT_S = 600.0
 # Without MooseFS the copies are real copies; with it only the merge itself takes time.
@@ -347,6 +349,7 @@ def publish(params: dict, check: bool) -> Result:
     os.rename(work_path(user_dir, target, "low"), version_path(user_dir, target))
     crash_point("published")
     remove_tree(work_path(user_dir, target, "up"), moosefs)
+    remove_tree(work_path(user_dir, target, "up") + ENGINE_TRASH_SUFFIX, moosefs)
     remove_used_upper(user_dir, params["upper"], moosefs)
     seconds = round(time.monotonic() - started, 3)
     log(f"published {version_path(user_dir, target)} from v{base} in {seconds} s: {stats}")

@@ -60,7 +60,7 @@ def member_session(local, base, image) -> tuple[dict, object]:
         os.unlink(merged / "etc/motd")
         shutil.rmtree(merged / "opt/tool")
         (merged / "opt/tool").mkdir()
-        return tree_state(merged, time_step_ns=SECOND_NS), upper
+        return tree_state(merged, xattrs="mounted", time_step_ns=SECOND_NS), upper
     finally:
         unmount(merged)
 

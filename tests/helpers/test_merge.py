@@ -136,7 +136,11 @@ def desktop_session(mfs_mount: Path, image: Path, user_dir: Path) -> dict:
             stream.seek(8 << 20)
             stream.write(b"end")
         os.chmod(home, 0o700)
-        return tree_state(merged)
+        # Names the merge once kept for itself: a member's like any other.
+        write(merged / ".labvm-merge-trash", "a member's file")
+        write(home / ".labvm-merge-trash/inside", "a member's dir")
+        os.setxattr(home / "new/n1/file1", "trusted.overlay.opaque", b"set by the member")
+        return tree_state(merged, xattrs="mounted")
     finally:
         unmount(merged)
         shutil.rmtree(work)
@@ -192,7 +196,7 @@ class Desk:
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
     def layers(self) -> dict:
-        return {name: tree_state(self.user_dir / name, keep_overlay=True) for name in ("low_mfs.v1", "up_mfs")}
+        return {name: tree_state(self.user_dir / name, xattrs="raw") for name in ("low_mfs.v1", "up_mfs")}
 
     def leftovers(self) -> list[str]:
         return sorted(name for name in os.listdir(self.user_dir) if name.startswith("."))
@@ -287,6 +291,58 @@ def test_a_merge_failure_is_reported_with_its_reason(installed_bundle, desk):
     assert not (desk.user_dir / "low_mfs.v2").exists()
 
 
+# Every fixed name the engine and the helper use, at the top of the member's tree.
+RESERVED_NAMES = (
+    ".labvm-merge-trash", "up_mfs", "low_mfs.v2", "low_mfs.v2.json", ".merge-2.low", ".merge-2.up",
+    ".merge-2.up.trash", ".merge-2.json", ".merge-removing.v1", ".upper-2", ".trash",
+)  # fmt: skip
+
+
+def make_member_entry(path: Path, kind: str) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+    if kind == "file":
+        write(path, f"{path.name} is mine")
+    elif kind == "dir":
+        write(path / "inside", f"{path.name} is mine")
+    else:
+        path.symlink_to("/etc")
+
+
+def member_entry_is_published(path: Path, kind: str) -> bool:
+    if kind == "file":
+        return path.is_file() and not path.is_symlink() and path.read_text() == f"{path.name} is mine"
+    if kind == "dir":
+        return (path / "inside").read_text() == f"{path.name} is mine"
+    return path.is_symlink() and os.readlink(path) == "/etc"
+
+
+@pytest.mark.parametrize("kind", ["file", "dir", "symlink"])
+def test_names_the_merge_uses_are_merged_like_any_of_the_members(installed_bundle, desk, kind):
+    write(desk.user_dir / "low_mfs.v1/.labvm-merge-trash/old", "the base had one as a dir")
+    for name in RESERVED_NAMES:
+        make_member_entry(desk.user_dir / "up_mfs" / name, kind)
+    etc_before = os.stat("/etc").st_mtime_ns
+
+    code, reply, stderr = desk.publish(installed_bundle)
+
+    assert code == 0, stderr
+    published = desk.user_dir / "low_mfs.v2"
+    missing = [name for name in RESERVED_NAMES if not member_entry_is_published(published / name, kind)]
+    assert not missing, f"not published as the member made them: {missing}"
+    assert (published / ".labvm-merge-trash/old").exists() == (kind == "dir")
+    assert desk.leftovers() == [] and os.stat("/etc").st_mtime_ns == etc_before
+
+
+def test_a_members_trusted_overlay_xattr_survives_a_publish(installed_bundle, desk):
+    code, _, stderr = desk.publish(installed_bundle)
+    assert code == 0, stderr
+    view = view_of([desk.user_dir / "low_mfs.v2", desk.image], desk.mfs_mount)
+    assert (b"trusted.overlay.opaque", b"set by the member") in view[b"home/alice/new/n1/file1"].xattrs
+
+
 # --- versions and remove_version ------------------------------------------------------------
 
 
@@ -354,7 +410,7 @@ def crash_then_recover(installed_bundle, desk, env: dict, reference: dict, crash
     assert desk.layers() == before, f"a crash ({env}) changed the base version or up_mfs"
     code, reply, stderr = desk.publish(installed_bundle)
     assert code == 0, stderr
-    assert tree_state(desk.user_dir / "low_mfs.v2", keep_overlay=True) == reference
+    assert tree_state(desk.user_dir / "low_mfs.v2", xattrs="raw") == reference
     assert desk.leftovers() == []
     metadata = json.loads((desk.user_dir / "low_mfs.v2.json").read_text())
     assert (metadata["version"], metadata["base"]) == (2, 1)
@@ -371,7 +427,7 @@ def helper_killed(process) -> None:
 
 def test_a_crash_at_any_point_leaves_base_and_upper_intact_and_the_next_publish_recovers(installed_bundle, desk, mfs):
     changes = engine_changes(installed_bundle, desk)
-    reference = tree_state(desk.user_dir / "low_mfs.v2", keep_overlay=True)
+    reference = tree_state(desk.user_dir / "low_mfs.v2", xattrs="raw")
     desk.shows_the_session(2)
     points = kill_points(changes)
     assert len(points) >= 20 and changes > 40

@@ -45,6 +45,10 @@ UIDS = (0, 1000, 4321)
 FILE_MODES = (0o644, 0o600, 0o755, 0o4755)
 DIR_MODES = (0o755, 0o700, 0o1777, 0o2755)
 XATTR_NAMES = (b"user.one", b"user.two")
+# A member may set overlay's own names on their files (root in the desktop); the kernel stores
+# them escaped (trusted.overlay.overlay.X), so a published version holds that form.
+MEMBER_XATTR_NAMES = XATTR_NAMES + (b"trusted.overlay.foo", b"trusted.overlay.opaque", b"trusted.overlay.whiteout")
+LAYER_XATTR_NAMES = XATTR_NAMES + (b"trusted.overlay.overlay.foo", b"trusted.overlay.overlay.opaque")
 # Never a path that exists on the host: an operation that follows a link must not reach it.
 SYMLINK_TARGETS = (b"a", b"../b", b"/labvm-test-nowhere", b"w\n\\\xff")
 
@@ -65,7 +69,7 @@ LAYER_ENTRIES = st.one_of(
     st.tuples(st.just("symlink"), paths, st.sampled_from(SYMLINK_TARGETS)),
     st.tuples(st.just("link"), paths, paths),
     st.tuples(st.just("fifo"), paths),
-    st.tuples(st.just("xattr"), paths, st.sampled_from(XATTR_NAMES), st.binary(max_size=8)),
+    st.tuples(st.just("xattr"), paths, st.sampled_from(LAYER_XATTR_NAMES), st.binary(max_size=8)),
     st.tuples(st.just("owner"), paths, st.sampled_from(UIDS), st.sampled_from(UIDS)),
 )
 # A published version is a layer: whiteouts and opaque dirs of its own, hiding the image.
@@ -84,8 +88,8 @@ OPERATIONS = st.one_of(
     st.tuples(st.just("rename"), paths, paths),
     st.tuples(st.just("chmod"), paths, st.sampled_from(FILE_MODES + DIR_MODES)),
     st.tuples(st.just("chown"), paths, st.sampled_from(UIDS), st.sampled_from(UIDS)),
-    st.tuples(st.just("setxattr"), paths, st.sampled_from(XATTR_NAMES), st.binary(max_size=8)),
-    st.tuples(st.just("removexattr"), paths, st.sampled_from(XATTR_NAMES)),
+    st.tuples(st.just("setxattr"), paths, st.sampled_from(MEMBER_XATTR_NAMES), st.binary(max_size=8)),
+    st.tuples(st.just("removexattr"), paths, st.sampled_from(MEMBER_XATTR_NAMES)),
     st.tuples(st.just("link"), paths, paths),
     st.tuples(st.just("symlink"), paths, st.sampled_from(SYMLINK_TARGETS)),
     st.tuples(st.just("mkfifo"), paths),
@@ -270,7 +274,7 @@ def desktop_session(ex: Example, lowers: list, ops: list) -> dict:
     mount_overlay(ex.merged, lowers, ex.upper, ex.work)
     try:
         run_member(ex.merged, ops)
-        return tree_state(ex.merged)
+        return tree_state(ex.merged, xattrs="mounted")
     finally:
         unmount(ex.merged)
 
@@ -315,6 +319,22 @@ def fresh_example(root: Path) -> Example:
     lower=[("dir", (b"a",), 0o755), ("opaque", (b"a",))],
     ops=[("write", (b"a", b"a"), b"new")],
 )
+@example(  # a member's trusted.overlay.* xattrs: marker names, but theirs, not overlay's markers
+    image=[("file", (b"a", b"b"), b"image", 0o644)],
+    lower=[("dir", (b"a",), 0o755), ("file", (b"b",), b"", 0o644)],
+    ops=[
+        ("setxattr", (b"a",), b"trusted.overlay.opaque", b"y"),
+        ("setxattr", (b"b",), b"trusted.overlay.whiteout", b"y"),
+        ("setxattr", (b"a", b"b"), b"trusted.overlay.foo", b"mine"),
+        ("mkdir", (b"w\n\\\xff",), 0o755),
+        ("setxattr", (b"w\n\\\xff",), b"trusted.overlay.opaque", b"y"),
+    ],
+)
+@example(  # a published version's escaped xattr, removed by the member
+    image=[],
+    lower=[("file", (b"a",), b"x", 0o644), ("xattr", (b"a",), b"trusted.overlay.overlay.foo", b"old")],
+    ops=[("removexattr", (b"a",), b"trusted.overlay.foo")],
+)
 def test_merged_layer_over_the_image_shows_what_the_desktop_showed(examples_root, image, lower, ops):
     ex = fresh_example(examples_root)
     try:
@@ -339,6 +359,7 @@ def test_merged_layer_over_the_image_shows_what_the_desktop_showed(examples_root
 @given(lower=layers, ops=operations)
 @example(lower=[("file", (b"a", b"b"), b"x", 0o644)], ops=[("rename", (b"a",), (b"b",))])
 @example(lower=[("file", (b"a",), b"x", 0o644), ("link", (b"b",), (b"a",))], ops=[("append", (b"a",), b"y")])
+@example(lower=[("dir", (b"a",), 0o755)], ops=[("setxattr", (b"a",), b"trusted.overlay.opaque", b"y")])
 def test_flattened_merge_is_the_kernel_view(examples_root, lower, ops):
     ex = fresh_example(examples_root)
     try:

@@ -1,8 +1,10 @@
 """labvm_merge rule by rule, on small hand-made layers: each test names one promise of the
 engine and checks it on the resulting tree (and, where it matters, through an overlay mount)."""
 
+import contextlib
 import json
 import os
+import resource
 import stat
 import subprocess
 from pathlib import Path
@@ -370,7 +372,7 @@ def test_an_upper_used_once_is_refused_the_second_time(layers):
     write(layers / "upper/f")
     apply(layers)
     again = apply(layers, check=False)
-    assert again.returncode == 1 and b"earlier apply used it up" in again.stderr
+    assert again.returncode == 1 and b"an earlier apply used UPPER up partly" in again.stderr
 
 
 def test_a_missing_upper_is_a_clear_failure(layers):
@@ -407,7 +409,136 @@ def test_the_merged_tree_equals_a_copy_merged_again(layers, scratch):
     write(layers / "image/d/old")
     copy_tree(layers / "upper", scratch / "upper-again")
     apply(layers, "--below", str(layers / "image"))
-    once = tree_state(layers / "target", keep_overlay=True)
+    once = tree_state(layers / "target", xattrs="raw")
     result = run_engine(scratch / "upper-again", layers / "target", "--below", str(layers / "image"))
     assert result.returncode == 0
-    assert_same_tree(once, tree_state(layers / "target", keep_overlay=True))
+    assert_same_tree(once, tree_state(layers / "target", xattrs="raw"))
+
+
+# --- what belongs to the member ---------------------------------------------------------------
+
+
+def test_the_trash_is_made_beside_upper_and_a_members_names_merge_like_any_other(layers):
+    write(layers / "upper/.labvm-merge-trash", "mine")
+    write(layers / "target/.labvm-merge-trash/old", "the previous version's dir")
+    (layers / "upper/sub").mkdir()
+    os.symlink("/etc", layers / "upper/sub/.labvm-merge-trash")
+    write(layers / "upper/upper.trash", "also mine")
+    write(layers / "target/gone", "deleted by the member")
+    make_whiteout(layers / "upper/gone")
+
+    apply(layers, "--below", str(layers / "image"))
+
+    assert (layers / "target/.labvm-merge-trash").read_text() == "mine"
+    assert os.readlink(layers / "target/sub/.labvm-merge-trash") == "/etc"
+    assert (layers / "target/upper.trash").read_text() == "also mine"
+    assert not os.path.lexists(layers / "target/gone")
+    trashed = sorted(entry.name for entry in os.scandir(layers / "upper.trash"))
+    assert len(trashed) == 2, trashed
+    assert {(layers / "upper.trash" / name).is_dir() for name in trashed} == {True, False}
+
+
+def test_an_upper_not_named_by_its_own_name_is_refused(layers):
+    write(layers / "upper/f")
+    result = run_engine(f"{layers / 'upper'}/.", layers / "target")
+    assert result.returncode == 1 and b"ends in the directory's name" in result.stderr
+    assert (layers / "upper/f").exists()
+
+
+ESCAPED = b"trusted.overlay.overlay."
+
+
+def test_escaped_overlay_xattrs_are_the_members_and_are_published_verbatim(layers):
+    """What a member sets as trusted.overlay.X is stored as trusted.overlay.overlay.X: kept
+    as it is (every layer unescapes it), never read as one of overlay's markers."""
+    upper, target = layers / "upper", layers / "target"
+    os.setxattr(write(upper / "file", "mine"), ESCAPED + b"foo", b"bar")
+    os.setxattr(write(upper / "empty", ""), ESCAPED + b"whiteout", b"y")
+    write(target / "merged/old", "old")
+    write(upper / "merged/new", "new")
+    os.setxattr(upper / "merged", ESCAPED + b"opaque", b"y")
+    os.setxattr(target / "merged", ESCAPED + b"dropped", b"the member removed it")
+    os.setxattr(write(upper / "moved/inner"), ESCAPED + b"overlay.twice", b"2")
+    os.symlink("file", upper / "link")
+    os.setxattr(upper / "link", ESCAPED + b"foo", b"on a link", follow_symlinks=False)
+    write(layers / "image/merged/below", "image")
+
+    apply(layers, "--below", str(layers / "image"))
+
+    def escaped(path: Path) -> dict:
+        return {
+            os.fsencode(key): os.getxattr(path, key, follow_symlinks=False) for key in os.listxattr(path, follow_symlinks=False)
+        }
+
+    assert escaped(target / "file") == {ESCAPED + b"foo": b"bar"}
+    assert escaped(target / "empty") == {ESCAPED + b"whiteout": b"y"}
+    assert escaped(target / "merged") == {ESCAPED + b"opaque": b"y"}
+    assert escaped(target / "moved/inner") == {ESCAPED + b"overlay.twice": b"2"}
+    assert escaped(target / "link") == {ESCAPED + b"foo": b"on a link"}
+    assert overlay_marks(target) == {}
+    view = view_of([target, layers / "image"], layers)
+    assert view[b"file"].xattrs == ((b"trusted.overlay.foo", b"bar"),)
+    assert view[b"empty"].kind == "file" and view[b"empty"].xattrs == ((b"trusted.overlay.whiteout", b"y"),)
+    assert {b"merged/old", b"merged/new", b"merged/below"} <= set(view)
+    assert view[b"merged"].xattrs == ((b"trusted.overlay.opaque", b"y"),)
+    assert view[b"moved/inner"].xattrs == ((b"trusted.overlay.overlay.twice", b"2"),)
+
+
+# --- depth ------------------------------------------------------------------------------------
+
+DEPTH = 10_000
+# Below what two descriptors per level would need: a deep tree must not cost one per layer.
+DESCRIPTOR_LIMIT = 15_000
+
+
+def make_chain(root: Path, depth: int, leaf: str) -> None:
+    """root/d/d/.../d/leaf, DEPTH dirs deep, made with *at() calls: the path is far longer
+    than PATH_MAX."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.close(os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
+def chain_leaves(root: Path, depth: int) -> list[str]:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        return sorted(os.listdir(fd))
+    finally:
+        os.close(fd)
+
+
+def limit_descriptors() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (DESCRIPTOR_LIMIT, DESCRIPTOR_LIMIT))
+
+
+def remove_deep(*paths: Path) -> None:
+    """shutil.rmtree recurses once per level (Python < 3.13); rm walks with a stack."""
+    subprocess.run(["rm", "-rf", "--one-file-system", "--", *map(str, paths)], check=True)
+
+
+def test_a_tree_ten_thousand_levels_deep_merges_with_a_descriptor_per_level(layers):
+    try:
+        for name in ("upper", "target", "image"):
+            make_chain(layers / name, DEPTH, name)
+        result = subprocess.run(
+            [str(engine_path()), "apply", "--below", str(layers / "image"), str(layers / "upper"), str(layers / "target")],
+            capture_output=True,
+            timeout=300,
+            preexec_fn=limit_descriptors,
+        )
+        assert result.returncode == 0, result.stderr.decode(errors="replace")[-500:]
+        assert chain_leaves(layers / "target", DEPTH) == ["target", "upper"]
+    finally:
+        remove_deep(*(layers / name for name in ("upper", "target", "image", "upper.trash")))

@@ -21,6 +21,9 @@ from labvm.remote.helpers import compiled_from_source
 REPO = Path(__file__).resolve().parents[2]
 ENGINE_SOURCE = REPO / "native" / "labvm_merge.c"
 OVERLAY_PREFIX = b"trusted.overlay."
+# Since Linux 6.7 a trusted.overlay.X that a user sets through an overlay is stored in the upper
+# as trusted.overlay.overlay.X, and shown back as trusted.overlay.X from any layer.
+ESCAPED_PREFIX = b"trusted.overlay.overlay."
 
 
 def desktop_overlay_options() -> tuple[str, ...]:
@@ -75,21 +78,28 @@ def content_digest(path: bytes) -> str:
         return hashlib.sha256(stream.read()).hexdigest()
 
 
-def xattrs_of(path: bytes, keep_overlay: bool) -> tuple[tuple[bytes, bytes], ...]:
+def shown_xattr(key: bytes) -> bytes | None:
+    """KEY of a layer's file as an overlay over the layer shows it; None for overlay's own."""
+    if key.startswith(ESCAPED_PREFIX):
+        return OVERLAY_PREFIX + key[len(ESCAPED_PREFIX) :]
+    return None if key.startswith(OVERLAY_PREFIX) else key
+
+
+def xattrs_of(path: bytes, xattrs: str) -> tuple[tuple[bytes, bytes], ...]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
         return ()
     found = []
-    for name in sorted(names):
+    for name in names:
         key = os.fsencode(name)
-        if key.startswith(OVERLAY_PREFIX) and not keep_overlay:
-            continue
-        found.append((key, os.getxattr(path, name, follow_symlinks=False)))
-    return tuple(found)
+        shown = shown_xattr(key) if xattrs == "layer" else key
+        if shown is not None:
+            found.append((shown, os.getxattr(path, name, follow_symlinks=False)))
+    return tuple(sorted(found))
 
 
-def entry_of(path: bytes, st: os.stat_result, times: bool, keep_overlay: bool, time_step_ns: int = 1) -> Entry:
+def entry_of(path: bytes, st: os.stat_result, times: bool, xattrs: str, time_step_ns: int = 1) -> Entry:
     kind = KINDS[stat.S_IFMT(st.st_mode)]
     return Entry(
         kind=kind,
@@ -101,14 +111,16 @@ def entry_of(path: bytes, st: os.stat_result, times: bool, keep_overlay: bool, t
         digest=content_digest(path) if kind == "file" else None,
         target=os.readlink(path) if kind == "symlink" else None,
         rdev=st.st_rdev if kind in ("chardev", "blockdev") else None,
-        xattrs=xattrs_of(path, keep_overlay),
+        xattrs=xattrs_of(path, xattrs),
     )
 
 
-def tree_state(root, *, times: bool = True, keep_overlay: bool = False, time_step_ns: int = 1) -> dict[bytes, Entry]:
-    """relative path (b"" for the root) -> Entry. Overlay's own xattrs are left out unless
-    keep_overlay: an overlay's view never shows them. time_step_ns: the resolution of times to
-    compare (MooseFS keeps whole seconds)."""
+def tree_state(root, *, times: bool = True, xattrs: str = "layer", time_step_ns: int = 1) -> dict[bytes, Entry]:
+    """relative path (b"" for the root) -> Entry. xattrs: "layer" reads ROOT as a layer, the
+    xattrs as an overlay over it would show them (its own left out, escaped ones unescaped);
+    "mounted" and "raw" take them as listed, for an overlay mount (the kernel has done that
+    already) or for a layer's bookkeeping. time_step_ns: the resolution of times to compare
+    (MooseFS keeps whole seconds)."""
     root = os.fsencode(root)
     entries: dict[bytes, Entry] = {}
     inodes: dict[tuple[int, int], list[bytes]] = {}
@@ -121,7 +133,7 @@ def tree_state(root, *, times: bool = True, keep_overlay: bool = False, time_ste
         except FileNotFoundError:
             entries[relative] = GHOST
             continue
-        entries[relative] = entry_of(path, st, times, keep_overlay, time_step_ns)
+        entries[relative] = entry_of(path, st, times, xattrs, time_step_ns)
         if stat.S_ISDIR(st.st_mode):
             pending += [os.path.join(relative, name) if relative else name for name in os.listdir(path)]
         else:
@@ -188,7 +200,7 @@ def view_of(lowers, scratch: Path, times: bool = True, time_step_ns: int = 1) ->
     merged.mkdir()
     mount_overlay(merged, lowers)
     try:
-        return tree_state(merged, times=times, time_step_ns=time_step_ns)
+        return tree_state(merged, times=times, xattrs="mounted", time_step_ns=time_step_ns)
     finally:
         unmount(merged)
         merged.rmdir()
@@ -220,14 +232,14 @@ def mark_opaque(path, value: bytes = b"y") -> None:
 
 def overlay_marks(root) -> dict[bytes, str]:
     """Where a tree holds overlay markers: path -> 'whiteout', 'opaque=<value>' or the name of
-    any other trusted.overlay.* xattr."""
+    any other of overlay's own xattrs (an escaped one is a user's, no marker)."""
     marks = {}
-    for name, entry in tree_state(root, times=False, keep_overlay=True).items():
+    for name, entry in tree_state(root, times=False, xattrs="raw").items():
         if entry.kind == "chardev" and entry.rdev == 0:
             marks[name] = "whiteout"
         for key, value in entry.xattrs:
             if key == b"trusted.overlay.opaque":
                 marks[name] = "opaque=" + value.decode(errors="replace")
-            elif key.startswith(OVERLAY_PREFIX):
+            elif shown_xattr(key) is None:
                 marks[name] = key.decode()
     return marks
