@@ -43,14 +43,14 @@ FALLBACK_MIRROR = "http://deb.debian.org/debian"
 APT_DIR = Path("/etc/apt")
 LOCALE = "en_US.UTF-8"
 # Bump when the configure steps change, so tarballs cached by an older recipe are not reused.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 # debootstrap resolves Depends of --include, never Recommends: what a desktop needs beyond
 # the Depends is listed here. xfonts-base and x11-xserver-utils are Xvnc's own Recommends
 # (the core fonts xterm draws with; xsetroot for vncserver's session script). twm exits at
 # start in a UTF-8 locale unless xfonts-75dpi gives it its title font (checked in Xvnc).
 _VNC = ("tigervnc-standalone-server", "tigervnc-tools", "xfonts-base", "x11-xserver-utils", "dbus-x11")
-_BASE = ("sudo", "locales", "passwd", "procps", "iproute2")
+_BASE = ("sudo", "locales", "passwd", "procps", "iproute2", "iputils-ping")
 DESKTOP_PACKAGES: dict[str, tuple[str, ...]] = {
     "minimal": _VNC + ("twm", "xfonts-75dpi", "xterm") + _BASE,
     "xfce": ("xfce4", "xfce4-terminal", "tango-icon-theme") + _VNC + ("openssh-server",) + _BASE,
@@ -402,6 +402,8 @@ class _Build:
             key.unlink()  # each desktop makes its own with `ssh-keygen -A`
         for leftover in [*(rootfs / "var/cache/apt/archives").glob("*.deb"), *(rootfs / "var/lib/apt/lists").glob("*_*")]:
             leftover.unlink()
+        for program in strip_dropped_file_capabilities(rootfs):
+            self.say(f"removed file capabilities desktops cannot have from {program}")
         _write_file(rootfs / IMAGE_METADATA, json.dumps(metadata, indent=1, sort_keys=True) + "\n")
 
     def pack(self, rootfs: Path, target: Path) -> tuple[str, int]:
@@ -419,6 +421,32 @@ class _Build:
             tmp.unlink(missing_ok=True)
             raise
         return sha256, target.stat().st_size
+
+
+# Capabilities desktops run without (the node helper's vm.DROPPED_CAPABILITIES), by number:
+# NET_RAW, MKNOD, AUDIT_WRITE, SETFCAP.
+DROPPED_CAPABILITY_BITS = (13, 27, 29, 31)
+_FILE_CAPS = "security.capability"
+
+
+def strip_dropped_file_capabilities(rootfs: Path) -> list[str]:
+    """Programs that carry a file capability outside a desktop's bounding set fail to start
+    at all (EPERM at exec): ping holds cap_net_raw. Without it ping uses ICMP datagram
+    sockets, which docker allows, so the capability goes. Returns the programs changed."""
+    mask = sum(1 << bit for bit in DROPPED_CAPABILITY_BITS)
+    changed = []
+    for directory, _dirs, files in os.walk(rootfs):
+        for name in files:
+            path = os.path.join(directory, name)
+            try:
+                raw = os.getxattr(path, _FILE_CAPS, follow_symlinks=False)
+            except OSError:
+                continue
+            # vfs_cap_data: magic, then permitted (low 32 bits) first.
+            if len(raw) >= 8 and int.from_bytes(raw[4:8], "little") & mask:
+                os.removexattr(path, _FILE_CAPS, follow_symlinks=False)
+                changed.append("/" + os.path.relpath(path, rootfs))
+    return changed
 
 
 def _write_file(path: Path, text: str) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -495,3 +496,23 @@ def test_the_accounts_of_a_built_image_are_recorded_beside_it(tmp_path):
     (out / "broken.tar.gz").write_bytes(b"not a tarball")
     images.record_image_accounts(out / "broken.tar.gz")
     assert images.image_account_names(out) == {"nvidia-persistenced", "root", "sudo", "tcpdump"}
+
+
+def _file_caps(permitted: int) -> bytes:
+    # vfs_cap_data revision 2, effective flag set: magic, permitted/inheritable low, then high.
+    return struct.pack("<IIIII", 0x02000001, permitted, 0, 0, 0)
+
+
+def test_file_capabilities_desktops_cannot_hold_are_stripped_and_others_kept(tmp_path):
+    ping = tmp_path / "usr/bin/ping"
+    ping.parent.mkdir(parents=True)
+    ping.write_bytes(b"\x7fELF")
+    os.setxattr(ping, "security.capability", _file_caps(1 << 13))  # cap_net_raw
+    server = tmp_path / "usr/bin/server"
+    server.write_bytes(b"\x7fELF")
+    os.setxattr(server, "security.capability", _file_caps(1 << 10))  # cap_net_bind_service
+    (tmp_path / "usr/bin/plain").write_text("#!/bin/sh\n")
+    assert images.strip_dropped_file_capabilities(tmp_path) == ["/usr/bin/ping"]
+    with pytest.raises(OSError):
+        os.getxattr(ping, "security.capability")
+    assert os.getxattr(server, "security.capability") == _file_caps(1 << 10)
