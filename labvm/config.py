@@ -53,6 +53,8 @@ class Storage:
     mfs_dir: str
     mfs_port: int = 9421
     mount_options: str = ""
+    # Hard MooseFS quota on each member's tree, versions included.
+    member_quota: int = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,7 @@ def _parse_storage(root) -> Storage:
         mfs_mount=_text(el, "mfs_mount"),
         mfs_dir=_text(el, "mfs_dir"),
         mount_options=_text(el, "mount_options", ""),
+        member_quota=_typed(el, "member_quota", Storage.member_quota, parse_size),
     )
 
 

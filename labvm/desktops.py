@@ -353,6 +353,9 @@ class Desktops:
             s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
         with op.step("mount_stack"):
             s.call("vm", "ensure_stack", self._stack_params(user, node, desktop.version))
+        with op.step("member_quota"):
+            s.call("mfs", "ensure_quota", {"mount": self.cfg.storage.mfs_mount, "user": user,
+                                           "size": self.cfg.storage.member_quota})
         with op.step("start_sync"):
             s.call("sync", "ensure_running", self.sync_params(user, node))
         image = s.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]

@@ -1,6 +1,7 @@
 """mfs: the node's MooseFS mount.
 
 Actions:
+  ensure_quota      a hard MooseFS quota on one member's tree (vms/USER)
   ensure_mounted    mount MASTER:PORT SUBDIR at MOUNT unless that mount is already there
   ensure_unmounted  unmount it cleanly; a busy mount is refused, never detached lazily
   status            what the mount table says about MOUNT (reads /proc only)
@@ -30,6 +31,7 @@ from _contract import (
     integer_between,
     log,
     string_matching,
+    user_name,
 )
 from _system import (
     CommandTimedOut,
@@ -345,7 +347,68 @@ def ensure_unmounted(params: dict, check: bool) -> Result:
     return Result(changed=True, data=described)
 
 
+# --- ensure_quota -------------------------------------------------------------------------
+
+QUOTA_TIMEOUT_S = 30.0
+# `mfsgetquota -n`: " size     |   current |   soft |   hard |"; "-" where none is set.
+QUOTA_ROW = re.compile(r"^\s*size\s*\|\s*(\d+)\s*\|\s*(\S+)\s*\|\s*(\S+)\s*\|", re.MULTILINE)
+
+ENSURE_QUOTA_PARAMS = {
+    **MOUNT_PARAM,
+    "user": Param(user_name, required=True),
+    "size": Param(integer_between(1 << 20, 1 << 60), required=True),
+}
+
+
+def parse_quota(text: str) -> tuple[int, int | None]:
+    """(bytes used, hard limit or None) of the `size` row: the sum of chunk sizes, so sparse
+    files count what they hold, not their length."""
+    match = QUOTA_ROW.search(text)
+    if match is None:
+        raise Failed(f"cannot read mfsgetquota's output: {text.strip()[-200:]!r}", "quota_unreadable")
+    hard = match.group(3)
+    return int(match.group(1)), (int(hard) if hard.isdigit() else None)
+
+
+def quota_tool(name: str) -> str:
+    tool = find_tool(name)
+    if tool is None:
+        raise PreconditionFailed(f"{name} not found: install the moosefs-client package", "mfs_tools_missing")
+    return tool
+
+
+def ensure_quota(params: dict, check: bool) -> Result:
+    """A hard quota on the member's tree on MooseFS: what one member writes there can fill
+    their own share, never MooseFS for everyone."""
+    entry, _ = current_mount(params["mount"])
+    if entry is None or not is_moosefs(entry):
+        raise PreconditionFailed(f"MooseFS is not mounted at {params['mount']}; run ensure_mounted first", "mfs_not_mounted")
+    tree = os.path.join(params["mount"], VMS_DIR, params["user"])
+    refuse_symlinked_path(tree)
+    exists = os.path.isdir(tree)
+    used, limit = (0, None)
+    if exists:
+        used, limit = parse_quota(quota_output(["mfsgetquota", "-n", tree]))
+    changed = limit != params["size"]
+    if changed and not check:
+        if not exists:
+            os.mkdir(tree, 0o755)
+        quota_output(["mfssetquota", "-n", "-S", str(params["size"]), tree])
+    return Result(changed=changed, data={"path": tree, "used": used, "limit": params["size"], "previous_limit": limit})
+
+
+def quota_output(argv: list[str]) -> str:
+    try:
+        result = run_command([quota_tool(argv[0]), *argv[1:]], timeout_s=QUOTA_TIMEOUT_S)
+    except CommandTimedOut:
+        raise TemporaryFailure(f"{argv[0]} did not answer within {QUOTA_TIMEOUT_S:g} s", "mfs_unavailable") from None
+    if result.returncode != 0:
+        raise Failed(f"{argv[0]} failed: {result.output_tail()}", "quota_failed")
+    return result.stdout
+
+
 ACTIONS = {
+    "ensure_quota": Action(run=ensure_quota, params=ENSURE_QUOTA_PARAMS),
     "ensure_mounted": Action(run=ensure_mounted, params=ENSURE_MOUNTED_PARAMS),
     "ensure_unmounted": Action(run=ensure_unmounted, params=MOUNT_PARAM),
     "status": Action(run=mount_status, params=MOUNT_PARAM),

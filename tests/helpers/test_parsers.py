@@ -331,3 +331,18 @@ def test_listening_ports_come_from_proc_net_tcp(bundle):
         "   2: 0B00D50A:0016 0100D50A:A2C4 01 00000000:00000000 02:00000000 00000000     0        0 3 1\n"
     )
     assert bundle.probe.parse_listening_ports(text) == {0x4E21, 22}  # the established connection is not listening
+
+
+def test_quota_rows_are_read_with_and_without_a_hard_limit(bundle):
+    text = (
+        "/mnt/mfs/vms/alice: (current values | soft quota | hard quota) ; soft quota grace period: default\n"
+        " inodes   |                    3 |                    - |                    - |\n"
+        " length   |        1099532599296 |                    - |                    - |\n"
+        " size     |             20987904 |                    - |           1073741824 |\n"
+        " realsize |             20987904 |                    - |                    - |\n"
+    )
+    # The size row (chunks), not length: a sparse 1 TiB file counts what it holds.
+    assert bundle.mfs.parse_quota(text) == (20987904, 1073741824)
+    assert bundle.mfs.parse_quota(text.replace("1073741824", "-")) == (20987904, None)
+    with pytest.raises(bundle.contract.Failed):
+        bundle.mfs.parse_quota("mfsgetquota: something else\n")
