@@ -19,7 +19,6 @@ import io
 import json
 import os
 import secrets
-import shutil
 import tarfile
 import time
 import urllib.parse
@@ -44,6 +43,7 @@ from _system import (
     read_mountinfo,
     run_command,
 )
+from _tree import remove_tree
 
 MARKER = ".labvm-image.json"
 # Written into the image by `labvm image build`: what desktop it is and when it was built.
@@ -192,10 +192,10 @@ def ensure_unpacked(params: dict, check: bool) -> Result:
             refuse_unsafe_target(xfce_local, image_status(xfce_local))
             old = swap_into_place(incoming, xfce_local)
         except BaseException:
-            shutil.rmtree(incoming, ignore_errors=True)
+            remove_quietly(incoming)
             raise
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_quietly(old)
     return Result(changed=True, data={**image_status(xfce_local), "previous_sha256": before["sha256"]})
 
 
@@ -246,7 +246,15 @@ def remove_leftovers(xfce_local: str) -> None:
             path = os.path.join(parent, name)
             if os.path.isdir(path) and not os.path.islink(path):
                 log(f"removing leftover {path}")
-                shutil.rmtree(path, ignore_errors=True)
+                remove_quietly(path)
+
+
+def remove_quietly(path: str) -> None:
+    """Cleanup after a failure: the failure is what to report, not a tree half deleted."""
+    try:
+        remove_tree(path)
+    except OSError as error:
+        log(f"could not remove {path}: {error}")
 
 
 def verify_sha256(tarball: str, wanted: str) -> None:
@@ -267,17 +275,17 @@ def unpack_beside(xfce_local: str, tarball: str) -> str:
     os.mkdir(incoming, 0o700)
     tar = find_tool("tar")
     if tar is None:
-        shutil.rmtree(incoming)
+        remove_tree(incoming)
         raise PreconditionFailed("tar not found on this node", "tar_missing")
     argv = [tar, "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "-xzf", tarball, "-C", incoming]
     log(f"unpacking {tarball} into {incoming}")
     try:
         result = run_command(argv, timeout_s=UNPACK_TIMEOUT_S)
     except (CommandTimedOut, OSError) as error:
-        shutil.rmtree(incoming, ignore_errors=True)
+        remove_quietly(incoming)
         raise Failed(f"unpacking {tarball} failed: {error}", "unpack_failed") from None
     if result.returncode != 0:
-        shutil.rmtree(incoming, ignore_errors=True)
+        remove_quietly(incoming)
         raise Failed(f"unpacking {tarball} failed: {result.output_tail()}", "unpack_failed")
     os.chmod(incoming, 0o755)
     return incoming

@@ -35,12 +35,10 @@ that cannot be opened.
 the length of symlink targets, as `mfsdirinfo` counts them (checked with MooseFS 3.0.117).
 """
 
-import contextlib
 import json
 import os
 import posixpath
 import re
-import shutil
 import signal
 import stat
 import time
@@ -60,6 +58,8 @@ from _contract import (
     user_name,
 )
 from _system import CommandTimedOut, MountEntry, find_tool, mount_at, read_mountinfo, refuse_symlinked_path, run_command
+from _tree import open_dir, walk_tree
+from _tree import remove_tree as remove_deep_tree
 from mfs import is_moosefs
 from vm import VERSION_DIR_PATTERN, mfs_user_dir, require_mfs_answers, version_dir_name
 
@@ -222,7 +222,8 @@ def copy_tree(source: str, destination: str, moosefs: bool) -> None:
 def remove_tree(path: str, moosefs: bool) -> None:
     """Delete a tree without following symlinks in it. On MooseFS, mfsrmsnapshot -f deletes
     in the master, in one call, what it can: a whole untouched snapshot, but it leaves (and
-    still exits 0) what entries were renamed into or out of. shutil deletes the rest."""
+    still exits 0) what entries were renamed into or out of. remove_deep_tree deletes the
+    rest, at any depth, taking what vanished meanwhile as deleted."""
     if not os.path.lexists(path):
         return
     if moosefs and is_real_dir(path):
@@ -232,18 +233,7 @@ def remove_tree(path: str, moosefs: bool) -> None:
                 log(f"mfsrmsnapshot {path}: {result.output_tail()}; deleting file by file")
         except CommandTimedOut:
             log(f"mfsrmsnapshot {path} did not finish; deleting file by file")
-    if is_real_dir(path):
-        shutil.rmtree(path, onerror=ignore_missing)
-    elif os.path.lexists(path):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def ignore_missing(function, path, exc_info) -> None:
-    """mfsrmsnapshot deletes in the master while the mount's attribute cache may still list
-    what it deleted: what is gone meanwhile is what we wanted gone."""
-    if not isinstance(exc_info[1], FileNotFoundError):
-        raise exc_info[1]
+    remove_deep_tree(path)
 
 
 def remove_leftovers(user_dir: str, moosefs: bool) -> list[str]:
@@ -305,17 +295,16 @@ def parse_dirinfo(text: str) -> dict[str, int]:
 
 def walked_size(path: str) -> tuple[int, int]:
     files, total = 0, 0
-    pending = [path]
-    while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append(entry.path)
-                elif entry.is_file(follow_symlinks=False):
-                    files += 1
-                    total += entry.stat(follow_symlinks=False).st_size
-                elif entry.is_symlink():
-                    total += entry.stat(follow_symlinks=False).st_size
+    root_fd = open_dir(path)
+    try:
+        for _cursor, entry in walk_tree(root_fd):
+            if entry.is_file(follow_symlinks=False):
+                files += 1
+                total += entry.stat(follow_symlinks=False).st_size
+            elif entry.is_symlink():
+                total += entry.stat(follow_symlinks=False).st_size
+    finally:
+        os.close(root_fd)
     return files, total
 
 

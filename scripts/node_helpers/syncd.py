@@ -53,6 +53,13 @@ import threading
 import time
 import traceback
 
+# Run as a script with -I, as the sync helper starts it, the bundle's siblings are not on the path.
+BUNDLE_DIR = os.path.dirname(os.path.abspath(__file__))
+if BUNDLE_DIR not in sys.path:
+    sys.path.insert(0, BUNDLE_DIR)
+
+from _tree import open_dir, walk_tree  # noqa: E402 - needs the path set up above
+
 # --- files in the control dir ---------------------------------------------------------------
 
 PID_FILE = "syncd.pid"
@@ -1163,20 +1170,21 @@ def is_whiteout(info) -> bool:
 
 
 def index_hardlinks(up_local: str, state: SyncState) -> int:
-    """Record every name of every multi-link file under up_local. fwalk opens each directory
-    relative to its parent and checks it is the one listed, so a symlink swapped in cannot lead
-    it out of the tree."""
+    """Record every name of every multi-link file under up_local, at any depth, never
+    following a symlink the member planted (walk_tree)."""
     found = 0
-    for _dirpath, _dirs, files, dir_fd in os.fwalk(os.fsencode(up_local), follow_symlinks=False):
-        rel_dir = os.path.relpath(_dirpath, os.fsencode(up_local))
-        for name in files:
+    root_fd = open_dir(up_local)
+    try:
+        for cursor, entry in walk_tree(root_fd):
             try:
-                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                info = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
             if info.st_nlink > 1:
-                state.note_hardlink((info.st_dev, info.st_ino), name if rel_dir == b"." else rel_dir + b"/" + name)
+                state.note_hardlink((info.st_dev, info.st_ino), cursor.rel(entry.name))
                 found += 1
+    finally:
+        os.close(root_fd)
     return found
 
 

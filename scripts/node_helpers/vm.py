@@ -45,7 +45,6 @@ import json
 import os
 import posixpath
 import re
-import shutil
 import socket
 import stat
 import time
@@ -95,6 +94,7 @@ from _system import (
     run_command,
     unmount,
 )
+from _tree import remove_tree
 from net import NETWORK_NAME as DESKTOP_NETWORK
 
 IMAGE_MARKER = ".labvm-image.json"
@@ -804,7 +804,7 @@ def remove_local_layers(params: dict, check: bool) -> Result:
     data = {"vm_dir": paths.vm_dir, "removed": exists}
     if not exists or check:
         return Result(changed=exists, data=data)
-    shutil.rmtree(paths.vm_dir)
+    remove_tree(paths.vm_dir)
     return Result(changed=True, data=data)
 
 
@@ -815,7 +815,8 @@ def purge_mfs_data(params: dict, check: bool) -> Result:
     """Delete every version of a user's files on MooseFS (labvm rm --purge).
 
     Refused while this node has any mount of them, such as a desktop's low_local bind.
-    shutil.rmtree never follows symlinks, so a link inside the tree cannot reach outside it.
+    remove_tree never follows symlinks, so a link inside the tree cannot reach outside it, and
+    goes as deep as the member's directories do.
     """
     user = params["user"]
     entries = read_mountinfo()
@@ -832,7 +833,7 @@ def purge_mfs_data(params: dict, check: bool) -> Result:
     exists = os.path.lexists(user_dir)
     data = {"path": user_dir, "removed": exists}
     if exists and not check:
-        shutil.rmtree(user_dir)
+        remove_tree(user_dir)
     return Result(changed=exists, data=data)
 
 
@@ -1366,13 +1367,13 @@ def empty_directory(directory: str) -> None:
         if not os.path.lexists(directory):
             # The earlier run stopped between its rename and mkdir: its trash holds the old upper.
             os.mkdir(directory, 0o755)
-        shutil.rmtree(trash)
+        remove_tree(trash)
     st = os.lstat(directory)
     os.rename(directory, trash)
     os.mkdir(directory, 0o700)
     os.chown(directory, st.st_uid, st.st_gid)
     os.chmod(directory, stat.S_IMODE(st.st_mode))
-    shutil.rmtree(trash)
+    remove_tree(trash)
 
 
 # --- what runs in the container -----------------------------------------------------------
