@@ -13,17 +13,22 @@ import threading
 import pytest
 
 from .conftest import invoke_testbed, make_admin, wipe_mfs_files
+from .test_storage import set_config
 
 ADMIN_IP = "10.213.0.1"
 MFS_IP = "10.213.0.2"
 NODE_IPS = {"n1": "10.213.0.11", "n2": "10.213.0.12"}
 PASSWORDS = {"alice": "alice-Pw-5521", "bobby": "bobby-Pw-7730", "carol": "carol-Pw-1184"}
 HOMES = {"alice": "n1", "bobby": "n1", "carol": "n2"}
+MEMBER_QUOTA = 4 * 2**30
 
 
 @pytest.fixture(scope="module")
 def lab(testbed, tmp_path_factory):
     admin = make_admin(testbed, tmp_path_factory.mktemp("hostile") / "admin")
+    # Small shares: an attack that got through (an 8 TiB sparse file copied in full) stops at
+    # the quota instead of filling this machine's disk.
+    set_config(admin, storage__member_quota=MEMBER_QUOTA)
     built = admin.labvm("image", "build", "--desktop", "minimal", timeout=1800)
     assert built.returncode == 0, built.stderr
     pushed = admin.labvm("image", "push", timeout=900)
@@ -234,14 +239,16 @@ MERGE_LOCAL = "/var/lib/labvm/data/vms/{user}/merge_local"
 
 
 def test_reserved_names_and_overlay_xattrs_survive_a_published_version(lab):
-    # The merge engine's own scratch name, taken by the member in their root: every publish
-    # (backup, switch, drain) used to fail on it.
-    made = inside(lab, "alice", "mkdir -p /.labvm-merge-trash && echo mine > /.labvm-merge-trash/f && "
-                                "echo tagged > /root/tagged && ln -sfn /etc /.labvm-merge-trash/etc")
+    # The merge engine's own scratch name at the top of the member's tree: every publish
+    # (backup, switch, drain) used to fail on it. It is made through the overlay mount on the
+    # node: inside the desktop, a new top-level directory does not reach the overlay yet.
+    merged = MERGE_LOCAL.format(user="alice")
+    invoke_testbed("exec", "n1", "--", "sh", "-c", f"mkdir -p {merged}/.labvm-merge-trash && "
+                   f"echo mine > {merged}/.labvm-merge-trash/f && ln -sfn /etc {merged}/.labvm-merge-trash/etc")
+    made = inside(lab, "alice", "echo tagged > /root/tagged")
     assert made.returncode == 0, made.stderr
     # An xattr in overlay's own namespace, set on the member's file through the overlay mount,
     # the way the member's setfattr inside the desktop reaches it (the image has no setfattr).
-    merged = MERGE_LOCAL.format(user="alice")
     invoke_testbed("exec", "n1", "--", "setfattr", "-n", "trusted.overlay.label", "-v", "member", f"{merged}/root/tagged")
     backup = lab.labvm("backup", "alice", timeout=600)
     assert backup.returncode == 0, backup.stdout + backup.stderr
@@ -249,7 +256,8 @@ def test_reserved_names_and_overlay_xattrs_survive_a_published_version(lab):
     started = lab.labvm("start", "alice", timeout=300)
     assert started.returncode == 0, started.stdout + started.stderr
     # Now both come from the published version, mounted over the image.
-    back = inside(lab, "alice", "cat /.labvm-merge-trash/f /root/tagged; readlink /.labvm-merge-trash/etc")
+    back = invoke_testbed("exec", "n1", "--", "sh", "-c", f"cat {merged}/.labvm-merge-trash/f {merged}/root/tagged; "
+                          f"readlink {merged}/.labvm-merge-trash/etc")
     assert back.stdout.split() == ["mine", "tagged", "/etc"], back.stdout + back.stderr
     label = invoke_testbed("exec", "n1", "--", "getfattr", "--only-values", "-n", "trusted.overlay.label",
                            f"{merged}/root/tagged", check=False)
@@ -268,3 +276,51 @@ def test_hostile_names_reach_the_admin_escaped(lab):
     assert "\\x1b" in listing.stdout  # shown, escaped: the admin sees what is there
     log = lab.labvm("log")
     assert log.returncode == 0 and "\x1b" not in log.stdout, log.stdout + log.stderr
+
+
+def mfs_quota(path: str) -> tuple[int, str]:
+    text = invoke_testbed("exec", "n1", "--", "mfsgetquota", "-n", path).stdout
+    row = next(line for line in text.splitlines() if line.strip().startswith("size "))
+    cells = [c.strip() for c in row.split("|")]
+    return int(cells[1]), cells[3]
+
+
+def test_sparse_files_stay_sparse_on_moosefs_and_on_a_switch_target(lab):
+    made = inside(lab, "carol", "truncate -s 8T /root/huge && echo tail >> /root/huge")
+    assert made.returncode == 0, made.stderr
+    flushed = lab.labvm("sync", "flush", "carol", timeout=300)
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    on_mfs = invoke_testbed("exec", "n2", "--", "stat", "-c", "%s %b", "/mnt/labvm-mfs/vms/carol/up_mfs/root/huge")
+    size, blocks = map(int, on_mfs.stdout.split())
+    assert size == 8 * 2**40 + 5 and blocks * 512 < 2**30, on_mfs.stdout
+    moved = lab.labvm("switch", "carol", "n1", timeout=900)
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    seeded = inside(lab, "carol", "stat -c '%s %b' /root/huge; tail -c 5 /root/huge")
+    lines = seeded.stdout.split("\n")
+    size, blocks = map(int, lines[0].split())
+    assert size == 8 * 2**40 + 5 and blocks * 512 < 2**30 and lines[1] == "tail", seeded.stdout
+
+
+def test_a_member_at_their_quota_costs_no_one_else_a_sync(lab):
+    tree = "/mnt/labvm-mfs/vms/alice"
+    _, hard = mfs_quota(tree)
+    assert int(hard) == MEMBER_QUOTA, "labvm did not put the cluster file's member quota on alice's tree"
+    invoke_testbed("exec", "n1", "--", "mfssetquota", "-n", "-S", str(64 * 2**20), tree)
+    try:
+        inside(lab, "alice", "head -c 150M /dev/urandom > /root/filler", timeout=300)
+        stuck = lab.labvm("sync", "flush", "alice", timeout=600)
+        assert stuck.returncode != 0 and "quota" in (stuck.stdout + stuck.stderr).lower(), stuck.stdout + stuck.stderr
+        status = lab.labvm_json("sync", "status", "alice")
+        assert "quota" in (status.get("last_error") or "").lower(), status
+        desktops = {d["user"]: d for d in lab.labvm_json("status")["desktops"]}
+        assert "quota" in (desktops["alice"]["sync"].get("last_error") or "").lower(), desktops["alice"]["sync"]
+        # bobby, on the same node and the same MooseFS, goes on as before.
+        assert inside(lab, "bobby", "echo fine > /root/neighbour").returncode == 0
+        fine = lab.labvm("sync", "flush", "bobby", timeout=300)
+        assert fine.returncode == 0, fine.stdout + fine.stderr
+    finally:
+        invoke_testbed("exec", "n1", "--", "mfssetquota", "-n", "-S", str(MEMBER_QUOTA), tree)
+    # Room again: alice's sync catches up by itself, nothing was dropped.
+    caught_up = lab.labvm("sync", "flush", "alice", timeout=600)
+    assert caught_up.returncode == 0, caught_up.stdout + caught_up.stderr
+    assert invoke_testbed("exec", "n1", "--", "stat", "-c", "%s", f"{tree}/up_mfs/root/filler").stdout.strip() == str(150 * 2**20)

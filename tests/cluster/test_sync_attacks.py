@@ -1,0 +1,151 @@
+"""Attacks on the sync daemon from inside a desktop, as root there: symlink races, FIFOs,
+paths rsync cannot copy, inotify exhaustion. Each test fails if the attack works.
+
+mallory attacks from n1; victim's desktop runs on the same node. The cluster file here syncs
+in tiny batches (batch_max_files 1), so a minute of attack is about a thousand batches.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from .conftest import REPO, invoke_testbed, make_admin, wipe_mfs_files
+from .test_storage import set_config
+
+USERS = {"mallory": "mallory-Pw-3310", "victim": "victim-Pw-8812"}
+UP_LOCAL = "/var/lib/labvm/data/vms/{user}/up_local"
+UP_MFS = "/mnt/labvm-mfs/vms/{user}/up_mfs"
+
+
+@pytest.fixture(scope="module")
+def lab(testbed, tmp_path_factory):
+    admin = make_admin(testbed, tmp_path_factory.mktemp("syncattack") / "admin")
+    set_config(admin, sync__batch_max_files=1, storage__member_quota=4 * 2**30)
+    built = admin.labvm("image", "build", "--desktop", "minimal", timeout=1800)
+    assert built.returncode == 0, built.stderr
+    assert admin.labvm("image", "push", timeout=900).returncode == 0
+    for name, password in USERS.items():
+        assert admin.labvm("user", "add", name, "--password-stdin", stdin=password + "\n").returncode == 0
+    wipe_mfs_files(admin, *USERS)
+    for name in USERS:
+        created = admin.labvm("create", name, "--node", "n1", "--memory", "512m", "--cpus", "1", timeout=600)
+        assert created.returncode == 0, created.stdout + created.stderr
+    yield admin
+    for name in USERS:
+        admin.labvm("rm", name, "--yes")
+
+
+def inside(lab, user: str, script: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return lab.labvm("exec", user, "--", "sh", "-c", script, timeout=timeout)
+
+
+def in_background(lab, user: str, script: str, seconds: int, stdout=subprocess.DEVNULL) -> subprocess.Popen:
+    """A loop inside the desktop that ends by itself after `seconds`."""
+    return subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "labvm"), "exec", user, "--", "timeout", str(seconds), "sh", "-c", script],
+        env=lab.env, stdout=stdout, stderr=subprocess.DEVNULL, text=True,
+    )
+
+
+def node_sh(script: str, check: bool = True) -> subprocess.CompletedProcess:
+    return invoke_testbed("exec", "n1", "--", "sh", "-c", script, check=check)
+
+
+def sync_counters(lab, user: str) -> dict:
+    return lab.labvm_json("sync", "status", user)
+
+
+def test_symlink_swap_race_copies_no_node_file(lab):
+    """A RENAME_EXCHANGE-style loop between a directory and a symlink to /etc/ssh (and to the
+    victim's upper), while a writer keeps queueing names under it: the daemon must never read
+    through the link. The node's SSH host key and the victim's secret must not reach MooseFS."""
+    secret = f"victim-secret-{time.time_ns()}"
+    assert inside(lab, "victim", f"echo {secret} > /root/ssh_host_ed25519_key").returncode == 0
+    assert lab.labvm("sync", "flush", "victim").returncode == 0
+    victim_root = UP_LOCAL.format(user="victim") + "/root"
+    node_key = node_sh("sed -n 2p /etc/ssh/ssh_host_ed25519_key").stdout.strip()
+    assert len(node_key) > 20, "no node host key to look for: the test would prove nothing"
+    setup = (
+        "mkdir -p /root/race/d && ln -sfn /etc/ssh /root/race/etc && "
+        f"ln -sfn {victim_root} /root/race/other"
+    )
+    assert inside(lab, "mallory", setup).returncode == 0
+    before = sync_counters(lab, "mallory")
+    swapper = in_background(lab, "mallory", (
+        "cd /root/race; while :; do "
+        "mv -T d t; mv -T etc d; mv -T d etc; mv -T other d; mv -T d other; mv -T t d; done"
+    ), 75)
+    writer = in_background(lab, "mallory", (
+        "cd /root/race; i=0; while :; do i=$((i+1)); "
+        "echo $i > d/ssh_host_ed25519_key 2>/dev/null; echo $i > d/n$((i % 50)) 2>/dev/null; done"
+    ), 75)
+    try:
+        swapper.wait(timeout=200)
+        writer.wait(timeout=200)
+    finally:
+        swapper.kill()
+        writer.kill()
+    flushed = lab.labvm("sync", "flush", "mallory", timeout=600)
+    assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    after = sync_counters(lab, "mallory")
+    batches = after["counters"]["batches"] - before["counters"]["batches"]
+    assert batches >= 300, f"only {batches} batches ran during the attack: it proves too little"
+    up_mfs = UP_MFS.format(user="mallory")
+    leaked = node_sh(f"grep -rlF -e {node_key[:40]!r} -e {secret} {up_mfs} || true").stdout.strip()
+    assert leaked == "", f"node or victim files reached mallory's up_mfs: {leaked}"
+    # The real files did sync: what went through is mallory's own.
+    assert node_sh(f"test -d {up_mfs}/root/race").returncode == 0
+
+
+def test_fifo_swap_and_uncopyable_paths_never_wedge_the_sync(lab):
+    """A file that keeps turning into a FIFO, and a path longer than PATH_MAX: flush, stop and
+    start still finish, and what could not be copied is listed with its reason."""
+    deep = "cd /root && for i in $(seq 20); do n=$(printf 'y%.0s' $(seq 250)); mkdir $n && cd $n; done && echo deep > leaf"
+    assert inside(lab, "mallory", deep).returncode == 0
+    assert inside(lab, "mallory", "echo plain > /root/plain").returncode == 0
+    swapper = in_background(lab, "mallory", (
+        "cd /root; while :; do echo data > f.tmp; mv f.tmp flip; rm -f p.tmp; mkfifo p.tmp; mv p.tmp flip; done"
+    ), 40)
+    try:
+        flushed = lab.labvm("sync", "flush", "mallory", timeout=900)
+        assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+    finally:
+        swapper.wait(timeout=200)
+    status = lab.labvm_json("sync", "status", "mallory")
+    listed = " ".join(q["reason"] + " " + q["path"] for q in status.get("quarantined", []))
+    assert "4096" in listed or "too long" in listed.lower(), status
+    assert node_sh(f"cat {UP_MFS.format(user='mallory')}/root/plain").stdout.strip() == "plain"
+    stopped = lab.labvm("stop", "mallory", timeout=900)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    started = lab.labvm("start", "mallory", timeout=600)
+    assert started.returncode == 0, started.stdout + started.stderr
+
+
+def test_exhausting_inotify_in_one_desktop_stops_no_other_sync(lab):
+    """Container root is the node's uid 0: a member holding every inotify instance uid 0 may
+    have must not keep another desktop's sync daemon from starting."""
+    hog = in_background(lab, "mallory", (
+        "perl -e 'my @fds; for (1..1024) { my $fd = syscall(294, 0); last if $fd < 0; push @fds, $fd } "
+        "$| = 1; print scalar(@fds), qq(\\n); sleep 120'"
+    ), 150, stdout=subprocess.PIPE)
+    try:
+        held = int(hog.stdout.readline())
+        assert held > 0, "the desktop got no inotify instance at all"
+        # The attack bites: root on the node, the uid the daemons used to share, gets none.
+        starved = node_sh("inotifywait -t 1 /tmp 2>&1; true").stdout
+        assert "instances" in starved.lower() or "too many" in starved.lower(), starved
+        # Restarting victim's desktop starts a new sync daemon on the same node.
+        assert lab.labvm("stop", "victim", timeout=600).returncode == 0
+        started = lab.labvm("start", "victim", timeout=600)
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert inside(lab, "victim", "echo after-hog > /root/after").returncode == 0
+        flushed = lab.labvm("sync", "flush", "victim", timeout=300)
+        assert flushed.returncode == 0, flushed.stdout + flushed.stderr
+        assert node_sh(f"cat {UP_MFS.format(user='victim')}/root/after").stdout.strip() == "after-hog"
+        status = lab.labvm_json("sync", "status", "victim")
+        assert status.get("running"), status
+    finally:
+        hog.kill()
