@@ -458,7 +458,7 @@ def full_pass_now(paths: SyncPaths, up_mfs: str, check: bool) -> Result:
         if lock is None:
             raise TemporaryFailure("a sync daemon or another full pass holds this VM's sync lock", "sync_busy")
         try:
-            argv = syncd.full_pass_argv(rsync, paths.up_local, up_mfs, syncd.keeps_nanoseconds(up_mfs))
+            argv = syncd.full_pass_argv(rsync, paths.up_local, up_mfs, paths.control_dir, syncd.keeps_nanoseconds(up_mfs))
             run = syncd.run_rsync(argv)
         except OSError as error:
             raise Failed(f"cannot run rsync: {error}", "rsync_failed") from None

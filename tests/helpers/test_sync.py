@@ -600,8 +600,8 @@ def test_flush_fails_clearly_when_the_daemon_dies_meanwhile(run_helper, node, fa
 
 
 def kill_stray_rsyncs(node) -> None:
-    """The hanging rsync the killed daemon left behind, found by the paths it was given."""
-    marker = os.fsencode(str(node.up))
+    """The hanging rsync the killed daemon left behind, found by the sender config it was given."""
+    marker = os.fsencode(str(node.control))
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
