@@ -114,6 +114,9 @@ RSYNC_OK_CODES = (0, 24)
 # few paths of the batch (a symlink race, a FIFO, a name too long), unless the destination is.
 RSYNC_PARTIAL = 23
 RSYNC_TIMEOUT_CODES = (30, 35)
+# rsync gives up the whole run (exit 4) on one name longer than it can hold.
+RSYNC_UNSUPPORTED = 4
+NAME_OVERFLOW = re.compile(r"overflows max-path len")
 DESTINATION_FULL = re.compile(r"No space left on device|Disk quota exceeded")
 DESTINATION_DOWN = re.compile(r"Read-only file system|Transport endpoint is not connected|Input/output error")
 FULL_DESTINATION_ERROR = "MooseFS quota or space exhausted"
@@ -263,6 +266,7 @@ class RsyncRun:
         self.stderr_tail = tail(stderr)
         self.destination_full = returncode not in RSYNC_OK_CODES and DESTINATION_FULL.search(stderr) is not None
         self.destination_down = DESTINATION_DOWN.search(stderr) is not None
+        self.name_overflow = returncode == RSYNC_UNSUPPORTED and NAME_OVERFLOW.search(stderr) is not None
         if returncode in RSYNC_OK_CODES:
             self.error = None
         elif self.destination_full:
@@ -277,7 +281,7 @@ class RsyncRun:
     @property
     def partial(self) -> bool:
         """Failed on some paths only, as far as rsync tells: worth splitting the batch."""
-        return self.path_specific and self.returncode == RSYNC_PARTIAL
+        return self.path_specific and not self.timed_out
 
     @property
     def timed_out(self) -> bool:
@@ -285,7 +289,7 @@ class RsyncRun:
 
     @property
     def path_specific(self) -> bool:
-        wanted = self.returncode == RSYNC_PARTIAL or self.returncode in RSYNC_TIMEOUT_CODES
+        wanted = self.returncode == RSYNC_PARTIAL or self.returncode in RSYNC_TIMEOUT_CODES or self.name_overflow
         return wanted and not self.destination_full and not self.destination_down
 
 
