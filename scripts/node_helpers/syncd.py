@@ -20,6 +20,21 @@ How it stays exact without rescanning:
   events (IN_Q_OVERFLOW) and every --full-pass-hours. A daemon killed with -9 loses its queue
   but nothing else: the next start's full pass catches up.
 
+How it stays confined and never wedges (the tree is a member's, who is root in the desktop):
+- rsync's sending side is an rsync daemon reached over a pipe (`-e "syncd.py --rsh ..."`),
+  chrooted at up_local (rsyncd.conf in the control dir): a directory swapped for a symlink
+  mid-run resolves inside the member's tree, never in the node's. The process group of each
+  run is killed when it ends. --timeout ends a run whose sender is blocked (a FIFO swapped in).
+- A batch that fails on some paths (rc 23, a timeout, a name too long) is split in halves until
+  each path that fails alone is found; that path is quarantined (status.json "quarantined"),
+  out of the queue so flushes are acked, and tried again when it changes, at each flush and at
+  stop. A full destination (ENOSPC, EDQUOT) keeps the whole batch queued instead. A full pass
+  that ends rc 23 counts as done with errors; one that times out 3 times in a row too.
+- The inotify instance is created under a uid of the daemon's own (the kernel charges
+  instances and watches to it), so a member using up uid 0's instances stops nothing. Without
+  inotify at all the daemon runs degraded: full passes every DEGRADED_FULL_PASS_S and on
+  every flush, flush requests found by listing the control dir.
+
 Flush barrier: a client takes the next sequence number under flush.lock and creates flush-<N> in
 the control dir. One inotify descriptor delivers events in the order they happened, so when the
 daemon reads that event, every change written to up_local before it is already queued. The
@@ -28,7 +43,8 @@ to flush.ack. The client returns once the ack reaches its number.
 
 Control dir (0700 root; never inside up_local, nor in the runtime dir the container sees):
     syncd.pid, syncd.lock (held while a daemon or a one-shot full pass runs), syncd.log,
-    status.json (written atomically), flush.lock, flush.seq, flush-<N>, flush.ack
+    status.json (written atomically), flush.lock, flush.seq, flush-<N>, flush.ack,
+    rsyncd.conf (the daemon sender's, 0600)
 
 Standard library only: this runs with the node's system python3. The sync helper imports the
 shared parts (file names, the flush protocol, rsync's arguments) from here.
@@ -114,9 +130,9 @@ RSYNC_OK_CODES = (0, 24)
 # few paths of the batch (a symlink race, a FIFO, a name too long), unless the destination is.
 RSYNC_PARTIAL = 23
 RSYNC_TIMEOUT_CODES = (30, 35)
-# rsync gives up the whole run (exit 4) on one name longer than it can hold.
-RSYNC_UNSUPPORTED = 4
-NAME_OVERFLOW = re.compile(r"overflows max-path len")
+# rsync gives up the whole run on one name longer than it can hold (exit 4), or on a path a
+# symlink swap made the sender answer for oddly (exit 2).
+PATH_ABORTS = {4: re.compile(r"overflows max-path len"), 2: re.compile(r"ABORTING due to invalid path from sender")}
 DESTINATION_FULL = re.compile(r"No space left on device|Disk quota exceeded")
 DESTINATION_DOWN = re.compile(r"Read-only file system|Transport endpoint is not connected|Input/output error")
 FULL_DESTINATION_ERROR = "MooseFS quota or space exhausted"
@@ -266,7 +282,7 @@ class RsyncRun:
         self.stderr_tail = tail(stderr)
         self.destination_full = returncode not in RSYNC_OK_CODES and DESTINATION_FULL.search(stderr) is not None
         self.destination_down = DESTINATION_DOWN.search(stderr) is not None
-        self.name_overflow = returncode == RSYNC_UNSUPPORTED and NAME_OVERFLOW.search(stderr) is not None
+        self.path_abort = returncode in PATH_ABORTS and PATH_ABORTS[returncode].search(stderr) is not None
         if returncode in RSYNC_OK_CODES:
             self.error = None
         elif self.destination_full:
@@ -289,7 +305,7 @@ class RsyncRun:
 
     @property
     def path_specific(self) -> bool:
-        wanted = self.returncode == RSYNC_PARTIAL or self.returncode in RSYNC_TIMEOUT_CODES or self.name_overflow
+        wanted = self.returncode == RSYNC_PARTIAL or self.returncode in RSYNC_TIMEOUT_CODES or self.path_abort
         return wanted and not self.destination_full and not self.destination_down
 
 
