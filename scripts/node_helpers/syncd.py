@@ -132,7 +132,7 @@ RSYNC_PARTIAL = 23
 RSYNC_TIMEOUT_CODES = (30, 35)
 # rsync gives up the whole run on one name longer than it can hold (exit 4), or on a path a
 # symlink swap made the sender answer for oddly (exit 2).
-PATH_ABORTS = {4: re.compile(r"overflows max-path len"), 2: re.compile(r"ABORTING due to invalid path from sender")}
+PATH_ABORTS = {4: re.compile(r"overflows max-path len|rejecting unrequested file-list name"), 2: re.compile(r"ABORTING due to invalid path from sender")}
 DESTINATION_FULL = re.compile(r"No space left on device|Disk quota exceeded")
 DESTINATION_DOWN = re.compile(r"Read-only file system|Transport endpoint is not connected|Input/output error")
 FULL_DESTINATION_ERROR = "MooseFS quota or space exhausted"
