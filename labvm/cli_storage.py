@@ -76,6 +76,24 @@ def sync_status(home: AdminHome, user, as_json):
         say(f"  last success {_when(data['last_success'])}")
     if data.get("last_error"):
         out.print(Text("  last error: " + safe(data["last_error"]), style="red"))
+    if data.get("degraded"):
+        reason = data.get("degraded_reason") or "some changes are not watched"
+        out.print(Text(f"  degraded: {safe(reason)}; full passes keep MooseFS close", style="yellow"))
+    _print_quarantine(data)
+
+
+def _print_quarantine(data: dict) -> None:
+    """Paths the sync could not copy (a member's race, a name too long): what a switch would lose."""
+    listed = data.get("quarantined") or []
+    count = data.get("quarantined_count") or len(listed)
+    if not count:
+        return
+    out.print(Text(f"  {count} paths could not be copied (retried when they change and at each flush):", style="yellow"))
+    for entry in listed:
+        if isinstance(entry, dict):
+            out.print(Text(f"    {safe(entry.get('path'))}: {safe(entry.get('reason'))}"))
+    if count > len(listed):
+        say(f"    ... and {count - len(listed)} more")
 
 
 @click.command()

@@ -458,17 +458,21 @@ def full_pass_now(paths: SyncPaths, up_mfs: str, check: bool) -> Result:
         if lock is None:
             raise TemporaryFailure("a sync daemon or another full pass holds this VM's sync lock", "sync_busy")
         try:
-            argv = syncd.full_pass_argv(rsync, paths.up_local, up_mfs, syncd.keeps_nanoseconds(up_mfs))
+            argv = syncd.full_pass_argv(rsync, paths.up_local, up_mfs, paths.control_dir, syncd.keeps_nanoseconds(up_mfs))
             run = syncd.run_rsync(argv)
+        except ValueError as error:
+            raise PreconditionFailed(str(error), "unsafe_path") from None
         except OSError as error:
             raise Failed(f"cannot run rsync: {error}", "rsync_failed") from None
         finally:
             lock.close()
-    if not run.ok:
+    # rc 23: some paths cannot be copied (a name too long, a member's race); waiting would not
+    # change that, so the pass counts as done and says what was left behind.
+    if not run.ok and not run.partial:
         raise Failed(f"full pass {paths.up_local} -> {up_mfs} failed: {run.error}", "full_pass_failed")
-    return Result(
-        changed=run.changed > 0, data={**data, "seconds": round(run.seconds, 3), "files": run.changed, "examined": run.examined}
-    )
+    incomplete = None if run.ok else run.stderr_tail or run.error
+    stats = {"seconds": round(run.seconds, 3), "files": run.changed, "examined": run.examined, "not_copied": incomplete}
+    return Result(changed=run.changed > 0, data={**data, **stats})
 
 
 # --- ensure_stopped -------------------------------------------------------------------------

@@ -20,6 +20,21 @@ How it stays exact without rescanning:
   events (IN_Q_OVERFLOW) and every --full-pass-hours. A daemon killed with -9 loses its queue
   but nothing else: the next start's full pass catches up.
 
+How it stays confined and never wedges (the tree is a member's, who is root in the desktop):
+- rsync's sending side is an rsync daemon reached over a pipe (`-e "syncd.py --rsh ..."`),
+  chrooted at up_local (rsyncd.conf in the control dir): a directory swapped for a symlink
+  mid-run resolves inside the member's tree, never in the node's. The process group of each
+  run is killed when it ends. --timeout ends a run whose sender is blocked (a FIFO swapped in).
+- A batch that fails on some paths (rc 23, a timeout, a name too long) is split in halves until
+  each path that fails alone is found; that path is quarantined (status.json "quarantined"),
+  out of the queue so flushes are acked, and tried again when it changes, at each flush and at
+  stop. A full destination (ENOSPC, EDQUOT) keeps the whole batch queued instead. A full pass
+  that ends rc 23 counts as done with errors; one that times out 3 times in a row too.
+- The inotify instance is created under a uid of the daemon's own (the kernel charges
+  instances and watches to it), so a member using up uid 0's instances stops nothing. Without
+  inotify at all the daemon runs degraded: full passes every DEGRADED_FULL_PASS_S and on
+  every flush, flush requests found by listing the control dir.
+
 Flush barrier: a client takes the next sequence number under flush.lock and creates flush-<N> in
 the control dir. One inotify descriptor delivers events in the order they happened, so when the
 daemon reads that event, every change written to up_local before it is already queued. The
@@ -28,7 +43,8 @@ to flush.ack. The client returns once the ack reaches its number.
 
 Control dir (0700 root; never inside up_local, nor in the runtime dir the container sees):
     syncd.pid, syncd.lock (held while a daemon or a one-shot full pass runs), syncd.log,
-    status.json (written atomically), flush.lock, flush.seq, flush-<N>, flush.ack
+    status.json (written atomically), flush.lock, flush.seq, flush-<N>, flush.ack,
+    rsyncd.conf (the daemon sender's, 0600)
 
 Standard library only: this runs with the node's system python3. The sync helper imports the
 shared parts (file names, the flush protocol, rsync's arguments) from here.
@@ -41,6 +57,7 @@ import fcntl
 import itertools
 import json
 import os
+import random
 import re
 import select
 import signal
@@ -91,12 +108,23 @@ DEGRADED_FULL_PASS_S = 600.0
 # unless a flush or a stop waits for it.
 LINK_WALK_INTERVAL_S = 60.0
 
+# Paths kept in quarantine (more are only counted), and how many status.json lists.
+QUARANTINE_KEEP = 10_000
+QUARANTINE_LISTED = 100
+QUARANTINE_SHOW_CHARS = 300
+# A full pass that timed out this many times in a row counts as done, with errors: a member who
+# keeps a FIFO race going must not hold every flush back.
+FULL_PASS_TIMEOUTS_MAX = 3
+
 # --- rsync ------------------------------------------------------------------------------------
 
 # Everything an overlay upper holds: whiteouts (char devices 0/0, often hard links of one
 # another), trusted.overlay.* xattrs (opaque dirs; root copies the trusted namespace), other
 # xattrs, ACLs, hard links, symlinks, modes, numeric owners, times.
-RSYNC_COMMON = ("-aHAX", "--numeric-ids")
+# -S keeps a sparse file sparse on up_mfs (a 1 TiB hole is not 1 TiB of chunks). --timeout
+# ends a run whose sender sits blocked, e.g. in open() of a FIFO a member swapped in for a file.
+RSYNC_TIMEOUT_S = 20
+RSYNC_COMMON = ("-aHAX", "--numeric-ids", "-S", f"--timeout={RSYNC_TIMEOUT_S}")
 # With --files-from rsync does not recurse (-d only). A name ending in "/." sends that
 # directory's entries, and --delete then removes what the destination has there and the
 # source has not; a plain name sends only the entry itself. --force replaces a non-empty
@@ -105,6 +133,27 @@ RSYNC_BATCH = RSYNC_COMMON + ("--from0", "--files-from=-", "--delete-missing-arg
 RSYNC_FULL = RSYNC_COMMON + ("--delete", "--force", "-i", "--stats")
 # 24: some source files vanished meanwhile. Their deletion is already queued as a change.
 RSYNC_OK_CODES = (0, 24)
+# 23: some paths could not be copied; 30, 35: the I/O deadline passed. Both may be down to a
+# few paths of the batch (a symlink race, a FIFO, a name too long), unless the destination is.
+RSYNC_PARTIAL = 23
+RSYNC_TIMEOUT_CODES = (30, 35)
+# rsync gives up the whole run on one name longer than it can hold (exit 4), or on a path a
+# symlink swap made the sender answer for oddly (exit 2).
+PATH_ABORTS = {4: re.compile(r"overflows max-path len|rejecting unrequested file-list name"), 2: re.compile(r"ABORTING due to invalid path from sender")}
+DESTINATION_FULL = re.compile(r"No space left on device|Disk quota exceeded")
+DESTINATION_DOWN = re.compile(r"Read-only file system|Transport endpoint is not connected|Input/output error")
+FULL_DESTINATION_ERROR = "MooseFS quota or space exhausted"
+# rsync cannot name a longer path (PATH_MAX, its terminating NUL included).
+PATH_MAX_BYTES = 4096
+
+# The sending side runs as an rsync daemon over a pipe (-e), chrooted at up_local: the tree is
+# the member's, and a directory they swap for a symlink mid-run can then only lead back into
+# their own tree, never to the node's files.
+SENDER_CONFIG = "rsyncd.conf"
+SENDER_MODULE = "up"
+# What rsyncd.conf and rsync's -e word splitting take as they are: no quotes, spaces, '%',
+# '#', backslashes or newlines.
+PLAIN_PATH = re.compile(r"/[A-Za-z0-9._+@,=:/-]*")
 PROBE_TIME_NS = 1_000_000_000 * 1_000_000_000 + 123_456_789
 ITEMIZED_LINE = re.compile(r"^(\*deleting|[<>ch.][fdLDS])")
 STATS_FILES = re.compile(r"^Number of files: ([0-9][0-9,.]*)", re.MULTILINE)
@@ -237,11 +286,34 @@ class RsyncRun:
         self.changed = sum(1 for line in stdout.splitlines() if ITEMIZED_LINE.match(line))
         match = STATS_FILES.search(stdout)
         self.examined = int(re.sub(r"[,.]", "", match.group(1))) if match else 0
-        self.error = None if returncode in RSYNC_OK_CODES else f"rsync exit {returncode}: {tail(stderr)}"
+        self.stderr_tail = tail(stderr)
+        self.destination_full = returncode not in RSYNC_OK_CODES and DESTINATION_FULL.search(stderr) is not None
+        self.destination_down = DESTINATION_DOWN.search(stderr) is not None
+        self.path_abort = returncode in PATH_ABORTS and PATH_ABORTS[returncode].search(stderr) is not None
+        if returncode in RSYNC_OK_CODES:
+            self.error = None
+        elif self.destination_full:
+            self.error = f"{FULL_DESTINATION_ERROR}: rsync exit {returncode}: {self.stderr_tail}"
+        else:
+            self.error = f"rsync exit {returncode}: {self.stderr_tail}"
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def partial(self) -> bool:
+        """Failed on some paths only, as far as rsync tells: worth splitting the batch."""
+        return self.path_specific and not self.timed_out
+
+    @property
+    def timed_out(self) -> bool:
+        return self.path_specific and self.returncode in RSYNC_TIMEOUT_CODES
+
+    @property
+    def path_specific(self) -> bool:
+        wanted = self.returncode == RSYNC_PARTIAL or self.returncode in RSYNC_TIMEOUT_CODES or self.path_abort
+        return wanted and not self.destination_full and not self.destination_down
 
 
 def tail(text: str, limit: int = 400) -> str:
@@ -251,7 +323,8 @@ def tail(text: str, limit: int = 400) -> str:
 
 def run_rsync(argv: list[str], stdin: bytes | None = None, while_waiting=None) -> RsyncRun:
     """Run rsync in its own session (a signal to our group must not cut a batch in half),
-    calling while_waiting() about every second so a long transfer still reports status."""
+    calling while_waiting() about every second so a long transfer still reports status. The
+    whole group goes once it ends: a sender stuck in a member's FIFO must not linger."""
     started = time.monotonic()
     with tempfile.TemporaryFile() as err:
         process = subprocess.Popen(
@@ -262,29 +335,108 @@ def run_rsync(argv: list[str], stdin: bytes | None = None, while_waiting=None) -
             env=rsync_env(),
             start_new_session=True,
         )
-        pending_input = stdin
-        chunks = []
-        while True:
-            try:
-                out, _ = process.communicate(pending_input, timeout=STATUS_INTERVAL_S)
-                chunks.append(out)
-                break
-            except subprocess.TimeoutExpired:
-                pending_input = None  # communicate keeps sending what it was given first
-                if while_waiting is not None:
-                    while_waiting()
+        try:
+            stdout = communicate(process, stdin, while_waiting)
+        finally:
+            kill_group(process.pid)
+            process.wait()
         err.seek(0)
         stderr = err.read().decode("utf-8", errors="replace")
-    stdout = b"".join(chunk for chunk in chunks if chunk).decode("utf-8", errors="replace")
-    return RsyncRun(process.returncode, stdout, stderr, time.monotonic() - started)
+    return RsyncRun(process.returncode, stdout.decode("utf-8", errors="replace"), stderr, time.monotonic() - started)
 
 
-def full_pass_argv(rsync: str, up_local: str, up_mfs: str, exact_times: bool) -> list[str]:
-    return [rsync, *RSYNC_FULL, *time_args(exact_times), up_local.rstrip("/") + "/", up_mfs.rstrip("/") + "/"]
+def communicate(process: subprocess.Popen, stdin: bytes | None, while_waiting) -> bytes:
+    pending_input = stdin
+    while True:
+        try:
+            out, _ = process.communicate(pending_input, timeout=STATUS_INTERVAL_S)
+            return out or b""
+        except subprocess.TimeoutExpired:
+            pending_input = None  # communicate keeps sending what it was given first
+            if while_waiting is not None:
+                while_waiting()
 
 
-def batch_argv(rsync: str, up_local: str, up_mfs: str, exact_times: bool) -> list[str]:
-    return [rsync, *RSYNC_BATCH, *time_args(exact_times), up_local.rstrip("/") + "/", up_mfs.rstrip("/") + "/"]
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def full_pass_argv(rsync: str, up_local: str, up_mfs: str, control_dir: str, exact_times: bool) -> list[str]:
+    return [rsync, *RSYNC_FULL, *time_args(exact_times), *sender_args(rsync, up_local, control_dir), up_mfs.rstrip("/") + "/"]
+
+
+def batch_argv(rsync: str, up_local: str, up_mfs: str, control_dir: str, exact_times: bool) -> list[str]:
+    return [rsync, *RSYNC_BATCH, *time_args(exact_times), *sender_args(rsync, up_local, control_dir), up_mfs.rstrip("/") + "/"]
+
+
+def sender_args(rsync: str, up_local: str, control_dir: str) -> list[str]:
+    """rsync's source: the chrooted daemon module, reached through `syncd.py --rsh`."""
+    config = write_sender_config(control_dir, up_local)
+    python, script = sys.executable, os.path.abspath(__file__)
+    for path in (python, script, rsync, config):
+        require_plain_path(path, "a path in rsync's -e command")
+    words = [python, "-I", script, "--rsh", "--rsync", rsync, "--config", config]
+    return ["-e", " ".join(words), f"x::{SENDER_MODULE}/"]
+
+
+def require_plain_path(path: str, what: str) -> None:
+    if not PLAIN_PATH.fullmatch(path):
+        raise ValueError(f"{what} ({path!r}) holds characters the sync cannot pass to rsync safely; "
+                         "use letters, digits and ._+@,=:/- only")  # fmt: skip
+
+
+def sender_config(up_local: str) -> str:
+    require_plain_path(up_local, "up_local")
+    # uid/gid 0: a daemon started as root would otherwise read the tree as nobody.
+    return (
+        "use chroot = yes\nnumeric ids = yes\nuid = 0\ngid = 0\nread only = yes\nlog file = /dev/null\n"
+        f"[{SENDER_MODULE}]\npath = {up_local.rstrip('/') or '/'}\n"
+    )
+
+
+def write_sender_config(control_dir: str, up_local: str) -> str:
+    """The daemon sender's rsyncd.conf in the control dir (0600), rewritten only when it differs."""
+    path = os.path.join(control_dir, SENDER_CONFIG)
+    text = sender_config(up_local)
+    try:
+        with open(path, encoding="utf-8") as stream:
+            if stream.read() == text:
+                return path
+    except (OSError, ValueError):
+        pass
+    fd, tmp = tempfile.mkstemp(prefix=f".{SENDER_CONFIG}.", dir=control_dir)  # mkstemp: 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def rsh_main(argv: list[str]) -> int:
+    """`syncd.py --rsh --rsync R --config C [-l USER] HOST rsync --server --daemon .`: what rsync
+    runs as its remote shell. Starts the daemon sender on the other end of rsync's pipe."""
+    if len(argv) < 4 or argv[0] != "--rsync" or argv[2] != "--config":
+        print("syncd.py --rsh: expected --rsync PATH --config PATH before rsync's words", file=sys.stderr)
+        return 2
+    rsync, config, remote = argv[1], argv[3], argv[4:]
+    try:
+        start = remote.index("--server")
+    except ValueError:
+        start = -1
+    if start < 0 or remote[start:] != ["--server", "--daemon", "."]:
+        print(f"syncd.py --rsh: not a daemon connection: {remote!r}", file=sys.stderr)
+        return 2
+    os.execv(rsync, [rsync, f"--config={config}", "--server", "--daemon", "."])
+    return 127
 
 
 def time_args(exact_times: bool) -> tuple[str, ...]:
@@ -347,6 +499,7 @@ class SyncState:
         self.full_pass_needed = True
         self.retry_now = False
         self.degraded = False
+        self.degraded_reason: str | None = None
         self.fatal: str | None = None
         # (st_dev, st_ino) -> paths seen with that inode and more than one link, oldest first.
         # All of overlay's whiteouts share one inode, so a group can be large: dicts, not lists.
@@ -366,6 +519,17 @@ class SyncState:
             if self.degraded:
                 self.full_pass_needed = True
             self.changed.notify()
+
+    def degrade(self, log, reason: str) -> None:
+        """Events may be missed from now on: full passes take over."""
+        with self.lock:
+            first_time = not self.degraded
+            self.degraded = True
+            self.degraded_reason = reason
+            self.full_pass_needed = True
+            self.changed.notify()
+        if first_time:
+            log(f"{reason}; falling back to full passes every {DEGRADED_FULL_PASS_S:g} s and on every flush")
 
     def need_full_pass(self) -> None:
         with self.lock:
@@ -443,16 +607,44 @@ class SyncState:
 # --- the watcher --------------------------------------------------------------------------------
 
 
+# The kernel charges an inotify instance and its watches to the euid that created it. Container
+# root is uid 0 on the node, so a member could use up uid 0's instances
+# (fs.inotify.max_user_instances) and keep every sync daemon from starting: each daemon creates
+# its instance as a uid of its own, from a range nothing else uses.
+INOTIFY_UIDS = (2_000_000_000, 2_100_000_000)
+# Tests only: make inotify_init1 fail, to exercise the mode without inotify.
+FAIL_INOTIFY_ENV = "LABVM_SYNCD_TEST_FAIL_INOTIFY"
+
+
 class Inotify:
     def __init__(self):
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.libc.inotify_init1.argtypes = [ctypes.c_int]
         self.libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-        fd = self.libc.inotify_init1(IN_CLOEXEC)
+        if os.environ.get(FAIL_INOTIFY_ENV):
+            raise OSError(errno.EMFILE, f"inotify_init1: {os.strerror(errno.EMFILE)} ({FAIL_INOTIFY_ENV} is set)")
+        fd = self.init_as_own_uid()
         if fd < 0:
             error = ctypes.get_errno()
             raise OSError(error, f"inotify_init1: {os.strerror(error)}")
         self.fd = fd
+
+    def init_as_own_uid(self) -> int:
+        """inotify_init1 with the euid switched to a uid of this daemon's. Call it before any
+        other thread starts: the switch holds for the whole process while it lasts."""
+        if os.geteuid() != 0:
+            return self.libc.inotify_init1(IN_CLOEXEC)
+        try:
+            os.seteuid(random.randrange(*INOTIFY_UIDS))
+        except OSError:  # a uid this user namespace does not map: charge root, as before
+            return self.libc.inotify_init1(IN_CLOEXEC)
+        try:
+            fd = self.libc.inotify_init1(IN_CLOEXEC)
+            error = ctypes.get_errno()
+        finally:
+            os.seteuid(0)
+        ctypes.set_errno(error)
+        return fd
 
     def add_watch(self, path: bytes, mask: int) -> int:
         wd = self.libc.inotify_add_watch(self.fd, path, mask)
@@ -480,12 +672,14 @@ class TreeWatcher:
     up_local, and watched through /proc/self/fd: the tree is the lab member's, and a symlink
     planted where a directory was must never lead a root daemon into the node's own files."""
 
-    def __init__(self, up_local: str, control_dir: str, state: SyncState, log):
+    watching = True
+
+    def __init__(self, up_local: str, control_dir: str, state: SyncState, log, inotify: Inotify):
         self.root = up_local
         self.control_dir = control_dir
         self.state = state
         self.log = log
-        self.inotify = Inotify()
+        self.inotify = inotify
         self.paths: dict[int, bytes] = {}
         self.root_fd = os.open(up_local, DIR_FLAGS)
         self.root_wd = None
@@ -572,14 +766,8 @@ class TreeWatcher:
                 self.state.add(rel)
 
     def enter_degraded_mode(self) -> None:
-        with self.state.lock:
-            first_time = not self.state.degraded
-            self.state.degraded = True
-        if first_time:
-            self.log(
-                "inotify watch limit reached (fs.inotify.max_user_watches): some directories are not watched; "
-                f"falling back to full passes every {DEGRADED_FULL_PASS_S:g} s and on every flush"
-            )
+        reason = "inotify watch limit reached (fs.inotify.max_user_watches): some directories are not watched"
+        self.state.degrade(self.log, reason)
 
     # -- events
 
@@ -641,6 +829,57 @@ class TreeWatcher:
                 self.state.add_flush(number)
 
 
+class PollingWatcher:
+    """Stands in for TreeWatcher when inotify cannot be had: flush requests are found by listing
+    the control dir, and changes wait for the next full pass (every DEGRADED_FULL_PASS_S and
+    on every flush)."""
+
+    watching = False
+    root_wd = None
+
+    def __init__(self, control_dir: str, state: SyncState, log):
+        self.control_dir = control_dir
+        self.state = state
+        self.log = log
+        self.stop = threading.Event()
+        self.seen: set[int] = set()
+
+    def watch_count(self) -> int:
+        return 0
+
+    def watch_subtree(self, rel: bytes, queue: bool) -> None:
+        pass
+
+    def register_waiting_flushes(self) -> None:
+        try:
+            names = os.listdir(os.fsencode(self.control_dir))
+        except FileNotFoundError:
+            self.state.set_fatal(f"the control dir {self.control_dir} was removed")
+            return
+        numbers = {number for number in map(flush_number, names) if number is not None}
+        for number in sorted(numbers - self.seen):
+            self.state.add_flush(number)
+        self.seen = numbers
+
+    def run(self) -> None:
+        try:
+            while not self.stop.wait(WAKE_INTERVAL_S):
+                self.register_waiting_flushes()
+        except Exception:  # noqa: BLE001 - a poller that died silently would never ack a flush
+            self.log("flush poller failed:\n" + traceback.format_exc())
+            self.state.set_fatal("the flush poller failed; see the log")
+
+
+def make_watcher(settings: argparse.Namespace, state: SyncState, log):
+    """The inotify watcher, or the poller when no inotify instance can be had."""
+    try:
+        inotify = Inotify()
+    except OSError as error:
+        state.degrade(log, f"no inotify instance ({error.strerror or error}): changes are not watched")
+        return PollingWatcher(settings.control_dir, state, log)
+    return TreeWatcher(settings.up_local, settings.control_dir, state, log, inotify)
+
+
 def show(rel: bytes) -> str:
     return repr(os.fsdecode(rel or b"."))
 
@@ -692,7 +931,14 @@ class Syncer:
         self.unresolved_links: set[bytes] = set()
         self.last_link_walk = float("-inf")
         self.last_heartbeat = float("-inf")
-        argv = batch_argv(settings.rsync, settings.up_local, settings.up_mfs, self.exact_times)
+        # queued path -> {"reason", "since"}: paths that failed alone, out of the queue.
+        self.quarantined: dict[bytes, dict] = {}
+        self.quarantine_dropped = 0
+        self.quarantine_retried_up_to = 0
+        self.just_rejected: dict[bytes, str] = {}
+        self.full_pass_timeouts = 0
+        self.full_pass_problem: str | None = None
+        argv = batch_argv(settings.rsync, settings.up_local, settings.up_mfs, settings.control_dir, self.exact_times)
         log(f"batches run: {' '.join(argv)} (queued paths on stdin)")
 
     # -- the loop
@@ -725,6 +971,9 @@ class Syncer:
             return False
         if self.full_pass_due(now):
             self.full_pass()
+            return True
+        if self.quarantine_retry_due():
+            self.retry_quarantined()
             return True
         if self.batch_due(now):
             self.batch()
@@ -779,31 +1028,52 @@ class Syncer:
         self.write_status(force=True)
         try:
             self.check_destination()
-            argv = full_pass_argv(self.settings.rsync, self.settings.up_local, self.settings.up_mfs, self.exact_times)
+            argv = full_pass_argv(
+                self.settings.rsync, self.settings.up_local, self.settings.up_mfs, self.settings.control_dir, self.exact_times
+            )
             self.log(f"full pass: {' '.join(argv)}")
             run = run_rsync(argv, while_waiting=self.write_status)
         except (DestinationUnavailable, OSError) as error:
             self.full_pass_failed(covered, str(error))
             return
-        if not run.ok:
+        if run.timed_out:
+            self.full_pass_timeouts += 1
+        if run.ok:
+            self.full_pass_done(run, None)
+        elif run.partial or (run.timed_out and self.full_pass_timeouts >= FULL_PASS_TIMEOUTS_MAX):
+            # Some paths cannot be copied (or a member keeps the sender blocked): what could be
+            # copied is, and waiting would not make the rest copyable.
+            self.full_pass_done(run, f"full pass: some files could not be copied: {run.stderr_tail or run.error}")
+        else:
             self.full_pass_failed(covered, run.error)
-            return
+
+    def full_pass_done(self, run: RsyncRun, problem: str | None) -> None:
         self.counters["full_passes"] += 1
         self.last_full_pass_s = round(run.seconds, 3)
         self.succeeded(run)
-        self.log(f"full pass done in {run.seconds:.2f} s: {run.changed} items changed, {run.examined} examined")
-        self.schedule_next_full_pass()
+        self.full_pass_problem = problem
+        if problem is None:
+            # Every path was copied: nothing is left in quarantine.
+            self.quarantined.clear()
+            self.quarantine_dropped = 0
+            self.log(f"full pass done in {run.seconds:.2f} s: {run.changed} items changed, {run.examined} examined")
+        else:
+            self.last_error = problem
+            self.log(f"full pass done in {run.seconds:.2f} s, with errors: {problem}")
+        # After timeouts, the next try comes sooner than the usual schedule.
+        self.schedule_next_full_pass(soon=self.full_pass_timeouts > 0)
+        self.full_pass_timeouts = 0
 
     def full_pass_failed(self, covered, reason: str) -> None:
         self.state.give_back(covered)
         self.state.need_full_pass()
         self.fail(f"full pass failed: {reason}")
 
-    def schedule_next_full_pass(self) -> None:
+    def schedule_next_full_pass(self, soon: bool = False) -> None:
         interval = self.settings.full_pass_hours * 3600.0
         with self.state.lock:
             degraded = self.state.degraded
-        if degraded:
+        if degraded or soon:
             interval = min(interval, DEGRADED_FULL_PASS_S) if interval > 0 else DEGRADED_FULL_PASS_S
         self.next_full_pass = time.monotonic() + interval if interval > 0 else None
 
@@ -811,32 +1081,90 @@ class Syncer:
 
     def batch(self) -> None:
         taken = self.state.take(self.settings.batch_max_files)
-        if not taken:
-            return
-        self.state_name = "syncing"
-        try:
-            self.check_destination()
-            file_list = self.file_list([path for path, _ in taken])
-            run = run_rsync(
-                batch_argv(self.settings.rsync, self.settings.up_local, self.settings.up_mfs, self.exact_times),
-                stdin=files_from(file_list),
-                while_waiting=self.write_status,
-            )
-        except (DestinationUnavailable, OSError) as error:
-            self.batch_failed(taken, str(error))
-            return
-        if not run.ok:
-            self.batch_failed(taken, run.error)
+        if taken:
+            self.state_name = "syncing"
+            self.settle(taken)
+
+    def settle(self, taken: list[tuple[bytes, tuple[int, float]]]) -> None:
+        """Sync the taken paths. A batch that fails on some of its paths only (a symlink race, a
+        FIFO swapped in, a name rsync cannot take) is split in halves, again and again, until
+        each path that fails alone is found and quarantined; the rest counts as synced."""
+        todo = [taken]
+        while todo:
+            part = todo.pop()
+            try:
+                run = self.run_batch([path for path, _ in part])
+            except (DestinationUnavailable, OSError, ValueError) as error:
+                self.batch_failed(part + [item for chunk in todo for item in chunk], str(error))
+                return
+            if run is None or run.ok:
+                self.batch_done(part, run)
+            elif not run.path_specific:
+                self.batch_failed(part + [item for chunk in todo for item in chunk], run.error)
+                return
+            elif len(part) == 1:
+                self.quarantine(part[0][0], run.stderr_tail or run.error)
+            else:
+                half = len(part) // 2
+                todo += [part[half:], part[:half]]
+
+    def run_batch(self, queued: list[bytes]) -> "RsyncRun | None":
+        """One rsync of these queued paths; None when none of them can be sent."""
+        self.check_destination()
+        file_list = self.file_list(queued)
+        if not file_list:
+            return None
+        run = run_rsync(
+            batch_argv(self.settings.rsync, self.settings.up_local, self.settings.up_mfs, self.settings.control_dir,
+                       self.exact_times),
+            stdin=files_from(file_list),
+            while_waiting=self.write_status,
+        )  # fmt: skip
+        self.log(f"batch of {len(queued)} queued paths ({len(file_list)} listed): "
+                 + (f"{run.changed} changed, {run.examined} examined, {run.seconds:.3f} s" if run.ok else run.error))  # fmt: skip
+        return run
+
+    def batch_done(self, part, run: "RsyncRun | None") -> None:
+        for path, _ in part:
+            if path in self.quarantined and path not in self.just_rejected:
+                del self.quarantined[path]
+                self.log(f"{show(path)} synced: out of quarantine")
+        if run is None:
             return
         self.counters["batches"] += 1
         self.last_batch_s = round(run.seconds, 3)
         self.succeeded(run)
-        self.log(f"batch of {len(taken)} queued paths ({len(file_list)} listed): {run.changed} changed, "
-                 f"{run.examined} examined, {run.seconds:.3f} s")  # fmt: skip
+
+    def quarantine(self, path: bytes, reason: str) -> None:
+        """Leave a path that cannot be copied out of the queue, so it blocks no flush. It is
+        tried again when it changes, at each flush request and at stop."""
+        if path not in self.quarantined and len(self.quarantined) >= QUARANTINE_KEEP:
+            self.quarantine_dropped += 1
+        else:
+            self.quarantined[path] = {"reason": reason, "since": time.time()}
+        self.log(f"quarantined {show(path)[:QUARANTINE_SHOW_CHARS]}: {reason}")
+
+    def quarantine_retry_due(self) -> bool:
+        if not self.quarantined:
+            return False
+        with self.state.lock:
+            newest = max(self.state.flushes, default=0)
+        return newest > self.quarantine_retried_up_to
+
+    def retry_quarantined(self) -> None:
+        with self.state.lock:
+            self.quarantine_retried_up_to = max(self.state.flushes, default=0)
+        paths = list(self.quarantined)
+        self.log(f"a flush was requested: trying the {len(paths)} quarantined paths again")
+        self.state_name = "syncing"
+        self.settle([(path, (0, time.monotonic())) for path in paths])
 
     def file_list(self, queued: list[bytes]) -> list[bytes]:
         builder = BatchBuilder(self.settings.up_local, self.state)
         file_list = builder.build(queued)
+        self.just_rejected = builder.rejected
+        for path, reason in builder.rejected.items():
+            self.quarantine(path, reason)
         if not builder.unresolved:
             return file_list
         if not self.link_walk_allowed():
@@ -874,7 +1202,7 @@ class Syncer:
         return True
 
     def batch_failed(self, taken, reason: str) -> None:
-        self.state.give_back(taken)
+        self.state.give_back(sorted(taken, key=lambda item: item[1][0]))
         self.fail(f"sync of {len(taken)} paths failed: {reason}")
 
     # -- outcomes
@@ -965,6 +1293,8 @@ class Syncer:
 
     def ack_flushes(self) -> None:
         done = self.state.satisfied_flushes()
+        if self.quarantined:
+            done = [number for number in done if number <= self.quarantine_retried_up_to]
         if not done:
             return
         number = max(done)
@@ -1035,6 +1365,7 @@ class Syncer:
             sample = list(itertools.islice(self.state.pending, PENDING_BYTES_SAMPLE))
             full_pass_needed = self.state.full_pass_needed
             degraded = self.state.degraded
+            degraded_reason = self.state.degraded_reason
         status = {
             "pid": os.getpid(),
             "started": self.started,
@@ -1051,6 +1382,11 @@ class Syncer:
             "flush_acked": read_ack(self.settings.control_dir)["seq"],
             "watches": self.watcher.watch_count(),
             "degraded": degraded,
+            "degraded_reason": degraded_reason,
+            "watching": self.watcher.watching,
+            "quarantined": self.quarantine_list(),
+            "quarantined_count": len(self.quarantined) + self.quarantine_dropped,
+            "full_pass_problem": self.full_pass_problem,
             "up_local": self.settings.up_local,
             "up_mfs": self.settings.up_mfs,
             "sync_time_s": self.settings.sync_time,
@@ -1062,6 +1398,11 @@ class Syncer:
             write_json_atomically(os.path.join(self.settings.control_dir, STATUS_FILE), status)
         except OSError as error:
             self.log(f"cannot write status: {error}")
+
+
+    def quarantine_list(self) -> list[dict]:
+        listed = itertools.islice(self.quarantined.items(), QUARANTINE_LISTED)
+        return [{"path": show(path)[:QUARANTINE_SHOW_CHARS], **record} for path, record in listed]
 
 
 def destination_identity(path: str) -> tuple[int, int]:
@@ -1079,6 +1420,7 @@ class BatchBuilder:
       through a symlink the lab member planted.
     - A queued "dir/." whose dir is gone becomes "dir".
     - A file with more links gets one other link that rsync may link it to.
+    - A path rsync cannot name (PATH_MAX) is left out, in `rejected`.
     - A top-level path brings the root (".") along: rsync's temporary files change the root's
       mtime on up_mfs, and only an explicit "." sets it back. Deeper directories come along
       as rsync's implied directories, times included.
@@ -1090,10 +1432,15 @@ class BatchBuilder:
         self.is_dir_cache: dict[bytes, bool] = {}
         # Files with more links than the index knows names for.
         self.unresolved: set[bytes] = set()
+        # Queued paths no rsync can copy, and why.
+        self.rejected: dict[bytes, str] = {}
 
     def build(self, queued: list[bytes]) -> list[bytes]:
         listed: dict[bytes, None] = {}
         for path in queued:
+            if len(path) >= PATH_MAX_BYTES:
+                self.rejected[path] = f"path longer than {PATH_MAX_BYTES - 1} bytes: rsync cannot copy it"
+                continue
             for entry in self.entries_for(path, listed):
                 listed[entry] = None
         return sorted(listed)
@@ -1295,11 +1642,15 @@ def start(settings: argparse.Namespace, log: Log):
     if lock is None:
         raise SetupError("another sync daemon or full pass holds the lock of this control dir")
     write_pid_file(settings.control_dir)
+    try:
+        write_sender_config(settings.control_dir, settings.up_local)
+    except ValueError as error:
+        raise SetupError(str(error)) from None
     state = SyncState()
-    watcher = TreeWatcher(settings.up_local, settings.control_dir, state, log)
+    watcher = make_watcher(settings, state, log)
     # Watches first, full pass second: whatever changes meanwhile is queued by an event.
     watcher.watch_subtree(b"", queue=False)
-    if watcher.root_wd is None:
+    if watcher.watching and watcher.root_wd is None:
         raise SetupError(f"cannot watch {settings.up_local}")
     watcher.register_waiting_flushes()
     syncer = Syncer(settings, state, watcher, log)
@@ -1311,6 +1662,8 @@ class SetupError(Exception):
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--rsh"]:
+        return rsh_main(argv[1:])
     settings = parse_args(argv)
     if not os.path.isdir(settings.control_dir):
         os.makedirs(settings.control_dir, exist_ok=True)

@@ -568,7 +568,7 @@ def seed_upper(up_mfs: str, up_local: str) -> None:
     if rsync is None:
         raise PreconditionFailed("rsync is not installed on this node (apt-get install rsync)", "rsync_missing")
     log(f"seeding {up_local} from {up_mfs}")
-    result = run_command([rsync, "-aHAX", "--numeric-ids", up_mfs + "/", up_local + "/"], timeout_s=3600)
+    result = run_command([rsync, "-aHAX", "--numeric-ids", "-S", up_mfs + "/", up_local + "/"], timeout_s=3600)
     if result.returncode != 0:
         raise Failed(f"copying {up_mfs} to {up_local} failed: {result.output_tail()}", "seed_failed")
 

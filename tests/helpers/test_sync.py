@@ -177,7 +177,7 @@ def start(run_helper, node, **settings):
 
 
 def flush(run_helper, node, **extra):
-    run = sync(run_helper, "flush", node.params(**extra))
+    run = sync(run_helper, "flush", node.params(**extra), timeout=float(extra.get("timeout_s", 60)) + 30)
     assert run.exit_code == 0, run.reply
     return run.data
 
@@ -600,8 +600,8 @@ def test_flush_fails_clearly_when_the_daemon_dies_meanwhile(run_helper, node, fa
 
 
 def kill_stray_rsyncs(node) -> None:
-    """The hanging rsync the killed daemon left behind, found by the paths it was given."""
-    marker = os.fsencode(str(node.up))
+    """The hanging rsync the killed daemon left behind, found by the sender config it was given."""
+    marker = os.fsencode(str(node.control))
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -686,3 +686,217 @@ def test_stopping_after_the_daemon_died_still_sends_its_queue(run_helper, node):
     assert stopped.data["pid"] is None and stopped.data["flushed"] is not None
     assert (node.up_mfs / "home/alice/late.txt").read_text() == "queued, never sent\n"
     assert_same_tree(node.up, node.up_mfs)
+
+
+# --- a hostile member: races, FIFOs, sparse and unnameable files, no inotify -----------------
+
+
+def leaked(up_mfs: Path, secret: bytes) -> list[str]:
+    """Every regular file under up_mfs that holds the secret (symlinks are not followed)."""
+    found = []
+    for directory, _dirs, files in os.walk(up_mfs):
+        for name in files:
+            path = os.path.join(directory, name)
+            if stat.S_ISREG(os.lstat(path).st_mode) and secret in Path(path).read_bytes():
+                found.append(path)
+    return found
+
+
+def test_a_symlink_exchanged_in_a_loop_never_leaks_node_files(run_helper, node):
+    """RENAME_EXCHANGE flips box between a real directory and a symlink to a directory of the
+    node's while batches run: whatever rsync resolves, it must stay inside up_local."""
+    secret = b"NODE-SECRET-" + os.urandom(8).hex().encode()
+    sentinel = node.root / "node-etc"
+    sentinel.mkdir()
+    (sentinel / "passwd").write_bytes(secret + b"\n")
+    start(run_helper, node, sync_time_s=0.05)
+    box = node.up / "box"
+    box.mkdir()
+    (box / "passwd").write_text("the member's own\n")
+    os.symlink(sentinel, node.up / "box-link")
+    stop = threading.Event()
+    exchanges = [0]
+
+    def attack():
+        while not stop.is_set():
+            exchange(box, node.up / "box-link")
+            exchanges[0] += 1
+            time.sleep(0.0005)  # events the kernel can queue, not an overflow and a full pass each time
+
+    def keep_changing():
+        """Writes box/passwd through whichever name is the real directory now (never through
+        the symlink: that would overwrite the sentinel), so batches keep naming box/passwd."""
+        n = 0
+        while not stop.is_set():
+            for name in ("box", "box-link"):
+                try:
+                    directory = os.open(node.up / name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                except OSError:
+                    continue
+                try:
+                    fd = os.open("passwd", os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW, dir_fd=directory)
+                    os.write(fd, f"the member's own {n}\n".encode())
+                    os.close(fd)
+                finally:
+                    os.close(directory)
+            n += 1
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=attack), threading.Thread(target=keep_changing)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(20)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert exchanges[0] > 1000, "the attack did not run"
+    synced = status(run_helper, node)
+    assert synced["batches"] + synced["full_passes"] > 20, "batches did not keep coming"
+    flush(run_helper, node, timeout_s=120)
+    assert leaked(node.up_mfs, secret) == []
+    now = status(run_helper, node)
+    assert now["running"] and now["state"] in ("idle", "syncing"), now
+    assert (sentinel / "passwd").read_bytes() == secret + b"\n"
+
+
+def test_a_sparse_file_stays_sparse(run_helper, node):
+    start(run_helper, node)
+    sparse = node.merge / "home/alice/disk.img"
+    sparse.parent.mkdir(parents=True, exist_ok=True)
+    with open(sparse, "wb") as stream:
+        stream.truncate(2 * 1024**3)
+        stream.seek(1024**3)
+        stream.write(b"middle")
+    flush(run_helper, node, timeout_s=120)
+    copy = node.up_mfs / "home/alice/disk.img"
+    assert copy.stat().st_size == 2 * 1024**3
+    assert copy.stat().st_blocks * 512 <= 1024 * 1024, f"{copy.stat().st_blocks} blocks"
+    with open(copy, "rb") as stream:
+        stream.seek(1024**3)
+        assert stream.read(6) == b"middle"
+
+
+def test_a_file_swapped_for_a_fifo_does_not_wedge_the_flush(run_helper, node):
+    start(run_helper, node, sync_time_s=0.05)
+    target = node.up / "pipe-or-file"
+    other = node.up / "swap-fifo"
+    os.mkfifo(other)
+    target.write_bytes(b"x" * 100_000)
+    stop = threading.Event()
+    swaps = [0]
+
+    def swap():
+        n = 0
+        while not stop.is_set():
+            exchange(target, other)
+            swaps[0] += 1
+            if swaps[0] % 50 == 0:
+                # A change to the plain file, wherever it is now, queues both names again.
+                # O_NONBLOCK: opening the FIFO instead fails at once rather than blocking.
+                for path in (target, other):
+                    try:
+                        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NONBLOCK | os.O_NOFOLLOW)
+                    except OSError:
+                        continue
+                    try:
+                        os.write(fd, b"y" * (1000 + n))
+                    except OSError:
+                        pass
+                    os.close(fd)
+                n += 1
+            time.sleep(0.001)
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    try:
+        time.sleep(3)
+        started = time.monotonic()
+        flush(run_helper, node, timeout_s=300)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        swapper.join()
+    assert swaps[0] > 100
+    # An I/O deadline of 20 s per stuck run, and a few runs to isolate the culprit.
+    assert took < 200, took
+    write(node.up / "after.txt", "still syncing\n")
+    flush(run_helper, node, timeout_s=120)
+    assert (node.up_mfs / "after.txt").read_text() == "still syncing\n"
+
+
+def deep_path(root: Path, min_bytes: int) -> bytes:
+    """mkdir one level at a time through descriptors: the path grows past PATH_MAX, which no
+    single call could name. Returns it relative to root."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    rel = b""
+    part = b"d" * 200
+    try:
+        while len(rel) < min_bytes:
+            os.mkdir(part, dir_fd=fd)
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            rel = rel + b"/" + part if rel else part
+        with open(os.open(b"leaf.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as stream:
+            stream.write(b"too deep\n")
+    finally:
+        os.close(fd)
+    return rel + b"/leaf.txt"
+
+
+def test_a_path_too_long_for_rsync_is_quarantined_and_the_rest_syncs(run_helper, node):
+    start(run_helper, node, sync_time_s=3600)
+    rel = deep_path(node.up, 4200)
+    write(node.up / "beside.txt", "same batch\n")
+    flushed = flush(run_helper, node, timeout_s=120)
+    assert flushed["mode"] == "daemon"
+    assert (node.up_mfs / "beside.txt").read_text() == "same batch\n"
+    now = status(run_helper, node)
+    assert now["quarantined_count"] >= 1
+    reasons = [entry["reason"] for entry in now["quarantined"]]
+    assert any("longer than 4095 bytes" in reason for reason in reasons), now["quarantined"]
+    assert all(len(entry["path"]) <= 300 for entry in now["quarantined"])
+    assert len(rel) > 4096
+    # Another flush still returns: the quarantined path is tried once and stays quarantined.
+    flush(run_helper, node, timeout_s=120)
+    assert status(run_helper, node)["quarantined_count"] >= 1
+
+
+def test_without_inotify_full_passes_keep_syncing(run_helper, node, monkeypatch):
+    monkeypatch.setenv("LABVM_SYNCD_TEST_FAIL_INOTIFY", "1")
+    start(run_helper, node, sync_time_s=3600)
+    now = status(run_helper, node)
+    assert now["degraded"] is True and now["watching"] is False
+    assert "no inotify instance" in now["degraded_reason"]
+    write(node.merge / "home/alice/unwatched.txt", "found by a full pass\n")
+    flush(run_helper, node, timeout_s=60)
+    assert (node.up_mfs / "home/alice/unwatched.txt").read_text() == "found by a full pass\n"
+    assert status(run_helper, node)["full_passes"] >= 2
+    assert_same_tree(node.up, node.up_mfs)
+
+
+def test_the_sender_config_and_rsh_words(bundle, tmp_path):
+    syncd = bundle.syncd
+    control = tmp_path / "ctl"
+    control.mkdir()
+    argv = syncd.batch_argv("/usr/bin/rsync", "/srv/up_local", "/mfs/up_mfs", str(control), False)
+    assert argv[-2:] == ["x::up/", "/mfs/up_mfs/"] and "-S" in argv and "--timeout=20" in argv
+    config = control / "rsyncd.conf"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert "use chroot = yes" in config.read_text() and "path = /srv/up_local\n" in config.read_text()
+    for bad in ("/srv/up%local", "/srv/up local", "/srv/up\nlocal", "/srv/'up'", "relative"):
+        with pytest.raises(ValueError):
+            syncd.batch_argv("/usr/bin/rsync", bad, "/mfs/up_mfs", str(control), False)
+    wrong = subprocess.run(
+        [sys.executable, str(Path(syncd.__file__)), "--rsh", "--rsync", "/bin/echo", "--config", "c", "x", "sh", "-c", "id"],
+        capture_output=True,
+    )
+    assert wrong.returncode == 2 and b"not a daemon connection" in wrong.stderr
+    ran = subprocess.run(
+        [sys.executable, str(Path(syncd.__file__)), "--rsh", "--rsync", "/bin/echo", "--config", "/c", "x", "rsync",
+         "--server", "--daemon", "."],
+        capture_output=True,
+    )  # fmt: skip
+    assert ran.stdout == b"--config=/c --server --daemon .\n"
