@@ -51,6 +51,7 @@ shared parts (file names, the flush protocol, rsync's arguments) from here.
 """
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -326,17 +327,17 @@ def run_rsync(argv: list[str], stdin: bytes | None = None, while_waiting=None) -
     calling while_waiting() about every second so a long transfer still reports status. The
     whole group goes once it ends: a sender stuck in a member's FIFO must not linger."""
     started = time.monotonic()
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as err, input_file(stdin) as source:
         process = subprocess.Popen(
             argv,
-            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdin=source,
             stdout=subprocess.PIPE,
             stderr=err,
             env=rsync_env(),
             start_new_session=True,
         )
         try:
-            stdout = communicate(process, stdin, while_waiting)
+            stdout = communicate(process, while_waiting)
         finally:
             kill_group(process.pid)
             process.wait()
@@ -345,14 +346,25 @@ def run_rsync(argv: list[str], stdin: bytes | None = None, while_waiting=None) -
     return RsyncRun(process.returncode, stdout.decode("utf-8", errors="replace"), stderr, time.monotonic() - started)
 
 
-def communicate(process: subprocess.Popen, stdin: bytes | None, while_waiting) -> bytes:
-    pending_input = stdin
+@contextlib.contextmanager
+def input_file(data: bytes | None):
+    """rsync's stdin as a file, not a pipe: a file list of a deep tree (megabytes) is read at
+    rsync's pace, and nothing of ours has to keep feeding it while we wait."""
+    if data is None:
+        yield subprocess.DEVNULL
+        return
+    with tempfile.TemporaryFile() as stream:
+        stream.write(data)
+        stream.seek(0)
+        yield stream
+
+
+def communicate(process: subprocess.Popen, while_waiting) -> bytes:
     while True:
         try:
-            out, _ = process.communicate(pending_input, timeout=STATUS_INTERVAL_S)
+            out, _ = process.communicate(timeout=STATUS_INTERVAL_S)
             return out or b""
         except subprocess.TimeoutExpired:
-            pending_input = None  # communicate keeps sending what it was given first
             if while_waiting is not None:
                 while_waiting()
 

@@ -94,7 +94,7 @@ def test_unreachable_master_is_a_retryable_failure_not_a_hang(run_helper, tmp_pa
 def test_unknown_action(run_helper):
     run = mfs(run_helper, "mount", GOOD)
     assert run.exit_code == 2 and run.error["code"] == "unknown_action"
-    assert "known: ensure_mounted, ensure_unmounted, status" in run.error["msg"]
+    assert "known: ensure_mounted, ensure_quota, ensure_unmounted, status" in run.error["msg"]
 
 
 @pytest.mark.parametrize(

@@ -900,3 +900,19 @@ def test_the_sender_config_and_rsh_words(bundle, tmp_path):
         capture_output=True,
     )  # fmt: skip
     assert ran.stdout == b"--config=/c --server --daemon .\n"
+
+
+def test_a_file_list_longer_than_one_wait_still_reaches_rsync_whole(bundle):
+    """The list of a deep tree takes rsync more than one status interval to read: every byte
+    of it must still arrive, and the run end (it used to wait for the rest forever)."""
+    listing = b"".join(b"./" + b"d/" * 1000 + b"%d\0" % i for i in range(1500))  # about 3 MB
+    # Reads slowly, then says how much it got the way rsync's --stats does.
+    reader = "import sys, time; time.sleep(1.5); data = sys.stdin.buffer.read(); print('Number of files:', len(data))"
+    previous = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("the list never got out")))
+    signal.alarm(30)
+    try:
+        run = bundle.syncd.run_rsync([sys.executable, "-c", reader], stdin=listing)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert run.returncode == 0 and run.examined == len(listing)
