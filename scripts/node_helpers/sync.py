@@ -385,6 +385,7 @@ def flush(params: dict, check: bool) -> Result:
 
 def flush_through_daemon(daemon: Daemon, paths: SyncPaths, timeout_s: float) -> Result:
     started = time.monotonic()
+    requested_at = time.time()
     number = syncd.request_flush(paths.control_dir)
     deadline = started + timeout_s
     next_alive_check = started + ALIVE_CHECK_S
@@ -403,9 +404,23 @@ def flush_through_daemon(daemon: Daemon, paths: SyncPaths, timeout_s: float) -> 
                     f"(its first full pass catches up), or flush again for a one-shot full pass; log: {log_tail(paths)}",
                     "sync_daemon_died",
                 )
+            refuse_when_destination_full(paths, requested_at)
         if now >= deadline:
             raise TemporaryFailure(f"flush not confirmed within {timeout_s:g} s: {daemon_summary(paths)}", "flush_timeout")
         time.sleep(ACK_POLL_S)
+
+
+def refuse_when_destination_full(paths: SyncPaths, requested_at: float) -> None:
+    """A flush cannot finish while the member's share of MooseFS is full: say so now, rather
+    than at the deadline. The daemon keeps everything queued and catches up once there is room."""
+    status = syncd.read_json(paths.file(syncd.STATUS_FILE)) or {}
+    error = status.get("last_error") or ""
+    if status.get("state") == "error" and error.startswith(syncd.FULL_DESTINATION_ERROR) and (status.get("updated") or 0) > requested_at:
+        raise PreconditionFailed(
+            f"{error}; nothing is lost (it stays queued): free space in the desktop or raise <storage><member_quota>, "
+            "then flush again",
+            "destination_full",
+        )
 
 
 def daemon_summary(paths: SyncPaths) -> str:

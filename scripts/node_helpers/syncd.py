@@ -202,12 +202,16 @@ ROOT_CONTENTS = b"."
 
 def write_json_atomically(path: str, value) -> None:
     """Readers see the old document or the new one, never a torn one."""
+    write_text_atomically(path, json.dumps(value, sort_keys=True) + "\n")
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """The whole text or the old file, never a torn one; the new file is 0600 (mkstemp)."""
     directory, name = os.path.split(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            json.dump(value, stream, sort_keys=True)
-            stream.write("\n")
+            stream.write(text)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -419,17 +423,7 @@ def write_sender_config(control_dir: str, up_local: str) -> str:
                 return path
     except (OSError, ValueError):
         pass
-    fd, tmp = tempfile.mkstemp(prefix=f".{SENDER_CONFIG}.", dir=control_dir)  # mkstemp: 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_text_atomically(path, text)
     return path
 
 
