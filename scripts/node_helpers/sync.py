@@ -415,7 +415,7 @@ def refuse_when_destination_full(paths: SyncPaths, requested_at: float) -> None:
     than at the deadline. The daemon keeps everything queued and catches up once there is room."""
     status = syncd.read_json(paths.file(syncd.STATUS_FILE)) or {}
     error = status.get("last_error") or ""
-    if status.get("state") == "error" and error.startswith(syncd.FULL_DESTINATION_ERROR) and (status.get("updated") or 0) > requested_at:
+    if status.get("state") == "error" and syncd.FULL_DESTINATION_ERROR in error and (status.get("updated") or 0) > requested_at:
         raise PreconditionFailed(
             f"{error}; nothing is lost (it stays queued): free space in the desktop or raise <storage><member_quota>, "
             "then flush again",
