@@ -277,7 +277,9 @@ def daemon_args(
 
 
 def rsync_env() -> dict:
-    env = dict(os.environ)
+    # A daemon started over SSH inherits SSH_CLIENT/SSH_CONNECTION; the daemon sender takes its
+    # peer's address from them and would look the name up (10 s per run where DNS is silent).
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SSH_")}
     env["LC_ALL"] = "C"  # the stats we parse must not be localised
     return env
 
@@ -409,6 +411,7 @@ def sender_config(up_local: str) -> str:
     # uid/gid 0: a daemon started as root would otherwise read the tree as nobody.
     return (
         "use chroot = yes\nnumeric ids = yes\nuid = 0\ngid = 0\nread only = yes\nlog file = /dev/null\n"
+        "reverse lookup = no\n"
         f"[{SENDER_MODULE}]\npath = {up_local.rstrip('/') or '/'}\n"
     )
 

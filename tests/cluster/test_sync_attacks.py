@@ -91,7 +91,7 @@ def test_symlink_swap_race_copies_no_node_file(lab):
     flushed = lab.labvm("sync", "flush", "mallory", timeout=600)
     assert flushed.returncode == 0, flushed.stdout + flushed.stderr
     after = sync_counters(lab, "mallory")
-    batches = after["counters"]["batches"] - before["counters"]["batches"]
+    batches = after["batches"] - before["batches"]
     assert batches >= 300, f"only {batches} batches ran during the attack: it proves too little"
     up_mfs = UP_MFS.format(user="mallory")
     leaked = node_sh(f"grep -rlF -e {node_key[:40]!r} -e {secret} {up_mfs} || true").stdout.strip()
@@ -116,7 +116,7 @@ def test_fifo_swap_and_uncopyable_paths_never_wedge_the_sync(lab):
         swapper.wait(timeout=200)
     status = lab.labvm_json("sync", "status", "mallory")
     listed = " ".join(q["reason"] + " " + q["path"] for q in status.get("quarantined", []))
-    assert "4096" in listed or "too long" in listed.lower(), status
+    assert "path longer than" in listed, status
     assert node_sh(f"cat {UP_MFS.format(user='mallory')}/root/plain").stdout.strip() == "plain"
     stopped = lab.labvm("stop", "mallory", timeout=900)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr

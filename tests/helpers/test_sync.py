@@ -916,3 +916,12 @@ def test_a_file_list_longer_than_one_wait_still_reaches_rsync_whole(bundle):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert run.returncode == 0 and run.examined == len(listing)
+
+
+def test_the_daemon_sender_never_looks_up_a_peer_name(bundle, tmp_path, monkeypatch):
+    """Started over SSH, the sync daemon inherits SSH_CLIENT; rsync's daemon sender would take
+    its peer from it and wait on DNS for every run."""
+    monkeypatch.setenv("SSH_CLIENT", "192.0.2.1 50000 22")
+    monkeypatch.setenv("SSH_CONNECTION", "192.0.2.1 50000 192.0.2.2 22")
+    assert not [key for key in bundle.syncd.rsync_env() if key.startswith("SSH_")]
+    assert "reverse lookup = no\n" in bundle.syncd.sender_config(str(tmp_path / "up_local"))
