@@ -342,14 +342,38 @@ def run_rsync(argv: list[str], stdin: bytes | None = None, while_waiting=None) -
             env=rsync_env(),
             start_new_session=True,
         )
+        stuck = []
         try:
-            stdout = communicate(process, while_waiting)
+            stdout = communicate(process, while_waiting, lambda: stuck.append(True) or kill_group(process.pid))
         finally:
             kill_group(process.pid)
             process.wait()
         err.seek(0)
         stderr = err.read().decode("utf-8", errors="replace")
-    return RsyncRun(process.returncode, stdout.decode("utf-8", errors="replace"), stderr, time.monotonic() - started)
+    returncode = process.returncode
+    if stuck:
+        # As if its I/O deadline had passed: the batch is split and the path quarantined.
+        returncode = RSYNC_TIMEOUT_CODES[0]
+        stderr += "\nstopped: the sender was opening a FIFO (a file swapped for one as it was read)"
+    return RsyncRun(returncode, stdout.decode("utf-8", errors="replace"), stderr, time.monotonic() - started)
+
+
+def opening_a_fifo(pid: int) -> bool:
+    """Whether rsync or one of its children waits in open() for the other end of a FIFO: the
+    sender never opens one on purpose, so a member swapped it in, and no I/O deadline ends it
+    (the client's processes keep each other alive with keep-alives)."""
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/wchan", encoding="ascii", errors="replace") as stream:
+                if stream.read().strip() == "wait_for_partner":
+                    return True
+            with open(f"/proc/{current}/task/{current}/children", encoding="ascii") as stream:
+                todo.extend(int(child) for child in stream.read().split())
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 @contextlib.contextmanager
@@ -365,12 +389,14 @@ def input_file(data: bytes | None):
         yield stream
 
 
-def communicate(process: subprocess.Popen, while_waiting) -> bytes:
+def communicate(process: subprocess.Popen, while_waiting, on_fifo=None) -> bytes:
     while True:
         try:
             out, _ = process.communicate(timeout=STATUS_INTERVAL_S)
             return out or b""
         except subprocess.TimeoutExpired:
+            if on_fifo is not None and opening_a_fifo(process.pid):
+                on_fifo()
             if while_waiting is not None:
                 while_waiting()
 

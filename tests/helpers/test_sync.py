@@ -925,3 +925,30 @@ def test_the_daemon_sender_never_looks_up_a_peer_name(bundle, tmp_path, monkeypa
     monkeypatch.setenv("SSH_CONNECTION", "192.0.2.1 50000 192.0.2.2 22")
     assert not [key for key in bundle.syncd.rsync_env() if key.startswith("SSH_")]
     assert "reverse lookup = no\n" in bundle.syncd.sender_config(str(tmp_path / "up_local"))
+
+
+def test_a_child_stuck_opening_a_fifo_is_seen(bundle, tmp_path):
+    """The daemon sender blocks in open() on a FIFO a member swapped in, and rsync's I/O
+    deadline never fires for it: the syncer has to see it itself."""
+    fifo = tmp_path / "flip"
+    os.mkfifo(fifo)
+    shell = subprocess.Popen(["sh", "-c", f"cat {fifo} > /dev/null; true"])
+    try:
+        seen = False
+        for _ in range(50):
+            seen = bundle.syncd.opening_a_fifo(shell.pid)
+            if seen:
+                break
+            time.sleep(0.1)
+        assert seen
+    finally:
+        shell.kill()
+        subprocess.run(["pkill", "-f", f"cat {fifo}"], check=False)
+        shell.wait()
+    idle = subprocess.Popen(["sh", "-c", "sleep 5; true"])
+    try:
+        time.sleep(0.3)
+        assert not bundle.syncd.opening_a_fifo(idle.pid)
+    finally:
+        idle.kill()
+        idle.wait()
