@@ -13,6 +13,7 @@ import time
 import pytest
 
 from .conftest import REPO, invoke_testbed, make_admin, wipe_mfs_files
+from .test_hostile_member import inside
 from .test_storage import set_config
 
 USERS = {"mallory": "mallory-Pw-3310", "victim": "victim-Pw-8812"}
@@ -36,10 +37,6 @@ def lab(testbed, tmp_path_factory):
     yield admin
     for name in USERS:
         admin.labvm("rm", name, "--yes")
-
-
-def inside(lab, user: str, script: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return lab.labvm("exec", user, "--", "sh", "-c", script, timeout=timeout)
 
 
 def in_background(lab, user: str, script: str, seconds: int) -> subprocess.Popen:
