@@ -30,6 +30,7 @@ HELPER_MODULES = {
     "metrics": "metrics",
     "sync": "sync",
     "net": "net",
+    "runtime": "runtime",
 }
 
 

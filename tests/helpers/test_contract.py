@@ -57,7 +57,7 @@ def test_unknown_helper_is_a_bad_request(run_helper):
     run = run_helper("../../bin/sh", FACTS)
     assert run.exit_code == 2
     assert run.error["code"] == "unknown_helper"
-    assert "known: files, image, merge, metrics, mfs, net, probe, sync, vm" in run.error["msg"]
+    assert "known: files, image, merge, metrics, mfs, net, probe, runtime, sync, vm" in run.error["msg"]
 
 
 @pytest.mark.parametrize("args", [[], ["probe", "extra"]])
