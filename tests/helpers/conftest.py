@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socketserver
 import stat
@@ -23,7 +24,7 @@ import pytest
 
 BUNDLE_DIR = Path(__file__).resolve().parents[2] / "scripts" / "node_helpers"
 ENTRY = BUNDLE_DIR / "labvm_helper.py"
-BUNDLE_MODULES = ("_contract", "_system", "_tree", "_docker", "net", "probe", "mfs", "image", "vm", "files", "merge", "metrics", "syncd", "sync")
+BUNDLE_MODULES = ("_contract", "_system", "_tree", "_docker", "net", "probe", "mfs", "image", "vm", "files", "merge", "metrics", "syncd", "sync", "oci_shim", "runtime")
 EXIT_CODES = {0, 1, 2, 3, 75}
 MNT_DETACH = 2
 
@@ -143,7 +144,8 @@ def load_bundle_modules() -> dict:
 @pytest.fixture(scope="session")
 def bundle():
     """The bundle's modules: bundle.contract, bundle.system, bundle.docker, bundle.probe, bundle.mfs, bundle.image,
-    bundle.vm, bundle.files, bundle.merge, bundle.metrics, bundle.syncd, bundle.sync."""
+    bundle.vm, bundle.files, bundle.merge, bundle.metrics, bundle.syncd, bundle.sync, bundle.oci_shim,
+    bundle.runtime."""
     return SimpleNamespace(**{name.lstrip("_"): module for name, module in load_bundle_modules().items()})
 
 
@@ -153,7 +155,8 @@ def bundle():
 def mount_points_under(root) -> list[str]:
     prefix = str(root).rstrip("/") + "/"
     with open("/proc/self/mountinfo") as stream:
-        points = [line.split()[4] for line in stream]
+        # The kernel writes a space in a mount point as \040 (tab, newline, backslash alike).
+        points = [re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), line.split()[4]) for line in stream]
     return [point for point in points if point.startswith(prefix)]
 
 
