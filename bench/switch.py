@@ -61,7 +61,7 @@ def where(env) -> str:
 
 def stop_sync(node: str) -> None:
     """Kill the desktop's sync on its node: nothing written from now on reaches MooseFS before the switch."""
-    run([sys.executable, str(TESTBED), "exec", node, "--", "pkill", "-KILL", "-f", f"syncd.py.*/vms/{USER}/up_local( |$)"])
+    run([sys.executable, str(TESTBED), "exec", node, "--", "pkill", "-KILL", "-f", f"syncd.py.*/vms/{USER}/disk/up_local( |$)"])
 
 
 def where_mfs_is() -> str:

@@ -546,11 +546,13 @@ def _show_connect(home: AdminHome, desktop) -> None:
 @click.option("--gpus", metavar="N|I,J", help="N free GPUs, or GPU indexes like 0,2 (1, for GPU 1 alone); 0 for none.")
 @click.option("--adopt", is_flag=True,
               help="Continue from files an earlier member of the same name left on MooseFS (refused without it).")
+@click.option("--disk", metavar="SIZE",
+              help="Disk size, e.g. 100g: all the desktop may hold, wherever in its root (default from <vm_defaults>).")
 @limit_options
 @json_option
 @click.pass_obj
 @audited("user")
-def create(home: AdminHome, user, node, gpus, adopt, as_json, **limits):
+def create(home: AdminHome, user, node, gpus, adopt, as_json, disk, **limits):
     """Create and start USER's desktop.
 
     A desktop continues from the newest version of USER's files on MooseFS,
@@ -560,15 +562,54 @@ def create(home: AdminHome, user, node, gpus, adopt, as_json, **limits):
     \b
     labvm create alice                 defaults from the cluster file, node picked for you
     labvm create alice --gpus 2        two free GPUs
-    labvm create alice --node n2 --gpus 0,3 --memory 32g
+    labvm create alice --node n2 --gpus 0,3 --memory 32g --disk 200g
     """
     from .desktops import LimitOverrides
 
-    desktop = _desktops(home, quiet=as_json).create(user, node=node, gpus=gpus, overrides=LimitOverrides(**limits), adopt=adopt)
+    overrides = LimitOverrides(**limits, disk=disk)
+    desktop = _desktops(home, quiet=as_json).create(user, node=node, gpus=gpus, overrides=overrides, adopt=adopt)
     if as_json:
         _emit_json(desktop.as_dict(home.config))
     else:
         _show_connect(home, desktop)
+
+
+@cli.command()
+@click.argument("user", shell_complete=complete_users)
+@click.argument("size")
+@click.option("--dry-run", is_flag=True, help="Show what would change; change nothing.")
+@json_option
+@click.pass_obj
+@audited("user")
+def resize(home: AdminHome, user, size, dry_run, as_json):
+    """Grow USER's disk to SIZE (e.g. 200g).
+
+    The disk holds everything the desktop writes anywhere in its root. A
+    running desktop gets the room at once, with no restart; a stopped one
+    at its next start. The member's quota on MooseFS grows with it. A disk
+    never shrinks.
+
+    \b
+    labvm resize alice 200g
+    labvm resize alice 200g --dry-run --json
+    """
+    from .monitor import human_size
+
+    plan = _desktops(home, quiet=as_json).resize(user, size, dry_run=dry_run)
+    if as_json:
+        _emit_json({**plan, "dry_run": dry_run})
+        return
+    what = f"{user}'s disk: {human_size(plan['from'])} -> {human_size(plan['to'])}"
+    if not plan["changes"]:
+        say(f"{user}'s disk is already {human_size(plan['to'])}")
+    elif dry_run:
+        say(f"would grow {what}, and the MooseFS quota to {human_size(plan['quota'])} (dry run: nothing changed)")
+    else:
+        later = " (at its next start)" if plan.get("pending") else ""
+        say(f"grew {what}{later}; MooseFS quota {human_size(plan['quota'])}")
+        if plan.get("restart_needed"):
+            say(f"  this node's kernel does not grow a mounted disk: the desktop gets the room at its next start "
+                f"(`labvm restart {user}`)")
 
 
 @cli.command()

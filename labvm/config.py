@@ -53,8 +53,9 @@ class Storage:
     mfs_dir: str
     mfs_port: int = 9421
     mount_options: str = ""
-    # Hard MooseFS quota on each member's tree, versions included.
-    member_quota: int = 1 << 40
+    # Hard MooseFS quota on each member's tree, versions included. None: from the desktop's
+    # disk size and the retention rule (member_quota_for).
+    member_quota: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class VmDefaults:
     io_read_bps: int | None = None
     io_write_bps: int | None = None
     gpus: int = 0
+    disk: int = 100 << 30
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,16 @@ class Retention:
     keep_last: int = 7
     keep_daily: int = 14
     keep_weekly: int = 8
+
+
+def member_quota_for(cfg: "ClusterConfig", disk: int) -> int:
+    """A member's hard quota on MooseFS: `<storage><member_quota>` where the cluster file sets
+    one, else room for every version the retention rule keeps (MooseFS counts each in full)
+    plus the synced upper and one version being made, each at most the desktop's disk."""
+    if cfg.storage.member_quota is not None:
+        return cfg.storage.member_quota
+    kept = cfg.retention.keep_last + cfg.retention.keep_daily + cfg.retention.keep_weekly
+    return disk * (kept + 2)
 
 
 @dataclass(frozen=True)
@@ -244,7 +256,7 @@ def _parse_storage(root) -> Storage:
         mfs_mount=_text(el, "mfs_mount"),
         mfs_dir=_text(el, "mfs_dir"),
         mount_options=_text(el, "mount_options", ""),
-        member_quota=_typed(el, "member_quota", Storage.member_quota, parse_size),
+        member_quota=_typed(el, "member_quota", None, parse_size),
     )
 
 
@@ -276,6 +288,7 @@ def _parse_defaults(root) -> VmDefaults:
         io_read_bps=_typed(el, "io_read_bps", d.io_read_bps, parse_size),
         io_write_bps=_typed(el, "io_write_bps", d.io_write_bps, parse_size),
         gpus=_typed(el, "gpus", d.gpus, int),
+        disk=_typed(el, "disk", d.disk, parse_size),
     )
 
 

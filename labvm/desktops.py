@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .admin import AdminHome
-from .config import ClusterConfig, Node, parse_size
+from .config import ClusterConfig, Node, member_quota_for, parse_size
 from .errors import AlreadyExists, BadInput, FilesOfAnotherMember, LabvmError, NotFound
 from .images import base_image_tag, base_image_tar
 from .journal import journaled
@@ -47,6 +47,26 @@ class LimitOverrides:
     io_weight: int | None = None
     io_read_bps: str | None = None
     io_write_bps: str | None = None
+    disk: str | None = None
+
+
+MIN_DISK = 256 << 20
+
+
+def parse_disk(text: str, option: str = "--disk") -> int:
+    size = parse_size(text)
+    if size < MIN_DISK:
+        raise BadInput(f"{option} {text}: a desktop needs a disk of at least 256m")
+    if size > 1 << 50:
+        raise BadInput(f"{option} {text}: at most 1024t")
+    return size
+
+
+def _size_text(size: int) -> str:
+    for unit, shift in (("t", 40), ("g", 30), ("m", 20), ("k", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return f"{size} bytes"
 
 
 @dataclass
@@ -60,6 +80,8 @@ class Limits:
     io_read_bps: int | None
     io_write_bps: int | None
     io_device: str | None = None
+    # Bytes; None in the records of desktops made before disks existed: the default applies.
+    disk: int | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -88,6 +110,7 @@ def resolve_limits(cfg: ClusterConfig, o: LimitOverrides) -> Limits:
         io_weight=o.io_weight if o.io_weight is not None else d.io_weight,
         io_read_bps=parse_size(o.io_read_bps) if o.io_read_bps is not None else d.io_read_bps,
         io_write_bps=parse_size(o.io_write_bps) if o.io_write_bps is not None else d.io_write_bps,
+        disk=parse_disk(o.disk) if o.disk is not None else d.disk,
     )
 
 
@@ -351,11 +374,11 @@ class Desktops:
         user, node = desktop.user, s.node
         with op.step("mount_mfs"):
             s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
+        disk = self.disk_of(desktop.limits)
         with op.step("mount_stack"):
-            s.call("vm", "ensure_stack", self._stack_params(user, node, desktop.version))
+            s.call("vm", "ensure_stack", self._stack_params(user, node, desktop.version, disk), timeout=3600)
         with op.step("member_quota"):
-            s.call("mfs", "ensure_quota", {"mount": self.cfg.storage.mfs_mount, "user": user,
-                                           "size": self.cfg.storage.member_quota})
+            self.ensure_quota(s, user, disk)
         with op.step("start_sync"):
             s.call("sync", "ensure_running", self.sync_params(user, node))
         image = s.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]
@@ -365,11 +388,20 @@ class Desktops:
             self.run_container(s, db, user, spec)
         db.conn.execute("UPDATE vms SET state = 'running', updated_at = ? WHERE user = ?", (time.time(), user))
 
+    def disk_of(self, limits: dict) -> int:
+        return limits.get("disk") or self.cfg.vm_defaults.disk
+
+    def ensure_quota(self, s: NodeSession, user: str, disk: int) -> None:
+        s.call("mfs", "ensure_quota", {"mount": self.cfg.storage.mfs_mount, "user": user,
+                                       "size": member_quota_for(self.cfg, disk)})
+
     def run_container(self, s: NodeSession, db: StateDB, user: str, spec: dict) -> None:
         """Start the desktop's container, never before the node walls its network off from
         MooseFS, the nodes and the other desktops (re-applied each time: a dockerd restart or
-        an admin's iptables flush must not leave a desktop open)."""
+        an admin's iptables flush must not leave a desktop open), and never before its dockerd
+        knows the labvm runtime, which gives the container the desktop's overlay as its root."""
         s.call("net", "ensure_isolation", isolation_params(self.cfg))
+        s.call("runtime", "ensure_runtime", {"data_dir": s.node.data_dir}, timeout=60)
         s.call("vm", "ensure_container", {"user": user, "data_dir": s.node.data_dir, "spec": spec,
                                           "secrets": {"password": db.vnc_secret(user)}, "node": s.node.name,
                                           "mfs_mount": self.cfg.storage.mfs_mount}, timeout=240)
@@ -459,13 +491,14 @@ class Desktops:
             self.say(f"rollback on {node.name} incomplete: {exc}")
         db.conn.execute("DELETE FROM vms WHERE user = ?", (user,))
 
-    def _stack_params(self, user: str, node: Node, version: int) -> dict:
+    def _stack_params(self, user: str, node: Node, version: int, disk: int) -> dict:
         return {
             "user": user,
             "data_dir": node.data_dir,
             "mfs_mount": self.cfg.storage.mfs_mount,
             "version": version,
             "xfce_local": self.cfg.xfce_local,
+            "disk": disk,
             "node": node.name,
         }
 
@@ -547,6 +580,42 @@ class Desktops:
         self.publish(s, user, base, target)
         s.call("vm", "reset_upper", {"user": user, "data_dir": s.node.data_dir, "mfs_mount": self.cfg.storage.mfs_mount})
         self.say(f"{user}'s files are kept on MooseFS as v{target}")
+
+    def resize(self, user: str, size_text: str, dry_run: bool = False) -> dict:
+        """Grow USER's disk: the record, the image on its node (online, a running desktop sees
+        the room at once) and the member's quota on MooseFS. Never shrinks."""
+        size = parse_disk(size_text, "SIZE")
+        with self.home.state() as db:
+            desktop = self.get(db, user)
+            plan = self._resize_plan(desktop, size)
+            if dry_run or not plan["changes"]:
+                return plan
+            with journaled(db, "resize", user, {"size": size}) as op:
+                desktop = self.get(db, user)  # as it is now that the lock is held
+                plan = self._resize_plan(desktop, size)
+                node = self.cfg.node(desktop.node)
+                with self.session(node) as s:
+                    with op.step("grow_disk"):
+                        grown = s.call("vm", "resize_disk", {"user": user, "data_dir": node.data_dir, "size": size},
+                                       timeout=900)["data"]
+                    with op.step("member_quota"):
+                        s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
+                        self.ensure_quota(s, user, size)
+                with op.step("record"):
+                    limits = {**desktop.limits, "disk": size}
+                    db.conn.execute("UPDATE vms SET limits = ?, updated_at = ? WHERE user = ?",
+                                    (json.dumps(limits), time.time(), user))
+                plan["pending"] = grown.get("pending", False)
+                plan["restart_needed"] = grown.get("restart_needed", False)
+                return plan
+
+    def _resize_plan(self, desktop: Desktop, size: int) -> dict:
+        current = self.disk_of(desktop.limits)
+        if size < current:
+            raise BadInput(f"{desktop.user}'s disk is {_size_text(current)}; a disk can grow, not shrink "
+                           f"(SIZE {_size_text(size)} is smaller)")
+        return {"user": desktop.user, "node": desktop.node, "state": desktop.state, "from": current, "to": size,
+                "changes": size != current, "quota": member_quota_for(self.cfg, size)}
 
     def passwd(self, user: str, password: str) -> None:
         with self.home.state() as db:

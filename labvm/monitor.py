@@ -52,6 +52,16 @@ UNKNOWN_FIGURES = {
 }
 
 
+def disk_entry(cfg: ClusterConfig, desktop, measured: dict | None) -> dict:
+    """Size from the record (the default for desktops made before disks had sizes), or the
+    image's where it is larger; use as the node measured it."""
+    size = desktop.limits.get("disk") or cfg.vm_defaults.disk
+    measured = measured or {}
+    if isinstance(measured.get("size"), int):
+        size = max(size, measured["size"])
+    return {"size": size, "used": measured.get("used"), "allocated": measured.get("allocated")}
+
+
 def status_schema() -> dict:
     """The JSON schema of the status document, shipped beside the cluster file's XSD."""
     return json.loads(resources.files("labvm").joinpath("schema/status.schema.json").read_text())
@@ -282,6 +292,7 @@ def desktop_entry(cfg: ClusterConfig, desktop, node_sample: dict | None, activit
         figures = {key: mine.get(key) for key in DESKTOP_FIGURES}
         container_state = mine["state"]
     watched = activity is not None and container_state == "running"
+    figures["disk"] = disk_entry(cfg, desktop, (mine or {}).get("disk"))
     return {
         **base,
         "container_state": container_state,
@@ -570,6 +581,11 @@ def times(desktop: dict) -> Text:
 def storage_cell(desktop: dict) -> Text:
     text = Text(f"v{desktop['last_version']}" if desktop["last_version"] is not None else "v?")
     text.append("\nsync ").append_text(sync_cell(desktop["sync"]))
+    disk = desktop.get("disk") or {}
+    if disk.get("size"):
+        used = human_size(disk["used"]) if disk.get("used") is not None else "-"
+        style = level_style(disk["used"] / disk["size"]) if disk.get("used") is not None else ""
+        text.append("\ndisk ").append(f"{used}/{human_size(disk['size'])}", style=style)
     return text
 
 

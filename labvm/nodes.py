@@ -134,6 +134,13 @@ def check_node(cfg: ClusterConfig, node: Node, *, mount_mfs: bool, bundle: Helpe
                 facts["isolation"]["missing"] = []
         except HelperFailed as exc:
             facts["isolation"] = {"error": exc.fields.get("msg")}
+        try:
+            # The same for the labvm runtime, which gives each desktop its overlay as its root.
+            action = "ensure_runtime" if mount_mfs else "runtime_status"
+            facts["runtime"] = runner.call("runtime", action, {"data_dir": node.data_dir}, timeout=60)["data"]
+            facts["runtime"].setdefault("missing", [])
+        except HelperFailed as exc:
+            facts["runtime"] = {"error": exc.fields.get("msg")}
     mfs = facts.get("mfs") or {}
     if mfs_error:
         mfs["error"] = mfs_error
@@ -164,7 +171,7 @@ def node_problems(outcome: NodeOutcome[dict]) -> list[str]:
     if not docker.get("ok"):
         problems.append(f"docker: {docker.get('error') or 'not answering'}")
     tools = facts.get("tools") or {}
-    for tool in ("mfsmount", "rsync"):
+    for tool in ("mfsmount", "rsync", "mkfs.ext4", "resize2fs", "losetup"):
         if not tools.get(tool):
             problems.append(f"{tool} missing")
     mfs = facts.get("mfs") or {}
@@ -178,6 +185,12 @@ def node_problems(outcome: NodeOutcome[dict]) -> list[str]:
     elif isolation.get("missing"):
         problems.append("desktop network isolation missing (the next desktop start adds it): "
                         + ", ".join(isolation["missing"]))
+    runtime = facts.get("runtime") or {}
+    if runtime.get("error"):
+        problems.append(f"labvm runtime: {runtime['error']}")
+    elif runtime.get("missing"):
+        problems.append("labvm runtime not ready (`labvm node check` without --no-mount, or the next desktop start, "
+                        "installs it): " + ", ".join(runtime["missing"]))
     if facts.get("gpu_error"):
         problems.append(f"GPUs: {facts['gpu_error']}")
     return problems

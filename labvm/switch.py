@@ -338,7 +338,8 @@ class Switcher:
         target.call("vm", "remove_container", {"user": user}, timeout=90)
         target.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": node.data_dir})
         target.call("vm", "reset_upper", {"user": user, "data_dir": node.data_dir, "mfs_mount": mfs_mount})
-        target.call("vm", "ensure_stack", self.desktops._stack_params(user, node, op.params["new_version"]))
+        disk = self.desktops.disk_of(op.params["target_limits"])
+        target.call("vm", "ensure_stack", self.desktops._stack_params(user, node, op.params["new_version"], disk), timeout=3600)
 
     def _step_start_target(self, db, op: Operation, user: str) -> None:
         p = op.params

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from _contract import USER_PATTERN, Action, BadRequest, Failed, Param, PreconditionFailed, Result, TemporaryFailure, absolute_path
 from _docker import DEFAULT_DOCKER_SOCKET, api_url, docker_json_call, docker_message
 from _system import CommandTimedOut, MountEntry, find_tool, mount_at, parse_mountinfo, run_command
+from vm import VmPaths, disk_figures
 
 DEFAULT_PROC_ROOT = "/proc"
 DEFAULT_INTERVAL_S = 0.5
@@ -707,7 +708,17 @@ def desktop_entry(user: str, container: Container | None, now: float) -> dict:
         "gpu_processes": 0,
         "sync": None,
         "last_version": None,
+        "disk": None,
     }
+
+
+def read_disk(data_dir: str, user: str) -> dict | None:
+    """The desktop's disk: its image's size and what it takes on the node, and while it is
+    mounted, what the member has used of it."""
+    figures = disk_figures(VmPaths.of(data_dir, user))
+    if figures["size"] is None:
+        return None
+    return {key: figures[key] for key in ("size", "used", "allocated")}
 
 
 def read_sync_status(proc: Proc, data_dir: str, user: str, now: float) -> dict | None:
@@ -758,6 +769,7 @@ def sample(params: dict, check: bool) -> Result:
             entries[user].update(memory=container_memory(files), blkio=container_io(files), net=container_net(files))
     for user in users:
         entries[user]["sync"] = read_sync_status(proc, params["data_dir"], user, now)
+        entries[user]["disk"] = read_disk(params["data_dir"], user)
 
     time.sleep(max(0.0, params["interval_s"] - (time.monotonic() - started)))
     cpu_after, _ = node_cpu(proc)

@@ -24,7 +24,8 @@ that sentinel mount, the source is checked:
   - an absolute, normalised path <D>/vms/<user>/merge_local for one D of data_dirs, with <user>
     a labvm member name;
   - no component of it is a symlink;
-  - the mount table shows an overlay exactly there whose upperdir is <D>/vms/<user>/up_local;
+  - the mount table shows an overlay exactly there whose upperdir is <D>/vms/<user>/disk/up_local
+    (the upper on the desktop's own disk image);
 
 then root.path becomes that source, root.readonly false, the sentinel mount is dropped, the
 config is written back atomically and the real runtime runs with the arguments unchanged.
@@ -346,7 +347,7 @@ def desktop_root(spec, data_dirs):
     source = sentinels[0].get("source")
     data_dir, user = desktop_of(source, data_dirs)
     refuse_symlinks(source)
-    refuse_unless_desktop_overlay(source, "%s/vms/%s/up_local" % (data_dir.rstrip("/"), user))
+    refuse_unless_desktop_overlay(source, "%s/vms/%s/disk/up_local" % (data_dir.rstrip("/"), user))
     return source
 
 

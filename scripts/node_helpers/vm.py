@@ -1,10 +1,12 @@
 """vm: one desktop's layer stack and container on this node.
 
 Actions:
-  ensure_stack            bind the current version read-only at low_local and mount the overlay
-                          merge_local = low_local : xfce_local, upper up_local
-  ensure_stack_unmounted  unmount merge_local, then low_local; busy is refused, never lazy
-  ensure_container        create and start the desktop container from a spec built by labvm
+  ensure_stack            mount the desktop's disk (made, grown or filled from an older layout
+                          first if need be), bind the current version read-only at low_local
+                          and mount the overlay merge_local = low_local : xfce_local, upper up_local
+  ensure_stack_unmounted  unmount merge_local, low_local, then the disk; busy is refused, never lazy
+  ensure_container        create and start the desktop container from a spec built by labvm; its
+                          root filesystem is merge_local (through the labvm OCI runtime, runtime.py)
   set_password            apply a new login + VNC password inside the running container
   stop_container          docker stop
   remove_container        docker stop (if running) and docker rm; the layers are never touched
@@ -15,6 +17,7 @@ Actions:
   set_owner / owner       the owner record on MooseFS: the one node allowed to run the desktop,
                           and the member id of the member whose files these are
   release_owner           no node owns it (labvm rm); the member id stays in the record
+  resize_disk             grow the desktop's disk image and its filesystem, online
 
 Fencing: <mfs_mount>/vms/<user>/owner.json names the node that may run the desktop. A switch
 moves it to the target before the target mounts anything, and ensure_stack / ensure_container
@@ -24,7 +27,11 @@ cut off or presumed dead cannot bring up a second copy when it returns.
 Node layout, per VM:
 
     <data_dir>/vms/<user>/           0700 root
-        up_local/  work_local/       overlay upper and work dirs (local disk)
+        disk.ext4                    0600 root: the desktop's disk, a sparse ext4 image of its size
+        disk/                        where that image is mounted (loop) while the stack is up:
+            up_local/  work_local/   overlay upper and work dirs. A member who fills them gets
+                                     ENOSPC in their own desktop; the node's data disk loses no
+                                     more than the image's size.
         low_local/                   read-only bind of <mfs_mount>/vms/<user>/low_mfs.v<N>
                                      (mfs_mount shows labvm's own subtree: mfsmount -S <mfs_dir>)
         merge_local/                 the overlay; the container's root comes from here
@@ -48,7 +55,7 @@ import re
 import socket
 import stat
 import time
-from dataclasses import astuple, dataclass
+from dataclasses import asdict, astuple, dataclass
 from typing import Any
 
 from _contract import (
@@ -96,11 +103,15 @@ from _system import (
 )
 from _tree import remove_tree
 from net import NETWORK_NAME as DESKTOP_NETWORK
+from runtime import RUNTIME_NAME, SENTINEL as ROOTFS_SENTINEL
 
 IMAGE_MARKER = ".labvm-image.json"
 MOUNT_TIMEOUT_S = 60.0
 FUSE_CALL_TIMEOUT_S = 5.0
 VERSION_DIR_PATTERN = r"low_mfs\.v(\d+)"
+DISK_IMAGE = "disk.ext4"
+DISK_DIR = "disk"
+MIN_DISK_BYTES = 32 * 1024 * 1024
 
 # Why these overlay options: the upper dir is not only read through this mount. The sync copies
 # up_local to MooseFS as plain files and an offline merge applies it onto the next version, on
@@ -127,10 +138,9 @@ CONTAINER_PREFIX = "labvm-"
 RUNTIME_IN_CONTAINER = "/run/labvm"
 INIT_PATH = f"{RUNTIME_IN_CONTAINER}/init"
 TINI_PATH = f"{RUNTIME_IN_CONTAINER}/tini"
-# docker's own Init (HostConfig.Init) mounts tini at /sbin/docker-init. With the usr-merged base
-# image, /sbin is a symlink into /usr, and our bind of merge_local/usr over /usr hides it:
-# "exec: /sbin/docker-init: no such file" (dockerd 20.10). So the node's static tini travels
-# in the runtime dir and is the entrypoint instead; it is the same binary docker would use.
+# docker's own Init (HostConfig.Init) mounts tini at /sbin/docker-init, into the root docker
+# prepared, which is not the one the desktop runs on. So the node's static tini travels in the
+# runtime dir and is the entrypoint instead; it is the same binary docker would use.
 TINI_CANDIDATES = ("docker-init", "tini-static", "tini")
 APPLY_PASSWORD_PATH = f"{RUNTIME_IN_CONTAINER}/apply-password"
 SECRET_NAME = "secret"
@@ -138,9 +148,9 @@ VNC_CONTAINER_PORT = "5901/tcp"
 SSH_CONTAINER_PORT = "22/tcp"
 LABEL_USER = "labvm.user"
 LABEL_SPEC_HASH = "labvm.spec-hash"
-# Top-level entries of merge_local that are not bound into the container: the kernel's and
-# docker's own filesystems, and /run, which holds this start's sockets and /run/labvm.
-UNBOUND_TOP_LEVEL = frozenset({"proc", "sys", "dev", "run"})
+# 2: the root is the overlay, through the labvm runtime (1 bound merge_local's top-level dirs).
+CONTAINER_FORM = 2
+LOG_MAX_SIZE, LOG_MAX_FILES = "10m", "3"
 VNC_WAIT_DEFAULT_S = 30
 VNC_PROBE_TIMEOUT_S = 2.0
 RFB_GREETING = b"RFB "
@@ -333,6 +343,7 @@ ENSURE_STACK_PARAMS = {
     "mfs_mount": Param(layer_path, required=True),
     "version": Param(integer_between(0, 2**31 - 1), required=True),
     "xfce_local": Param(layer_path, required=True),
+    "disk": Param(integer_between(MIN_DISK_BYTES, 2**50), required=True),
     **NODE_PARAM,
 }
 OWNER_PARAMS = {**USER_PARAM, "mfs_mount": Param(layer_path, required=True)}
@@ -364,6 +375,7 @@ REMOVE_LAYERS_PARAMS = {**USER_PARAM, **DATA_DIR_PARAM}
 STATUS_PARAMS = {**USER_PARAM, **DATA_DIR_PARAM, **DOCKER_SOCKET_PARAM}
 PURGE_PARAMS = {**USER_PARAM, "mfs_mount": Param(layer_path, required=True)}
 FREEZE_PARAMS = {**USER_PARAM, **DOCKER_SOCKET_PARAM}
+RESIZE_PARAMS = {**USER_PARAM, **DATA_DIR_PARAM, "size": Param(integer_between(MIN_DISK_BYTES, 2**50), required=True)}
 RESET_UPPER_PARAMS = {**USER_PARAM, **DATA_DIR_PARAM, "mfs_mount": Param(layer_path, required=True), **DOCKER_SOCKET_PARAM}
 
 
@@ -378,15 +390,31 @@ class VmPaths:
     low_local: str
     merge_local: str
     runtime: str
+    disk: str
+    disk_image: str
 
     @classmethod
     def of(cls, data_dir: str, user: str) -> "VmPaths":
         vm_dir = posixpath.join(data_dir, "vms", user)
-        names = ("up_local", "work_local", "low_local", "merge_local", "runtime")
-        return cls(vm_dir, *(posixpath.join(vm_dir, name) for name in names))
+        disk = posixpath.join(vm_dir, DISK_DIR)
+        return cls(
+            vm_dir,
+            posixpath.join(disk, "up_local"),
+            posixpath.join(disk, "work_local"),
+            posixpath.join(vm_dir, "low_local"),
+            posixpath.join(vm_dir, "merge_local"),
+            posixpath.join(vm_dir, "runtime"),
+            disk,
+            posixpath.join(vm_dir, DISK_IMAGE),
+        )
 
     def mount_points(self) -> tuple[str, str]:
         return self.merge_local, self.low_local
+
+    @property
+    def legacy_layers(self) -> tuple[str, str]:
+        """Where the upper and work dirs were before desktops had a disk of their own."""
+        return posixpath.join(self.vm_dir, "up_local"), posixpath.join(self.vm_dir, "work_local")
 
 
 def mounted_stack_paths(data_dir: str | None, user: str) -> VmPaths:
@@ -447,8 +475,293 @@ def overlay_differences(entry: MountEntry, paths: VmPaths, xfce_local: str) -> l
 
 
 def refuse_symlinks(paths: VmPaths) -> None:
-    for path in (paths.runtime, *paths.mount_points(), paths.up_local, paths.work_local):
+    for path in (paths.runtime, *paths.mount_points(), paths.disk_image, paths.up_local, paths.work_local):
         refuse_symlinked_path(path)
+
+
+# --- the desktop's disk -------------------------------------------------------------------
+#
+# Why an image and not a quota: it works on whatever filesystem holds data_dir (project quotas
+# need ext4 or XFS mounted with prjquota), it moves and is removed as one file, and what a
+# member can write is bounded by construction: ENOSPC comes from their own filesystem. The image
+# is sparse, so it takes on the node only what the desktop wrote (a 1 TB sparse file inside it
+# costs its allocated blocks, as anywhere else). Made with no reserved blocks (the member's root
+# is uid 0 and would get them anyway) and lazily initialised tables, so a new 100 GiB disk
+# costs a few MiB. Growing is online: the image is extended, the loop device told, resize2fs.
+
+
+def loop_backing_file(device: str) -> str | None:
+    """The file behind a loop device, as the kernel tells it (/sys/block/loopN/loop/backing_file)."""
+    name = posixpath.basename(device)
+    if not re.fullmatch(r"loop[0-9]+", name):
+        return None
+    try:
+        with open(f"/sys/block/{name}/loop/backing_file", encoding="utf-8", errors="surrogateescape") as stream:
+            return stream.read().strip() or None
+    except OSError:
+        return None
+
+
+def disk_mount(paths: VmPaths, entries: list[MountEntry] | None = None) -> MountEntry | None:
+    """The mount at disk/ if it is this desktop's image; a foreign mount there is refused."""
+    entry = mount_at(read_mountinfo() if entries is None else entries, paths.disk)
+    if entry is None:
+        return None
+    backing = loop_backing_file(entry.source)
+    if entry.fstype != "ext4" or backing is None or posixpath.normpath(backing.removesuffix(" (deleted)")) != paths.disk_image:
+        raise PreconditionFailed(
+            f"{paths.disk} holds a {entry.fstype} mount of {entry.source} (backed by {backing}), not {paths.disk_image}; "
+            "unmount it",
+            "disk_mismatch",
+        )
+    return entry
+
+
+def disk_figures(paths: VmPaths) -> dict:
+    """Size and use of the desktop's disk: from the filesystem while mounted, else the image."""
+    figures = {"size": None, "used": None, "free": None, "allocated": None, "mounted": False}
+    try:
+        st = os.lstat(paths.disk_image)
+    except OSError:
+        return figures
+    if not stat.S_ISREG(st.st_mode):
+        return figures
+    figures.update(size=st.st_size, allocated=st.st_blocks * 512)
+    try:
+        entry = disk_mount(paths)
+    except PreconditionFailed:
+        entry = None
+    if entry is not None:
+        vfs = os.statvfs(paths.disk)
+        figures.update(used=(vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize, free=vfs.f_bavail * vfs.f_frsize, mounted=True)
+    return figures
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    create: bool
+    extend_to: int | None  # the image file grows to this size
+    grow_offline: bool  # its filesystem grows into the image before it is mounted
+    mount: bool
+    grow_online: bool  # ... or, already mounted, while it is
+    migrate: bool
+
+    @property
+    def changes(self) -> bool:
+        return any(astuple(self))
+
+
+def plan_disk(paths: VmPaths, size: int) -> DiskPlan:
+    image = image_stat(paths)
+    mounted = disk_mount(paths) is not None
+    legacy_up = paths.legacy_layers[0]
+    migrate = os.path.isdir(legacy_up) and not os.path.islink(legacy_up)
+    if migrate:
+        refuse_oversized_legacy(legacy_up, size)
+    extend_to = size if image is not None and size > image.st_size else None
+    # A filesystem smaller than its image: a resize that could not grow it online (the node's
+    # kernel or capabilities refused) left that for the next start.
+    behind = image is not None and (extend_to is not None or filesystem_bytes(paths.disk_image) < fills(image.st_size))
+    return DiskPlan(
+        create=image is None,
+        extend_to=extend_to,
+        grow_offline=behind and not mounted,
+        mount=not mounted,
+        grow_online=behind and mounted,
+        migrate=migrate,
+    )
+
+
+def fills(size: int) -> int:
+    """Below this, a filesystem has not grown into an image of size (resize2fs leaves out a last
+    block group too small for its own metadata)."""
+    return size - max(8 << 20, size // 256)
+
+
+EXT4_MAGIC = 0xEF53
+EXT4_FEATURE_INCOMPAT_64BIT = 0x80
+
+
+def filesystem_bytes(image: str) -> int:
+    """The size of the ext4 filesystem in an image, from its superblock (1024 bytes in)."""
+    with open(image, "rb") as stream:
+        stream.seek(1024)
+        block = stream.read(1024)
+    if len(block) < 1024 or int.from_bytes(block[0x38:0x3A], "little") != EXT4_MAGIC:
+        raise Failed(f"{image} holds no ext4 filesystem", "disk_not_ext4")
+    count = int.from_bytes(block[0x04:0x08], "little")
+    if int.from_bytes(block[0x60:0x64], "little") & EXT4_FEATURE_INCOMPAT_64BIT:
+        count |= int.from_bytes(block[0x150:0x154], "little") << 32
+    return count * (1024 << int.from_bytes(block[0x18:0x1C], "little"))
+
+
+def image_stat(paths: VmPaths) -> os.stat_result | None:
+    try:
+        st = os.lstat(paths.disk_image)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        raise PreconditionFailed(f"{paths.disk_image} is not a regular file", "disk_not_a_file")
+    return st
+
+
+def refuse_oversized_legacy(legacy_up: str, size: int) -> None:
+    """Checked before anything changes: an upper from before desktops had disks must fit."""
+    du = find_tool("du")
+    if du is None:
+        return  # the copy itself would still stop at ENOSPC, and the old upper stays
+    result = run_command([du, "-s", "-x", "-B1", legacy_up], timeout_s=3600)
+    fields = result.stdout.split()
+    if result.returncode != 0 or not fields or not fields[0].isdigit():
+        return
+    needed = int(fields[0])
+    # ext4 keeps a few percent for itself (inode tables, journal).
+    if needed > size * 0.95:
+        raise PreconditionFailed(
+            f"the desktop's files ({human_bytes(needed)} in {legacy_up}) do not fit a disk of {human_bytes(size)}; "
+            "give it a larger size (labvm resize)",
+            "disk_too_small",
+        )
+
+
+def human_bytes(value: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value} B"
+
+
+def e2fs_tool(name: str) -> str:
+    tool = find_tool(name)
+    if tool is None:
+        raise PreconditionFailed(f"{name} not found on this node (apt-get install e2fsprogs)", "e2fsprogs_missing")
+    return tool
+
+
+def create_disk_image(paths: VmPaths, size: int) -> None:
+    """A new empty ext4 image, made under a temporary name and renamed into place: an image
+    that exists is always a whole filesystem."""
+    partial = paths.disk_image + ".new"
+    if os.path.lexists(partial):
+        os.unlink(partial)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+    argv = [e2fs_tool("mkfs.ext4"), "-q", "-F", "-m", "0", "-L", "labvm-disk",
+            "-E", "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1", partial]
+    result = run_command(argv, timeout_s=MOUNT_TIMEOUT_S)
+    if result.returncode != 0:
+        os.unlink(partial)
+        raise Failed(f"making the desktop's disk failed: {result.output_tail()}", "mkfs_failed")
+    os.rename(partial, paths.disk_image)
+
+
+def mount_disk(paths: VmPaths) -> None:
+    make_dirs(paths.disk, 0o700)
+    argv = [mount_tool(), "-t", "ext4", "-o", "loop,noatime", paths.disk_image, paths.disk]
+    run_mount(argv, f"mounting the desktop's disk {paths.disk_image} at {paths.disk}")
+    if disk_mount(paths) is None:
+        raise Failed(f"{paths.disk} does not show {paths.disk_image} after mounting", "disk_not_mounted")
+    os.chmod(paths.disk, 0o700)
+
+
+def extend_image(paths: VmPaths, size: int) -> None:
+    if os.lstat(paths.disk_image).st_size < size:
+        os.truncate(paths.disk_image, size)
+
+
+def grow_offline(paths: VmPaths) -> None:
+    """The filesystem of an unmounted image grows to the image's size (resize2fs wants a
+    checked filesystem first)."""
+    check = run_command([e2fs_tool("e2fsck"), "-f", "-p", paths.disk_image], timeout_s=3600)
+    if check.returncode not in (0, 1):  # 1: errors corrected
+        raise Failed(f"checking the desktop's disk before growing it failed: {check.output_tail()}", "disk_check_failed")
+    result = run_command([e2fs_tool("resize2fs"), paths.disk_image], timeout_s=3600)
+    if result.returncode != 0:
+        raise Failed(f"growing the desktop's filesystem failed: {result.output_tail()}", "disk_grow_failed")
+
+
+def grow_online(paths: VmPaths) -> bool:
+    """Tell the loop device its image grew, then grow the mounted filesystem into it. False if
+    the kernel refuses an online resize (it needs CAP_SYS_RESOURCE, which a node's root has but
+    a confined one may not): the image is already larger, the next start grows it offline."""
+    entry = disk_mount(paths)
+    if entry is None:
+        raise PreconditionFailed(f"{paths.disk} is not mounted", "disk_not_mounted")
+    losetup = find_tool("losetup")
+    if losetup is None:
+        raise PreconditionFailed("losetup not found on this node (util-linux)", "losetup_missing")
+    told = run_command([losetup, "-c", entry.source], timeout_s=60)
+    if told.returncode != 0:
+        raise Failed(f"telling the loop device its new size failed: {told.output_tail()}", "disk_grow_failed")
+    result = run_command([e2fs_tool("resize2fs"), entry.source], timeout_s=3600)
+    if result.returncode == 0:
+        return True
+    if "Permission denied" in result.output_tail() or "Operation not permitted" in result.output_tail():
+        log(f"the kernel refused to grow {paths.disk} online; it grows at the desktop's next start")
+        return False
+    raise Failed(f"growing the desktop's filesystem failed: {result.output_tail()}", "disk_grow_failed")
+
+
+def migrate_legacy_layers(paths: VmPaths) -> None:
+    """An upper from before desktops had disks moves into the disk, every file, once. It is
+    copied to up_local.migrating and renamed into place only when whole; the old one is removed
+    after that. Run again after a crash at any point, it finishes the job: a whole up_local on
+    the disk means the old one is a leftover."""
+    legacy_up, legacy_work = paths.legacy_layers
+    if not os.path.isdir(paths.up_local):
+        partial = paths.up_local + ".migrating"
+        rsync = find_tool("rsync")
+        if rsync is None:
+            raise PreconditionFailed("rsync is not installed on this node (apt-get install rsync)", "rsync_missing")
+        make_dirs(partial, 0o755)
+        log(f"moving {legacy_up} into the desktop's disk")
+        argv = [rsync, "-aHAX", "--numeric-ids", "-S", "--delete", legacy_up + "/", partial + "/"]
+        result = run_command(argv, timeout_s=6 * 3600)
+        if result.returncode != 0:
+            raise Failed(f"copying {legacy_up} into the desktop's disk failed: {result.output_tail()}", "migrate_failed")
+        st = os.lstat(legacy_up)
+        os.chown(partial, st.st_uid, st.st_gid)
+        os.chmod(partial, stat.S_IMODE(st.st_mode))
+        os.rename(partial, paths.up_local)
+    for leftover in (legacy_up, legacy_work):
+        if os.path.lexists(leftover):
+            remove_tree(leftover)
+
+
+def apply_disk_plan(plan: DiskPlan, paths: VmPaths, size: int) -> None:
+    if plan.create:
+        create_disk_image(paths, size)
+    if plan.extend_to is not None:
+        extend_image(paths, plan.extend_to)
+    if plan.grow_offline:
+        grow_offline(paths)
+    if plan.mount:
+        mount_disk(paths)
+    if plan.grow_online:
+        grow_online(paths)
+    if plan.migrate:
+        migrate_legacy_layers(paths)
+
+
+def unmount_disk(paths: VmPaths) -> bool:
+    """True if it was mounted. The sync daemon reads up_local: it must have stopped."""
+    if disk_mount(paths) is None:
+        return False
+    from sync import SyncPaths, running_daemon  # here: sync imports vm
+
+    daemon = running_daemon(SyncPaths.of(posixpath.dirname(posixpath.dirname(paths.vm_dir)), posixpath.basename(paths.vm_dir)))
+    if daemon is not None:
+        raise PreconditionFailed(
+            f"the sync of {posixpath.basename(paths.vm_dir)} still runs (pid {daemon.pid}) on its disk; "
+            "stop it first (sync ensure_stopped)",
+            "sync_running",
+        )
+    unmount(paths.disk)
+    return True
 
 
 # --- ensure_stack -------------------------------------------------------------------------
@@ -456,6 +769,7 @@ def refuse_symlinks(paths: VmPaths) -> None:
 
 @dataclass(frozen=True)
 class StackPlan:
+    disk: DiskPlan
     create_version_dir: bool
     create_up_mfs: bool
     create_local_dirs: tuple[str, ...]
@@ -465,7 +779,7 @@ class StackPlan:
 
     @property
     def changes(self) -> bool:
-        return any(astuple(self))
+        return self.disk.changes or any(astuple(self)[1:])
 
 
 def ensure_stack(params: dict, check: bool) -> Result:
@@ -494,6 +808,7 @@ def ensure_stack(params: dict, check: bool) -> Result:
     if params["node"] is not None:
         claim_or_refuse(params["mfs_mount"], user, params["node"], check)
     plan = StackPlan(
+        disk=plan_disk(paths, params["disk"]),
         create_version_dir=needs_version_dir(version_dir, version),
         create_up_mfs=not os.path.isdir(posixpath.join(user_dir, "up_mfs")),
         create_local_dirs=tuple(path for path in (paths.vm_dir, *local_dirs(paths)) if not os.path.isdir(path)),
@@ -503,12 +818,10 @@ def ensure_stack(params: dict, check: bool) -> Result:
     )
     data = stack_data(paths, version, version_dir, mounted=merge_entry is not None)
     if check or not plan.changes:
-        return Result(changed=plan.changes, data=data)
-    apply_stack_plan(plan, paths, user_dir, version_dir, xfce_local)
-    if paths.up_local in plan.create_local_dirs:
-        seed_upper(posixpath.join(user_dir, "up_mfs"), paths.up_local)
+        return Result(changed=plan.changes, data={**data, "disk": {**disk_figures(paths), "plan": asdict(plan.disk)}})
+    apply_stack_plan(plan, paths, user_dir, version_dir, xfce_local, params["disk"])
     verify_stack_mounted(paths, xfce_local, mfs_entry, wanted_low_root)
-    return Result(changed=True, data={**data, "mounted": True})
+    return Result(changed=True, data={**data, "mounted": True, "disk": disk_figures(paths)})
 
 
 def is_bind_of(entry: MountEntry, mfs_entry: MountEntry, wanted_root: str) -> bool:
@@ -652,15 +965,21 @@ def get_owner(params: dict, check: bool) -> Result:
     return Result(changed=False, data={"owner": read_owner(params["mfs_mount"], params["user"])})
 
 
-def apply_stack_plan(plan: StackPlan, paths: VmPaths, user_dir: str, version_dir: str, xfce_local: str) -> None:
+def apply_stack_plan(plan: StackPlan, paths: VmPaths, user_dir: str, version_dir: str, xfce_local: str, disk: int) -> None:
     if plan.create_version_dir:
         make_dirs(version_dir, 0o755)
     if plan.create_up_mfs:
         make_dirs(posixpath.join(user_dir, "up_mfs"), 0o755)
-    for path in plan.create_local_dirs:
+    make_dirs(paths.vm_dir, 0o700)
+    apply_disk_plan(plan.disk, paths, disk)
+    new_upper = not os.path.isdir(paths.up_local)
+    for path in local_dirs(paths):
         # The VM dir and runtime are root's: the upper holds the user's files with their modes,
         # and runtime will hold the password for a moment.
-        make_dirs(path, 0o700 if path in (paths.vm_dir, paths.runtime) else 0o755)
+        if not os.path.isdir(path):
+            make_dirs(path, 0o700 if path == paths.runtime else 0o755)
+    if new_upper:
+        seed_upper(posixpath.join(user_dir, "up_mfs"), paths.up_local)
     if plan.unbind_low:
         log(f"rebinding {paths.low_local}: it shows another version and no overlay uses it")
         unmount(paths.low_local)
@@ -744,6 +1063,8 @@ def stack_state(paths: VmPaths, user: str) -> dict:
         "low_local": paths.low_local,
         "low_local_mounted": low_entry is not None,
         "low_local_version": bind_version(low_entry, user),
+        "disk": paths.disk,
+        "disk_mounted": mount_at(entries, paths.disk) is not None,
     }
 
 
@@ -752,17 +1073,18 @@ def ensure_stack_unmounted(params: dict, check: bool) -> Result:
     paths = VmPaths.of(params["data_dir"], user)
     refuse_symlinks(paths)
     before = stack_state(paths, user)
-    if not before["merge_local_mounted"] and not before["low_local_mounted"]:
+    if not before["merge_local_mounted"] and not before["low_local_mounted"] and not before["disk_mounted"]:
         return Result(changed=False, data=before)
-    # The container's binds of merge_local live in its own mount namespace: unmounting here
-    # would succeed and leave it running on a stack nobody on the host can see or sync.
+    # The container's root is merge_local, in its own mount namespace: unmounting here would
+    # succeed and leave it running on a stack nobody on the host can see or sync.
     refuse_running_container(params["docker_socket"], user)
     if check:
         return Result(changed=True, data=before)
     for mount_point in paths.mount_points():
         unmount(mount_point)
+    unmount_disk(paths)
     after = stack_state(paths, user)
-    if after["merge_local_mounted"] or after["low_local_mounted"]:
+    if after["merge_local_mounted"] or after["low_local_mounted"] or after["disk_mounted"]:
         raise Failed(f"the stack under {paths.vm_dir} is still mounted after unmounting", "still_mounted")
     return Result(changed=True, data=after)
 
@@ -785,7 +1107,7 @@ def remove_local_layers(params: dict, check: bool) -> Result:
     paths = VmPaths.of(params["data_dir"], user)
     refuse_symlinks(paths)
     entries = read_mountinfo()
-    mounted = [entry.mount_point for entry in mounts_below(entries, paths.vm_dir)]
+    mounted = [entry.mount_point for entry in mounts_below(entries, paths.vm_dir) if entry.mount_point != paths.disk]
     if mount_at(entries, paths.vm_dir) is not None:
         mounted.insert(0, paths.vm_dir)
     if mounted:
@@ -804,6 +1126,7 @@ def remove_local_layers(params: dict, check: bool) -> Result:
     data = {"vm_dir": paths.vm_dir, "removed": exists}
     if not exists or check:
         return Result(changed=exists, data=data)
+    unmount_disk(paths)
     remove_tree(paths.vm_dir)
     return Result(changed=True, data=data)
 
@@ -849,25 +1172,10 @@ def canonical_json(value: Any) -> bytes:
 
 
 def spec_hash(spec: dict) -> str:
-    """sha256 of the validated spec (all keys present) as canonical JSON: sorted keys, no
-    spaces, ASCII. The admin side can compute the same from the same dict."""
-    return hashlib.sha256(canonical_json(spec)).hexdigest()
-
-
-def bound_top_level(merge_local: str) -> list[str]:
-    """Top-level entries of merge_local bound into the container: real directories only.
-    Symlinks such as bin -> usr/bin come from the base image; names docker's Binds syntax
-    cannot carry are left out."""
-    names = []
-    with os.scandir(merge_local) as entries:
-        for entry in entries:
-            if entry.name in UNBOUND_TOP_LEVEL or not entry.is_dir(follow_symlinks=False):
-                continue
-            if any(char in entry.name for char in ":,\\\n"):
-                log(f"not binding {entry.name!r}: the name does not fit docker's bind syntax")
-                continue
-            names.append(entry.name)
-    return sorted(names)
+    """sha256 of the container's form and the validated spec (all keys present) as canonical
+    JSON: sorted keys, no spaces, ASCII. A container made in an older form (its root from
+    docker's layer, top-level directories bound in) never matches."""
+    return hashlib.sha256(canonical_json({"form": CONTAINER_FORM, "spec": spec})).hexdigest()
 
 
 # Of docker's default set, what a member's root needs least and could abuse most: raw packets
@@ -877,7 +1185,7 @@ def bound_top_level(merge_local: str) -> list[str]:
 DROPPED_CAPABILITIES = ("NET_RAW", "MKNOD", "SETFCAP", "AUDIT_WRITE")
 
 
-def container_create_body(user: str, spec: dict, top_level: list[str], merge_local: str, runtime_dir: str) -> dict:
+def container_create_body(user: str, spec: dict, merge_local: str, runtime_dir: str) -> dict:
     """The body of POST /containers/create for this spec; pure, so tests can check it whole."""
     ports = spec["ports"]
     port_bindings = {VNC_CONTAINER_PORT: [{"HostIp": spec["bind_address"], "HostPort": str(ports["vnc"])}]}
@@ -887,15 +1195,22 @@ def container_create_body(user: str, spec: dict, top_level: list[str], merge_loc
         # tini as PID 1 comes from the entrypoint (see TINI_PATH); false also overrides a
         # dockerd configured with `"init": true`, whose /sbin/docker-init would be hidden.
         "Init": False,
-        "Binds": [f"{posixpath.join(merge_local, name)}:/{name}" for name in top_level]
-        + [f"{runtime_dir}:{RUNTIME_IN_CONTAINER}:ro"],
+        # The container's root is the desktop's overlay: the labvm runtime (runtime.py) takes
+        # it from this mount and drops the mount itself. docker's own layer is not used.
+        "Runtime": RUNTIME_NAME,
+        "Binds": [f"{merge_local}:{ROOTFS_SENTINEL}:ro", f"{runtime_dir}:{RUNTIME_IN_CONTAINER}:ro"],
+        # /run holds this start's sockets and pid files, as on any Linux system: never persisted.
+        "Tmpfs": {"/run": "rw,nosuid,nodev,mode=755"},
+        # dockerd keeps what the desktop prints; capped, so a chatty desktop cannot fill the node.
+        "LogConfig": {"Type": "json-file", "Config": {"max-size": LOG_MAX_SIZE, "max-file": LOG_MAX_FILES}},
         "Memory": spec["memory"],
         "MemorySwap": spec["memory"],  # the limit counts memory + swap: equal means no swap
         "PortBindings": port_bindings,
         # No restart by dockerd: after a node reboot the stack is not mounted yet, and a
         # restarted container would bind empty directories over its root. `labvm start`
         # mounts the layers first.
-        "RestartPolicy": {"Name": "no", "MaximumRetryCount": 0},        # The desktops' own network, which net.ensure_isolation walls off from MooseFS, the
+        "RestartPolicy": {"Name": "no", "MaximumRetryCount": 0},
+        # The desktops' own network, which net.ensure_isolation walls off from MooseFS, the
         # nodes and each other.
         "NetworkMode": DESKTOP_NETWORK,
         "CapDrop": list(DROPPED_CAPABILITIES),
@@ -1096,6 +1411,15 @@ def ensure_container(params: dict, check: bool) -> Result:
         claim_or_refuse(params["mfs_mount"], user, params["node"], check=True)
     wanted_hash = spec_hash(spec)
     state = inspect_ours(socket_path, user)
+    if state is not None and state["spec_hash"] != wanted_hash and not state["running"] and state["status"] != "paused":
+        # A stopped container holds nothing of the desktop's (its root is the overlay): one made
+        # from another spec, or in an older form, is replaced.
+        if check:
+            return Result(changed=True, data={"name": spec["name"], "spec_hash": wanted_hash, "created": True,
+                                              "started": False, "container": public_state(state), "replaces": state["spec_hash"]})
+        log(f"replacing the stopped container {spec['name']}: it was made from another spec or in an older form")
+        remove_container({"user": user, "docker_socket": socket_path, "timeout": 10}, False)
+        state = None
     if state is not None and state["spec_hash"] != wanted_hash:
         raise PreconditionFailed(
             f"container {spec['name']} was created from another spec (hash {str(state['spec_hash'])[:12]}, "
@@ -1121,7 +1445,7 @@ def ensure_container(params: dict, check: bool) -> Result:
         if state is None:
             create_container(
                 socket_path,
-                container_create_body(user, spec, bound_top_level(paths.merge_local), paths.merge_local, paths.runtime),
+                container_create_body(user, spec, paths.merge_local, paths.runtime),
             )
         start_container(socket_path, spec["name"])
         wait_for_vnc(socket_path, spec, params["vnc_wait_s"])
@@ -1283,8 +1607,36 @@ def vm_status(params: dict, check: bool) -> Result:
     user = params["user"]
     paths = VmPaths.of(params["data_dir"], user)
     return Result(
-        changed=False, data={"container": container_status(params["docker_socket"], user), "stack": stack_state(paths, user)}
+        changed=False,
+        data={"container": container_status(params["docker_socket"], user), "stack": stack_state(paths, user),
+              "disk": disk_figures(paths)},
     )
+
+
+def resize_disk(params: dict, check: bool) -> Result:
+    """Grow the desktop's disk to size, online: a running desktop sees the room at once. A
+    desktop with no disk on this node yet gets it at its next ensure_stack. Never shrinks."""
+    user, size = params["user"], params["size"]
+    paths = VmPaths.of(params["data_dir"], user)
+    refuse_symlinks(paths)
+    image = image_stat(paths)
+    if image is None:
+        return Result(changed=False, data={"disk": disk_figures(paths), "pending": True})
+    if size < image.st_size:
+        raise PreconditionFailed(
+            f"{user}'s disk is {human_bytes(image.st_size)}; it can grow, not shrink, and {human_bytes(size)} is smaller",
+            "disk_shrink",
+        )
+    behind = filesystem_bytes(paths.disk_image) < fills(size)
+    if not behind or check:
+        return Result(changed=behind, data={"disk": disk_figures(paths), "pending": False})
+    extend_image(paths, size)
+    if disk_mount(paths) is None:
+        grow_offline(paths)
+        return Result(changed=True, data={"disk": disk_figures(paths), "pending": False})
+    grown = grow_online(paths)
+    # Not grown online: the image is, and the next start grows the filesystem into it.
+    return Result(changed=True, data={"disk": disk_figures(paths), "pending": False, "restart_needed": not grown})
 
 
 def container_status(socket_path: str, user: str) -> dict:
@@ -1345,13 +1697,24 @@ def reset_upper(params: dict, check: bool) -> Result:
         raise PreconditionFailed(f"MooseFS is not mounted at {params['mfs_mount']}", "mfs_not_mounted")
     up_mfs = posixpath.join(mfs_user_dir(params["mfs_mount"], user), "up_mfs")
     refuse_symlinked_path(up_mfs)
-    directories = (paths.up_local, paths.work_local, up_mfs)
-    targets = [d for d in directories if os.path.lexists(emptying_name(d)) or (os.path.isdir(d) and os.listdir(d))]
-    if check or not targets:
-        return Result(changed=bool(targets), data={"emptied": targets})
-    for directory in targets:
-        empty_directory(directory)
-    return Result(changed=True, data={"emptied": targets})
+    # The upper is on the desktop's disk: mounted for this, so an unmounted disk is never
+    # mistaken for an empty upper.
+    mounted_here = image_stat(paths) is not None and disk_mount(paths, entries) is None
+    if mounted_here and not check:
+        mount_disk(paths)
+    try:
+        directories = (paths.up_local, paths.work_local, *paths.legacy_layers, up_mfs)
+        targets = [d for d in directories if os.path.lexists(emptying_name(d)) or (os.path.isdir(d) and os.listdir(d))]
+        if check and mounted_here:
+            targets = [paths.up_local, paths.work_local, *targets]
+        if check or not targets:
+            return Result(changed=bool(targets), data={"emptied": targets})
+        for directory in targets:
+            empty_directory(directory)
+        return Result(changed=True, data={"emptied": targets})
+    finally:
+        if mounted_here and not check:
+            unmount_disk(paths)
 
 
 def emptying_name(directory: str) -> str:
@@ -1549,4 +1912,5 @@ ACTIONS = {
     "set_owner": Action(run=set_owner, params=SET_OWNER_PARAMS),
     "owner": Action(run=get_owner, params=OWNER_PARAMS),
     "release_owner": Action(run=release_owner, params=OWNER_PARAMS),
+    "resize_disk": Action(run=resize_disk, params=RESIZE_PARAMS),
 }

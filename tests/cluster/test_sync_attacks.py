@@ -17,7 +17,7 @@ from .test_hostile_member import inside
 from .test_storage import set_config
 
 USERS = {"mallory": "mallory-Pw-3310", "victim": "victim-Pw-8812"}
-UP_LOCAL = "/var/lib/labvm/data/vms/{user}/up_local"
+UP_LOCAL = "/var/lib/labvm/data/vms/{user}/disk/up_local"
 UP_MFS = "/mnt/labvm-mfs/vms/{user}/up_mfs"
 
 

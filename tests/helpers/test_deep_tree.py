@@ -169,7 +169,7 @@ def test_a_directory_swapped_for_a_symlink_during_a_walk_is_not_entered(deep, bu
 
 
 def test_the_sync_daemons_link_index_finds_a_pair_at_the_bottom(deep, bundle):
-    up_local = deep.build(deep.vm_dir / "up_local")
+    up_local = deep.build(deep.vm_dir / "disk" / "up_local")
     state = bundle.syncd.SyncState()
     assert bundle.syncd.index_hardlinks(str(up_local), state) == 2
     key = (os.stat(up_local).st_dev, deepest_inode(up_local))
@@ -192,19 +192,19 @@ def deepest_inode(tree: Path) -> int:
 
 def test_reset_upper_empties_deep_uppers_locally_and_on_moosefs(deep, run_helper):
     for layer in ("up_local", "work_local"):
-        deep.build(deep.vm_dir / layer)
+        deep.build(deep.vm_dir / "disk" / layer)
     deep.build(deep.user_mfs / "up_mfs")
     params = {"user": USER, "data_dir": str(deep.data), "mfs_mount": str(deep.mfs), "docker_socket": "/nonexistent.sock"}
     run = vm(run_helper, "reset_upper", params)
     assert run.reply["changed"] is True and len(run.data["emptied"]) == 3
-    for directory in (deep.vm_dir / "up_local", deep.vm_dir / "work_local", deep.user_mfs / "up_mfs"):
+    for directory in (deep.vm_dir / "disk" / "up_local", deep.vm_dir / "disk" / "work_local", deep.user_mfs / "up_mfs"):
         assert directory.is_dir() and os.listdir(directory) == []
         assert not os.path.lexists(directory.parent / f".{directory.name}.emptying")
     assert sentinel_intact(deep)
 
 
 def test_remove_local_layers_removes_a_deep_upper(deep, run_helper):
-    deep.build(deep.vm_dir / "up_local")
+    deep.build(deep.vm_dir / "disk" / "up_local")
     (deep.vm_dir / "merge_local").mkdir()
     run = vm(run_helper, "remove_local_layers", {"user": USER, "data_dir": str(deep.data)})
     assert run.reply["changed"] is True and not deep.vm_dir.exists() and sentinel_intact(deep)

@@ -26,7 +26,7 @@ BOB_ID = "b" * 63 + "2"
 STRAY_ID = "c" * 63 + "3"
 NODE_KEYS = {"cpu_percent", "cpus", "load", "memory", "swap", "disk", "mfs", "gpus", "gpu_error", "docker_error"}
 DESKTOP_KEYS = {"user", "container", "state", "started_at", "uptime_s", "gpus", "cpu_percent", "memory", "blkio", "net", "gpu_memory",
-                "gpu_processes", "sync", "last_version"}
+                "gpu_processes", "sync", "last_version", "disk"}
 
 # --- parsers ------------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ with open(os.environ["FAKE_RUNTIME_RECORD"], "w") as stream:
 
 class Shim:
     """A copy of oci_shim.py at <dir>/labvm-runc with its settings beside it, a fake runtime,
-    and a desktop tree <dir>/<data>/vms/alice/{merge_local,up_local,work_local,lower}."""
+    and a desktop tree <dir>/<data>/vms/alice/{merge_local,disk/up_local,disk/work_local,lower}."""
 
     def __init__(self, root: Path, data_name: str = "data"):
         self.root = root
@@ -62,13 +62,13 @@ class Shim:
 
     def desktop(self, user: str = "alice") -> Path:
         vm = self.data / "vms" / user
-        for name in ("merge_local", "up_local", "work_local", "lower"):
+        for name in ("merge_local", "disk/up_local", "disk/work_local", "lower"):
             (vm / name).mkdir(parents=True, exist_ok=True)
         (vm / "lower" / "from-the-lower-layer").write_text("x")
         return vm
 
     def mount_overlay(self, vm: Path, upper: Path | None = None) -> Path:
-        upper = upper or vm / "up_local"
+        upper = upper or vm / "disk" / "up_local"
         work = upper.parent / "work_local"
         options = f"lowerdir={vm / 'lower'},upperdir={upper},workdir={work}"
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(vm / "merge_local")], check=True)
@@ -232,9 +232,9 @@ def test_other_mount_than_an_overlay_is_refused(shim):
 
 def test_overlay_with_another_users_upper_is_refused(shim):
     alice, bob = shim.desktop("alice"), shim.desktop("bob")
-    merge = shim.mount_overlay(alice, upper=bob / "up_local")
+    merge = shim.mount_overlay(alice, upper=bob / "disk" / "up_local")
     shim.write_spec([sentinel(merge)])
-    assert_refused(shim, shim.run(shim.create_args()), f"upperdir is {bob / 'up_local'}, not {alice / 'up_local'}")
+    assert_refused(shim, shim.run(shim.create_args()), f"upperdir is {bob / 'disk' / 'up_local'}, not {alice / 'disk' / 'up_local'}")
 
 
 def test_symlinked_component_is_refused(shim):

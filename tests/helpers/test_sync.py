@@ -96,11 +96,12 @@ def write(path: Path, text: str) -> None:
 
 @pytest.fixture
 def node(tmp_path, bundle):
-    """data/vms/alice/{up_local,work_local,low_local,merge_local} with low_local and a desktop
+    """data/vms/alice/{disk/up_local,disk/work_local,low_local,merge_local} with low_local and a desktop
     rootfs as lowers; mfs/vms/alice/up_mfs as the destination. Teardown kills every daemon
     this test started (by the pids it wrote) and unmounts the overlay."""
     vm_dir = tmp_path / "data" / "vms" / USER
-    layers = {name: vm_dir / name for name in ("up_local", "work_local", "low_local", "merge_local")}
+    layers = {name: vm_dir / name for name in ("low_local", "merge_local")}
+    layers.update({name: vm_dir / "disk" / name for name in ("up_local", "work_local")})  # on the desktop's disk
     for path in layers.values():
         path.mkdir(parents=True)
     vm_dir.chmod(0o700)

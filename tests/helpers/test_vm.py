@@ -24,6 +24,7 @@ import pytest
 from .conftest import FakeDockerHandler, FakeDockerServer, detach_everything_under, mount_points_under
 
 USER = "alice"
+DISK = 64 << 20
 PASSWORD = "Pa55:word with spaces"
 GPU_A = "GPU-0c6a1f2e-1111-2222-3333-444444444444"
 GPU_B = "GPU-0c6a1f2e-5555-6666-7777-888888888888"
@@ -74,7 +75,10 @@ def node(tmp_path):
     )
     state.merge = state.vm_dir / "merge_local"
     state.low = state.vm_dir / "low_local"
-    state.up = state.vm_dir / "up_local"
+    state.disk = state.vm_dir / "disk"
+    state.image = state.vm_dir / "disk.ext4"
+    state.up = state.disk / "up_local"
+    state.work = state.disk / "work_local"
     state.runtime = state.vm_dir / "runtime"
     state.params = lambda version=0, **extra: {
         "user": USER,
@@ -82,6 +86,7 @@ def node(tmp_path):
         "mfs_mount": str(mfs),
         "version": version,
         "xfce_local": str(xfce),
+        "disk": DISK,
         **extra,
     }
     state.vm_params = lambda **extra: {"user": USER, "data_dir": str(data), **extra}
@@ -125,15 +130,17 @@ def test_stack_shows_both_lowers_and_writes_go_to_the_upper(run_helper, node):
     version_dir = make_version(node, 0, {"home/alice/notes.txt": "from v0\n", "etc/os-release": "v0 wins\n"})
     run = stack_up(run_helper, node)
     assert run.reply["changed"] is True
+    disk = run.data.pop("disk")
     assert run.data == {
         "merge_local": str(node.merge),
         "low_local": str(node.low),
         "up_local": str(node.up),
-        "work_local": str(node.vm_dir / "work_local"),
+        "work_local": str(node.work),
         "version": 0,
         "version_dir": str(version_dir),
         "mounted": True,
     }
+    assert disk["size"] == DISK and disk["mounted"] is True and 0 < disk["used"] < DISK
     assert (node.merge / "home/alice/notes.txt").read_text() == "from v0\n"
     assert (node.merge / "usr/bin/xterm").exists()  # from xfce_local, the lowest layer
     assert (node.merge / "etc/os-release").read_text() == "v0 wins\n"  # the version sits above xfce_local
@@ -161,7 +168,7 @@ def test_a_mounted_stack_is_left_alone(run_helper, node):
     for check in (True, False):
         run = vm(run_helper, "ensure_stack", node.params(), check=check)
         assert run.exit_code == 0 and run.reply["changed"] is False and run.data["mounted"] is True
-    assert sorted(mount_points_under(node.vm_dir)) == [str(node.low), str(node.merge)]
+    assert sorted(mount_points_under(node.vm_dir)) == [str(node.disk), str(node.low), str(node.merge)]
 
 
 def test_status_reports_the_stack(run_helper, node):
@@ -175,7 +182,10 @@ def test_status_reports_the_stack(run_helper, node):
         "low_local": str(node.low),
         "low_local_mounted": True,
         "low_local_version": 3,
+        "disk": str(node.disk),
+        "disk_mounted": True,
     }
+    assert run.data["disk"]["size"] == DISK and run.data["disk"]["mounted"] is True
     assert run.data["container"]["exists"] is None and "does not exist" in run.data["container"]["error"]
 
 
@@ -225,7 +235,7 @@ def test_a_stale_low_bind_without_overlay_is_rebound(run_helper, node):
 def test_an_overlay_with_other_options_is_a_mismatch(run_helper, node):
     stack_up(run_helper, node)
     subprocess.run(["umount", str(node.merge)], check=True)
-    options = f"lowerdir={node.low}:{node.xfce},upperdir={node.up},workdir={node.vm_dir / 'work_local'},redirect_dir=on"
+    options = f"lowerdir={node.low}:{node.xfce},upperdir={node.up},workdir={node.work},redirect_dir=on"
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(node.merge)], check=True)
     run = vm(run_helper, "ensure_stack", node.params())
     assert run.exit_code == 3 and run.error["code"] == "stack_mismatch"
@@ -259,7 +269,134 @@ def test_upper_holds_plain_files_after_renames_and_chmods(run_helper, node):
         assert not [name for name in names if name in ("trusted.overlay.redirect", "trusted.overlay.metacopy")], names
     whiteout = os.lstat(node.up / "srv/project")
     assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0
-    assert sorted(os.listdir(node.vm_dir / "work_local")) == ["work"]  # index=off: no index dir
+    assert sorted(os.listdir(node.work)) == ["work"]  # index=off: no index dir
+
+
+# --- the desktop's disk -------------------------------------------------------------------
+
+
+def allocated(path) -> int:
+    return os.lstat(path).st_blocks * 512
+
+
+def test_the_upper_lives_on_a_sparse_disk_image_of_the_desktops_size(run_helper, node):
+    stack_up(run_helper, node)
+    assert node.image.stat().st_size == DISK and stat.S_IMODE(node.image.stat().st_mode) == 0o600
+    assert allocated(node.image) < DISK // 4  # sparse: made, not filled
+    assert os.stat(node.up).st_dev == os.stat(node.disk).st_dev != os.stat(node.vm_dir).st_dev
+    (node.merge / "rootfile").write_text("at /\n")
+    assert (node.up / "rootfile").read_text() == "at /\n"
+
+
+def test_filling_the_disk_ends_in_enospc_in_that_desktop_and_costs_the_node_its_size_at_most(run_helper, node):
+    stack_up(run_helper, node)
+    chunk = b"x" * (1 << 20)
+    with pytest.raises(OSError) as raised:
+        with open(node.merge / "fill", "wb") as stream:
+            for _ in range(2 * DISK // len(chunk)):
+                stream.write(chunk)
+                stream.flush()
+    assert raised.value.errno == errno.ENOSPC
+    assert allocated(node.image) <= DISK
+    (node.data / "beside").write_bytes(chunk)  # the node's own disk still takes writes
+    os.unlink(node.merge / "fill")
+    (node.merge / "after").write_text("room again\n")
+
+
+def test_a_huge_sparse_file_costs_only_its_blocks(run_helper, node):
+    stack_up(run_helper, node)
+    with open(node.merge / "sparse", "wb") as stream:
+        stream.truncate(1 << 40)
+        stream.write(b"tail")
+    run = vm(run_helper, "status", node.vm_params(docker_socket="/nonexistent.sock"))
+    assert run.data["disk"]["used"] < DISK // 2
+
+
+def test_an_upper_from_before_disks_moves_onto_the_disk_with_every_file(run_helper, node):
+    legacy = node.vm_dir / "up_local"
+    (legacy / "data/.hidden").mkdir(parents=True)
+    (legacy / "data/.hidden/x").write_text("precious\n")
+    os.link(legacy / "data/.hidden/x", legacy / "data/hardlink")
+    (legacy / "link").symlink_to("data/.hidden/x")
+    os.setxattr(legacy / "data/.hidden/x", "user.note", b"kept")
+    os.mknod(legacy / "gone", stat.S_IFCHR | 0o000, 0)  # a whiteout
+    (node.vm_dir / "work_local").mkdir()
+    os.chmod(node.vm_dir, 0o700)
+    make_version(node, 0, {"gone": "deleted by the member\n"})
+    stack_up(run_helper, node)
+    assert (node.merge / "data/.hidden/x").read_text() == "precious\n"
+    assert os.stat(node.up / "data/hardlink").st_ino == os.stat(node.up / "data/.hidden/x").st_ino
+    assert os.readlink(node.merge / "link") == "data/.hidden/x"
+    assert os.getxattr(node.up / "data/.hidden/x", "user.note") == b"kept"
+    assert not (node.merge / "gone").exists()
+    assert not legacy.exists() and not (node.vm_dir / "work_local").exists()
+
+
+def test_a_migration_cut_short_after_the_copy_finishes_without_the_old_upper(run_helper, node):
+    stack_up(run_helper, node)
+    (node.merge / "new").write_text("on the disk\n")
+    vm(run_helper, "ensure_stack_unmounted", node.vm_params(docker_socket="/nonexistent.sock"))
+    stale = node.vm_dir / "up_local"  # what a crash before its removal leaves
+    stale.mkdir()
+    (stale / "new").write_text("stale\n")
+    stack_up(run_helper, node)
+    assert (node.merge / "new").read_text() == "on the disk\n"
+    assert not stale.exists()
+
+
+def test_an_old_upper_too_big_for_the_disk_is_refused_before_anything_changes(run_helper, node):
+    legacy = node.vm_dir / "up_local"
+    legacy.mkdir(parents=True)
+    (legacy / "big").write_bytes(os.urandom(1 << 20) * 70)
+    run = vm(run_helper, "ensure_stack", node.params())
+    assert run.exit_code == 3 and run.error["code"] == "disk_too_small"
+    assert "labvm resize" in run.error["msg"]
+    assert not node.image.exists() and mount_points_under(node.data) == []
+    assert (legacy / "big").stat().st_size == 70 << 20
+
+
+def disk_bytes(node) -> int:
+    vfs = os.statvfs(node.disk)
+    return vfs.f_blocks * vfs.f_frsize
+
+
+def test_a_mounted_disk_grows_online_or_at_the_next_mount_and_never_shrinks(run_helper, node):
+    stack_up(run_helper, node)
+    before = disk_bytes(node)
+    run = vm(run_helper, "resize_disk", node.vm_params(size=2 * DISK))
+    assert run.exit_code == 0 and run.reply["changed"] is True
+    assert node.image.stat().st_size == 2 * DISK and mounted(node.merge)
+    if run.data["restart_needed"]:
+        # The kernel refused an online resize (no CAP_SYS_RESOURCE here): the next start grows it.
+        assert disk_bytes(node) == before
+        vm(run_helper, "ensure_stack_unmounted", node.vm_params(docker_socket="/nonexistent.sock"))
+        stack_up(run_helper, node)
+    assert disk_bytes(node) > before + DISK // 2
+    again = vm(run_helper, "resize_disk", node.vm_params(size=2 * DISK))
+    assert again.exit_code == 0 and again.reply["changed"] is False
+    shrink = vm(run_helper, "resize_disk", node.vm_params(size=DISK))
+    assert shrink.exit_code == 3 and shrink.error["code"] == "disk_shrink"
+
+
+def test_a_stopped_desktops_disk_grows_too_and_a_larger_size_at_start_grows_it(run_helper, node):
+    stack_up(run_helper, node)
+    vm(run_helper, "ensure_stack_unmounted", node.vm_params(docker_socket="/nonexistent.sock"))
+    run = vm(run_helper, "resize_disk", node.vm_params(size=2 * DISK))
+    assert run.exit_code == 0 and run.reply["changed"] is True and not mounted(node.disk)
+    vm(run_helper, "ensure_stack", node.params(disk=3 * DISK))
+    vfs = os.statvfs(node.disk)
+    assert vfs.f_blocks * vfs.f_frsize > 2 * DISK
+
+
+def test_reset_upper_empties_the_upper_on_an_unmounted_disk(run_helper, node):
+    stack_up(run_helper, node)
+    (node.merge / "published").write_text("x\n")
+    vm(run_helper, "ensure_stack_unmounted", node.vm_params(docker_socket="/nonexistent.sock"))
+    run = vm(run_helper, "reset_upper", node.vm_params(mfs_mount=str(node.mfs), docker_socket="/nonexistent.sock"))
+    assert run.exit_code == 0 and str(node.up) in run.data["emptied"]
+    assert not mounted(node.disk)
+    stack_up(run_helper, node)
+    assert not (node.merge / "published").exists()
 
 
 # --- ensure_stack_unmounted ---------------------------------------------------------------
@@ -277,7 +414,7 @@ def test_unmount_check_mode_then_unmount_then_nothing(run_helper, node):
     assert mount_points_under(node.vm_dir) == []
     again = vm(run_helper, "ensure_stack_unmounted", params)
     assert again.exit_code == 0 and again.reply["changed"] is False
-    assert (node.up).is_dir()
+    assert node.image.is_file() and not (node.up).exists()  # the upper is on the disk, unmounted
 
 
 def test_busy_stack_is_refused_naming_the_process(run_helper, node):
@@ -599,15 +736,14 @@ def minimal_spec(**overrides):
 
 def test_create_body_from_a_full_spec(bundle):
     spec = bundle.vm.container_spec("spec", full_spec())
-    body = bundle.vm.container_create_body(USER, spec, ["etc", "home", "usr"], "/var/lib/labvm/vms/alice/merge_local", "/rt")
+    body = bundle.vm.container_create_body(USER, spec, "/var/lib/labvm/vms/alice/merge_local", "/rt")
     host = body["HostConfig"]
-    assert host["Binds"] == [
-        "/var/lib/labvm/vms/alice/merge_local/etc:/etc",
-        "/var/lib/labvm/vms/alice/merge_local/home:/home",
-        "/var/lib/labvm/vms/alice/merge_local/usr:/usr",
-        "/rt:/run/labvm:ro",
-    ]
-    assert host["Init"] is False  # tini comes from /run/labvm: docker's /sbin/docker-init would be under /usr
+    # The root is the overlay: the labvm runtime takes it from the sentinel mount.
+    assert host["Runtime"] == "labvm"
+    assert host["Binds"] == ["/var/lib/labvm/vms/alice/merge_local:/.labvm-rootfs:ro", "/rt:/run/labvm:ro"]
+    assert host["Tmpfs"] == {"/run": "rw,nosuid,nodev,mode=755"}
+    assert host["LogConfig"] == {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}}
+    assert host["Init"] is False  # tini comes from /run/labvm: docker's would be in docker's own root
     assert host["Memory"] == host["MemorySwap"] == 8 * 2**30
     assert host["NanoCpus"] == 1_500_000_000 and host["CpusetCpus"] == "0-3"
     assert host["ShmSize"] == 2**30 and host["PidsLimit"] == 4096
@@ -638,14 +774,15 @@ def test_create_body_from_a_full_spec(bundle):
 
 def test_create_body_from_a_minimal_spec_sets_no_optional_limits(bundle):
     spec = bundle.vm.container_spec("spec", minimal_spec())
-    host = bundle.vm.container_create_body(USER, spec, [], "/m", "/rt")["HostConfig"]
-    assert set(host) == {"Init", "Binds", "Memory", "MemorySwap", "PortBindings", "RestartPolicy", "NetworkMode", "CapDrop"}
+    host = bundle.vm.container_create_body(USER, spec, "/m", "/rt")["HostConfig"]
+    assert set(host) == {"Init", "Runtime", "Binds", "Tmpfs", "LogConfig", "Memory", "MemorySwap", "PortBindings",
+                         "RestartPolicy", "NetworkMode", "CapDrop"}
     # Every desktop sits on the walled-off network and lacks the capabilities a member could
     # turn against the node or a neighbour, whatever else its spec says.
     assert host["NetworkMode"] == "labvm"
     assert set(host["CapDrop"]) >= {"NET_RAW", "MKNOD", "SETFCAP", "AUDIT_WRITE"}
     assert host["PortBindings"] == {"5901/tcp": [{"HostIp": "127.0.0.1", "HostPort": "20000"}]}
-    env = dict(item.split("=", 1) for item in bundle.vm.container_create_body(USER, spec, [], "/m", "/rt")["Env"])
+    env = dict(item.split("=", 1) for item in bundle.vm.container_create_body(USER, spec, "/m", "/rt")["Env"])
     assert env["NVIDIA_VISIBLE_DEVICES"] == "void" and env["LABVM_SSH"] == "0"
     assert env["LABVM_VNC_GEOMETRY"] == "1280x800"
 
@@ -689,13 +826,6 @@ def test_bad_specs_are_refused(bundle, override, fragment):
         bundle.vm.container_spec("spec", {**full_spec(), **override})
     assert fragment in raised.value.msg
 
-
-def test_only_real_top_level_directories_are_bound(bundle, tmp_path):
-    for name in ("etc", "home", "usr", "proc", "sys", "dev", "run", "tmp", "bad:name"):
-        (tmp_path / name).mkdir()
-    (tmp_path / "bin").symlink_to("usr/bin")
-    (tmp_path / ".labvm-image.json").write_text("{}")
-    assert bundle.vm.bound_top_level(str(tmp_path)) == ["etc", "home", "tmp", "usr"]
 
 
 def test_static_elf_detection(bundle, tmp_path):
@@ -765,9 +895,8 @@ def test_container_is_created_started_and_the_secret_removed(run_helper, bundle,
     (body,) = engine.created
     assert PASSWORD not in json.dumps(body)
     binds = body["HostConfig"]["Binds"]
-    assert f"{node.merge}/etc:/etc" in binds and f"{node.merge}/usr:/usr" in binds
-    assert f"{node.runtime}:/run/labvm:ro" in binds
-    assert not [bind for bind in binds if bind.split(":")[1] in ("/bin", "/proc", "/sys", "/dev", "/run")]
+    assert binds == [f"{node.merge}:/.labvm-rootfs:ro", f"{node.runtime}:/run/labvm:ro"]
+    assert body["HostConfig"]["Runtime"] == "labvm"
     assert body["Labels"]["labvm.spec-hash"] == run.data["spec_hash"]
     assert sorted(os.listdir(node.runtime)) == ["apply-password", "init", "tini"]
     for name in ("init", "apply-password", "tini"):
@@ -799,6 +928,19 @@ def test_a_container_from_another_spec_is_not_touched(run_helper, node, engine, 
     assert run.exit_code == 3 and run.error["code"] == "container_differs"
     assert "remove_container" in run.error["msg"]
     assert len(engine.created) == 1
+
+
+@needs_tini
+def test_a_stopped_container_of_another_spec_or_form_is_replaced(run_helper, node, engine, vnc):
+    stack_up(run_helper, node)
+    vnc.greet.set()
+    engine.add_container(f"labvm-{USER}", labels={"labvm.user": USER, "labvm.spec-hash": "older-form"}, running=False)
+    spec = minimal_spec(ports={"vnc": vnc.port})
+    run = vm(run_helper, "ensure_container", container_params(node, engine, spec))
+    assert run.exit_code == 0, run.reply
+    assert run.data["created"] is True and run.data["started"] is True
+    (body,) = engine.created
+    assert body["HostConfig"]["Runtime"] == "labvm" and body["Labels"]["labvm.spec-hash"] == run.data["spec_hash"]
 
 
 @needs_tini

@@ -144,6 +144,7 @@ def helper_desktop(user, state="running", cpu=1.0, gpu_memory=0, processes=0, gp
         "gpu_processes": processes,
         "sync": {"lag_s": 0.0, "pending": 0, "state": "idle", "last_success": 1714557600.0, "last_error": None, "running": True},
         "last_version": 3,
+        "disk": {"size": 100 * GIB, "used": 3 * GIB if running else None, "allocated": 3 * GIB},
     }
 
 
