@@ -16,6 +16,7 @@ A daemon is "running" only if the pid in syncd.pid is alive and its command line
 with this control dir: a stale pid file, or a pid reused by another process, counts as none.
 """
 
+import dataclasses
 import errno
 import fcntl
 import os
@@ -520,6 +521,10 @@ def flush_without_daemon(paths: SyncPaths, params: dict, check: bool) -> dict | 
     """A full pass when this node ever synced the desktop and still has its upper; None when
     there is nothing here to send (no upper: layers removed, or never synced from here)."""
     config = syncd.read_json(paths.file(CONFIG_FILE))
+    legacy_up = VmPaths.of(params["data_dir"], params["user"]).legacy_layers[0]
+    if isinstance(config, dict) and config.get("up_local") == legacy_up and os.path.isdir(legacy_up):
+        # A daemon of the layout before desktops had disks synced the upper where it was then.
+        paths = dataclasses.replace(paths, up_local=legacy_up)
     if not os.path.isdir(paths.up_local) or not isinstance(config, dict) or not isinstance(config.get("up_mfs"), str):
         return None
     log(f"no live sync daemon for {params['user']}: flushing with a full pass")

@@ -8,6 +8,7 @@ import ctypes
 import hashlib
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -687,6 +688,21 @@ def test_stopping_after_the_daemon_died_still_sends_its_queue(run_helper, node):
     assert stopped.data["pid"] is None and stopped.data["flushed"] is not None
     assert (node.up_mfs / "home/alice/late.txt").read_text() == "queued, never sent\n"
     assert_same_tree(node.up, node.up_mfs)
+
+
+def test_a_dead_daemon_of_the_layout_before_disks_still_has_its_upper_sent(run_helper, node):
+    """A desktop running since before desktops had disks: its daemon synced <vm_dir>/up_local.
+    If it died, the stop's flush sends that upper, not the (absent) one on the disk."""
+    legacy = node.vm_dir / "up_local"
+    write(legacy / "home/alice/unsent.txt", "written before the upgrade\n")
+    node.control.mkdir(mode=0o700, exist_ok=True)
+    config = {"up_local": str(legacy), "up_mfs": str(node.up_mfs), "args": []}
+    (node.control / "config.json").write_text(json.dumps(config))
+    shutil.rmtree(node.up)
+    stopped = sync(run_helper, "ensure_stopped", node.params(flush=True))
+    assert stopped.exit_code == 0, stopped.reply
+    assert stopped.data["flushed"] is not None
+    assert (node.up_mfs / "home/alice/unsent.txt").read_text() == "written before the upgrade\n"
 
 
 # --- a hostile member: races, FIFOs, sparse and unnameable files, no inotify -----------------

@@ -261,3 +261,25 @@ def test_node_add_refuses_a_data_dir_of_root(tmp_path):
     path = write(tmp_path, GOOD)
     with pytest.raises(BadInput, match="The value '/' is not valid; expected an absolute, normalised path"):
         check_new_node(path, Node(name="n2", host="10.0.0.12", data_dir="/"))
+
+
+def test_disk_size_default_and_override_and_the_quota_that_follows_it(tmp_path):
+    from labvm.config import member_quota_for
+
+    cfg = parse_config(write(tmp_path, GOOD))
+    assert cfg.vm_defaults.disk == 100 << 30
+    assert cfg.storage.member_quota is None
+    kept = cfg.retention.keep_last + cfg.retention.keep_daily + cfg.retention.keep_weekly
+    # No <member_quota>: room for every kept version, the synced upper and one being made.
+    assert member_quota_for(cfg, 10 << 30) == (10 << 30) * (kept + 2)
+    text = GOOD.replace("<gpus>1</gpus>", "<gpus>1</gpus><disk>20g</disk>").replace(
+        "<mfs_dir>/labvm</mfs_dir>", "<mfs_dir>/labvm</mfs_dir><member_quota>3t</member_quota>")
+    cfg = parse_config(write(tmp_path, text))
+    assert cfg.vm_defaults.disk == 20 << 30
+    assert member_quota_for(cfg, 10 << 30) == 3 << 40  # set for every member
+
+
+def test_a_bad_disk_size_names_its_line(tmp_path):
+    text = GOOD.replace("<gpus>1</gpus>", "<gpus>1</gpus>\n    <disk>lots</disk>")
+    with pytest.raises(ConfigError, match="disk"):
+        parse_config(write(tmp_path, text))
