@@ -34,17 +34,23 @@ class AuditEntry:
 
     @classmethod
     def from_line(cls, line: str) -> "AuditEntry | None":
-        """The entry a log line holds; None for a line cut short by a crash, or not one of ours."""
+        """The entry a log line holds; None for a line cut short by a crash, or not one of ours.
+        A text field that holds another JSON value (an older labvm wrote an operation's id as a
+        number) is taken as that value's JSON text."""
         try:
             fields = json.loads(line)
             entry = cls(**fields)
+            texts = {name: _text(getattr(entry, name)) for name in ("who", "command", "result")}
+            target = None if entry.target is None else _text(entry.target)
         except (ValueError, TypeError, RecursionError):
             return None
-        texts_ok = all(isinstance(v, str) for v in (entry.who, entry.command, entry.result))
-        time_ok = isinstance(entry.time, (int, float)) and not isinstance(entry.time, bool) and math.isfinite(entry.time)
-        if not (texts_ok and time_ok and (entry.target is None or isinstance(entry.target, str))):
+        if not (isinstance(entry.time, (int, float)) and not isinstance(entry.time, bool) and math.isfinite(entry.time)):
             return None
-        return entry
+        return cls(entry.time, texts["who"], texts["command"], target, texts["result"])
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 def operator() -> str:
@@ -52,8 +58,10 @@ def operator() -> str:
     return os.environ.get("SUDO_USER") or getpass.getuser()
 
 
-def append(home: Path, command: str, target: str | None, result: str) -> None:
+def append(home: Path, command: str, target, result: str) -> None:
+    """One line; a target that is not text (an operation's id) is written as text."""
     path = home / AUDIT_LOG
+    target = None if target is None else str(target)
     line = json.dumps({"time": round(time.time(), 3), "who": operator(), "command": command, "target": target, "result": result})
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:

@@ -802,7 +802,7 @@ def log_(home: AdminHome, target, last, as_json):
         return
     table = Table("time", "who", "command", "target", "result", title="labvm log")
     for e in entries:
-        table.add_row(_when(e.time), cell(e.who), cell(e.command), cell(e.target), cell(e.result, "" if e.result == "ok" else "red"))
+        table.add_row(cell(_when(e.time)), cell(e.who), cell(e.command), cell(e.target), cell(e.result, "" if e.result == "ok" else "red"))
     out.print(table)
 
 

@@ -233,3 +233,31 @@ def test_a_fresh_init_passes_its_own_check_even_under_a_loose_umask(tmp_path, mo
         os.umask(old)
     assert main(["user", "list"]) == 0, capsys.readouterr().err
     assert main(["log", "--json"]) == 0
+
+
+def test_an_operation_id_is_audited_as_text_and_the_log_shows_it(home, capsys):
+    assert main(["ops", "resume", "999"]) == 2
+    capsys.readouterr()
+    last = json.loads((home / "audit.log").read_text().splitlines()[-1])
+    assert last["command"] == "labvm ops resume" and last["target"] == "999"
+    assert main(["log"]) == 0
+    assert "999" in capsys.readouterr().out
+    assert main(["log", "--json", "-t", "999"]) == 0
+    assert [e["target"] for e in json.loads(capsys.readouterr().out)] == ["999"]
+
+
+def test_the_log_shows_audit_fields_of_any_json_type(home, capsys):
+    """Lines an older labvm wrote with an operation's id as a number, or any other JSON value
+    where text belongs, are shown as that value's text, never a crash."""
+    odd = [{"time": 1714557600.0, "who": "root", "command": "labvm ops resume", "target": 5, "result": "ok"},
+           {"time": 1714557601, "who": ["x", 1], "command": {"a": None}, "target": True, "result": 2.5}]
+    with open(home / "audit.log", "a") as log:
+        log.writelines(json.dumps(entry) + "\n" for entry in odd)
+    assert main(["log"]) == 0
+    shown = capsys.readouterr().out
+    assert "labvm ops resume" in shown and '["x", 1]' in shown and "2.5" in shown
+    assert main(["log", "--json", "-t", "5"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{**odd[0], "target": "5"}]
+    assert main(["log", "--json", "-n", "1"]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"time": 1714557601, "who": '["x", 1]', "command": '{"a": null}', "target": "true", "result": "2.5"}]

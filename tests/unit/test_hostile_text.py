@@ -87,8 +87,9 @@ def test_log_shows_any_audit_line(config, text):
     os.chmod(log, 0o600)
     assert "labvm log" in invoke(config, "log")
     invoke(config, "log", f"--target={text}")
-    # Only well-formed entries are shown; a time too far out is shown as the number it is.
-    assert printable_json(invoke(config, "log", "--json")) == [entry, {**entry, "time": 1e308}]
+    # Only well-formed entries are shown; a time too far out is shown as the number it is, and
+    # a field that is not text as its JSON text.
+    assert printable_json(invoke(config, "log", "--json")) == [entry, {**entry, "time": 1e308}, {**entry, "who": "5"}]
 
 
 # -- the operations journal ---------------------------------------------------------------------
