@@ -197,7 +197,9 @@ def _element_path(tree, line: int) -> str:
 
 def _tidy_schema_message(message: str) -> str:
     # libxml2 quotes the XSD facet machinery; users need the element and the rule in words.
-    message = re.sub(r"\{[^}]*\}", "", message)
+    # A namespaced name reads '{http://...}name': only that namespace goes, never the braces of
+    # a pattern's quantifier ({0,31}) or of an enumeration's set ({'1'}).
+    message = re.sub(r"'\{[A-Za-z][A-Za-z0-9+.-]*:[^}']*\}", "'", message)
     message = re.sub(r"\[facet '[a-zA-Z]+'\] ", "", message)
     meanings = _pattern_meanings()
 

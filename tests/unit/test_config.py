@@ -283,3 +283,29 @@ def test_a_bad_disk_size_names_its_line(tmp_path):
     text = GOOD.replace("<gpus>1</gpus>", "<gpus>1</gpus>\n    <disk>lots</disk>")
     with pytest.raises(ConfigError, match="disk"):
         parse_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    "needle, replacement, expect",
+    [
+        ('<node name="n1">', '<node name="N1">',
+         "Element 'node', attribute 'name': The value 'N1' is not valid; expected a lowercase letter, then up to 31 "
+         "lowercase letters, digits or -"),
+        ('<labvm version="1">', '<labvm version="2">',
+         "Element 'labvm', attribute 'version': The value '2' is not an element of the set {'1'}"),
+    ],
+)
+def test_schema_messages_keep_quantifiers_and_sets(tmp_path, needle, replacement, expect):
+    path = write(tmp_path, GOOD.replace(needle, replacement))
+    with pytest.raises(ConfigError) as err:
+        parse_config(path)
+    assert str(err.value).endswith(expect), str(err.value)
+
+
+def test_a_pattern_without_words_is_quoted_whole_and_only_namespaces_go():
+    from labvm.config import _tidy_schema_message
+
+    raw = "Element '{http://example.org/ns}user': [facet 'pattern'] The value 'Root' is not accepted by the pattern '[a-z_][a-z0-9_-]{0,29}'."
+    assert _tidy_schema_message(raw) == "Element 'user': The value 'Root' is not accepted by the pattern '[a-z_][a-z0-9_-]{0,29}'"
+    raw = "Element 'x': [facet 'enumeration'] The value '{z}' is not an element of the set {'a', 'b'}."
+    assert _tidy_schema_message(raw) == "Element 'x': The value '{z}' is not an element of the set {'a', 'b'}"
