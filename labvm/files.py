@@ -118,7 +118,7 @@ def local_destination(dest: Path, name: str, force: bool) -> Path:
             raise BadInput(f"{dest.parent}: no such directory to copy into") from None
         return dest
     if not stat.S_ISREG(found.st_mode):
-        raise BadInput(f"{dest} is {_kind(found.st_mode)}, not a regular file; give a file or directory to copy to")
+        raise BadInput(f"{dest} is not a regular file (it is {_kind(found.st_mode)}); give a file or directory to copy to")
     if not force:
         raise AlreadyExists(f"{dest} exists; pass --force to overwrite it")
     return dest
@@ -127,7 +127,7 @@ def local_destination(dest: Path, name: str, force: bool) -> Path:
 def _kind(mode: int) -> str:
     kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
              (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
-    return next((name for test, name in kinds if test(mode)), "not a regular file")
+    return next((name for test, name in kinds if test(mode)), "of an unknown kind")
 
 
 def put_file(home: AdminHome, user: str, src: Path, path: str, mode: int | None = None, *, check: bool = False) -> bool:
@@ -148,7 +148,7 @@ def read_source(src: Path) -> bytes:
     try:
         found = os.stat(src)
         if not stat.S_ISREG(found.st_mode):
-            raise BadInput(f"{src} is {_kind(found.st_mode)}, not a regular file; --put copies a regular file")
+            raise BadInput(f"{src} is not a regular file (it is {_kind(found.st_mode)}); --put copies a regular file")
         fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as stream:
             if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -215,7 +215,7 @@ def require_regular(dir_fd: int, name: str, path: str, entry: os.stat_result) ->
     if stat.S_ISLNK(entry.st_mode):
         raise symlink_refused(path, symlink_target(dir_fd, name) or "?")
     if not stat.S_ISREG(entry.st_mode):
-        raise PreconditionFailed(f"{path} in the desktop is a {file_type(entry.st_mode)}, not a regular file", "not_a_file")
+        raise PreconditionFailed(f"{path} in the desktop is not a regular file (it is {kind_of(entry.st_mode)})", "not_a_file")
 
 
 def open_regular(dir_fd: int, name: str, path: str) -> tuple[int, os.stat_result]:
@@ -249,6 +249,15 @@ def read_up_to(fd: int, limit: int) -> bytes:
 
 def file_type(mode: int) -> str:
     return next((name for is_type, name in FILE_TYPES if is_type(mode)), "other")
+
+
+KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISCHR, "a character device"),
+         (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file"))
+
+
+def kind_of(mode: int) -> str:
+    """What a file is, in words for a message: 'a directory', 'a FIFO', ..."""
+    return next((name for is_kind, name in KINDS if is_kind(mode)), "of an unknown kind")
 
 
 def attributes(entry: os.stat_result) -> dict:

@@ -175,7 +175,7 @@ def snapshot(directory):
 def test_get_refuses_a_destination_that_is_not_a_regular_file(no_node, specials, name, kind):
     before = snapshot(specials)
     for force in (False, True):
-        with pytest.raises(BadInput, match=f"is {kind}, not a regular file"):
+        with pytest.raises(BadInput, match=rf"is not a regular file \(it is {kind}\)"):
             files.get_file(None, "alice", "/home/alice/x", specials / name, force=force)
     assert snapshot(specials) == before
 
@@ -207,7 +207,7 @@ def must_not_block(seconds: int = 10):
 
 @pytest.mark.parametrize("name, kind", [("fifo", "a FIFO"), ("to-fifo", "a FIFO"), ("sock", "a socket")])
 def test_put_refuses_a_source_that_is_not_a_regular_file_without_opening_it(no_node, specials, name, kind):
-    with must_not_block(), pytest.raises(BadInput, match=f"is {kind}, not a regular file"):
+    with must_not_block(), pytest.raises(BadInput, match=rf"is not a regular file \(it is {kind}\)"):
         files.put_file(None, "alice", specials / name, "/home/alice/x")
     with must_not_block(), pytest.raises(BadInput, match="a character device"):
         files.read_source(specials / "to-null")
@@ -220,7 +220,7 @@ def test_cli_get_to_a_device_exits_2_and_changes_nothing(specials, capsys, monke
     assert main(["init"]) == 0
     capsys.readouterr()
     assert main(["files", "alice", "/root/x", "--get", str(specials / "to-null"), "--force"]) == 2
-    assert capsys.readouterr().err == f"labvm: error: {specials / 'to-null'} is a symbolic link, not a regular file; give a file or directory to copy to\n"
+    assert capsys.readouterr().err == f"labvm: error: {specials / 'to-null'} is not a regular file (it is a symbolic link); give a file or directory to copy to\n"
     assert os.readlink(specials / "to-null") == "/dev/null"
 
 
@@ -272,3 +272,37 @@ def test_a_user_without_a_desktop_is_not_found(tmp_path):
         files.locate(home, "alice")
     with pytest.raises(NotFound, match="unknown user 'bob'"):
         files.locate(home, "bob")
+
+
+# --- the node helper's refusal, in words ---------------------------------------------------
+
+
+@pytest.fixture
+def files_helper(monkeypatch):
+    """scripts/node_helpers/files.py as a node imports it (its siblings on the path), loaded here."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    helpers = Path(__file__).resolve().parents[2] / "scripts" / "node_helpers"
+    before = set(sys.modules)
+    monkeypatch.syspath_prepend(str(helpers))
+    for name in ("_contract", "_system", "_tree", "files"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    yield importlib.import_module("files")
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+@pytest.mark.parametrize("make, kind", [(os.mkdir, "a directory"), (os.mkfifo, "a FIFO")])
+def test_the_helper_says_what_a_path_that_is_not_a_regular_file_is(files_helper, tmp_path, make, kind):
+    make(tmp_path / "x")
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        entry = os.stat("x", dir_fd=dir_fd, follow_symlinks=False)
+        with pytest.raises(files_helper.PreconditionFailed) as refused:
+            files_helper.require_regular(dir_fd, "x", "/home/alice/x", entry)
+    finally:
+        os.close(dir_fd)
+    assert str(refused.value) == f"/home/alice/x in the desktop is not a regular file (it is {kind})"
+    assert files_helper.kind_of(stat.S_IFSOCK) == "a socket" and files_helper.kind_of(0) == "of an unknown kind"
