@@ -137,13 +137,18 @@ def backup(home: AdminHome, users, all_desktops, as_json):
     A running desktop keeps running: it is frozen for about a second while its
     last writes are flushed and its upper layer is snapshotted on MooseFS, so
     the version is one instant of its files. Prints one line per desktop, and
-    exits 1 if any failed. Safe under cron: a second run while one is going
+    exits 1 if any failed; a name without a desktop is refused (exit 4) before
+    any backup. Safe under cron: a second run while one is going
     exits 75 without doing anything.
     """
     storage = _storage(home, quiet=True)
     if all_desktops == bool(users):
         raise BadInput("name the desktops to back up, or pass --all")
-    chosen = storage.all_users() if all_desktops else list(dict.fromkeys(users))
+    if all_desktops:
+        chosen = storage.all_users()
+    else:
+        chosen = list(dict.fromkeys(users))
+        storage.require_desktops(chosen)  # an unknown name is refused (exit 4) before any backup
     if as_json or not out.is_terminal:
         results = storage.backup_many(chosen, report=(lambda _r: None) if as_json else lambda r: say(r.line))
     else:

@@ -172,6 +172,12 @@ class Storage:
                 results.append(result)
             return results
 
+    def require_desktops(self, users: list[str]) -> None:
+        """Refuse (NotFound) a name that is no member, or a member without a desktop, before any backup runs."""
+        with self.home.state() as db:
+            for user in users:
+                self.desktops.get(db, user)
+
     def all_users(self) -> list[str]:
         with self.home.state() as db:
             return [d.user for d in self.desktops.list(db) if d.state in ("running", "stopped")]

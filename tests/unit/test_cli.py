@@ -261,3 +261,15 @@ def test_the_log_shows_audit_fields_of_any_json_type(home, capsys):
     assert main(["log", "--json", "-n", "1"]) == 0
     assert json.loads(capsys.readouterr().out) == [
         {"time": 1714557601, "who": '["x", 1]', "command": '{"a": null}', "target": "true", "result": "2.5"}]
+
+
+def test_backup_of_an_unknown_user_or_one_without_a_desktop_exits_4(home, capsys, monkeypatch):
+    from labvm.storage import Storage
+
+    monkeypatch.setattr(Storage, "backup", lambda _self, user: pytest.fail(f"backed up {user}"))
+    run(["user", "add", "alice", "--password-stdin"], PW + "\n")
+    capsys.readouterr()
+    assert main(["backup", "nobody"]) == 4
+    assert capsys.readouterr().err == "labvm: error: unknown user 'nobody'; see `labvm user list`\n"
+    assert main(["backup", "alice"]) == 4
+    assert capsys.readouterr().err == "labvm: error: alice has no desktop; create one with `labvm create alice`\n"
