@@ -75,7 +75,7 @@ def complete_versions(ctx, param, incomplete):
         _desktop, verdicts = Storage(_home_from_ctx(ctx)).versions(user)
     except Exception:  # completion must never print a traceback into the shell
         return []
-    return [CompletionItem(str(v.version.number), help=_when(v.version.created)) for v in verdicts
+    return [CompletionItem(str(v.version.number), help="-" if v.version.created is None else _when(v.version.created)) for v in verdicts
             if str(v.version.number).startswith(incomplete)]
 
 

@@ -34,6 +34,11 @@ def _seconds(value) -> str:
     return "?" if value is None else str(value)
 
 
+def _known(value, show) -> str:
+    """A value a node reported, shown; one it did not report, as "-"."""
+    return "-" if value is None else show(value)
+
+
 @click.group()
 def sync():
     """The sync that streams each running desktop's writes to MooseFS."""
@@ -114,9 +119,10 @@ def versions(home: AdminHome, user, as_json):
         return
     table = Table("version", "created", "files", "size", "kept by", title=f"versions of {user}'s files")
     for v in verdicts:
+        # v0, made empty at create, has no record of its files: what is not known shows as "-".
         mark = " (in use)" if v.version.number == desktop.version else ""
-        table.add_row(cell(f"v{v.version.number}{mark}"), cell(_when(v.version.created)),
-                      "?" if v.version.files is None else cell(v.version.files), cell(_size(v.version.bytes)),
+        table.add_row(cell(f"v{v.version.number}{mark}"), cell(_known(v.version.created, _when)),
+                      cell(_known(v.version.files, str)), cell(_known(v.version.bytes, _size)),
                       cell(v.kept_by) if v.kept_by else Text("pruned by the next backup", style="yellow"))
     out.print(table)
 

@@ -24,7 +24,7 @@ RULES = (
 @dataclass(frozen=True)
 class Version:
     number: int
-    created: float
+    created: float | None
     files: int | None = None
     bytes: int | None = None
     base: int | None = None
@@ -43,15 +43,16 @@ class Verdict:
         return self.kept_by is not None
 
 
-def _period(created: float, pattern: str | None, number: int) -> str:
-    if pattern is None:
-        return str(number)  # keep_last: every version is its own period
+def _period(created: float | None, pattern: str | None, number: int) -> str:
+    if pattern is None or created is None:
+        return str(number)  # keep_last, or a version of unknown time: every version is its own period
     return time.strftime(pattern, time.localtime(created))
 
 
 def plan(versions: list[Version], rule: Retention, in_use: set[int] = frozenset()) -> list[Verdict]:
     """Every version, newest first, with the rule that keeps it (or None)."""
-    ordered = sorted(versions, key=lambda v: (v.created, v.number), reverse=True)
+    # A version whose time is not known (None) sorts as the oldest.
+    ordered = sorted(versions, key=lambda v: (v.created is not None, v.created or 0, v.number), reverse=True)
     kept_by: dict[int, str] = {}
     for name, pattern in RULES:
         wanted = getattr(rule, name)

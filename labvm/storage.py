@@ -52,7 +52,7 @@ class BackupResult:
 
 
 def versions_from_reply(data: dict) -> list[Version]:
-    return [Version(v["version"], v["created"], v.get("files"), v.get("bytes"), v.get("base")) for v in data["versions"]]
+    return [Version(v["version"], v.get("created"), v.get("files"), v.get("bytes"), v.get("base")) for v in data["versions"]]
 
 
 class Storage:

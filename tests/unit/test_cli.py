@@ -273,3 +273,67 @@ def test_backup_of_an_unknown_user_or_one_without_a_desktop_exits_4(home, capsys
     assert capsys.readouterr().err == "labvm: error: unknown user 'nobody'; see `labvm user list`\n"
     assert main(["backup", "alice"]) == 4
     assert capsys.readouterr().err == "labvm: error: alice has no desktop; create one with `labvm create alice`\n"
+
+
+class FakeNode:
+    """A node session whose helpers answer from `answers` ("helper.action" -> data), recording each call."""
+
+    def __init__(self, answers: dict):
+        self.answers, self.calls = answers, []
+
+    def call(self, helper, action, params, timeout=None):
+        self.calls.append(f"{helper}.{action}")
+        return {"ok": True, "changed": False, "data": self.answers.get(f"{helper}.{action}", {})}
+
+
+@pytest.fixture
+def desktop(home, monkeypatch):
+    """alice with a desktop on node n1 (state: desktop.state); desktop.node answers its helper calls."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from labvm.admin import AdminHome
+    from labvm.config import Node, add_node_to_file
+    from labvm.desktops import Desktops
+
+    config = home / "bkConfxml.xml"
+    add_node_to_file(config, Node(name="n1", host="10.0.0.1"))
+    run(["user", "add", "alice", "--password-stdin"], PW + "\n")
+    with AdminHome(config).state() as db:
+        db.conn.execute("INSERT INTO vms (user, node, state, vnc_port, ssh_port, limits, version, created_at, updated_at) "
+                        "VALUES ('alice', 'n1', 'running', 20000, 20001, '{}', 1, 0, 0)")
+    fake = SimpleNamespace(node=FakeNode({}))
+
+    @contextmanager
+    def session(_self, _node):
+        yield fake.node
+
+    monkeypatch.setattr(Desktops, "session", session)
+
+    def set_state(state):
+        with AdminHome(config).state() as db:
+            db.conn.execute("UPDATE vms SET state = ? WHERE user = 'alice'", (state,))
+
+    fake.set_state = set_state
+    return fake
+
+
+def test_versions_shows_v0_with_its_time_and_dashes_for_what_is_not_known(desktop, capsys, monkeypatch):
+    import datetime as dt
+
+    monkeypatch.setenv("COLUMNS", "200")
+    day = dt.datetime(2026, 5, 1, 12, 0).timestamp()
+    desktop.node.answers["merge.versions"] = {"versions": [
+        {"version": 0, "created": day, "files": None, "bytes": None, "base": None},
+        {"version": 1, "created": day + 86400, "files": 12, "bytes": 4096, "base": 0}]}
+    capsys.readouterr()
+    assert main(["versions", "alice"]) == 0
+    rows = {line.split()[1]: [c.strip() for c in line.split("│")[1:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("│ v")}
+    assert rows["v0"][:4] == ["v0", "2026-05-01 12:00", "-", "-"], rows
+    assert rows["v1"][:4] == ["v1 (in use)", "2026-05-02 12:00", "12", "4.0 KiB"], rows
+    # A version the node gives no time for is shown, as the oldest, with "-".
+    desktop.node.answers["merge.versions"]["versions"][0]["created"] = None
+    assert main(["versions", "alice"]) == 0
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│ v")]
+    assert [c.strip() for c in shown[-1].split("│")[1:5]] == ["v0", "-", "-", "-"], shown

@@ -54,3 +54,10 @@ def test_versions_in_the_same_second_order_by_number():
 
 def test_no_versions():
     assert plan([], Retention()) == []
+
+
+def test_a_version_of_unknown_time_sorts_oldest_and_is_its_own_period():
+    versions = [Version(0, None), Version(1, day_start(1)), Version(2, day_start(0))]
+    verdicts = plan(versions, Retention(keep_last=1, keep_daily=3, keep_weekly=0))
+    assert [v.version.number for v in verdicts] == [2, 1, 0]
+    assert kept(verdicts) == {2: "keep_last #1", 1: "keep_daily #1", 0: "keep_daily #2"}
