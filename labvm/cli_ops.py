@@ -6,6 +6,8 @@ from contextlib import contextmanager
 
 import click
 from click.shell_completion import CompletionItem
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -110,13 +112,24 @@ def ops_list(home: AdminHome, user, unfinished, limit, as_json):
     if as_json:
         _emit_json([v.as_dict() for v in views])
         return
-    table = Table("id", "kind", "user", "state", "started", "last step", "error", title="labvm ops")
+    table = Table("id", "kind", "user", "state", "started", "last step", title="labvm ops")
+    table.add_column("error", overflow="fold")
     colors = {"done": "green", "interrupted": "yellow", "failed": "red", "running": "cyan"}
     for v in views:
         color = colors.get(v.state)
         table.add_row(str(v.id), cell(v.kind), cell(v.user), cell(v.state, color or ""),
-                      _when(v.created_at), cell(v.last_step), cell((v.error or "")[:60]))
-    out.print(table)
+                      cell(_when(v.created_at)), cell(v.last_step), cell(v.error))
+    _print_whole(table)
+
+
+def _print_whole(table: Table) -> None:
+    """A table with text in full: wrapped to a terminal's width, each row on one line into a
+    pipe or file (as wide as its longest row), so a script or grep sees every word."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    widest = Measurement.get(out, out.options.update_width(1 << 20), table).maximum
+    Console(file=out.file, highlight=False, soft_wrap=True, width=max(out.width, widest)).print(table)
 
 
 @ops.command("show")
@@ -134,11 +147,12 @@ def ops_show(home: AdminHome, op_id, as_json):
     say(f"operation {v.id}: {v.kind} {v.user or ''} -- {v.state}")
     if v.error:
         say(f"  error: {v.error}")
-    table = Table("#", "step", "state", "took", "detail")
+    table = Table("#", "step", "state", "took")
+    table.add_column("detail", overflow="fold")
     for s in v.steps:
         took = f"{s['finished_at'] - s['started_at']:.1f} s" if s["finished_at"] and s["started_at"] else ""
-        table.add_row(str(s["seq"]), cell(s["name"]), cell(s["state"]), took, cell((s["detail"] or "")[:80]))
-    out.print(table)
+        table.add_row(str(s["seq"]), cell(s["name"]), cell(s["state"]), took, cell(s["detail"]))
+    _print_whole(table)
 
 
 @ops.command("resume")

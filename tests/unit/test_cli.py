@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.text import Text
 
 from labvm.cli import main
+from labvm.text import safe
 
 PW = "a good password"
 
@@ -337,3 +339,43 @@ def test_versions_shows_v0_with_its_time_and_dashes_for_what_is_not_known(deskto
     assert main(["versions", "alice"]) == 0
     shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│ v")]
     assert [c.strip() for c in shown[-1].split("│")[1:5]] == ["v0", "-", "-", "-"], shown
+
+
+def failed_op(home: Path, error: str) -> int:
+    from labvm.errors import NodeError
+    from labvm.journal import journaled
+    from labvm.state import StateDB
+
+    with StateDB.open(Path(home)) as db:
+        with pytest.raises(NodeError):
+            with journaled(db, "switch", "alice", {}) as op:
+                with op.step("stop"):
+                    raise NodeError(node="n1", msg=error)
+        return op.id
+
+
+LONG_ERROR = "docker refused the container [/] because " + " ".join(f"reason{i}" for i in range(40)) + " \x1b[31m THE-END"
+
+
+def test_ops_list_shows_the_whole_error_on_one_line_into_a_pipe(home, capsys):
+    failed_op(home, LONG_ERROR)
+    capsys.readouterr()
+    assert main(["ops", "list"]) == 0
+    shown = capsys.readouterr().out
+    (row,) = [line for line in shown.splitlines() if "switch" in line]
+    assert f"n1: {safe(LONG_ERROR)}" in row
+
+
+def test_ops_list_wraps_the_whole_error_on_a_terminal(home, monkeypatch):
+    from rich.console import Console
+
+    from labvm import cli_ops
+
+    failed_op(home, LONG_ERROR)
+    screen = io.StringIO()
+    monkeypatch.setattr(cli_ops, "out", Console(file=screen, force_terminal=True, width=100, highlight=False, soft_wrap=True))
+    assert main(["ops", "list"]) == 0
+    lines = screen.getvalue().splitlines()
+    assert max(len(Text.from_ansi(line).plain) for line in lines) <= 100
+    words = " ".join(Text.from_ansi(line).plain.split("│")[-2].strip() for line in lines if "│" in line)
+    assert "reason39 \\x1b[31m THE-END" in words and "\x1b[31m THE" not in screen.getvalue()
