@@ -45,13 +45,30 @@ def _lock_alive(db, op_id: int) -> bool:
 
 
 def _view(db, row) -> OpView:
-    steps = [dict(r) for r in db.conn.execute(
+    rows = [dict(r) for r in db.conn.execute(
         "SELECT seq, name, state, detail, started_at, finished_at FROM operation_steps WHERE op_id = ? ORDER BY seq", (row["id"],))]
     state = row["state"]
     if state == "running" and not _lock_alive(db, row["id"]):
         state = "interrupted"
     return OpView(row["id"], row["kind"], row["user"], state, _params(row["params"]), row["error"],
-                  row["created_at"], row["updated_at"], steps)
+                  row["created_at"], row["updated_at"], _latest_steps(rows, running=state == "running"))
+
+
+def _latest_steps(rows: list[dict], running: bool) -> list[dict]:
+    """Each step once, as it ended last. A resumed operation runs again the steps its first run did not
+    finish, so an earlier row of a step left running (its process died) or failed is superseded by a
+    later row of that step; a step done twice (a restore mounts MooseFS twice) stays twice. A step
+    still marked running in an operation that no longer runs was interrupted."""
+    later: set[str] = set()
+    steps = []
+    for step in reversed(rows):
+        if step["state"] != "done" and step["name"] in later:
+            continue
+        later.add(step["name"])
+        if step["state"] == "running" and not running:
+            step = {**step, "state": "interrupted"}
+        steps.append(step)
+    return steps[::-1]
 
 
 def _params(recorded: str):

@@ -379,3 +379,38 @@ def test_ops_list_wraps_the_whole_error_on_a_terminal(home, monkeypatch):
     assert max(len(Text.from_ansi(line).plain) for line in lines) <= 100
     words = " ".join(Text.from_ansi(line).plain.split("│")[-2].strip() for line in lines if "│" in line)
     assert "reason39 \\x1b[31m THE-END" in words and "\x1b[31m THE" not in screen.getvalue()
+
+
+def test_ops_show_lists_each_step_once_with_its_latest_state_after_a_resume(home, capsys):
+    from labvm.journal import Operation
+    from labvm.state import StateDB
+
+    with StateDB.open(Path(home)) as db:
+        op = Operation.begin(db, "restore", "alice", {})
+        with op.step("mount_mfs"):
+            pass
+        with pytest.raises(RuntimeError):
+            with op.step("publish"):
+                raise RuntimeError("node gone")
+        op._finish_step(op._seq, "running", None)  # as a process killed in the step leaves it
+        op = Operation.load(db, op.id)  # resumed: the steps not done run again
+        with op.step("publish"):
+            pass
+        with op.step("mount_mfs"):  # a restore mounts MooseFS a second time to start the desktop
+            pass
+        op.finish("done")
+        aborted = Operation.begin(db, "backup", "alice", {})
+        aborted._seq += 1
+        db.conn.execute("INSERT INTO operation_steps (op_id, seq, name, state, started_at) VALUES (?, 1, 'publish', 'running', 1)",
+                        (aborted.id,))
+        aborted.finish("aborted", "aborted at some time; was: interrupted")
+    capsys.readouterr()
+    assert main(["ops", "show", str(op.id), "--json"]) == 0
+    steps = json.loads(capsys.readouterr().out)["steps"]
+    assert [(s["seq"], s["name"], s["state"]) for s in steps] == [(1, "mount_mfs", "done"), (3, "publish", "done"), (4, "mount_mfs", "done")]
+    assert main(["ops", "show", str(op.id)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "publish" in line]
+    assert len(rows) == 1 and "done" in rows[0] and "running" not in rows[0]
+    assert main(["ops", "show", str(aborted.id)]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if "publish" in line]
+    assert "interrupted" in row and "running" not in row
