@@ -105,16 +105,21 @@ def _password_text(password_stdin: bool, prompt: str) -> str:
     return click.prompt(prompt, hide_input=True, confirmation_prompt=True)
 
 
-def _confirm(yes: bool):
+def _confirm(yes: bool, alternative: str | None = None):
+    """Ask a yes/no question, or take --yes for the answer. Without a terminal, the refusal names
+    --yes and the command's `alternative` way to confirm, if it has one."""
     def ask(question: str) -> bool:
         if yes:
             return True
         if not sys.stdin.isatty():
-            raise BadInput(f"{question} -- no terminal to ask; pass --yes (or --fingerprint) to confirm")
+            options = f"--yes (or {alternative})" if alternative else "--yes"
+            raise BadInput(f"{question} -- no terminal to ask; pass {options} to confirm")
         return click.confirm(safe(question), default=False)
 
     return ask
 
+
+FINGERPRINT_HINT = "--fingerprint SHA256:..."
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
@@ -319,7 +324,7 @@ def node_add(home: AdminHome, name, host, port, ssh_user, data_dir, fingerprint,
     into the cluster file. A changed host key is refused from then on.
     """
     new = Node(name=name, host=host, port=port, user=ssh_user, data_dir=data_dir)
-    decision = add_node(home.config, new, expected_fingerprint=fingerprint, confirm=_confirm(yes))
+    decision = add_node(home.config, new, expected_fingerprint=fingerprint, confirm=_confirm(yes, FINGERPRINT_HINT))
     say(f"added node {name} ({ssh_user}@{host}:{port}), host key {decision.key_type} {decision.fingerprint} pinned")
 
 
@@ -426,7 +431,7 @@ def node_rm(home: AdminHome, name, yes):
 @audited("name")
 def node_rekey(home: AdminHome, name, fingerprint, yes):
     """Pin NAME's new host key after the node was reinstalled."""
-    decision = rekey_node(home.config, name, expected_fingerprint=fingerprint, confirm=_confirm(yes))
+    decision = rekey_node(home.config, name, expected_fingerprint=fingerprint, confirm=_confirm(yes, FINGERPRINT_HINT))
     say(f"{name}: host key {decision.key_type} {decision.fingerprint} pinned")
 
 

@@ -414,3 +414,27 @@ def test_ops_show_lists_each_step_once_with_its_latest_state_after_a_resume(home
     assert main(["ops", "show", str(aborted.id)]) == 0
     (row,) = [line for line in capsys.readouterr().out.splitlines() if "publish" in line]
     assert "interrupted" in row and "running" not in row
+
+
+def test_without_a_terminal_a_confirmation_names_the_option_the_command_has(home, capsys):
+    run(["user", "add", "alice", "--password-stdin"], PW + "\n")
+    capsys.readouterr()
+    assert run(["user", "rm", "alice", "--keep-files"]) == 2
+    assert capsys.readouterr().err == ("labvm: error: Remove user alice, keeping their files on MooseFS with no member? "
+                                       "-- no terminal to ask; pass --yes to confirm\n")
+    assert run(["restore", "alice", "3"]) == 2
+    assert capsys.readouterr().err == ("labvm: error: Roll alice's desktop back to v3? A running desktop restarts. "
+                                       "-- no terminal to ask; pass --yes to confirm\n")
+    assert run(["rm", "alice"]) == 2
+    assert capsys.readouterr().err.endswith("-- no terminal to ask; pass --yes to confirm\n")
+
+
+def test_node_add_without_a_terminal_names_yes_and_fingerprint(home, capsys, monkeypatch):
+    from labvm import cli
+
+    def add_node(_config, _node, expected_fingerprint, confirm):
+        confirm("Pin host key ssh-ed25519 SHA256:abc of n1?")
+
+    monkeypatch.setattr(cli, "add_node", add_node)
+    assert run(["node", "add", "n1", "10.0.0.1"]) == 2
+    assert capsys.readouterr().err.endswith("-- no terminal to ask; pass --yes (or --fingerprint SHA256:...) to confirm\n")
