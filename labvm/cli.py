@@ -747,7 +747,7 @@ def shell(home: AdminHome, user, as_user):
 @click.option("--put", "put_from", metavar="SRC", help="Copy SRC into the desktop at PATH.")
 @click.option("--mode", help="With --put: octal mode for the file, e.g. 0644.")
 @click.option("--force", is_flag=True, help="With --get: overwrite DEST.")
-@click.option("--version", "version", type=click.IntRange(0), metavar="N", shell_complete=complete_versions,
+@click.option("--version", "version", type=int, metavar="N", shell_complete=complete_versions,
               help="With --get: copy the file out of version N (see `labvm versions USER`) instead of the live desktop.")
 @json_option
 @click.pass_obj

@@ -189,7 +189,9 @@ def restore(home: AdminHome, user, version, yes):
     stopped for it and started again.
     """
     from .cli import _confirm
+    from .retention import check_version
 
+    check_version(version)
     if not _confirm(yes)(f"Roll {user}'s desktop back to v{version}? A running desktop restarts."):
         raise click.exceptions.Exit(1)
     data = _storage(home).restore(user, version)

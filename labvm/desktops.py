@@ -87,29 +87,54 @@ class Limits:
         return dict(self.__dict__)
 
 
+# The largest byte count a node takes for a limit (memory, shm, IO rates).
+MAX_LIMIT_BYTES = 1 << 62
+NO_ZERO_RATE = "give a rate of at least 1 byte a second, or leave the option out for no cap"
+
+
+def _limit_size(option: str, text: str, least: int, too_small: str) -> int:
+    """A size option, held to what the node's helper takes, so a wrong one fails here (exit 2)
+    before anything is placed, not on the node."""
+    size = parse_size(text)
+    if size < least:
+        raise BadInput(f"{option} {text}: {too_small}")
+    if size > MAX_LIMIT_BYTES:
+        raise BadInput(f"{option} {text}: too large (at most {MAX_LIMIT_BYTES >> 40}t)")
+    return size
+
+
+def _check_cpuset(cpuset: str) -> str:
+    if not re.fullmatch(r"[0-9]{1,4}(-[0-9]{1,4})?(,[0-9]{1,4}(-[0-9]{1,4})?)*", cpuset):
+        raise BadInput(f"--cpuset {cpuset!r}: give CPUs like 0-3 or 0,2,4")
+    for part in cpuset.split(","):
+        first, _, last = part.partition("-")
+        if last and int(first) > int(last):
+            raise BadInput(f"--cpuset {cpuset!r}: the range {part} is descending; give ranges as N-M with N <= M, like 0-3")
+    return cpuset
+
+
 def resolve_limits(cfg: ClusterConfig, o: LimitOverrides) -> Limits:
     d = cfg.vm_defaults
     if o.cpuset is not None:
-        if not re.fullmatch(r"[0-9]{1,4}(-[0-9]{1,4})?(,[0-9]{1,4}(-[0-9]{1,4})?)*", o.cpuset):
-            raise BadInput(f"--cpuset {o.cpuset!r}: give CPUs like 0-3 or 0,2,4")
+        _check_cpuset(o.cpuset)
     if o.cpus is not None and not 0 < o.cpus <= 1024:
         raise BadInput(f"--cpus {o.cpus}: give a count between 0 and 1024, such as 2 or 1.5")
-    if o.pids is not None and o.pids < 16:
-        raise BadInput(f"--pids {o.pids}: a desktop needs at least 16 processes")
+    if o.pids is not None and not 16 <= o.pids <= 2**31 - 1:
+        raise BadInput(f"--pids {o.pids}: a desktop needs at least 16 processes, and takes at most {2**31 - 1}")
     if o.io_weight is not None and not 10 <= o.io_weight <= 1000:
         raise BadInput(f"--io-weight {o.io_weight}: give 10..1000")
-    memory = parse_size(o.memory) if o.memory is not None else d.memory
+    memory = _limit_size("--memory", o.memory, 64 << 20, "a desktop needs at least 64m") if o.memory is not None else d.memory
     if memory < 64 << 20:
         raise BadInput("--memory: a desktop needs at least 64m")
     return Limits(
         cpus=None if o.cpuset is not None and o.cpus is None else (o.cpus if o.cpus is not None else d.cpus),
         cpuset=o.cpuset,
         memory=memory,
-        shm=parse_size(o.shm) if o.shm is not None else d.shm,
+        shm=_limit_size("--shm", o.shm, 1 << 20, "/dev/shm must be at least 1m") if o.shm is not None else d.shm,
         pids=o.pids if o.pids is not None else d.pids,
         io_weight=o.io_weight if o.io_weight is not None else d.io_weight,
-        io_read_bps=parse_size(o.io_read_bps) if o.io_read_bps is not None else d.io_read_bps,
-        io_write_bps=parse_size(o.io_write_bps) if o.io_write_bps is not None else d.io_write_bps,
+        io_read_bps=_limit_size("--io-read-bps", o.io_read_bps, 1, NO_ZERO_RATE) if o.io_read_bps is not None else d.io_read_bps,
+        io_write_bps=_limit_size("--io-write-bps", o.io_write_bps, 1, NO_ZERO_RATE) if o.io_write_bps is not None else d.io_write_bps,
         disk=parse_disk(o.disk) if o.disk is not None else d.disk,
     )
 

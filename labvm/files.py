@@ -21,6 +21,7 @@ from .errors import AlreadyExists, BadInput, HelperFailed, NotFound
 from .fsutil import atomic_write
 from .names import validate_user_name
 from .nodes import mfs_params
+from .retention import check_version
 
 MIB = 1024 * 1024
 MAX_GET_BYTES = 64 * MIB
@@ -88,6 +89,8 @@ def get_file(home: AdminHome, user: str, path: str, dest: Path, *, force: bool =
     (into it, if dest is a directory), written atomically and 0600. An existing dest is kept
     unless force. Returns the bytes written."""
     user, path = validate_user_name(user), desktop_file_path(path)
+    if version is not None:
+        check_version(version)
     dest = local_destination(Path(dest), PurePosixPath(path).name, force)
     with desktop_session(home, user) as (node, session):
         params = {**stack_params(node, user, path), "max_bytes": max_bytes}

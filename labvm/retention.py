@@ -13,6 +13,18 @@ import time
 from dataclasses import dataclass
 
 from .config import Retention
+from .errors import BadInput
+
+# Version numbers are what the node helpers take: 0 (made at create) up to a 32-bit signed int.
+MAX_VERSION = 2**31 - 1
+
+
+def check_version(number: int) -> int:
+    """A version number given on the command line, refused (exit 2) before anything is asked of a node."""
+    if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number <= MAX_VERSION:
+        raise BadInput(f"version {number}: a version number is 0..{MAX_VERSION}; see `labvm versions USER`")
+    return number
+
 
 RULES = (
     ("keep_last", None),

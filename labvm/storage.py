@@ -31,7 +31,7 @@ from .errors import BadInput, Busy, LabvmError, NotFound, StateError
 from .fsutil import atomic_write
 from .journal import journaled
 from .nodes import mfs_params
-from .retention import Verdict, Version, plan
+from .retention import Verdict, Version, check_version, plan
 
 FLUSH_TIMEOUT_S = 900
 BACKUP_LOCK = "backup.lock"
@@ -190,6 +190,7 @@ class Storage:
 
     def restore(self, user: str, version: int) -> dict:
         """Roll the desktop back to a version; its current files are published as a new version first."""
+        check_version(version)
 
         def work(s, op, db, desktop):
             self._require_version(s, user, version)

@@ -438,3 +438,48 @@ def test_node_add_without_a_terminal_names_yes_and_fingerprint(home, capsys, mon
     monkeypatch.setattr(cli, "add_node", add_node)
     assert run(["node", "add", "n1", "10.0.0.1"]) == 2
     assert capsys.readouterr().err.endswith("-- no terminal to ask; pass --yes (or --fingerprint SHA256:...) to confirm\n")
+
+
+@pytest.fixture
+def no_node(monkeypatch):
+    """Any attempt to reach a node fails the test: what is checked must be checked before."""
+    from labvm import files
+    from labvm.desktops import Desktops
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("reached for a node")
+
+    monkeypatch.setattr(Desktops, "session", refuse)
+    monkeypatch.setattr(Desktops, "capacities", refuse)
+    monkeypatch.setattr(files, "desktop_session", refuse)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["create", "alice", "--shm", "0"], "--shm 0: /dev/shm must be at least 1m"),
+    (["create", "alice", "--shm", "1k"], "--shm 1k: /dev/shm must be at least 1m"),
+    (["create", "alice", "--cpuset", "1-0"], "--cpuset '1-0': the range 1-0 is descending; give ranges as N-M with N <= M, like 0-3"),
+    (["create", "alice", "--cpuset", "0,5-2"], "--cpuset '0,5-2': the range 5-2 is descending"),
+    (["create", "alice", "--io-read-bps", "0"], "--io-read-bps 0: give a rate of at least 1 byte a second"),
+    (["create", "alice", "--memory", "99999999t"], "--memory 99999999t: too large"),
+    (["files", "alice", "/etc/x", "--version", "99999999999999999999", "--get", "x"],
+     "version 99999999999999999999: a version number is 0..2147483647; see `labvm versions USER`"),
+    (["files", "alice", "/etc/x", "--version", "2147483648", "--get", "x"], "version 2147483648: a version number is 0..2147483647"),
+    (["files", "alice", "/etc/x", "--version=-1", "--get", "x"], "version -1: a version number is 0..2147483647"),
+    (["restore", "alice", "99999999999999999999", "--yes"], "version 99999999999999999999: a version number is 0..2147483647"),
+])
+def test_limits_and_version_numbers_a_node_would_refuse_are_refused_first(home, capsys, no_node, argv, message):
+    run(["user", "add", "alice", "--password-stdin"], PW + "\n")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"labvm: error: {message}") and err.count("\n") == 1, err
+    assert main(["ops", "list", "--json"]) == 0 and json.loads(capsys.readouterr().out) == []
+
+
+def test_ascending_cpusets_and_a_1m_shm_are_accepted():
+    from labvm.config import ClusterConfig, Storage
+    from labvm.desktops import LimitOverrides, resolve_limits
+
+    cfg = ClusterConfig(path=Path("/x"), storage=Storage("m", "/mnt", "/labvm"), xfce_local="/x")
+    limits = resolve_limits(cfg, LimitOverrides(cpuset="0-3,5,7-7,8-99", shm="1m"))
+    assert (limits.cpuset, limits.shm, limits.cpus) == ("0-3,5,7-7,8-99", 1 << 20, None)
