@@ -22,7 +22,7 @@ from rich.text import Text
 from . import __version__, audit, images
 from .admin import AdminHome
 from .config import Node
-from .errors import Aborted, AlreadyExists, BadInput, InsecureFile, LabvmError, NodeError, NotFound
+from .errors import Aborted, AlreadyExists, BadInput, Busy, InsecureFile, LabvmError, NodeError, NotFound, StateError
 from .nodes import add_node, check_nodes, node_problems, node_rows, rekey_node, remove_node
 from .text import cell, safe
 
@@ -685,11 +685,29 @@ def _confirm_purge(user: str) -> None:
 
 
 def _desktop_node(home: AdminHome, user: str):
+    """The node of USER's running desktop. A desktop in another state is refused (exit 6) before
+    any node is asked, with what to do about it."""
     with home.state() as db:
         desktop = _desktops(home, quiet=True).get(db, user)
+    if desktop.state == "creating":
+        raise StateError(f"{user}'s desktop is still being created; see `labvm ops list`")
     if desktop.state != "running":
-        raise BadInput(f"{user}'s desktop is {desktop.state}; start it with `labvm start {user}`")
+        raise StateError(f"{user}'s desktop is {desktop.state}; start it with `labvm start {user}`")
     return home.config.node(desktop.node)
+
+
+def _require_container_running(conn, user: str) -> None:
+    """Docker's own words for a desktop recorded as running whose container is not (it exited,
+    its node rebooted) are not shown: labvm says what it is and what to do."""
+    found = conn.run(conn.as_root + ["docker", "inspect", "--format", "{{.State.Status}}", f"labvm-{user}"], timeout=60)
+    if found.exited != 0 and "no such" not in found.stderr.lower():
+        raise NodeError(node=conn.node.name, msg=f"docker inspect labvm-{user} failed: {found.stderr.strip() or found.exited}")
+    status = found.stdout.strip() if found.exited == 0 else "missing"
+    if status == "paused":
+        raise Busy(f"{user}'s desktop is paused for a backup, for about a second; try again")
+    if status != "running":
+        raise StateError(f"{user}'s desktop is stopped (its container on {conn.node.name} is {status}); "
+                         f"start it with `labvm start {user}`")
 
 
 @cli.command("exec", context_settings={"ignore_unknown_options": True})
@@ -709,6 +727,7 @@ def exec_(home: AdminHome, user, command):
 
     node = _desktop_node(home, user)
     with NodeConnection(node, home.home) as conn:
+        _require_container_running(conn, user)
         result = conn.run(conn.as_root + ["docker", "exec", f"labvm-{user}", *command], timeout=3600)
     click.echo(_terminal_safe(result.stdout, sys.stdout), nl=False)
     click.echo(_terminal_safe(result.stderr, sys.stderr), nl=False, err=True)
@@ -724,10 +743,12 @@ def shell(home: AdminHome, user, as_user):
     import os
     import shlex
 
-    from .remote.connection import IDENTITY
+    from .remote.connection import IDENTITY, NodeConnection
     from .remote.hostkeys import KNOWN_HOSTS
 
     node = _desktop_node(home, user)
+    with NodeConnection(node, home.home) as conn:
+        _require_container_running(conn, user)
     inner = ["docker", "exec", "-it"] + (["-u", user] if as_user else []) + [f"labvm-{user}", "/bin/bash", "-l"]
     prefix = [] if node.user == "root" else ["sudo", "-n", "--"]
     argv = [

@@ -483,3 +483,67 @@ def test_ascending_cpusets_and_a_1m_shm_are_accepted():
     cfg = ClusterConfig(path=Path("/x"), storage=Storage("m", "/mnt", "/labvm"), xfce_local="/x")
     limits = resolve_limits(cfg, LimitOverrides(cpuset="0-3,5,7-7,8-99", shm="1m"))
     assert (limits.cpuset, limits.shm, limits.cpus) == ("0-3,5,7-7,8-99", 1 << 20, None)
+
+
+class FakeConnection:
+    """NodeConnection to a node whose docker reports the container's `status` ("missing": none)."""
+
+    runs: list = []
+    status = "running"
+
+    def __init__(self, node, _home):
+        self.node, self.as_root = node, []
+
+    def run(self, argv, stdin="", timeout=None):
+        from labvm.remote.connection import CommandResult
+
+        FakeConnection.runs.append(argv)
+        if argv[:2] == ["docker", "inspect"]:
+            if self.status == "missing":
+                return CommandResult(1, "\n", "Error: No such object: labvm-alice\n")
+            return CommandResult(0, self.status + "\n", "")
+        return CommandResult(0, "ran\n", "")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+@pytest.fixture
+def node_docker(desktop, monkeypatch):
+    from labvm.remote import connection
+
+    FakeConnection.runs, FakeConnection.status = [], "running"
+    monkeypatch.setattr(connection, "NodeConnection", FakeConnection)
+    return FakeConnection
+
+
+def test_exec_on_a_stopped_desktop_says_so_without_asking_the_node(desktop, node_docker, capsys):
+    desktop.set_state("stopped")
+    capsys.readouterr()
+    assert main(["exec", "alice", "--", "true"]) == 6
+    assert capsys.readouterr().err == "labvm: error: alice's desktop is stopped; start it with `labvm start alice`\n"
+    assert node_docker.runs == []
+
+
+@pytest.mark.parametrize("status, code, message", [
+    ("exited", 6, "alice's desktop is stopped (its container on n1 is exited); start it with `labvm start alice`"),
+    ("missing", 6, "alice's desktop is stopped (its container on n1 is missing); start it with `labvm start alice`"),
+    ("paused", 75, "alice's desktop is paused for a backup, for about a second; try again"),
+])
+def test_exec_on_a_desktop_whose_container_is_not_running_says_so(desktop, node_docker, capsys, status, code, message):
+    node_docker.status = status
+    capsys.readouterr()
+    assert main(["exec", "alice", "--", "true"]) == code
+    assert capsys.readouterr().err == f"labvm: error: {message}\n"
+    assert [argv[:2] for argv in node_docker.runs] == [["docker", "inspect"]]
+
+
+def test_exec_on_a_running_desktop_runs_the_command(desktop, node_docker, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(["exec", "alice", "--", "echo", "hi"])
+    assert exited.value.code == 0 and capsys.readouterr().out == "ran\n"
+    assert node_docker.runs[-1] == ["docker", "exec", "labvm-alice", "echo", "hi"]
