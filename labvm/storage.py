@@ -193,15 +193,16 @@ class Storage:
         check_version(version)
 
         def work(s, op, db, desktop):
-            self._require_version(s, user, version)
             kept = self._solidify_on_node(s, op, db, desktop)
             with op.step("rebase"):
                 _set(db, user, version=version)
             return {"restored": version, "kept_as": kept}
 
-        return self._stopped_for(user, "restore", {"version": version}, work)
+        # Checked before the desktop stops: a version that is not there leaves it as it was.
+        return self._stopped_for(user, "restore", {"version": version}, work,
+                                 precheck=lambda s: self._require_version(s, user, version))
 
-    def _stopped_for(self, user: str, kind: str, params: dict, work) -> dict:
+    def _stopped_for(self, user: str, kind: str, params: dict, work, precheck=None) -> dict:
         with self.home.state() as db:
             self.desktops.get(db, user)
             with journaled(db, kind, user, params) as op:
@@ -211,6 +212,8 @@ class Storage:
                 with self.desktops.session(self.cfg.node(desktop.node)) as s:
                     with op.step("mount_mfs"):
                         self._mfs(s)
+                    if precheck is not None:
+                        precheck(s)
                     was_running = desktop.state == "running"
                     if was_running:
                         self.desktops.stop_on_node(s, op, user, 20)

@@ -166,6 +166,14 @@ def test_backup_while_running_keeps_it_running_and_restore_brings_back_a_deleted
     assert out.returncode == 4, out.stderr  # deleted in that state: not found
 
 
+def test_restoring_a_version_that_is_not_there_leaves_the_desktop_running(store):
+    refused = store.labvm("restore", "carol", "999", "--yes")
+    assert refused.returncode == 4 and "no version 999" in refused.stderr, refused.stderr
+    desktop = store.labvm_json("status", "--user", "carol")["desktops"][0]
+    assert desktop["state"] == "running" and desktop["container_state"] == "running"
+    assert inside(store, "carol", "echo alive").strip() == "alive"
+
+
 def test_backup_is_locked_against_overlap(store):
     lock = store.home / "backup.lock"
     holder = subprocess.Popen(["flock", str(lock), "sleep", "30"])
