@@ -113,6 +113,22 @@ class Operation:
         )
 
 
+def _refuse_interrupted(db: StateDB, user: str, held_by: int) -> None:
+    """A lock whose owner died mid-operation stays: the desktop is half-way through that
+    operation, and only `ops resume` or `ops abort` of it may take the lock over."""
+    op = db.conn.execute("SELECT kind, state FROM operations WHERE id = ?", (held_by,)).fetchone()
+    if op is None or op["state"] != "running":
+        return  # the operation ended (resumed, aborted): its lock is a leftover
+    step = db.conn.execute(
+        "SELECT name FROM operation_steps WHERE op_id = ? ORDER BY seq DESC LIMIT 1", (held_by,)
+    ).fetchone()
+    at = f" at step {step['name']}" if step else ""
+    raise Busy(
+        f"{user}'s desktop is held by operation {held_by} ({op['kind']}), interrupted{at}; "
+        f"finish it with `labvm ops resume {held_by}` or give it up with `labvm ops abort {held_by}`"
+    )
+
+
 @contextmanager
 def vm_lock(db: StateDB, user: str, op_id: int | None = None):
     """Hold the desktop's lock for the block; refuse at once if a live operation holds it."""
@@ -130,6 +146,8 @@ def _acquire(db: StateDB, user: str, op_id: int | None, host: str, pid: int) -> 
         row = db.conn.execute("SELECT op_id, owner_host, owner_pid, acquired_at FROM vm_locks WHERE user = ?", (user,)).fetchone()
         if row is not None:
             stale = row["owner_host"] == host and not _pid_alive(row["owner_pid"])
+            if stale and row["op_id"] is not None and row["op_id"] != op_id:
+                _refuse_interrupted(db, user, row["op_id"])
             if not stale:
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["acquired_at"]))
                 raise Busy(

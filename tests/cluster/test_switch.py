@@ -122,6 +122,9 @@ def test_a_switch_killed_at_any_step_resumes_with_no_file_lost(moves, testbed, s
     unfinished = moves.labvm_json("ops", "list", "--unfinished")
     op = next(o for o in unfinished if o["kind"] == "switch" and o["user"] == "erin")
     assert op["state"] == "interrupted"
+    # Until it is resumed or aborted, nothing else may act on the desktop.
+    refused = moves.labvm("stop", "erin")
+    assert refused.returncode == 75 and f"ops resume {op['id']}" in refused.stderr, refused.stderr
     resumed = moves.labvm("ops", "resume", str(op["id"]))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     target = other(source)

@@ -116,6 +116,25 @@ def test_resuming_an_operation_takes_over_its_dead_lock_and_finishes_it(db):
     assert db.conn.execute("SELECT COUNT(*) FROM vm_locks").fetchone()[0] == 0
 
 
+def test_an_interrupted_operation_keeps_its_desktop_locked_until_resumed_or_aborted(db):
+    op = Operation.begin(db, "switch", "alice", {})
+    with op.step("preflight"):
+        pass
+    db.conn.execute(  # its process was killed: the lock names a dead pid, the operation never ended
+        "INSERT INTO vm_locks (user, op_id, owner_host, owner_pid, acquired_at) VALUES ('alice', ?, ?, 999999999, 0)",
+        (op.id, socket.gethostname()),
+    )
+    other = Operation.begin(db, "stop", "alice", {})
+    with pytest.raises(Busy, match=rf"operation {op.id} \(switch\), interrupted at step preflight; .*ops resume {op.id}.*ops abort {op.id}"):
+        with vm_lock(db, "alice", other.id):
+            pass
+    assert db.conn.execute("SELECT op_id FROM vm_locks").fetchone()["op_id"] == op.id
+    # Once it is given up (resumed as a new run, or aborted), its dead lock is a leftover.
+    op.finish("aborted")
+    with vm_lock(db, "alice", other.id):
+        assert db.conn.execute("SELECT op_id FROM vm_locks").fetchone()["op_id"] == other.id
+
+
 def test_a_rolled_back_failure_is_journaled_as_rolled_back(db):
     from labvm.errors import RolledBack
 
