@@ -302,16 +302,46 @@ def desktop_entry(cfg: ClusterConfig, desktop, node_sample: dict | None, activit
     }
 
 
+def running_on(samples: dict[str, dict]) -> dict[str, list[str]]:
+    """Where each desktop's container runs, as the nodes themselves say: the truth while an
+    operation is half-way (a switch killed after its target started, say)."""
+    found: dict[str, list[str]] = {}
+    for node, sample in sorted(samples.items()):
+        for d in sample.get("desktops") or []:
+            if d.get("state") == "running":
+                found.setdefault(d["user"], []).append(node)
+    return found
+
+
 def build_document(cfg: ClusterConfig, desktops: list, nodes: list[Node], outcomes: list[NodeOutcome[dict]],
-                   activity: dict[str, Activity], now: float) -> dict:
+                   activity: dict[str, Activity], now: float, pending: dict[str, dict] | None = None) -> dict:
     assigned = {g["uuid"]: d.user for d in desktops for g in d.gpus}
     samples = {o.node: o.value for o in outcomes if o.ok}
+    where = running_on(samples)
+    entries = []
+    for d in desktops:
+        entry = desktop_entry(cfg, d, samples.get(d.node), activity.get(d.user), now)
+        entry["running_on"] = where.get(d.user, [])
+        entry["operation"] = (pending or {}).get(d.user)
+        entries.append(entry)
     return {
         "schema": SCHEMA_ID,
         "generated": utc_iso(now),
         "nodes": [node_entry(node, outcome, assigned) for node, outcome in zip(nodes, outcomes, strict=True)],
-        "desktops": [desktop_entry(cfg, d, samples.get(d.node), activity.get(d.user), now) for d in desktops],
+        "desktops": entries,
     }
+
+
+def pending_operations(home: AdminHome) -> dict[str, dict]:
+    """The operation each desktop is in the middle of: running now, or interrupted (its
+    process died) and holding the desktop until `ops resume` or `ops abort`."""
+    from .ops import list_ops
+
+    pending = {}
+    for view in list_ops(home, unfinished=True, limit=1000):
+        if view.user and view.state in ("running", "interrupted") and view.user not in pending:
+            pending[view.user] = {"id": view.id, "kind": view.kind, "state": view.state, "step": view.last_step}
+    return pending
 
 
 def select_nodes(cfg: ClusterConfig, desktops: list, node_filter: str | None, user_filter: str | None) -> list[Node]:
@@ -342,7 +372,7 @@ def collect_status(home: AdminHome, sessions: NodeSessions, node_filter: str | N
     samples = {o.node: o.value for o in outcomes if o.ok}
     with home.state() as db:
         activity = record_activity(db, [d for d in everything if d.node in samples], samples, now, rule)
-    return build_document(cfg, shown, nodes, outcomes, activity, now)
+    return build_document(cfg, shown, nodes, outcomes, activity, now, pending_operations(home))
 
 
 def unreachable_nodes(document: dict) -> list[str]:
@@ -537,6 +567,17 @@ def cpu_limit(desktop: dict) -> float | None:
 
 
 def desktop_state(desktop: dict) -> Text:
+    text = _recorded_state(desktop)
+    elsewhere = [node for node in desktop.get("running_on") or [] if node != desktop["node"]]
+    if elsewhere:
+        text.append("\n").append(cell(f"runs on {', '.join(elsewhere)}", style="red"))
+    op = desktop.get("operation")
+    if op:
+        text.append("\n").append(cell(f"{op['kind']} #{op['id']} {op['state']}", style="yellow"))
+    return text
+
+
+def _recorded_state(desktop: dict) -> Text:
     state, container = desktop["state"], desktop["container_state"]
     if container is None:
         return cell(f"{state} (node unreachable)" if state == "running" else state, style="red" if state == "running" else "")

@@ -506,3 +506,26 @@ def test_a_node_without_the_bundle_gets_it_then_answers():
     assert session.sample({}, timeout=5) == {"node": {}, "desktops": []}
     assert installs == [1] and len(session.conn.argvs) == 2
     assert session.conn.argvs[0][-3:] == ["/var/lib/labvm/helpers/abc", "labvm_helper.py", "metrics"]
+
+
+def test_status_tells_where_a_desktop_really_runs_and_what_operation_holds_it(home):
+    """A switch of dave (recorded stopped on n2) was killed after his container started on n1."""
+    from labvm.journal import Operation
+
+    with home.state() as db:
+        op = Operation.begin(db, "switch", "dave", {"source": "n2", "target": "n1"})
+        with op.step("start_target"):
+            pass
+    n1 = n1_sample()
+    n1["desktops"].append(helper_desktop("dave"))
+    doc = monitor.collect_status(home, FakeSessions({"n1": n1, "n2": n2_sample()}))
+    validate(doc, SCHEMA)
+    dave = next(d for d in doc["desktops"] if d["user"] == "dave")
+    assert dave["node"] == "n2" and dave["running_on"] == ["n1"]
+    assert dave["operation"] == {"id": op.id, "kind": "switch", "state": "interrupted", "step": "start_target"}
+    alice = next(d for d in doc["desktops"] if d["user"] == "alice")
+    assert alice["running_on"] == ["n1"] and alice["operation"] is None
+    console = Console(width=200, record=True)
+    console.print(monitor.desktops_table(doc))
+    text = console.export_text()
+    assert "runs on n1" in text and f"switch #{op.id} interrupted" in text
