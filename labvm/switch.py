@@ -27,7 +27,7 @@ from typing import Callable
 from .admin import AdminHome
 from .config import Node
 from .desktops import Desktop, Desktops, Limits, NodeSession, build_spec
-from .errors import BadInput, LabvmError, NodeError, NodeUnreachable, NotFound, RolledBack, StateError
+from .errors import BadInput, LabvmError, NoCapacity, NodeError, NodeUnreachable, NotFound, RolledBack, StateError
 from .journal import Operation, journaled
 from .nodes import mfs_params
 from .placement import GpuRequest, allocate_gpus, allocate_ports
@@ -223,7 +223,12 @@ class Switcher:
                     for note in notes:
                         self.say(note)
                     op.remember(rolled_back=True)
-                    raise RolledBack(msg=f"switch of {user} to {p['target']} failed at {name} and was rolled back: {exc}") from exc
+                    rolled = RolledBack(msg=f"switch of {user} to {p['target']} failed at {name} and was rolled back: {exc}")
+                    if name == "preflight" and isinstance(exc, LabvmError):
+                        # A check refused it before anything changed: the check's own exit code
+                        # (no room is 10, a bad request 2), as for any command.
+                        rolled.exit_code = exc.exit_code
+                    raise rolled from exc
                 self.progress(f"[{index}/{len(STEPS)}] {name} done in {time.monotonic() - t0:.1f} s")
         finally:
             self.close()
@@ -256,7 +261,7 @@ class Switcher:
         limits = dict(desktop.limits)
         free_memory = cap.memory_total - cap.memory_promised
         if limits.get("memory", 0) > free_memory:
-            raise BadInput(f"{target.name} has {free_memory >> 20} MiB of memory not promised to other desktops; "
+            raise NoCapacity(f"{target.name} has {free_memory >> 20} MiB of memory not promised to other desktops; "
                            f"{user}'s desktop needs {limits['memory'] >> 20} MiB")
         if limits.get("io_read_bps") or limits.get("io_write_bps"):
             if not cap.disk_device:

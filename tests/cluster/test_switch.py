@@ -133,6 +133,16 @@ def test_a_switch_killed_at_any_step_resumes_with_no_file_lost(moves, testbed, s
     assert snapshot(target, "erin") == before
 
 
+def test_a_switch_with_no_room_on_the_target_exits_10_and_leaves_the_desktop_running(moves, testbed):
+    source = where(moves, "erin")["node"]
+    refused = moves.labvm("switch", "erin", other(source), "--gpus", "9")
+    assert refused.returncode == 10, refused.stdout + refused.stderr
+    assert "free GPU" in refused.stderr
+    desktop = where(moves, "erin")
+    assert desktop["node"] == source and desktop["state"] == "running"
+    assert running_on(testbed, "erin") == [source]
+
+
 def test_an_interrupted_switch_can_be_aborted_back_to_its_source(moves, testbed):
     source = where(moves, "erin")["node"]
     before = snapshot(source, "erin")
