@@ -153,6 +153,8 @@ CONTAINER_FORM = 2
 LOG_MAX_SIZE, LOG_MAX_FILES = "10m", "3"
 VNC_WAIT_DEFAULT_S = 30
 VNC_PROBE_TIMEOUT_S = 2.0
+# A refused connection costs nothing; a start waits at most this long past the greeting.
+VNC_POLL_S = 0.05
 RFB_GREETING = b"RFB "
 EXEC_TIMEOUT_S = 60.0
 MAX_PASSWORD_CHARS = 256
@@ -1527,7 +1529,7 @@ def wait_for_vnc(socket_path: str, spec: dict, wait_s: int) -> None:
                 f"container log: {logs or '(empty)'}",
                 "vnc_not_listening",
             )
-        time.sleep(0.5)
+        time.sleep(VNC_POLL_S)
 
 
 # --- set_password -------------------------------------------------------------------------
