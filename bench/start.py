@@ -109,6 +109,7 @@ def main() -> int:
         labvm(env, "init")
         labvm(env, "image", "build", "--desktop", "minimal")
         labvm(env, "image", "push")
+        labvm(env, "node", "check", NODE)  # mounts MooseFS there, for the wipe below
         for user in USERS:
             labvm(env, "user", "add", user, "--password-stdin", stdin=PASSWORD + "\n")
             on_node("rm", "-rf", f"/mnt/labvm-mfs/vms/{user}", f"/var/lib/labvm/data/vms/{user}", check=False)
