@@ -41,7 +41,7 @@ from _contract import (
     layer_path,
 )
 from _docker import DEFAULT_DOCKER_SOCKET, api_url, docker_json_call, unexpected
-from _system import find_tool
+from _system import find_tool, process_name
 
 # Exported with RUNTIME_NAME for whoever builds a desktop's container spec: it names runtime
 # labvm and carries a bind mount of merge_local at SENTINEL.
@@ -304,14 +304,6 @@ def dockerd_runtime_path(socket_path: str) -> str | None:
     return entry.get("path") if isinstance(entry, dict) else None
 
 
-def process_name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as stream:
-            return stream.read().strip()
-    except OSError:
-        return ""
-
-
 def socket_owner_pid(socket_path: str) -> int:
     """The pid that listens on the socket, from SO_PEERCRED."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -356,7 +348,7 @@ def dockerd_pid(socket_path: str, document: dict) -> int:
     if len(running) == 1 and running[0] > 1:
         return running[0]
     raise PreconditionFailed(
-        f"cannot tell which process is dockerd: {socket_path} belongs to pid {owner} ({process_name(owner) or '?'}), "
+        f"cannot tell which process is dockerd: {socket_path} belongs to pid {owner} ({process_name(owner)}), "
         f"{pidfile} names none, and {len(running)} dockerd processes run; reload it by hand (systemctl reload docker)",
         "dockerd_not_found",
     )
