@@ -24,7 +24,7 @@ from .journal import journaled
 from .nodes import isolation_params, mfs_params
 from .placement import GpuRequest, NodeCapacity, allocate_gpus, allocate_ports, choose_node
 from .remote.connection import NodeConnection
-from .remote.helpers import HelperBundle, HelperRunner
+from .remote.helpers import HelperBundle, HelperCall, HelperRunner
 from .remote.pool import run_on_nodes
 from .state import StateDB, User
 
@@ -244,8 +244,25 @@ class NodeSession:
     def call(self, helper: str, action: str, params: dict, timeout: float = 180) -> dict:
         return self.runner.call(helper, action, params, timeout=timeout)
 
+    def call_many(self, calls: list[HelperCall], done=lambda _index: None) -> list[dict]:
+        """Several calls in one round trip; see HelperRunner.call_many."""
+        return self.runner.call_many(calls, done=done)
+
     def close(self) -> None:
         self.conn.close()
+
+
+def run_steps(s: NodeSession, op, steps: list[tuple[str, list[HelperCall]]]) -> list[dict]:
+    """Journaled steps whose helper calls all go to the node in one round trip (the helpers'
+    batch); each step is marked done as the reply shows its last call succeeded."""
+    calls = [call for _, calls in steps for call in calls]
+    owners = [name for name, calls in steps for _ in calls]
+    with op.steps([name for name, _ in steps]) as done:
+        def call_done(index: int) -> None:
+            if index + 1 == len(owners) or owners[index + 1] != owners[index]:
+                done(owners[index])
+
+        return s.call_many(calls, done=call_done)
 
 
 class Desktops:
@@ -395,41 +412,54 @@ class Desktops:
         return self.get(db, user)
 
     def bring_up(self, s: NodeSession, op, db: StateDB, desktop: Desktop, uid: int) -> None:
-        """Mount MooseFS and the desktop's layers, then run its container: each step an ensure."""
+        """Mount MooseFS and the desktop's layers, then run its container: each step an ensure,
+        all of them sent to the node in one round trip and journaled step by step."""
         user, node = desktop.user, s.node
-        with op.step("mount_mfs"):
-            s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
         disk = self.disk_of(desktop.limits)
-        with op.step("mount_stack"):
-            s.call("vm", "ensure_stack", self._stack_params(user, node, desktop.version, disk), timeout=3600)
-        with op.step("member_quota"):
-            self.ensure_quota(s, user, disk)
-        with op.step("start_sync"):
-            s.call("sync", "ensure_running", self.sync_params(user, node))
-        image = s.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]
-        with op.step("start_container"):
-            spec = build_spec(user, uid, node, image.get("desktop") or "minimal", Limits(**desktop.limits),
-                              [g["uuid"] for g in desktop.gpus], (desktop.vnc_port, desktop.ssh_port))
-            self.run_container(s, db, user, spec)
+        spec = build_spec(user, uid, node, "minimal", Limits(**desktop.limits),
+                          [g["uuid"] for g in desktop.gpus], (desktop.vnc_port, desktop.ssh_port))
+        run_steps(s, op, [
+            ("mount_mfs", [HelperCall("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)]),
+            ("mount_stack", [HelperCall("vm", "ensure_stack", self._stack_params(user, node, desktop.version, disk), timeout=3600)]),
+            ("member_quota", [self.quota_call(user, disk)]),
+            ("start_sync", [self.sync_call(user, node)]),
+            ("start_container", self.container_calls(s, db, user, spec)),
+        ])
         db.conn.execute("UPDATE vms SET state = 'running', updated_at = ? WHERE user = ?", (time.time(), user))
 
     def disk_of(self, limits: dict) -> int:
         return limits.get("disk") or self.cfg.vm_defaults.disk
 
+    def quota_call(self, user: str, disk: int) -> HelperCall:
+        return HelperCall("mfs", "ensure_quota", {"mount": self.cfg.storage.mfs_mount, "user": user,
+                                                  "size": member_quota_for(self.cfg, disk)})
+
     def ensure_quota(self, s: NodeSession, user: str, disk: int) -> None:
-        s.call("mfs", "ensure_quota", {"mount": self.cfg.storage.mfs_mount, "user": user,
-                                       "size": member_quota_for(self.cfg, disk)})
+        call = self.quota_call(user, disk)
+        s.call(call.helper, call.action, call.params)
+
+    def sync_call(self, user: str, node: Node) -> HelperCall:
+        return HelperCall("sync", "ensure_running", self.sync_params(user, node))
+
+    def container_calls(self, s: NodeSession, db: StateDB, user: str, spec: dict) -> list[HelperCall]:
+        """What starts the desktop's container, in order: never before the node walls its
+        network off from MooseFS, the nodes and the other desktops (re-applied each time: a
+        dockerd restart or an admin's iptables flush must not leave a desktop open), and never
+        before its dockerd knows the labvm runtime, which gives the container the desktop's
+        overlay as its root. The desktop session is the one the node's image names."""
+        return [
+            HelperCall("net", "ensure_isolation", isolation_params(self.cfg)),
+            HelperCall("runtime", "ensure_runtime", {"data_dir": s.node.data_dir}, timeout=60),
+            HelperCall("vm", "ensure_container", {
+                "user": user, "data_dir": s.node.data_dir, "spec": spec, "secrets": {"password": db.vnc_secret(user)},
+                "node": s.node.name, "mfs_mount": self.cfg.storage.mfs_mount,
+                "image_sessions": {"xfce_local": self.cfg.xfce_local, "by_desktop": DESKTOP_SESSIONS},
+            }, timeout=240),
+        ]
 
     def run_container(self, s: NodeSession, db: StateDB, user: str, spec: dict) -> None:
-        """Start the desktop's container, never before the node walls its network off from
-        MooseFS, the nodes and the other desktops (re-applied each time: a dockerd restart or
-        an admin's iptables flush must not leave a desktop open), and never before its dockerd
-        knows the labvm runtime, which gives the container the desktop's overlay as its root."""
-        s.call("net", "ensure_isolation", isolation_params(self.cfg))
-        s.call("runtime", "ensure_runtime", {"data_dir": s.node.data_dir}, timeout=60)
-        s.call("vm", "ensure_container", {"user": user, "data_dir": s.node.data_dir, "spec": spec,
-                                          "secrets": {"password": db.vnc_secret(user)}, "node": s.node.name,
-                                          "mfs_mount": self.cfg.storage.mfs_mount}, timeout=240)
+        """Start the desktop's container (see container_calls), in one round trip."""
+        s.call_many(self.container_calls(s, db, user, spec))
 
     # -- versions on MooseFS (the merge helper) ---------------------------------
     def versions_on_mfs(self, s: NodeSession, user: str) -> list[dict]:
@@ -447,9 +477,14 @@ class Desktops:
             params["upper"] = upper
         return s.call("merge", "publish", params, timeout=MERGE_TIMEOUT_S)["data"]
 
-    def ensure_base_image(self, s: NodeSession) -> None:
+    @staticmethod
+    def base_image_call() -> HelperCall:
         """The tiny docker image every desktop container starts from (its root comes from the layers)."""
-        s.call("image", "ensure_docker_base", {"tag": base_image_tag(), "tar_b64": base64.b64encode(base_image_tar()).decode()})
+        return HelperCall("image", "ensure_docker_base", {"tag": base_image_tag(), "tar_b64": base64.b64encode(base_image_tar()).decode()})
+
+    def ensure_base_image(self, s: NodeSession) -> None:
+        call = self.base_image_call()
+        s.call(call.helper, call.action, call.params)
 
     def files_on_mfs(self, s: NodeSession, user: str) -> tuple[dict | None, list[dict]]:
         """The owner record and the versions MooseFS holds under a member name."""

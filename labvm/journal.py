@@ -81,24 +81,53 @@ class Operation:
         )
         return cls(db, cur.lastrowid, kind, params)
 
-    @contextmanager
-    def step(self, name: str):
+    def _begin_step(self, name: str) -> int:
         self._seq += 1
-        seq = self._seq
         self.db.conn.execute(
             "INSERT INTO operation_steps (op_id, seq, name, state, started_at) VALUES (?, ?, ?, 'running', ?)",
-            (self.id, seq, name, time.time()),
+            (self.id, self._seq, name, time.time()),
         )
         if os.environ.get(CRASH_VARIABLE) == f"{self.kind}:{name}":
             os._exit(137)
         if os.environ.get(HOOK_VARIABLE):
             subprocess.run([os.environ[HOOK_VARIABLE], self.kind, name], check=False, timeout=120)
+        return self._seq
+
+    @contextmanager
+    def step(self, name: str):
+        seq = self._begin_step(name)
         try:
             yield
         except BaseException as exc:
             self._finish_step(seq, "failed", str(exc) or type(exc).__name__)
             raise
         self._finish_step(seq, "done", None)
+
+    @contextmanager
+    def steps(self, names: list[str]):
+        """Steps that go to a node together, in one round trip: all are journaled as running
+        when it leaves. The block calls the yielded `done(name)` as the reply shows each one
+        finished; on a failure the first step not done is the failed one, and those after it,
+        which never ran, leave the journal."""
+        seqs = {name: self._begin_step(name) for name in names}
+        finished: list[str] = []
+
+        def done(name: str) -> None:
+            self._finish_step(seqs[name], "done", None)
+            finished.append(name)
+
+        try:
+            yield done
+        except BaseException as exc:
+            left = [name for name in names if name not in finished]
+            if left:
+                self._finish_step(seqs[left[0]], "failed", str(exc) or type(exc).__name__)
+                for name in left[1:]:
+                    self.db.conn.execute("DELETE FROM operation_steps WHERE op_id = ? AND seq = ?", (self.id, seqs[name]))
+            raise
+        for name in names:
+            if name not in finished:
+                done(name)
 
     def _finish_step(self, seq: int, state: str, detail: str | None) -> None:
         self.db.conn.execute(

@@ -350,12 +350,11 @@ class Switcher:
         p = op.params
         target = self.session(p["target"])
         node = target.node
-        self.desktops.ensure_base_image(target)
-        target.call("sync", "ensure_running", self.desktops.sync_params(user, node))
-        image = target.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]
-        spec = build_spec(user, db.get_user(user).uid, node, image.get("desktop") or "minimal", Limits(**p["target_limits"]),
+        spec = build_spec(user, db.get_user(user).uid, node, "minimal", Limits(**p["target_limits"]),
                           [g["uuid"] for g in p["target_gpus"]], tuple(p["target_ports"]))
-        self.desktops.run_container(target, db, user, spec)
+        # One round trip: the downtime runs while this step does.
+        target.call_many([self.desktops.base_image_call(), self.desktops.sync_call(user, node),
+                          *self.desktops.container_calls(target, db, user, spec)])
 
     def _step_verify(self, db, op: Operation, user: str) -> None:
         p = op.params

@@ -30,6 +30,7 @@ from .connection import NodeConnection
 
 HELPERS_ROOT = "/var/lib/labvm/helpers"
 ENTRY = "labvm_helper.py"
+BATCH = "batch"
 STDERR_TAIL = 800
 
 # Compiled from native/<name>.c; each travels in the bundle as a flat member, mode 0755.
@@ -202,6 +203,10 @@ class HelperRunner:
         if probe.exited == 0:
             self._installed = True
             return False
+        self._install()
+        return True
+
+    def _install(self) -> None:
         payload = base64.b64encode(self.bundle.tarball).decode()
         argv = self.conn.as_root + ["python3", "-c", _INSTALLER, HELPERS_ROOT, self.bundle.sha256]
         result = self.conn.run(argv, stdin=payload, timeout=120)
@@ -214,15 +219,63 @@ class HelperRunner:
                 tail=_tail(result.stderr),
             )
         self._installed = True
-        return True
 
     def call(self, helper: str, action: str, params: dict | None = None, *, check: bool = False, timeout: float = 120) -> dict:
         """Run one helper action; returns the whole reply ({"ok", "changed", "data"})."""
-        self.ensure_installed()
         request = json.dumps({"action": action, "params": params or {}, "check": check})
-        argv = self.conn.as_root + ["python3", f"{self.bundle.remote_dir}/{ENTRY}", helper]
-        result = self.conn.run(argv, stdin=request, timeout=timeout)
+        result = self._run_entry(helper, request, timeout)
         return parse_reply(self.conn.node.name, helper, action, result.exited, result.stdout, result.stderr)
+
+    def call_many(self, calls: "list[HelperCall]", *, check: bool = False, done=lambda _index: None) -> list[dict]:
+        """Run several helper actions in order, in one round trip (the helpers' batch). Returns
+        their replies; the first that fails is raised as `call` would raise it, after `done(i)`
+        was called for each call before it."""
+        request = json.dumps({"steps": [
+            {"helper": c.helper, "action": c.action, "params": c.params, "check": check} for c in calls
+        ]})
+        node = self.conn.node.name
+        result = self._run_entry(BATCH, request, sum(c.timeout for c in calls))
+        replies = parse_reply(node, BATCH, "run", result.exited, result.stdout, result.stderr)["data"].get("replies")
+        if not isinstance(replies, list) or not 1 <= len(replies) <= len(calls):
+            raise HelperCrashed(node=node, helper=BATCH, action="run", status=result.exited, tail=_tail(result.stderr))
+        answered = []
+        for index, (call, body) in enumerate(zip(calls, replies, strict=False)):
+            exited = body.pop("exit_code", None) if isinstance(body, dict) else None
+            answered.append(parse_reply(node, call.helper, call.action, exited, json.dumps(body), result.stderr))
+            done(index)
+        if len(answered) < len(calls):  # the node stopped early without a failure to show for it
+            raise HelperCrashed(node=node, helper=calls[len(answered)].helper, action=calls[len(answered)].action,
+                                status=result.exited, tail=_tail(result.stderr))
+        return answered
+
+    def _run_entry(self, helper: str, request: str, timeout: float):
+        """Run the bundle's entry point for `helper`. A node without this bundle gets it first:
+        found out from the run itself (python cannot open the entry), which saves every command
+        a round trip to ask."""
+        argv = self.conn.as_root + ["python3", f"{self.bundle.remote_dir}/{ENTRY}", helper]
+        if not self._installed:
+            result = self.conn.run(argv, stdin=request, timeout=timeout)
+            if not _entry_missing(result):
+                self._installed = True
+                return result
+            self._install()
+        return self.conn.run(argv, stdin=request, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class HelperCall:
+    """One helper action, for `HelperRunner.call_many`; `timeout` is its share of the round trip's."""
+
+    helper: str
+    action: str
+    params: dict
+    timeout: float = 120
+
+
+def _entry_missing(result) -> bool:
+    """python3 exits 2 with "can't open file" when the bundle is not on the node; a helper's
+    own exit 2 (a bad request) always comes with its JSON reply."""
+    return result.exited == 2 and not result.stdout.strip() and ENTRY in result.stderr and "can't open file" in result.stderr
 
 
 def _tail(text: str) -> str:

@@ -8,7 +8,19 @@ and writes exactly one JSON object on stdout:
     {"ok": false, "error": {"code": str, "msg": str, "retryable": bool}}
 
 Exit codes: 0 ok, 1 failed, 2 bad request, 3 precondition failed, 75 temporary failure.
-Logs go to stderr. Standard library only: this runs with the node's system python3.
+Logs go to stderr.
+
+A batch runs several actions, of any helpers, in one process: one SSH round trip where a
+desktop's bring-up would otherwise take eight. Its request is
+
+    {"steps": [{"helper": str, "action": str, "params": {...}, "check": bool}, ...]}
+
+and it runs the steps in order, stopping after the first that does not succeed. Its reply is
+
+    {"ok": true, "changed": bool, "data": {"replies": [{"exit_code": int, <reply>}, ...]}}
+
+with one reply per step that ran, each exactly what that step alone would have answered; the
+batch's own exit code is 0 unless the batch request itself is wrong (2). Standard library only: this runs with the node's system python3.
 """
 
 import json
@@ -22,6 +34,9 @@ from typing import Any, Callable, Mapping
 
 MAX_REQUEST_BYTES = 1024 * 1024
 REQUEST_KEYS = ("action", "params", "check")
+BATCH = "batch"
+STEP_KEYS = ("helper",) + REQUEST_KEYS
+MAX_BATCH_STEPS = 32
 
 # A key whose name contains one of these holds a secret, wherever it sits in the request;
 # so does every value under a "secrets" object.
@@ -265,17 +280,15 @@ def error_body(code: str, msg: str, retryable: bool) -> dict:
     return {"ok": False, "error": {"code": code, "msg": msg, "retryable": retryable}}
 
 
-def handle_request(argv: list[str], raw: bytes, load_actions: Callable[[str], Mapping[str, Action]]) -> Reply:
-    """Turn argv (the helper name) and the raw request into a reply; never raises."""
+def run_one(helper: str, document: Any, load_actions: Callable[[str], Mapping[str, Action]]) -> Reply:
+    """One action of one helper, from its request document; never raises."""
     try:
-        if len(argv) != 1:
-            raise BadRequest("usage: labvm_helper.py HELPER < request.json", "malformed_request")
-        actions = load_actions(argv[0])
-        request = request_from_document(decode_request_document(raw))
+        actions = load_actions(helper)
+        request = request_from_document(document)
         action = actions.get(request.action)
         if action is None:
             raise BadRequest(
-                f"unknown action {shorten(repr(request.action), 60)} for helper {argv[0]!r}; known: {', '.join(sorted(actions))}",
+                f"unknown action {shorten(repr(request.action), 60)} for helper {helper!r}; known: {', '.join(sorted(actions))}",
                 "unknown_action",
             )
         params = validate_params(action.params, request.params)
@@ -286,6 +299,51 @@ def handle_request(argv: list[str], raw: bytes, load_actions: Callable[[str], Ma
         traceback.print_exc(file=sys.stderr)
         msg = f"internal error in helper: {type(error).__name__}: {shorten(str(error), 300)}"
         return Reply(Failed.exit_code, error_body("internal", msg, False))
+
+
+def handle_request(argv: list[str], raw: bytes, load_actions: Callable[[str], Mapping[str, Action]]) -> Reply:
+    """Turn argv (the helper name, or `batch`) and the raw request into a reply; never raises."""
+    try:
+        if len(argv) != 1:
+            raise BadRequest("usage: labvm_helper.py HELPER|batch < request.json", "malformed_request")
+        if argv[0] != BATCH:
+            load_actions(argv[0])  # an unknown helper is refused before the request is read
+        document = decode_request_document(raw)
+        if argv[0] == BATCH:
+            return run_batch(batch_steps(document), load_actions)
+    except HelperError as error:
+        return Reply(error.exit_code, error_body(error.code, error.msg, error.retryable))
+    return run_one(argv[0], document, load_actions)
+
+
+def batch_steps(document: Any) -> list[tuple[str, dict]]:
+    """The (helper, request document) pairs of a batch request; BadRequest if it is not one."""
+    if not isinstance(document, dict) or set(document) != {"steps"}:
+        raise BadRequest('a batch request must be {"steps": [...]}', "malformed_request")
+    steps = document["steps"]
+    if not isinstance(steps, list) or not 1 <= len(steps) <= MAX_BATCH_STEPS:
+        raise BadRequest(f"a batch's 'steps' must be a list of 1 to {MAX_BATCH_STEPS} steps", "malformed_request")
+    pairs = []
+    for number, step in enumerate(steps, 1):
+        if not isinstance(step, dict) or not isinstance(step.get("helper"), str) or step["helper"] == BATCH:
+            raise BadRequest(f"batch step {number} must be an object naming its 'helper'", "malformed_request")
+        unknown = sorted(set(step) - set(STEP_KEYS))
+        if unknown:
+            names = ", ".join(shorten(repr(name), 40) for name in unknown)
+            raise BadRequest(f"unknown key(s) {names} in batch step {number}; accepted: {', '.join(STEP_KEYS)}", "malformed_request")
+        pairs.append((step["helper"], {key: value for key, value in step.items() if key != "helper"}))
+    return pairs
+
+
+def run_batch(steps: list[tuple[str, dict]], load_actions: Callable[[str], Mapping[str, Action]]) -> Reply:
+    replies, changed = [], False
+    for helper, document in steps:
+        reply = run_one(helper, document, load_actions)
+        replies.append({"exit_code": reply.exit_code, **reply.body})
+        if reply.exit_code != 0:
+            break
+        changed = changed or reply.body["changed"]
+    return Reply(0, success_body(Result(changed, {"replies": replies})))
 
 
 # --- secrets ------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ from _contract import (
     layer_path,
     log,
     node_name,
+    shorten,
     string_matching,
     user_name,
 )
@@ -103,7 +104,8 @@ from _system import (
 )
 from _tree import remove_tree
 from net import NETWORK_NAME as DESKTOP_NETWORK
-from runtime import RUNTIME_NAME, SENTINEL as ROOTFS_SENTINEL
+from runtime import RUNTIME_NAME
+from runtime import SENTINEL as ROOTFS_SENTINEL
 
 IMAGE_MARKER = ".labvm-image.json"
 MOUNT_TIMEOUT_S = 60.0
@@ -154,7 +156,7 @@ LOG_MAX_SIZE, LOG_MAX_FILES = "10m", "3"
 VNC_WAIT_DEFAULT_S = 30
 VNC_PROBE_TIMEOUT_S = 2.0
 # A refused connection costs nothing; a start waits at most this long past the greeting.
-VNC_POLL_S = 0.05
+VNC_POLL_S = 0.02
 RFB_GREETING = b"RFB "
 EXEC_TIMEOUT_S = 60.0
 MAX_PASSWORD_CHARS = 256
@@ -268,6 +270,34 @@ def _command(value):
     return value
 
 
+def image_sessions(name: str, value: Any) -> dict:
+    """{"xfce_local": the desktop image's tree, "by_desktop": {kind: session command}}: the
+    session the image's own marker asks for replaces the spec's desktop_cmd, so a start needs
+    no round trip to learn which desktop the node's image is."""
+    if not isinstance(value, dict) or set(value) != {"xfce_local", "by_desktop"}:
+        raise BadRequest(f"param {name!r} must be an object with 'xfce_local' and 'by_desktop'", "bad_param")
+    by_desktop = value["by_desktop"]
+    if not isinstance(by_desktop, dict) or not 1 <= len(by_desktop) <= 16:
+        raise BadRequest(f"param {name!r}: 'by_desktop' must map 1 to 16 desktop kinds to commands", "bad_param")
+    sessions = {}
+    for kind, command in by_desktop.items():
+        if not re.fullmatch(r"[a-z][a-z0-9-]{0,30}", kind):
+            raise BadRequest(f"param {name!r}: desktop kind {shorten(repr(kind), 40)} is not a-z, 0-9 and -", "bad_param")
+        try:
+            sessions[kind] = _command(command)
+        except ValueError as reason:
+            raise BadRequest(f"param {name!r}: the command for {kind!r} must be {reason}", "bad_param") from None
+    return {"xfce_local": absolute_path(f"{name}.xfce_local", value["xfce_local"]), "by_desktop": sessions}
+
+
+def image_desktop(xfce_local: str) -> str | None:
+    """The desktop kind the image's marker names, or None (no image, or an unreadable marker)."""
+    from image import read_marker  # only a start asks, and image.py is large
+
+    kind = (read_marker(xfce_local) or {}).get("desktop")
+    return kind if isinstance(kind, str) else None
+
+
 _IMAGE_REFERENCE = r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
 _HOSTNAME = r"(?=.{1,63}$)[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
 
@@ -369,6 +399,7 @@ ENSURE_CONTAINER_PARAMS = {
     "vnc_wait_s": Param(integer_between(0, 600), default=VNC_WAIT_DEFAULT_S),
     **NODE_PARAM,
     "mfs_mount": Param(layer_path),
+    "image_sessions": Param(image_sessions),
 }
 SET_PASSWORD_PARAMS = {**USER_PARAM, **FOUND_DATA_DIR_PARAM, **SECRETS_PARAM, **DOCKER_SOCKET_PARAM}
 STOP_CONTAINER_PARAMS = {**USER_PARAM, "timeout": Param(integer_between(0, 3600), default=30), **DOCKER_SOCKET_PARAM}
@@ -1402,6 +1433,9 @@ def remove_secret(runtime_dir: str) -> None:
 
 def ensure_container(params: dict, check: bool) -> Result:
     user, spec, socket_path = params["user"], params["spec"], params["docker_socket"]
+    if params["image_sessions"] is not None:
+        chosen = params["image_sessions"]["by_desktop"].get(image_desktop(params["image_sessions"]["xfce_local"]) or "")
+        spec = {**spec, "desktop_cmd": chosen or spec["desktop_cmd"]}
     if spec["name"] != container_name(user):
         raise BadRequest(f"param 'spec': 'name' must be {container_name(user)!r} for user {user!r}", "bad_param")
     if spec["labels"].get(LABEL_USER, user) != user:

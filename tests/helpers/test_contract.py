@@ -183,3 +183,61 @@ def test_unexpected_exception_is_an_internal_error_without_the_secret():
     assert "RuntimeError" in reply["error"]["msg"]
     assert "Traceback" in stderr and "a stray print" in stderr
     assert "canary-MNO" not in stdout and "canary-MNO" not in stderr
+
+
+# --- batches ------------------------------------------------------------------------------
+
+
+def batch(*steps):
+    return {"steps": [{"helper": helper, **request} for helper, request in steps]}
+
+
+def test_a_batch_runs_its_steps_in_order_and_answers_for_each(run_helper, tmp_path):
+    run = run_helper("batch", batch(("probe", FACTS), ("probe", {"action": "facts", "params": {}, "check": True})), args=["batch"])
+    assert run.exit_code == 0
+    replies = run.data["replies"]
+    assert [reply["exit_code"] for reply in replies] == [0, 0]
+    assert all(reply["ok"] for reply in replies)
+    assert replies[0]["data"]["hostname"] == replies[1]["data"]["hostname"]
+    assert run.reply["changed"] is False
+
+
+def test_a_batch_stops_at_the_first_step_that_fails_and_shows_its_error(run_helper):
+    steps = batch(("probe", FACTS), ("probe", {"action": "no_such_action"}), ("vm", {"action": "status", "params": {}}))
+    run = run_helper("batch", steps, args=["batch"])
+    assert run.exit_code == 0
+    replies = run.data["replies"]
+    assert len(replies) == 2  # the third step never ran
+    assert replies[1]["exit_code"] == 2 and replies[1]["ok"] is False
+    assert replies[1]["error"]["code"] == "unknown_action"
+
+
+def test_each_step_of_a_batch_is_checked_like_a_request(run_helper):
+    run = run_helper("batch", batch(("../../bin/sh", FACTS)), args=["batch"])
+    assert run.data["replies"][0]["error"]["code"] == "unknown_helper"
+    run = run_helper("batch", batch(("probe", {"action": "facts", "params": {"nope": 1}})), args=["batch"])
+    assert run.data["replies"][0]["error"]["code"] == "unknown_param"
+
+
+@pytest.mark.parametrize(
+    "document, message",
+    [
+        ({"action": "facts"}, 'must be {"steps": [...]}'),
+        ({"steps": []}, "1 to 32 steps"),
+        ({"steps": [FACTS] * 33}, "1 to 32 steps"),
+        ({"steps": [FACTS]}, "step 1 must be an object naming its 'helper'"),
+        ({"steps": [{"helper": "batch", **FACTS}]}, "step 1 must be an object naming its 'helper'"),
+        ({"steps": [{"helper": "probe", "dry": 1, **FACTS}]}, "unknown key(s) 'dry' in batch step 1"),
+    ],
+)
+def test_a_malformed_batch_is_a_bad_request_and_runs_nothing(run_helper, document, message):
+    run = run_helper("batch", document, args=["batch"])
+    assert run.exit_code == 2
+    assert message in run.error["msg"]
+
+
+def test_no_secret_of_any_step_leaves_a_batch(run_helper):
+    secret = "batch-Secret-4711"
+    steps = batch(("probe", FACTS), ("vm", {"action": "set_password", "params": {"user": "alice", "secrets": {"password": secret}}}))
+    run = run_helper("batch", steps, args=["batch"])
+    assert secret not in run.stdout and secret not in run.stderr

@@ -1303,3 +1303,31 @@ def test_init_keeps_an_earlier_members_account_of_the_same_name(bundle, tmp_path
     run = subprocess.run([str(runtime / "init"), "--apply-password"], env=env, capture_output=True, text=True, timeout=30)
     assert run.returncode == 1 and "no password waiting" in run.stderr, run.stderr
     assert "system account" not in run.stderr and not (logs / "called").exists()
+
+
+@needs_tini
+@pytest.mark.parametrize("marker, session", [({"sha256": "ab", "desktop": "xfce"}, "startxfce4"),
+                                             ({"sha256": "ab", "desktop": "kde"}, "xterm"), ({}, "xterm")])
+def test_the_desktop_session_is_the_one_the_node_image_names(run_helper, node, engine, vnc, marker, session):
+    stack_up(run_helper, node)
+    vnc.greet.set()
+    (node.xfce / ".labvm-image.json").write_text(json.dumps(marker))
+    sessions = {"xfce_local": str(node.xfce), "by_desktop": {"minimal": "exec xterm", "xfce": "exec startxfce4"}}
+    spec = minimal_spec(ports={"vnc": vnc.port}, desktop_cmd="exec xterm")
+    run = vm(run_helper, "ensure_container", container_params(node, engine, spec, image_sessions=sessions))
+    assert run.exit_code == 0, run.reply
+    (body,) = engine.created
+    assert body["Env"].count(f"LABVM_DESKTOP_CMD=exec {session}") == 1
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ({"xfce_local": "/x"}, "with 'xfce_local' and 'by_desktop'"),
+    ({"xfce_local": "/x", "by_desktop": {}}, "1 to 16 desktop kinds"),
+    ({"xfce_local": "/x", "by_desktop": {"X; rm": "sh"}}, "is not a-z"),
+    ({"xfce_local": "/x", "by_desktop": {"xfce": " "}}, "non-empty shell command"),
+    ({"xfce_local": "x", "by_desktop": {"xfce": "sh"}}, "absolute path"),
+])
+def test_bad_image_sessions_are_refused(bundle, value, fragment):
+    with pytest.raises(bundle.contract.BadRequest) as raised:
+        bundle.vm.image_sessions("image_sessions", value)
+    assert fragment in raised.value.msg

@@ -2,6 +2,8 @@
 
 import base64
 import hashlib
+import json
+import os
 import subprocess
 import sys
 
@@ -93,3 +95,84 @@ def test_installer_replaces_an_incomplete_leftover(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (leftover / ".complete").exists()
     assert (leftover / "probe.py").read_bytes() == dict(bundle.files)["probe.py"]
+
+
+class LocalConnection:
+    """Runs the node's commands on this machine: the bundle, its installer and its batches,
+    for real, in a temporary helpers root."""
+
+    as_root: list = []
+
+    def __init__(self):
+        self.node = type("Node", (), {"name": "n1"})()
+        self.commands = []
+
+    def run(self, argv, stdin="", timeout=None):
+        self.commands.append(argv)
+        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout)
+        return type("Result", (), {"exited": done.returncode, "stdout": done.stdout, "stderr": done.stderr})()
+
+
+@pytest.fixture
+def local_runner(tmp_path, monkeypatch):
+    monkeypatch.setattr(helpers_mod, "HELPERS_ROOT", str(tmp_path / "helpers"))
+    conn = LocalConnection()
+    return helpers_mod.HelperRunner(conn, HelperBundle.from_package()), conn
+
+
+def test_the_first_call_installs_the_bundle_without_asking_first(local_runner, tmp_path):
+    runner, conn = local_runner
+    facts = runner.call("probe", "facts", {})
+    assert facts["ok"] and facts["data"]["hostname"]
+    # python found no entry, the installer ran, the call was made again; later calls go straight.
+    assert [argv[1] for argv in conn.commands] == [f"{runner.bundle.remote_dir}/labvm_helper.py", "-c",
+                                                   f"{runner.bundle.remote_dir}/labvm_helper.py"]
+    runner.call("probe", "facts", {})
+    assert len(conn.commands) == 4
+    bundle_dir = tmp_path / "helpers" / runner.bundle.sha256
+    assert not (bundle_dir / "__pycache__").exists()  # the bundle keeps the bytes its name hashes
+    cache = tmp_path / "helpers" / ".pycache"
+    if os.geteuid() == 0:
+        assert cache.is_dir() and (cache.stat().st_mode & 0o777) == 0o700
+        assert list(cache.rglob("_contract*.pyc"))
+
+
+def test_call_many_runs_in_one_round_trip_and_marks_each_done(local_runner):
+    runner, conn = local_runner
+    runner.ensure_installed()
+    conn.commands.clear()
+    done = []
+    calls = [helpers_mod.HelperCall("probe", "facts", {}), helpers_mod.HelperCall("probe", "facts", {})]
+    replies = runner.call_many(calls, done=done.append)
+    assert len(conn.commands) == 1 and conn.commands[0][-1] == "batch"
+    assert [reply["ok"] for reply in replies] == [True, True] and done == [0, 1]
+
+
+def test_call_many_raises_the_failing_step_as_its_own_call_would(local_runner):
+    runner, _conn = local_runner
+    done = []
+    calls = [helpers_mod.HelperCall("probe", "facts", {}), helpers_mod.HelperCall("probe", "facts", {"bogus": 1}),
+             helpers_mod.HelperCall("probe", "facts", {})]
+    with pytest.raises(HelperFailed) as err:
+        runner.call_many(calls, done=done.append)
+    assert done == [0]
+    assert err.value.code == "unknown_param" and "probe.facts" in str(err.value)
+
+
+def test_a_batch_reply_that_skips_steps_without_a_failure_is_a_crash():
+    class Conn(LocalConnection):
+        def run(self, argv, stdin="", timeout=None):
+            body = {"ok": True, "changed": False, "data": {"replies": [{"exit_code": 0, "ok": True, "changed": False, "data": {}}]}}
+            return type("Result", (), {"exited": 0, "stdout": json.dumps(body), "stderr": ""})()
+
+    runner = helpers_mod.HelperRunner(Conn(), HelperBundle.from_package())
+    calls = [helpers_mod.HelperCall("probe", "facts", {}), helpers_mod.HelperCall("vm", "status", {})]
+    with pytest.raises(HelperCrashed, match="vm.status"):
+        runner.call_many(calls)
+
+
+def test_a_helper_bad_request_is_not_taken_for_a_missing_bundle():
+    result = type("Result", (), {"exited": 2, "stdout": '{"ok": false}', "stderr": "can't open file labvm_helper.py"})()
+    assert not helpers_mod._entry_missing(result)
+    result.stdout = ""
+    assert helpers_mod._entry_missing(result)

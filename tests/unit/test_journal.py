@@ -142,3 +142,27 @@ def test_a_rolled_back_failure_is_journaled_as_rolled_back(db):
         with journaled(db, "switch", "alice", {}):
             raise RolledBack(msg="switch failed and was rolled back")
     assert db.conn.execute("SELECT state FROM operations").fetchone()["state"] == "rolled_back"
+
+
+def _steps(db, op):
+    return [tuple(r) for r in db.conn.execute("SELECT name, state, detail FROM operation_steps WHERE op_id = ? ORDER BY seq", (op.id,))]
+
+
+def test_steps_sent_together_are_each_marked_as_the_reply_shows_them(db):
+    op = Operation.begin(db, "start", "alice", {})
+    with op.steps(["mount_mfs", "mount_stack", "start_container"]) as done:
+        assert [state for _, state, _ in _steps(db, op)] == ["running"] * 3  # all left in one round trip
+        done("mount_mfs")
+    assert _steps(db, op) == [("mount_mfs", "done", None), ("mount_stack", "done", None), ("start_container", "done", None)]
+
+
+def test_steps_sent_together_show_the_failed_one_and_drop_those_never_run(db):
+    op = Operation.begin(db, "start", "alice", {})
+    with pytest.raises(RuntimeError):
+        with op.steps(["mount_mfs", "mount_stack", "start_sync", "start_container"]) as done:
+            done("mount_mfs")
+            raise RuntimeError("stack refused")
+    assert _steps(db, op) == [("mount_mfs", "done", None), ("mount_stack", "failed", "stack refused")]
+    with op.step("again"):
+        pass
+    assert _steps(db, op)[-1] == ("again", "done", None)

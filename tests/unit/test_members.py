@@ -60,6 +60,13 @@ class FakeSession:
     def call(self, helper, action, params, timeout=180):
         return {"ok": True, "changed": False, "data": self.mfs.answer(self.node, helper, action, params)}
 
+    def call_many(self, calls, done=lambda _index: None):
+        replies = []
+        for index, call in enumerate(calls):
+            replies.append(self.call(call.helper, call.action, call.params))
+            done(index)
+        return replies
+
 
 @pytest.fixture
 def mfs(monkeypatch):
