@@ -31,7 +31,7 @@ from .errors import BadInput, Busy, LabvmError, NotFound, StateError
 from .fsutil import atomic_write
 from .journal import journaled
 from .nodes import mfs_params
-from .retention import Verdict, Version, check_version, plan
+from .retention import REASONS, Verdict, Version, check_version, plan
 
 FLUSH_TIMEOUT_S = 900
 BACKUP_LOCK = "backup.lock"
@@ -52,7 +52,9 @@ class BackupResult:
 
 
 def versions_from_reply(data: dict) -> list[Version]:
-    return [Version(v["version"], v.get("created"), v.get("files"), v.get("bytes"), v.get("base")) for v in data["versions"]]
+    """The merge helper's versions. A reason it gives that is not one of REASONS is not known."""
+    return [Version(v["version"], v.get("created"), v.get("files"), v.get("bytes"), v.get("base"),
+                    v.get("reason") if v.get("reason") in REASONS else None) for v in data["versions"]]
 
 
 class Storage:

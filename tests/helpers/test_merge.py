@@ -279,6 +279,12 @@ def test_publish_needs_a_reason(installed_bundle, desk):
     assert code == 2 and reply["error"]["code"] == "missing_param"
 
 
+def test_the_helper_publishes_with_the_reasons_retention_knows(bundle):
+    from labvm.retention import REASONS
+
+    assert set(bundle.merge.PUBLISH_REASONS) | {bundle.merge.CREATE_REASON} == set(REASONS)
+
+
 def test_publish_refuses_an_mfs_mount_with_nothing_mounted(installed_bundle, tmp_path):
     params = {"user": USER, "mfs_mount": str(tmp_path), "base": 1, "reason": "backup"}
     code, reply, _ = call(installed_bundle, "publish", params)
