@@ -106,23 +106,30 @@ def _print_quarantine(data: dict) -> None:
 @json_option
 @click.pass_obj
 def versions(home: AdminHome, user, as_json):
-    """List the versions of USER's files, with the retention rule that keeps each.
+    """List the versions of USER's files, why each exists, and what keeps it.
 
-    A version is what `labvm backup` published; the desktop runs on the one
-    marked "in use" plus the changes made since. Versions without a rule are
-    pruned by the next backup.
+    A version is what `labvm backup` published, or what a create, switch,
+    restore, solidify or rm made (its reason; "-": made before versions had
+    one, and counted as a backup). The desktop runs on the one marked
+    "in use" plus the changes made since. Versions without a rule are pruned
+    by the next backup.
     """
     desktop, verdicts = _storage(home, quiet=True).versions(user)
     if as_json:
         _emit_json({"user": user, "in_use": desktop.version,
                     "versions": [{**v.version.as_dict(), "kept_by": v.kept_by} for v in verdicts]})
         return
-    table = Table("version", "created", "files", "size", "kept by", title=f"versions of {user}'s files")
+    table = Table(title=f"versions of {user}'s files")
+    # Only "kept by" wraps in a narrow terminal: a date or a number split over two lines misreads.
+    for name in ("version", "created", "reason", "files", "size"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("kept by")
     for v in verdicts:
         # v0, made empty at create, has no record of its files: what is not known shows as "-".
         mark = " (in use)" if v.version.number == desktop.version else ""
         table.add_row(cell(f"v{v.version.number}{mark}"), cell(_known(v.version.created, _when)),
-                      cell(_known(v.version.files, str)), cell(_known(v.version.bytes, _size)),
+                      cell(_known(v.version.reason, str)), cell(_known(v.version.files, str)),
+                      cell(_known(v.version.bytes, _size)),
                       cell(v.kept_by) if v.kept_by else Text("pruned by the next backup", style="yellow"))
     out.print(table)
 

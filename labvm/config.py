@@ -96,11 +96,12 @@ class Retention:
 
 def member_quota_for(cfg: "ClusterConfig", disk: int) -> int:
     """A member's hard quota on MooseFS: `<storage><member_quota>` where the cluster file sets
-    one, else room for every version the retention rule keeps (MooseFS counts each in full)
-    plus the synced upper and one version being made, each at most the desktop's disk."""
+    one, else room for every version the retention rule keeps (MooseFS counts each in full:
+    the backups its three rules keep and up to keep_last others) plus the synced upper and one
+    version being made, each at most the desktop's disk."""
     if cfg.storage.member_quota is not None:
         return cfg.storage.member_quota
-    kept = cfg.retention.keep_last + cfg.retention.keep_daily + cfg.retention.keep_weekly
+    kept = 2 * cfg.retention.keep_last + cfg.retention.keep_daily + cfg.retention.keep_weekly
     return disk * (kept + 2)
 
 

@@ -469,10 +469,11 @@ class Desktops:
         """The number the next published version of the user's files gets."""
         return max([v["version"] for v in self.versions_on_mfs(s, user)] + [base]) + 1
 
-    def publish(self, s: NodeSession, user: str, base: int, target: int, upper: str | None = None) -> dict:
-        """Publish base + upper (default: up_mfs as it is) as low_mfs.v<target>, over the desktop image."""
+    def publish(self, s: NodeSession, user: str, base: int, target: int, reason: str, upper: str | None = None) -> dict:
+        """Publish base + upper (default: up_mfs as it is) as low_mfs.v<target>, over the desktop image.
+        reason, one of retention.REASONS, is recorded with the version."""
         params = {"user": user, "mfs_mount": self.cfg.storage.mfs_mount, "base": base, "target": target,
-                  "image": self.cfg.xfce_local}
+                  "reason": reason, "image": self.cfg.xfce_local}
         if upper is not None:
             params["upper"] = upper
         return s.call("merge", "publish", params, timeout=MERGE_TIMEOUT_S)["data"]
@@ -637,7 +638,7 @@ class Desktops:
         `labvm create` continues from that version."""
         s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
         target = self.next_version(s, user, base)
-        self.publish(s, user, base, target)
+        self.publish(s, user, base, target, "remove")
         s.call("vm", "reset_upper", {"user": user, "data_dir": s.node.data_dir, "mfs_mount": self.cfg.storage.mfs_mount})
         self.say(f"{user}'s files are kept on MooseFS as v{target}")
 

@@ -31,7 +31,7 @@ from .errors import BadInput, Busy, LabvmError, NotFound, StateError
 from .fsutil import atomic_write
 from .journal import journaled
 from .nodes import mfs_params
-from .retention import Verdict, Version, check_version, plan
+from .retention import REASONS, Verdict, Version, check_version, plan
 
 FLUSH_TIMEOUT_S = 900
 BACKUP_LOCK = "backup.lock"
@@ -52,7 +52,9 @@ class BackupResult:
 
 
 def versions_from_reply(data: dict) -> list[Version]:
-    return [Version(v["version"], v.get("created"), v.get("files"), v.get("bytes"), v.get("base")) for v in data["versions"]]
+    """The merge helper's versions. A reason it gives that is not one of REASONS is not known."""
+    return [Version(v["version"], v.get("created"), v.get("files"), v.get("bytes"), v.get("base"),
+                    v.get("reason") if v.get("reason") in REASONS else None) for v in data["versions"]]
 
 
 class Storage:
@@ -126,7 +128,7 @@ class Storage:
         with op.step("snapshot_upper"):
             upper = self._frozen_upper(s, desktop, node, target)
         with op.step("publish"):
-            published = self.desktops.publish(s, user, desktop.version, target, upper=upper)
+            published = self.desktops.publish(s, user, desktop.version, target, "backup", upper=upper)
         with op.step("prune"):
             pruned = self._prune(s, user, desktop.version)
         return target, published, pruned
@@ -186,14 +188,17 @@ class Storage:
     def solidify(self, user: str) -> dict:
         """Publish the desktop's changes as a new version and run it over that version with an
         empty upper layer. A running desktop is stopped for it and started again."""
-        return self._stopped_for(user, "solidify", {}, lambda s, op, db, desktop: {"version": self._solidify_on_node(s, op, db, desktop)})
+        def work(s, op, db, desktop):
+            return {"version": self._solidify_on_node(s, op, db, desktop, "solidify")}
+
+        return self._stopped_for(user, "solidify", {}, work)
 
     def restore(self, user: str, version: int) -> dict:
         """Roll the desktop back to a version; its current files are published as a new version first."""
         check_version(version)
 
         def work(s, op, db, desktop):
-            kept = self._solidify_on_node(s, op, db, desktop)
+            kept = self._solidify_on_node(s, op, db, desktop, "restore")
             with op.step("rebase"):
                 _set(db, user, version=version)
             return {"restored": version, "kept_as": kept}
@@ -229,14 +234,14 @@ class Storage:
             shown = ", ".join(f"v{n}" for n in numbers) or "none"
             raise NotFound(f"{user} has no version {version} (versions: {shown}); see `labvm versions {user}`")
 
-    def _solidify_on_node(self, s: NodeSession, op, db, desktop: Desktop) -> int:
+    def _solidify_on_node(self, s: NodeSession, op, db, desktop: Desktop, reason: str) -> int:
         """Publish base + upper as a new version, make it the base, empty the upper. Each state
         between these steps shows the same files: the new version holds the upper, and an upper
         applied over the version made from it changes nothing. Only then is it emptied."""
         user, node, mfs_mount = desktop.user, s.node, self.cfg.storage.mfs_mount
         target = self.desktops.next_version(s, user, desktop.version)
         with op.step("publish"):
-            self.desktops.publish(s, user, desktop.version, target)
+            self.desktops.publish(s, user, desktop.version, target, reason)
         with op.step("solidify"):
             _set(db, user, version=target)
             s.call("vm", "reset_upper", {"user": user, "data_dir": node.data_dir, "mfs_mount": mfs_mount})

@@ -326,7 +326,7 @@ class Switcher:
         if "new_version" not in op.params:
             op.remember(new_version=self.desktops.next_version(target, user, op.params["base"]))
         new = op.params["new_version"]
-        self.desktops.publish(target, user, op.params["base"], new)
+        self.desktops.publish(target, user, op.params["base"], new, "switch")
         # The new version holds everything the upper held: it is the desktop's base from now on,
         # wherever it runs (a rollback runs the source over it too, with an emptied upper).
         db.conn.execute("UPDATE vms SET version = ?, updated_at = ? WHERE user = ?", (new, time.time(), user))

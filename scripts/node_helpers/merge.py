@@ -12,8 +12,8 @@ Layout on MooseFS, per user:
 
     <mfs_mount>/vms/<user>/
         low_mfs.v<N>/         a version: the desktop's lower layer, its / as of that version
-        low_mfs.v<N>.json     {"version", "base", "created", "files", "bytes"}; beside the tree,
-                              never in it: the tree is the desktop's /
+        low_mfs.v<N>.json     {"version", "base", "created", "files", "bytes", "reason"}; beside
+                              the tree, never in it: the tree is the desktop's /
         up_mfs/               the sync's copy of the desktop's upper layer
         .upper-<name>/        a snapshot_upper copy; the publish that names it uses it up
         .merge-*              work of a publish (or a removal) under way; a leftover of a
@@ -30,6 +30,10 @@ deleted or replaced something of the image, it keeps the whiteout or opaque dire
 hides it. Given `image`, the image dir on this node, the merge keeps exactly those; without
 it, every whiteout stays, and one in a directory the image lacks shows in listings as a name
 that cannot be opened.
+
+`reason` says which operation published the version (PUBLISH_REASONS); retention counts
+backups apart from the others. Version 0 lists as "create"; one published before versions had
+a reason lists with none (null).
 
 `files` counts regular files (a hard-linked file once per name) and `bytes` their length plus
 the length of symlink targets, as `mfsdirinfo` counts them (checked with MooseFS 3.0.117).
@@ -77,6 +81,9 @@ MERGE_TIMEOUT_S = 3000.0
 DIRINFO_TIMEOUT_S = 300.0
 VERSION_DIR = re.compile(VERSION_DIR_PATTERN)
 VERSION_MAX = 2**31 - 1
+# Why a version was published: labvm/retention.py holds the same words.
+PUBLISH_REASONS = ("backup", "switch", "restore", "solidify", "rebase", "remove")
+CREATE_REASON = "create"
 
 # Crash tests stop the helper between its steps: LABVM_MERGE_HELPER_CRASH_AT=<step name>.
 CRASH_AT_ENV = "LABVM_MERGE_HELPER_CRASH_AT"
@@ -85,12 +92,14 @@ CRASH_AT_ENV = "LABVM_MERGE_HELPER_CRASH_AT"
 # --- parameters ---------------------------------------------------------------------------
 
 VERSION = integer_between(0, VERSION_MAX)
+publish_reason = string_matching("|".join(PUBLISH_REASONS), "one of " + ", ".join(PUBLISH_REASONS))
 snapshot_name = string_matching(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", "1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
 
 USER_PARAMS = {"user": Param(user_name, required=True), "mfs_mount": Param(layer_path, required=True)}
 PUBLISH_PARAMS = {
     **USER_PARAMS,
     "base": Param(VERSION, required=True),
+    "reason": Param(publish_reason, required=True),
     "upper": Param(absolute_path),
     "target": Param(integer_between(1, VERSION_MAX)),
     "image": Param(absolute_path),
@@ -169,8 +178,8 @@ def read_metadata(user_dir: str, version: int) -> dict | None:
 
 def published_versions(user_dir: str) -> list[dict]:
     """Every low_mfs.v<N> directory, oldest first. One published by something else than a
-    merge (version 0, made empty by the vm helper) has no metadata file: its directory's
-    mtime stands in for its creation time."""
+    merge (version 0, made empty by the vm helper at create) has no metadata file: its
+    directory's mtime stands in for its creation time."""
     versions = []
     for name in os.listdir(user_dir):
         match = VERSION_DIR.fullmatch(name)
@@ -178,7 +187,9 @@ def published_versions(user_dir: str) -> list[dict]:
         if match is None or not is_real_dir(path):
             continue
         number = int(match.group(1))
-        metadata = read_metadata(user_dir, number) or {}
+        metadata = read_metadata(user_dir, number)
+        made_at_create = metadata is None and number == 0
+        metadata = metadata or {}
         versions.append(
             {
                 "version": number,
@@ -186,6 +197,7 @@ def published_versions(user_dir: str) -> list[dict]:
                 "files": metadata.get("files"),
                 "bytes": metadata.get("bytes"),
                 "base": metadata.get("base"),
+                "reason": CREATE_REASON if made_at_create else metadata.get("reason"),
             }
         )
     return sorted(versions, key=lambda version: version["version"])
@@ -328,7 +340,7 @@ def publish(params: dict, check: bool) -> Result:
         return Result(changed=False, data={**done, "path": version_path(user_dir, target), "stats": None, "seconds": 0.0})
     base_dir = version_path(user_dir, base)
     require_sources(user_dir, base_dir, upper, params["image"])
-    planned = {"version": target, "base": base, "path": version_path(user_dir, target)}
+    planned = {"version": target, "base": base, "reason": params["reason"], "path": version_path(user_dir, target)}
     if check:
         return Result(changed=True, data=planned)
     started = time.monotonic()
@@ -390,7 +402,8 @@ def build_version(user_dir: str, base_dir: str, upper: str, target: int, base: i
     stats = run_engine(upper_copy, lower_copy, params["jobs"], params["image"])
     crash_point("merged")
     files, size = tree_size(lower_copy, moosefs)
-    metadata = {"version": target, "base": base, "created": time.time(), "files": files, "bytes": size}
+    created, reason = time.time(), params["reason"]
+    metadata = {"version": target, "base": base, "created": created, "files": files, "bytes": size, "reason": reason}
     write_json_atomically(metadata_path(user_dir, target), work_path(user_dir, target, "json"), metadata)
     crash_point("described")
     return metadata, stats

@@ -210,3 +210,39 @@ def test_start_thaws_a_desktop_a_killed_backup_left_frozen(store, testbed):
     container.reload()
     assert container.status == "running"
     assert inside(store, "carol", "echo thawed").strip() == "thawed"
+
+
+def test_a_switch_keeps_the_nights_backup_under_keep_last_3(store):
+    """Every switch publishes a version. Retention counts backups only, so a morning of
+    switches after the night's backup leaves that backup kept; the switches' own versions
+    are kept apart, the newest keep_last of them."""
+    set_config(store, retention__keep_last=3)
+    try:
+        night = store.labvm_json("backup", "dave")[0]
+        assert night["ok"], night
+        node = store.labvm_json("status", "--user", "dave")["desktops"][0]["node"]
+        switched = []
+        for _ in range(5):
+            node = "n1" if node == "n2" else "n2"
+            moved = store.labvm("switch", "dave", node, "--json", timeout=900)
+            switched.append(json.loads(ok(moved))["version"])
+
+        versions = store.labvm_json("versions", "dave")
+        shown = {v["version"]: v for v in versions["versions"]}
+        assert versions["in_use"] == switched[-1], versions
+        assert (shown[night["version"]]["reason"], shown[night["version"]]["kept_by"]) == ("backup", "keep_last #1")
+        assert [shown[n]["reason"] for n in switched] == ["switch"] * 5
+        assert [shown[n]["kept_by"] for n in reversed(switched)] == [
+            "recent switch #1", "recent switch #2", "recent switch #3", None, None]
+        table = ok(store.labvm("versions", "dave"))
+        assert re.search(rf"^│ v{night['version']} +│ [^│]+│ backup +│", table, re.M), table
+
+        # The next backup prunes the two oldest switches' versions, never the night's backup.
+        morning = store.labvm_json("backup", "dave")[0]
+        assert morning["ok"], morning
+        assert set(switched[:2]) <= set(morning["pruned"]) and night["version"] not in morning["pruned"], morning
+        after = {v["version"]: v["kept_by"] for v in store.labvm_json("versions", "dave")["versions"]}
+        assert after[night["version"]] == "keep_last #2" and after[morning["version"]] == "keep_last #1", after
+        assert all(n in after for n in switched[2:]), after
+    finally:
+        set_config(store, retention__keep_last=2)

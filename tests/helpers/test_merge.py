@@ -178,11 +178,13 @@ class Desk:
         self.mfs_mount, self.user_dir, self.image, self.view, self.params = mfs_mount, user_dir, image, view, params
 
     def publish(self, bundle_dir, env=None, **extra):
-        return call(bundle_dir, "publish", {**self.params, "base": 1, "image": str(self.image), **extra}, env=env)
+        params = {**self.params, "base": 1, "reason": "backup", "image": str(self.image), **extra}
+        return call(bundle_dir, "publish", params, env=env)
 
     def publish_raw(self, bundle_dir, env):
         """A publish that may be killed: no reply is expected, only how it ended."""
-        request = json.dumps({"action": "publish", "params": {**self.params, "base": 1, "image": str(self.image)}})
+        params = {**self.params, "base": 1, "reason": "backup", "image": str(self.image)}
+        request = json.dumps({"action": "publish", "params": params})
         return subprocess.run(
             [sys.executable, "-I", str(bundle_dir / ENTRY), "merge"], input=request.encode(), capture_output=True,
             env=env, timeout=300,
@@ -228,7 +230,8 @@ def test_publish_makes_the_next_version_show_what_the_desktop_showed(installed_b
     assert desk.leftovers() == []
     metadata = json.loads((desk.user_dir / "low_mfs.v2.json").read_text())
     expected_files = sum(1 for p in (desk.user_dir / "low_mfs.v2").rglob("*") if p.is_file() and not p.is_symlink())
-    assert metadata == {key: data[key] for key in ("version", "base", "created", "files", "bytes")}
+    assert metadata == {key: data[key] for key in ("version", "base", "created", "files", "bytes", "reason")}
+    assert metadata["reason"] == "backup"
     assert metadata["files"] == expected_files and metadata["bytes"] > 8 << 20
 
 
@@ -242,8 +245,9 @@ def test_publish_again_changes_nothing(installed_bundle, desk):
 
 
 def test_publish_in_check_mode_changes_nothing(installed_bundle, desk):
-    code, reply, _ = call(installed_bundle, "publish", {**desk.params, "base": 1}, check=True)
+    code, reply, _ = call(installed_bundle, "publish", {**desk.params, "base": 1, "reason": "switch"}, check=True)
     assert code == 0 and reply["changed"] is True and reply["data"]["version"] == 2
+    assert reply["data"]["reason"] == "switch"
     assert not (desk.user_dir / "low_mfs.v2").exists() and desk.leftovers() == []
 
 
@@ -254,17 +258,36 @@ def test_publish_refuses_a_target_it_did_not_make(installed_bundle, desk):
 
 
 def test_publish_needs_the_base_version(installed_bundle, desk):
-    code, reply, _ = call(installed_bundle, "publish", {**desk.params, "base": 7})
+    code, reply, _ = call(installed_bundle, "publish", {**desk.params, "base": 7, "reason": "backup"})
     assert code == 3 and reply["error"]["code"] == "version_missing"
 
 
 def test_publish_target_must_be_newer_than_base(installed_bundle, desk):
-    code, reply, _ = call(installed_bundle, "publish", {**desk.params, "base": 1, "target": 1})
+    code, reply, _ = call(installed_bundle, "publish", {**desk.params, "base": 1, "target": 1, "reason": "backup"})
     assert code == 2 and reply["error"]["code"] == "bad_param"
 
 
+@pytest.mark.parametrize("reason", ["holiday", "create", "Backup", "backup ", 3])
+def test_publish_refuses_a_reason_it_does_not_know(installed_bundle, desk, reason):
+    code, reply, _ = desk.publish(installed_bundle, reason=reason)
+    assert code == 2 and reply["error"]["code"] == "bad_param"
+    assert not (desk.user_dir / "low_mfs.v2").exists()
+
+
+def test_publish_needs_a_reason(installed_bundle, desk):
+    code, reply, _ = call(installed_bundle, "publish", {**desk.params, "base": 1, "image": str(desk.image)})
+    assert code == 2 and reply["error"]["code"] == "missing_param"
+
+
+def test_the_helper_publishes_with_the_reasons_retention_knows(bundle):
+    from labvm.retention import REASONS
+
+    assert set(bundle.merge.PUBLISH_REASONS) | {bundle.merge.CREATE_REASON} == set(REASONS)
+
+
 def test_publish_refuses_an_mfs_mount_with_nothing_mounted(installed_bundle, tmp_path):
-    code, reply, _ = call(installed_bundle, "publish", {"user": USER, "mfs_mount": str(tmp_path), "base": 1})
+    params = {"user": USER, "mfs_mount": str(tmp_path), "base": 1, "reason": "backup"}
+    code, reply, _ = call(installed_bundle, "publish", params)
     assert code == 3 and reply["error"]["code"] == "mfs_not_mounted"
 
 
@@ -356,6 +379,29 @@ def test_versions_lists_every_version_with_its_metadata(installed_bundle, desk):
     assert v0["files"] is None and v0["base"] is None
     assert v0["created"] == pytest.approx(os.lstat(desk.user_dir / "low_mfs.v0").st_mtime)
     assert v2["base"] == 1 and v2["files"] > 0
+
+
+@pytest.mark.parametrize("reason", ["backup", "switch", "restore", "solidify", "rebase", "remove"])
+def test_versions_say_why_each_was_published(installed_bundle, desk, reason):
+    code, _, stderr = desk.publish(installed_bundle, reason=reason)
+    assert code == 0, stderr
+    code, reply, _ = call(installed_bundle, "versions", desk.params)
+    assert code == 0
+    assert {v["version"]: v["reason"] for v in reply["data"]["versions"]} == {0: "create", 1: None, 2: reason}
+
+
+def test_a_version_published_before_versions_had_a_reason_has_none(installed_bundle, desk):
+    desk.publish(installed_bundle)
+    metadata_file = desk.user_dir / "low_mfs.v2.json"
+    metadata = json.loads(metadata_file.read_text())
+    del metadata["reason"]
+    metadata_file.write_text(json.dumps(metadata))
+    code, reply, _ = call(installed_bundle, "versions", desk.params)
+    versions = {v["version"]: v for v in reply["data"]["versions"]}
+    assert code == 0 and versions[2]["reason"] is None and versions[2]["files"] == metadata["files"]
+    # Publishing it again is still the same publish: nothing changes, and no reason is made up.
+    code, reply, _ = desk.publish(installed_bundle)
+    assert code == 0 and reply["changed"] is False and "reason" not in json.loads(metadata_file.read_text())
 
 
 def test_versions_of_a_user_without_files_is_empty(installed_bundle, desk):

@@ -326,19 +326,52 @@ def test_versions_shows_v0_with_its_time_and_dashes_for_what_is_not_known(deskto
     monkeypatch.setenv("COLUMNS", "200")
     day = dt.datetime(2026, 5, 1, 12, 0).timestamp()
     desktop.node.answers["merge.versions"] = {"versions": [
-        {"version": 0, "created": day, "files": None, "bytes": None, "base": None},
+        {"version": 0, "created": day, "files": None, "bytes": None, "base": None, "reason": "create"},
         {"version": 1, "created": day + 86400, "files": 12, "bytes": 4096, "base": 0}]}
     capsys.readouterr()
     assert main(["versions", "alice"]) == 0
     rows = {line.split()[1]: [c.strip() for c in line.split("│")[1:-1]]
             for line in capsys.readouterr().out.splitlines() if line.startswith("│ v")}
-    assert rows["v0"][:4] == ["v0", "2026-05-01 12:00", "-", "-"], rows
-    assert rows["v1"][:4] == ["v1 (in use)", "2026-05-02 12:00", "12", "4.0 KiB"], rows
+    assert rows["v0"][:5] == ["v0", "2026-05-01 12:00", "create", "-", "-"], rows
+    # v1 was published before versions had a reason.
+    assert rows["v1"][:5] == ["v1 (in use)", "2026-05-02 12:00", "-", "12", "4.0 KiB"], rows
     # A version the node gives no time for is shown, as the oldest, with "-".
     desktop.node.answers["merge.versions"]["versions"][0]["created"] = None
     assert main(["versions", "alice"]) == 0
     shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│ v")]
-    assert [c.strip() for c in shown[-1].split("│")[1:5]] == ["v0", "-", "-", "-"], shown
+    assert [c.strip() for c in shown[-1].split("│")[1:6]] == ["v0", "-", "create", "-", "-"], shown
+
+
+def test_versions_shows_why_each_exists_in_80_columns_and_in_json(desktop, capsys, monkeypatch):
+    import datetime as dt
+
+    monkeypatch.setenv("COLUMNS", "80")
+    night = dt.datetime(2026, 5, 1, 3, 17).timestamp()
+    versions = [{"version": 0, "created": night - 30 * 86400, "files": None, "bytes": None, "base": None,
+                 "reason": "create"},
+                {"version": 1, "created": night, "files": 123456, "bytes": 5 << 30, "base": 0, "reason": "backup"}]
+    for n, reason in enumerate(("switch", "switch", "switch", "switch", "solidify", "restore", "\x1b[2Jodd"), 2):
+        versions.append({"version": n, "created": night + n * 3600, "files": 123456, "bytes": 5 << 30, "base": n - 1,
+                         "reason": reason})
+    desktop.node.answers["merge.versions"] = {"versions": versions}
+    capsys.readouterr()
+    assert main(["versions", "alice"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    assert "\x1b" not in out
+    rows = {line.split()[1]: [c.strip() for c in line.split("│")[1:-1]]
+            for line in out.splitlines() if line.startswith("│ v")}
+    # One line per version: neither its time nor its reason is split.
+    assert rows["v1"][1:3] == ["2026-05-01 03:17", "backup"], rows
+    assert [rows[f"v{n}"][2] for n in range(9)] == ["create", "backup", *["switch"] * 4, "solidify", "restore", "-"]
+
+    assert main(["versions", "alice", "--json"]) == 0
+    shown = {v["version"]: v for v in json.loads(capsys.readouterr().out)["versions"]}
+    assert [shown[n]["reason"] for n in range(9)] == [
+        "create", "backup", "switch", "switch", "switch", "switch", "solidify", "restore", None]
+    # The default rule (keep_last 7) counts the backups, the odd reason among them.
+    assert shown[8]["kept_by"] == "keep_last #1" and shown[1]["kept_by"] == "keep_last #2"
+    assert shown[7]["kept_by"] == "recent restore #1" and shown[0]["kept_by"] == "recent create #7"
 
 
 def failed_op(home: Path, error: str) -> int:

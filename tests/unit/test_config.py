@@ -269,7 +269,8 @@ def test_disk_size_default_and_override_and_the_quota_that_follows_it(tmp_path):
     cfg = parse_config(write(tmp_path, GOOD))
     assert cfg.vm_defaults.disk == 100 << 30
     assert cfg.storage.member_quota is None
-    kept = cfg.retention.keep_last + cfg.retention.keep_daily + cfg.retention.keep_weekly
+    # Backups kept by each rule, and as many versions made by other operations as keep_last.
+    kept = 2 * cfg.retention.keep_last + cfg.retention.keep_daily + cfg.retention.keep_weekly
     # No <member_quota>: room for every kept version, the synced upper and one being made.
     assert member_quota_for(cfg, 10 << 30) == (10 << 30) * (kept + 2)
     text = GOOD.replace("<gpus>1</gpus>", "<gpus>1</gpus><disk>20g</disk>").replace(
