@@ -121,9 +121,14 @@ def check_node(cfg: ClusterConfig, node: Node, *, mount_mfs: bool, bundle: Helpe
         mfs_error = None
         if mount_mfs:
             try:
-                runner.call("mfs", "ensure_mounted", mfs_params(cfg), timeout=60)
+                mounted = runner.call("mfs", "ensure_mounted", mfs_params(cfg), timeout=60)["data"]
             except HelperFailed as exc:
                 mfs_error = exc.fields.get("msg")
+            else:
+                if mounted.get("kernel_checks") is False:
+                    mfs_error = (f"{cfg.storage.mfs_mount} is mounted without default_permissions, so node accounts "
+                                 "can read members' files; it is mounted again by the first `labvm node check` "
+                                 f"after the node's desktops stop (`labvm node drain {node.name}`)")
         facts = runner.call("probe", "facts", {"data_dir": node.data_dir, "mfs_mount": cfg.storage.mfs_mount})["data"]
         try:
             # Like the mount above, what check may set right it sets right: the rules that keep

@@ -54,6 +54,11 @@ MFSMOUNT_TIMEOUT_S = 60.0
 FUSE_CALL_TIMEOUT_S = 5.0
 
 REQUIRED_OPTIONS = ("nosuid", "nodev")
+# FUSE's own option: the kernel checks each access against the mode bits. Without it the
+# client decides at lookup only, and a path root's sync daemon looked up a moment before is in
+# the kernel's cache: any node account then walks through the 0700 vms tree unchecked. It can
+# only be set when mounting, so a mount without it is mounted again as soon as nothing uses it.
+KERNEL_CHECKS_OPTION = "default_permissions"
 REFUSED_OPTIONS = {
     "suid": "members' setuid programs on MooseFS must not run on the node",
     "dev": "members' device nodes on MooseFS must not open on the node",
@@ -114,7 +119,12 @@ def check_mount_option(name: str, option: str) -> None:
 
 
 def with_required_options(options: tuple[str, ...]) -> tuple[str, ...]:
-    return options + tuple(option for option in REQUIRED_OPTIONS if option not in options)
+    required = REQUIRED_OPTIONS + (KERNEL_CHECKS_OPTION,)
+    return options + tuple(option for option in required if option not in options)
+
+
+def kernel_checks(entry: MountEntry) -> bool:
+    return KERNEL_CHECKS_OPTION in entry.super_options
 
 
 MOUNT_PARAM = {"mount": Param(absolute_path, required=True)}
@@ -187,20 +197,39 @@ def ensure_mounted(params: dict, check: bool) -> Result:
     wanted = {"master": params["master"], "port": params["port"], "subdir": params["subdir"], "options": list(options)}
     if entry is not None:
         verify_existing_mount(entry, params)
-        changed = open_flags(entry) != [] or tree_is_open(mount)
+        if not kernel_checks(entry) and not check and mount_again(mount):
+            return Result(changed=True, data=fresh_mount(params, options, wanted))
+        changed = open_flags(entry) != [] or tree_is_open(mount) or not kernel_checks(entry)
         if changed and not check:
             close_mount(mount, entry)
             entry, described = current_mount(mount)
-        return Result(changed=changed, data={**described, "wanted": wanted})
+        return Result(changed=changed, data={**described, "wanted": wanted, "kernel_checks": kernel_checks(entry)})
     refuse_symlinked_path(mount)
     if check:
-        return Result(changed=True, data={**described, "wanted": wanted})
+        return Result(changed=True, data={**described, "wanted": wanted, "kernel_checks": True})
+    return Result(changed=True, data=fresh_mount(params, options, wanted))
+
+
+def fresh_mount(params: dict, options: tuple[str, ...], wanted: dict) -> dict:
+    mount = params["mount"]
     run_mfsmount(params, options)
     entry, described = current_mount(mount)
     if entry is None or not is_moosefs(entry):
         raise Failed(f"mfsmount reported success but no MooseFS is mounted at {mount}", "mfs_mount_missing")
     close_mount(mount, entry)
-    return Result(changed=True, data={**described, "wanted": wanted})
+    return {**described, "wanted": wanted, "kernel_checks": kernel_checks(entry)}
+
+
+def mount_again(mount: str) -> bool:
+    """Unmount a mount made without the kernel's access checks, so it can be made again with
+    them; False (and it stays) while anything uses it: a running desktop, its sync."""
+    try:
+        unmount(mount)
+    except PreconditionFailed:
+        log(f"{mount} lacks {KERNEL_CHECKS_OPTION} and is in use: it is mounted again once nothing uses it")
+        return False
+    log(f"{mount} lacked {KERNEL_CHECKS_OPTION}: mounting it again with it")
+    return True
 
 
 def open_flags(entry: MountEntry) -> list[str]:

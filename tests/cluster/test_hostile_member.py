@@ -220,14 +220,21 @@ def test_moosefs_is_closed_to_node_accounts(lab, testbed):
     assert "nosuid" in mount and "nodev" in mount, mount
     listing = invoke_testbed("exec", "n1", "--", "stat", "-c", "%a %u", "/mnt/labvm-mfs/vms").stdout.split()
     assert listing == ["700", "0"], listing
-    # Any local account on the node, right after root's sync daemon walked the same path (FUSE's
-    # cached lookups then skip the 0700 directory's check for a moment): the program may start,
-    # but never as root.
+    # Any local account on the node, right after root walked the same path: FUSE's cache must
+    # not let it skip the 0700 directory's check (the kernel checks every access), so the
+    # member's program does not even open, and neither does a file the member left readable.
+    assert "default_permissions" in invoke_testbed("exec", "n1", "--", "grep", " /mnt/labvm-mfs ", "/proc/self/mountinfo").stdout
     path = "/mnt/labvm-mfs/vms/alice/up_mfs/usr/local/bin/rootid"
+    readable = inside(lab, "alice", "echo mine > /root/open-file && chmod 755 /root && chmod 644 /root/open-file")
+    assert readable.returncode == 0 and lab.labvm("sync", "flush", "alice").returncode == 0
+    as_nobody = "setpriv --reuid=65534 --regid=65534 --clear-groups"
+    open_file = "/mnt/labvm-mfs/vms/alice/up_mfs/root/open-file"
     nobody = invoke_testbed("exec", "n1", "--", "sh", "-c",
-                            f"stat {path} >/dev/null; setpriv --reuid=65534 --regid=65534 --clear-groups {path}",
-                            check=False)
-    assert "euid=0" not in nobody.stdout and "uid=0" not in nobody.stdout, nobody.stdout
+                            f"stat {path} >/dev/null && cat {open_file} >/dev/null && {as_nobody} {path}; "
+                            f"{as_nobody} cat {open_file}", check=False)
+    assert "uid=" not in nobody.stdout and "mine" not in nobody.stdout, nobody.stdout
+    assert nobody.stderr.count("Permission denied") == 2, nobody.stderr
+    assert invoke_testbed("exec", "n1", "--", "cat", open_file).stdout.strip() == "mine"
     mode = invoke_testbed("exec", "n1", "--", "stat", "-c", "%a", path).stdout.strip()
     assert mode == "4755", "the setuid program did not reach MooseFS: the check above proves nothing"
     # Inside the desktop the member's own program still works as they meant it.

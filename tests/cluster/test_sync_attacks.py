@@ -2,7 +2,8 @@
 paths rsync cannot copy, inotify exhaustion. Each test fails if the attack works.
 
 mallory attacks from n1; victim's desktop runs on the same node. The cluster file here syncs
-in tiny batches (batch_max_files 1), so a minute of attack is about a thousand batches.
+in tiny batches (batch_max_files 1): the symlink race runs until a thousand batches were
+synced under attack, and at least a minute.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from .test_storage import set_config
 USERS = {"mallory": "mallory-Pw-3310", "victim": "victim-Pw-8812"}
 UP_LOCAL = "/var/lib/labvm/data/vms/{user}/disk/up_local"
 UP_MFS = "/mnt/labvm-mfs/vms/{user}/up_mfs"
+RACE_BATCHES = 1000
+RACE_MIN_S = 60
+RACE_MAX_S = 480
 
 
 @pytest.fixture(scope="module")
@@ -71,17 +75,27 @@ def test_symlink_swap_race_copies_no_node_file(lab):
     )
     assert inside(lab, "mallory", setup).returncode == 0
     before = sync_counters(lab, "mallory")
+    # Both loops run until the stop file appears: at least RACE_MIN_S, and until the daemon has
+    # synced RACE_BATCHES batches under attack (the loops take a CPU each, so the rate varies).
     swapper = in_background(lab, "mallory", (
-        "cd /root/race; while :; do "
+        "cd /root/race; while [ ! -e /root/race.stop ]; do "
         "mv -T d t; mv -T etc d; mv -T d etc; mv -T other d; mv -T d other; mv -T t d; done"
-    ), 75)
+    ), RACE_MAX_S + 60)
     writer = in_background(lab, "mallory", (
-        "cd /root/race; i=0; while :; do i=$((i+1)); "
+        "cd /root/race; i=0; while [ ! -e /root/race.stop ]; do i=$((i+1)); "
         "echo $i > d/ssh_host_ed25519_key 2>/dev/null; echo $i > d/n$((i % 50)) 2>/dev/null; done"
-    ), 75)
+    ), RACE_MAX_S + 60)
+    started = time.monotonic()
     try:
-        swapper.wait(timeout=200)
-        writer.wait(timeout=200)
+        while True:
+            time.sleep(10)
+            batches = sync_counters(lab, "mallory")["batches"] - before["batches"]
+            elapsed = time.monotonic() - started
+            if (elapsed >= RACE_MIN_S and batches >= RACE_BATCHES) or elapsed >= RACE_MAX_S:
+                break
+        assert inside(lab, "mallory", "touch /root/race.stop").returncode == 0
+        swapper.wait(timeout=120)
+        writer.wait(timeout=120)
     finally:
         swapper.kill()
         writer.kill()
@@ -89,7 +103,7 @@ def test_symlink_swap_race_copies_no_node_file(lab):
     assert flushed.returncode == 0, flushed.stdout + flushed.stderr
     after = sync_counters(lab, "mallory")
     batches = after["batches"] - before["batches"]
-    assert batches >= 300, f"only {batches} batches ran during the attack: it proves too little"
+    assert batches >= RACE_BATCHES, f"only {batches} batches ran during {elapsed:.0f} s of attack: it proves too little"
     up_mfs = UP_MFS.format(user="mallory")
     leaked = node_sh(f"grep -rlF -e {node_key[:40]!r} -e {secret} {up_mfs} || true").stdout.strip()
     assert leaked == "", f"node or victim files reached mallory's up_mfs: {leaked}"

@@ -58,7 +58,7 @@ def test_check_mode_reports_a_mount_it_would_make_and_touches_nothing(run_helper
         "master": MASTER,
         "port": 9421,
         "subdir": "/labvm",
-        "options": ["mfscachemode=DIRECT", "nosuid", "nodev"],
+        "options": ["mfscachemode=DIRECT", "nosuid", "nodev", "default_permissions"],
     }
     assert not mount.exists()
 
@@ -66,7 +66,11 @@ def test_check_mode_reports_a_mount_it_would_make_and_touches_nothing(run_helper
 def test_defaults_and_required_options_are_added_once(run_helper, tmp_path):
     params = {"master": MASTER, "mount": str(tmp_path / "mfs"), "options": "nodev,nosuid"}
     run = mfs(run_helper, "ensure_mounted", params, check=True)
-    assert run.data["wanted"] == {"master": MASTER, "port": 9421, "subdir": "/", "options": ["nodev", "nosuid"]}
+    assert run.data["wanted"] == {"master": MASTER, "port": 9421, "subdir": "/",
+                                  "options": ["nodev", "nosuid", "default_permissions"]}
+    params["options"] = "default_permissions,nodev,nosuid"
+    run = mfs(run_helper, "ensure_mounted", params, check=True)
+    assert run.data["wanted"]["options"] == ["default_permissions", "nodev", "nosuid"]
 
 
 @pytest.mark.parametrize("check", [True, False])
