@@ -10,19 +10,8 @@ from rich.console import Console
 from .admin import AdminHome
 from .cli import _audit, _emit_json, complete_nodes, complete_users, json_option, out, say, warn
 from .errors import LabvmError
-from .monitor import (
-    SORT_KEYS,
-    IdleRule,
-    NodeSessions,
-    collect_status,
-    find_idle,
-    human_duration,
-    require_reachable,
-    status_view,
-    stop_idle,
-    top_view,
-    unreachable_nodes,
-)
+from .monitor import IdleRule, NodeSessions, collect_status, find_idle, require_reachable, stop_idle, unreachable_nodes
+from .view import SORT_KEYS, human_duration, status_view, top_view
 
 node_filter_option = click.option("--node", "node_filter", shell_complete=complete_nodes, help="Only this node and its desktops.")
 
