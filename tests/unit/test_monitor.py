@@ -405,7 +405,8 @@ def test_status_json_and_table(commands, capsys):
     assert main(["status", "--user", "alice", "--json"]) == 0
     assert [d["user"] for d in json.loads(capsys.readouterr().out)["desktops"]] == ["alice"]
     assert main(["status"]) == 0
-    assert "desktops" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["NODE", "n1", "n2", "DESKTOP", "alice", "bobby", "carol", "dave"]
 
 
 def test_status_exits_7_after_printing_when_a_node_is_down(commands, capsys):
