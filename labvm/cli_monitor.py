@@ -66,8 +66,8 @@ def top(home: AdminHome, sort, interval, node_filter):
 
     Each node keeps one SSH connection for the whole session; a node that
     stops answering is shown in red and reconnected on the next refresh.
-    The layout follows the terminal's size: in 80x24, one line per node
-    (its GPUs summed up, e.g. 2/4 GPU 37%) and per desktop, as many as fit.
+    The layout follows the terminal's size: in 80x24, the nodes with their
+    GPUs summed up (e.g. 2/4 GPU 37%) and one line per desktop, as many as fit.
     """
     from rich.live import Live
 
