@@ -126,11 +126,15 @@ def gpu_line(gpu: dict, who: str | None) -> Text:
     return line
 
 
+def gpu_strangers(gpu: dict) -> list[str]:
+    """Who holds a process on a GPU not assigned to them (a user, a container or a pid)."""
+    users = {p["user"] or p["container"] or f"pid {p['pid']}" for p in gpu.get("processes") or []}
+    return sorted(users - {gpu.get("assigned_to")})
+
+
 def gpu_owners(gpu: dict) -> str:
     """The desktop a GPU is assigned to, then [anyone else] holding a process on it."""
-    users = sorted({p["user"] or p["container"] or f"pid {p['pid']}" for p in gpu.get("processes") or []})
-    who = gpu.get("assigned_to") or ""
-    return " ".join(filter(None, [who, *(f"[{u}]" for u in users if u != who)]))
+    return " ".join(filter(None, [gpu.get("assigned_to") or "", *(f"[{u}]" for u in gpu_strangers(gpu))]))
 
 
 def node_gpus(node: dict) -> Text:
@@ -309,9 +313,9 @@ def gpu_summary(gpus: list[dict]) -> Text:
     if utils:
         mean = sum(utils) / len(utils)
         text.append(" ").append_text(styled(f"{mean:.0f}%", mean / 100))
-    strangers = sorted({s for g in gpus for s in gpu_owners(g).split(" ") if s.startswith("[")})
+    strangers = sorted({u for g in gpus for u in gpu_strangers(g)})
     if strangers:
-        text.append(safe(" " + " ".join(strangers)), style="bold red")
+        text.append(safe(" " + " ".join(f"[{u}]" for u in strangers)), style="bold red")
     return text
 
 

@@ -218,6 +218,15 @@ def test_piped_words_keep_their_columns_whatever_a_node_says():
     assert lines[1].split()[2] == "problem" and lines[1].endswith("docker: down\\x0aand \\u202eout")
 
 
+def test_a_gpu_used_by_a_desktop_it_is_not_assigned_to_shows_in_every_layout():
+    doc = document()
+    doc["nodes"][0]["gpus"][3]["processes"] = [{"pid": 7, "used_memory": MIB, "user": "dave", "container": "labvm-dave"}]
+    top = shown(view.top_view(doc, "cpu", 2, 80, 24))
+    assert "3/4 GPU 49%" in "\n".join(top) and whole(["[dave]"], top) == [] and len(top) <= 24
+    assert re.search(r"#3 +0% +0B/140G +44°C +300W +\[dave\]", "\n".join(shown(view.status_view(doc, width=80))))
+    assert "#3:0%:0B/140G:44C:300W:[dave]" in view.status_lines(doc)[1]
+
+
 # -- top -------------------------------------------------------------------------------------------
 def test_top_at_80x24_shows_both_tables_with_the_gpus_summed_up():
     lines = shown(view.top_view(document(), "cpu", 2, 80, 24, when="12:00:00"))
