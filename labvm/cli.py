@@ -598,7 +598,7 @@ def resize(home: AdminHome, user, size, dry_run, as_json):
     labvm resize alice 200g
     labvm resize alice 200g --dry-run --json
     """
-    from .monitor import human_size
+    from .view import human_size
 
     plan = _desktops(home, quiet=as_json).resize(user, size, dry_run=dry_run)
     if as_json:

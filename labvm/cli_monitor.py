@@ -10,19 +10,8 @@ from rich.console import Console
 from .admin import AdminHome
 from .cli import _audit, _emit_json, complete_nodes, complete_users, json_option, out, say, warn
 from .errors import LabvmError
-from .monitor import (
-    SORT_KEYS,
-    IdleRule,
-    NodeSessions,
-    collect_status,
-    find_idle,
-    human_duration,
-    require_reachable,
-    status_view,
-    stop_idle,
-    top_view,
-    unreachable_nodes,
-)
+from .monitor import IdleRule, NodeSessions, collect_status, find_idle, require_reachable, stop_idle, unreachable_nodes
+from .view import SORT_KEYS, human_duration, status_lines, status_view, top_view
 
 node_filter_option = click.option("--node", "node_filter", shell_complete=complete_nodes, help="Only this node and its desktops.")
 
@@ -45,7 +34,9 @@ def status(home: AdminHome, node_filter, user_filter, timeout, as_json):
     row saying why, and the command exits 7 after printing everything else.
     A desktop row shows its state, CPU (of one CPU), memory of its limit,
     GPUs, IO, network, uptime, sync lag, latest version on MooseFS, how long
-    it has been idle, and its VNC address.
+    it has been idle, and its VNC address. A terminal too narrow for the wide
+    tables gets compact ones; piped, it prints one line per node, then one
+    per desktop, each under a header line, columns separated by spaces.
 
     --json prints one document: {"schema": "labvm.status/1", "generated",
     "nodes": [...], "desktops": [...]}, described field by field in
@@ -55,8 +46,11 @@ def status(home: AdminHome, node_filter, user_filter, timeout, as_json):
         document = collect_status(home, sessions, node_filter, user_filter)
     if as_json:
         _emit_json(document)
+    elif out.is_terminal:
+        out.print(status_view(document, width=out.width))
     else:
-        out.print(status_view(document))
+        for line in status_lines(document):
+            click.echo(line)
     require_reachable(document)
 
 
@@ -72,6 +66,8 @@ def top(home: AdminHome, sort, interval, node_filter):
 
     Each node keeps one SSH connection for the whole session; a node that
     stops answering is shown in red and reconnected on the next refresh.
+    The layout follows the terminal's size: in 80x24, the nodes with their
+    GPUs summed up (e.g. 2/4 GPU 37%) and one line per desktop, as many as fit.
     """
     from rich.live import Live
 
@@ -82,7 +78,8 @@ def top(home: AdminHome, sort, interval, node_filter):
             while True:
                 started = time.monotonic()
                 document = collect_status(home, sessions, node_filter)
-                live.update(top_view(document, sort, interval), refresh=True)
+                width, height = console.size
+                live.update(top_view(document, sort, interval, width, height), refresh=True)
                 time.sleep(max(0.0, interval - (time.monotonic() - started)))
     except KeyboardInterrupt:
         pass

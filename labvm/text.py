@@ -51,6 +51,12 @@ def cell(value, style: str = "") -> Text:
     return Text(safe("" if value is None else value), style=style)
 
 
+def word(value) -> str:
+    """Outside text as one word of a line whose columns are split on spaces: `safe`, and a
+    space as \\x20 (a backslash in the text is \\\\, so that cannot be faked)."""
+    return safe(value).replace(" ", "\\x20")
+
+
 def storable(value: str) -> str:
     """Text any UTF-8 store takes: lone surrogates (undecodable bytes) spelled as escapes."""
     return value.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -3,11 +3,16 @@ processes are real processes inside the desktops' containers."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import select
+import signal
 import sqlite3
+import struct
 import subprocess
+import termios
 import time
 
 import pexpect
@@ -73,6 +78,13 @@ def by_name(rows: list[dict], key: str) -> dict:
     return {row[key]: row for row in rows}
 
 
+def desktop_line(piped: str, user: str) -> dict:
+    """A desktop's line of `labvm status` piped, by the header line's column names."""
+    lines = piped.splitlines()
+    header = next(line.split() for line in lines if line.startswith("DESKTOP "))
+    return dict(zip(header, next(line.split() for line in lines if line.startswith(f"{user} ")), strict=False))
+
+
 def test_status_shows_gpu_assignments_and_whose_process_holds_gpu_memory(mon, testbed):
     before = by_name(status(mon)["desktops"], "user")
     bob_gpu, alice_gpu = before["bobby"]["gpus"][0]["uuid"], before["alice"]["gpus"][0]["uuid"]
@@ -103,9 +115,10 @@ def test_status_shows_gpu_assignments_and_whose_process_holds_gpu_memory(mon, te
     assert (desktops["alice"]["gpu_memory"], desktops["carol"]["gpu_memory"]) == (0, 0)
     assert all(n["reachable"] and n["mfs"]["healthy"] and n["docker_error"] is None for n in doc["nodes"])
 
-    table = mon.labvm("status")
-    assert table.returncode == 0, table.stderr
-    assert "bobby" in table.stdout and "█" in table.stdout and "1.2G in 1 proc" in table.stdout
+    piped = mon.labvm("status")
+    assert piped.returncode == 0, piped.stderr
+    bobby = desktop_line(piped.stdout, "bobby")
+    assert (bobby["GPU_MEM"], bobby["GPU_PROCS"]) == ("1.2G", "1") and bobby["GPUS"].startswith("#")
 
 
 def test_status_filters(mon):
@@ -129,10 +142,10 @@ def test_a_node_without_sshd_is_a_red_row_within_seconds(mon, node_started):
     assert not nodes["n2"]["reachable"] and "unreachable" in nodes["n2"]["error"]
     carol = by_name(doc["desktops"], "user")["carol"]
     assert carol["state"] == "running" and carol["container_state"] is None
-    table = mon.labvm("status")
-    assert table.returncode == 7
-    assert re.search(r"│ n2 +│ unreachable", table.stdout), table.stdout
-    assert "labvm: error: n2: did not answer" in table.stderr
+    piped = mon.labvm("status")
+    assert piped.returncode == 7
+    assert re.search(r"^n2 +\S+ +unreachable .* unreachable: ", piped.stdout, re.MULTILINE), piped.stdout
+    assert "labvm: error: n2: did not answer" in piped.stderr
 
 
 def ssh_connections(pid: int) -> set[str]:
@@ -160,6 +173,54 @@ def test_top_redraws_keeps_one_connection_per_node_and_quits_on_ctrl_c(mon):
     child.expect(pexpect.EOF, timeout=15)
     child.close()
     assert child.exitstatus == 0, child.before
+
+
+def read_terminal(command: list[str], env: dict, rows: int, columns: int, seconds: float) -> str:
+    """What command writes to a pseudo-terminal of rows x columns in `seconds`, then Ctrl-C."""
+    primary, secondary = os.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    child = subprocess.Popen(command, stdin=secondary, stdout=secondary, stderr=secondary, env=env, start_new_session=True)
+    os.close(secondary)
+    data = b""
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            if select.select([primary], [], [], 0.2)[0]:
+                try:
+                    data += os.read(primary, 65536)
+                except OSError:
+                    break
+    finally:
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)
+        try:
+            child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        os.close(primary)
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", data.decode("utf-8", "replace"))
+
+
+def test_status_piped_and_top_in_80x24_show_every_desktop(mon):
+    labvm = str(REPO / ".venv" / "bin" / "labvm")
+    env = {key: value for key, value in mon.env.items() if key not in ("COLUMNS", "LINES")}
+    piped = subprocess.run(["bash", "-o", "pipefail", "-c", f"'{labvm}' status | cat"], capture_output=True, text=True, env=env, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    lines = piped.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["NODE", "n1", "n2", "DESKTOP", "alice", "bobby", "carol"], piped.stdout
+    assert not re.search("[│─█…]", piped.stdout)
+    assert [desktop_line(piped.stdout, user)["NODE"] for user, _node, _gpus in DESKTOPS] == [node for _user, node, _gpus in DESKTOPS]
+
+    screen = read_terminal([labvm, "top", "--interval", "1"], {**env, "TERM": "xterm-256color"}, rows=24, columns=80, seconds=8)
+    frames = [frame for frame in re.split(r"(?=labvm top +\d\d:\d\d:\d\d)", screen) if frame.startswith("labvm top")]
+    assert len(frames) >= 2, screen[-3000:]
+    frame = frames[-2].splitlines()
+    assert len(frame) <= 24 and all(len(line) <= 80 for line in frame), frames[-2]
+    headers = [line.split()[0] for line in frame if line.split()[:1] in (["node"], ["desktop"])]
+    assert headers[:1] == ["node"] and headers[-1:] == ["desktop"], frames[-2]
+    words = {word for line in frame for word in line.split()}
+    assert {"alice", "bobby", "carol", "n1", "n2"} <= words, frames[-2]
 
 
 def test_idle_stop_stops_only_the_idle_desktop_after_flushing_it(mon, testbed):

@@ -115,7 +115,10 @@ def test_filling_a_desktops_disk_ends_in_enospc_there_and_nowhere_else(lab, test
     ok(lab.labvm("sync", "flush", "heidi", timeout=600))  # the sync no longer reads the deleted file
     disk = desktop_status(lab, "heidi")["disk"]
     assert disk["size"] == HEIDI_DISK and disk["used"] is not None and disk["used"] < HEIDI_DISK // 4, disk
-    assert "disk" in ok(lab.labvm("status"))
+    shown = ok(lab.labvm("status")).splitlines()  # piped: one line a desktop, under a header line
+    header = next(line.split() for line in shown if line.startswith("DESKTOP "))
+    heidi = dict(zip(header, next(line.split() for line in shown if line.startswith("heidi ")), strict=False))
+    assert heidi["DISK"].endswith("/300M"), heidi
     # A 1 TB sparse file counts only its blocks. (The sync is paused meanwhile: rsync reads a
     # file's holes as zeros, and 1 TB of them would keep it busy for many minutes.)
     on_node("n1", "pkill", "-STOP", "-f", "syncd.py.*/vms/heidi/disk/up_local( |$)")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from labvm import monitor
+from labvm import monitor, view
 from labvm.admin import AdminHome
 from labvm.cli import cli, main
 from labvm.cli_monitor import COMMANDS
@@ -36,29 +36,29 @@ SCHEMA = monitor.status_schema()
     [(0.0, "░░░░░░░░░░"), (0.5, "█████░░░░░"), (0.04, "░░░░░░░░░░"), (0.96, "██████████"), (1.7, "██████████"), (-1, "░░░░░░░░░░")],
 )
 def test_bar_cells(fraction, cells):
-    assert monitor.bar_cells(fraction) == cells
+    assert view.bar_cells(fraction) == cells
 
 
 def test_bar_of_unknown_is_only_its_label():
-    assert monitor.bar_cells(None) == ""
-    assert monitor.bar(None, "?").plain == "?"
-    assert monitor.bar(0.25, "1.0G/4.0G", width=4).plain == "█░░░ 1.0G/4.0G"
+    assert view.bar_cells(None) == ""
+    assert view.bar(None, "?").plain == "?"
+    assert view.bar(0.25, "1.0G/4.0G", width=4).plain == "█░░░ 1.0G/4.0G"
 
 
 def test_bar_colour_follows_the_level():
-    assert [monitor.level_style(f) for f in (0.1, 0.69, 0.7, 0.89, 0.9, 1.0)] == ["green", "green", "yellow", "yellow", "red", "red"]
+    assert [view.level_style(f) for f in (0.1, 0.69, 0.7, 0.89, 0.9, 1.0)] == ["green", "green", "yellow", "yellow", "red", "red"]
 
 
 @pytest.mark.parametrize("n, text", [(None, "?"), (0, "0B"), (1023, "1023B"), (1536, "1.5K"), (512 * MIB, "512M"), (3 * GIB, "3.0G"),
                                      (16 * GIB, "16G"), (5 << 40, "5.0T"), (5 << 50, "5120T")])
 def test_human_size(n, text):
-    assert monitor.human_size(n) == text
+    assert view.human_size(n) == text
 
 
 @pytest.mark.parametrize("seconds, text", [(None, "?"), (0, "0s"), (59.9, "59s"), (60, "1m"), (3725, "1h2m"), (7200, "2h"), (90000, "1d1h"),
                                            (168 * 3600, "7d")])
 def test_human_duration(seconds, text):
-    assert monitor.human_duration(seconds) == text
+    assert view.human_duration(seconds) == text
 
 
 # -- idle rules ------------------------------------------------------------------------------
@@ -354,7 +354,7 @@ def rendered(renderable, width=250) -> str:
 
 def test_tables_show_bars_gpu_owners_and_unreachable_nodes(home):
     sessions = FakeSessions({"n1": n1_sample(bobby_gpu_util=60), "n2": NodeUnreachable(node="n2", msg="Connection refused")})
-    text = rendered(monitor.status_view(monitor.collect_status(home, sessions)))
+    text = rendered(view.status_view(monitor.collect_status(home, sessions)))
     assert "unreachable: Connection refused" in text
     assert "█" in text and "░" in text
     assert "#1 " in text and "60%" in text and "bobby" in text
@@ -366,7 +366,7 @@ def test_tables_show_bars_gpu_owners_and_unreachable_nodes(home):
 def test_a_gpu_used_by_a_desktop_it_is_not_assigned_to_is_flagged(home):
     sample = n1_sample()
     sample["node"]["gpus"][0]["processes"] = [{"pid": 7, "used_memory": MIB, "user": "bobby", "container": "labvm-bobby"}]
-    text = rendered(monitor.nodes_table(monitor.collect_status(home, FakeSessions({"n1": sample, "n2": n2_sample()}))))
+    text = rendered(view.nodes_table(monitor.collect_status(home, FakeSessions({"n1": sample, "n2": n2_sample()}))))
     assert "alice [bobby]" in text
 
 
@@ -374,16 +374,16 @@ def test_sorting_desktops():
     rows = [{"user": "b", "cpu_percent": 10.0, "memory": {"used": 5}, "gpu_memory": None},
             {"user": "a", "cpu_percent": None, "memory": {"used": 9}, "gpu_memory": 7},
             {"user": "c", "cpu_percent": 90.0, "memory": {"used": None}, "gpu_memory": 0}]
-    assert [r["user"] for r in monitor.sort_desktops(rows, "cpu")] == ["c", "b", "a"]
-    assert [r["user"] for r in monitor.sort_desktops(rows, "mem")] == ["a", "b", "c"]
-    assert [r["user"] for r in monitor.sort_desktops(rows, "gpu")] == ["a", "c", "b"]
-    assert [r["user"] for r in monitor.sort_desktops(rows, "user")] == ["a", "b", "c"]
+    assert [r["user"] for r in view.sort_desktops(rows, "cpu")] == ["c", "b", "a"]
+    assert [r["user"] for r in view.sort_desktops(rows, "mem")] == ["a", "b", "c"]
+    assert [r["user"] for r in view.sort_desktops(rows, "gpu")] == ["a", "c", "b"]
+    assert [r["user"] for r in view.sort_desktops(rows, "user")] == ["a", "b", "c"]
 
 
 def test_cpu_limit_from_cpus_or_cpuset():
-    assert monitor.cpu_limit({"limits": {"cpus": 1.5}}) == 1.5
-    assert monitor.cpu_limit({"limits": {"cpus": None, "cpuset": "0-3,8"}}) == 5.0
-    assert monitor.cpu_limit({"limits": {}}) is None
+    assert view.cpu_limit({"limits": {"cpus": 1.5}}) == 1.5
+    assert view.cpu_limit({"limits": {"cpus": None, "cpuset": "0-3,8"}}) == 5.0
+    assert view.cpu_limit({"limits": {}}) is None
 
 
 # -- the commands ----------------------------------------------------------------------------------
@@ -405,7 +405,8 @@ def test_status_json_and_table(commands, capsys):
     assert main(["status", "--user", "alice", "--json"]) == 0
     assert [d["user"] for d in json.loads(capsys.readouterr().out)["desktops"]] == ["alice"]
     assert main(["status"]) == 0
-    assert "desktops" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["NODE", "n1", "n2", "DESKTOP", "alice", "bobby", "carol", "dave"]
 
 
 def test_status_exits_7_after_printing_when_a_node_is_down(commands, capsys):
@@ -526,6 +527,6 @@ def test_status_tells_where_a_desktop_really_runs_and_what_operation_holds_it(ho
     alice = next(d for d in doc["desktops"] if d["user"] == "alice")
     assert alice["running_on"] == ["n1"] and alice["operation"] is None
     console = Console(width=200, record=True)
-    console.print(monitor.desktops_table(doc))
+    console.print(view.desktops_table(doc))
     text = console.export_text()
     assert "runs on n1" in text and f"switch #{op.id} interrupted" in text

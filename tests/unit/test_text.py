@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from labvm.text import cell, safe, storable
+from labvm.text import cell, safe, storable, word
 
 
 def unescape(shown: str) -> str:
@@ -70,3 +70,10 @@ def test_safe_output_is_printable_and_says_exactly_what_was_there(raw):
 @given(st.one_of(st.text(), st.binary().map(undecodable)))
 def test_storable_text_encodes(raw):
     storable(raw).encode("utf-8")
+
+
+@pytest.mark.parametrize("raw", ["alice", "a b", "x\\x20y", "tab\there", "\x1b[2J now", "\u202eevil"])
+def test_word_is_one_printable_word_that_reads_back(raw):
+    shown = word(raw)
+    assert " " not in shown and shown.isprintable()
+    assert unescape(shown) == raw
