@@ -32,6 +32,7 @@ from .journal import Operation, journaled
 from .nodes import mfs_params
 from .placement import GpuRequest, allocate_gpus, allocate_ports
 from .remote.connection import NodeConnection
+from .text import safe
 
 STEPS = (
     ("preflight", "check the target: reachable, image pushed, MooseFS mounted, free GPUs, memory and ports; reserve them"),
@@ -317,6 +318,12 @@ class Switcher:
         data_dir = source.node.data_dir
         data = source.call("sync", "ensure_stopped", {"user": user, "data_dir": data_dir, "flush": True}, timeout=960)["data"]
         self.progress(f"  final flush: {data.get('files', 0)} paths")
+        if data.get("quarantined_count"):
+            shown = ", ".join(safe(q.get("path", "?"))[:80] for q in data.get("quarantined", [])[:3])
+            note = (f"{data['quarantined_count']} path(s) of {user}'s could not be copied to MooseFS and do not move "
+                    f"with the desktop (the sync listed why in `labvm sync status`): {shown}")
+            self.say(note)
+            op.remember(notes=[*op.params.get("notes", []), note])
         source.call("vm", "remove_container", {"user": user})
         source.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": data_dir})
         db.conn.execute("UPDATE vms SET state = 'stopped', updated_at = ? WHERE user = ?", (time.time(), user))

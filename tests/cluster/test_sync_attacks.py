@@ -112,12 +112,13 @@ def test_symlink_swap_race_copies_no_node_file(lab):
 
 
 def test_fifo_swap_and_uncopyable_paths_never_wedge_the_sync(lab):
-    """A file that keeps turning into a FIFO, and a path longer than PATH_MAX: flush, stop and
-    start still finish, and what could not be copied is listed with its reason."""
+    """A file that keeps turning into a FIFO, a path longer than PATH_MAX and a file of mode 000:
+    flush, stop, start and switch still finish, and what could not be copied is listed with its
+    reason."""
     # cd -P: a shell's logical cd gives up once $PWD passes PATH_MAX.
     deep = "cd /root && for i in $(seq 20); do n=$(printf 'y%.0s' $(seq 250)); mkdir $n && cd -P $n; done && echo deep > leaf"
     assert inside(lab, "mallory", deep).returncode == 0
-    assert inside(lab, "mallory", "echo plain > /root/plain").returncode == 0
+    assert inside(lab, "mallory", "echo plain > /root/plain && echo locked > /root/locked && chmod 000 /root/locked").returncode == 0
     swapper = in_background(lab, "mallory", (
         "cd /root; while :; do echo data > f.tmp; mv f.tmp flip; rm -f p.tmp; mkfifo p.tmp; mv p.tmp flip; done"
     ), 40)
@@ -134,6 +135,15 @@ def test_fifo_swap_and_uncopyable_paths_never_wedge_the_sync(lab):
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     started = lab.labvm("start", "mallory", timeout=600)
     assert started.returncode == 0, started.stdout + started.stderr
+    # A switch finishes too, and says which paths it could not take along.
+    said = ""
+    for node in ("n2", "n1"):
+        moved = lab.labvm("switch", "mallory", node, timeout=900)
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        said += moved.stdout + moved.stderr
+    assert "could not be copied to MooseFS" in said, said
+    files = inside(lab, "mallory", "cat /root/plain /root/locked; stat -c %a /root/locked")
+    assert files.stdout.split() == ["plain", "locked", "0"], files.stdout + files.stderr
 
 
 def test_exhausting_inotify_in_one_desktop_stops_no_other_sync(lab):
