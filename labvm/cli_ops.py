@@ -112,8 +112,10 @@ def _show_plan(plan) -> None:
     say("checks:")
     for c in plan.checks:
         _wrapped(f"  {'ok' if c.ok else 'FAILED':7}{c.name:17} ", c.detail)
-    if plan.steps:
-        say("steps:" if plan.ok else "steps (none runs while a check fails):")
+    if not plan.ok:
+        say("steps: none would run while a check fails")
+        return
+    say("steps:")
     for index, step in enumerate(plan.steps, 1):
         _wrapped(f"  {index:2}. {step.name:15} ", ("skipped: " if step.skipped else "") + step.detail)
 

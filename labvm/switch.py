@@ -433,7 +433,7 @@ class Switcher:
                 c.detail = f"MooseFS is mounted on neither node yet; the merge publishes the next version after {desktop.version}"
             else:
                 f.version = self.desktops.next_version(reader, user, desktop.version)
-                c.detail = f"the desktop runs version {desktop.version}; the merge would publish version {f.version}"
+                c.detail = f"the merge would publish version {f.version}"
         return f
 
     @staticmethod
