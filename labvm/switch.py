@@ -215,6 +215,9 @@ class Switcher:
                     c.detail = self._check_target(desktop, target, db.cordons())
                 with f.check("lock") as c:
                     c.detail = check_lock(db, user)
+                if from_lost:
+                    with f.check("source lost") as c:
+                        c.detail = self._check_lost(desktop)
                 params = {"source": desktop.node, "target": target, "gpus": gpus, "from_lost": from_lost}
                 self._inspect(f, db, desktop, params, op_id=None, check=True)
         except LabvmError as exc:
@@ -299,10 +302,15 @@ class Switcher:
         with journaled(db, "switch", op_user(db, op), op.params, existing=op) as op:
             return self._run(db, op, op_user(db, op))
 
-    def _prove_lost(self, desktop: Desktop, confirm) -> None:
+    def _check_lost(self, desktop: Desktop) -> str:
+        """Why the desktop's node is unreachable; BadInput if it answers."""
         why = node_unreachable(self.cfg.node(desktop.node), self.home)
         if why is None:
             raise BadInput(f"{desktop.node} answers over SSH, so it is not lost; switch without --from-lost")
+        return why
+
+    def _prove_lost(self, desktop: Desktop, confirm) -> None:
+        why = self._check_lost(desktop)
         lost_s = self._lost_window(desktop)
         window = f"about {lost_s:.0f} s of writes (the sync's last success)" if lost_s is not None else "an unknown span of writes"
         self.say(f"{desktop.node} is unreachable: {why}")

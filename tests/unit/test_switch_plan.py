@@ -290,3 +290,18 @@ def test_the_preflight_refuses_no_room_with_the_plans_error(home, nodes):
     with pytest.raises(NoCapacity, match="3 free GPU"):
         preflight(home, gpus="9")
     assert dump(home)["gpu_assignments"] == before
+
+
+def test_from_lost_checks_that_the_source_is_lost(home, nodes, capsys, monkeypatch):
+    from labvm import switch as switch_mod
+
+    monkeypatch.setattr(switch_mod, "node_unreachable", lambda node, home: None)
+    code, plan = dry_run_json(capsys, "alice", "n2", "--from-lost")
+    assert code == 2 and not check(plan, "source lost")["ok"]
+    assert "n1 answers over SSH, so it is not lost" in check(plan, "source lost")["detail"]
+    monkeypatch.setattr(switch_mod, "node_unreachable", lambda node, home: "no answer from 10.0.0.1:22")
+    code, plan = dry_run_json(capsys, "alice", "n2", "--from-lost")
+    assert code == 0 and check(plan, "source lost")["detail"] == "no answer from 10.0.0.1:22"
+    assert "source answering" not in [c["name"] for c in plan["checks"]]
+    assert [s["name"] for s in plan["steps"] if s["skipped"]] == ["precopy", "stop_source", "final_flush", "cleanup_source"]
+    assert nodes["n1"].calls == []
