@@ -241,8 +241,9 @@ class NodeSession:
         self.conn = NodeConnection(node, home.home)
         self.runner = HelperRunner(self.conn, bundle)
 
-    def call(self, helper: str, action: str, params: dict, timeout: float = 180) -> dict:
-        return self.runner.call(helper, action, params, timeout=timeout)
+    def call(self, helper: str, action: str, params: dict, timeout: float = 180, check: bool = False) -> dict:
+        """One helper action; with check, what it would change, changing nothing."""
+        return self.runner.call(helper, action, params, check=check, timeout=timeout)
 
     def call_many(self, calls: list[HelperCall], done=lambda _index: None) -> list[dict]:
         """Several calls in one round trip; see HelperRunner.call_many."""

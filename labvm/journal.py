@@ -169,20 +169,40 @@ def vm_lock(db: StateDB, user: str, op_id: int | None = None):
         db.conn.execute("DELETE FROM vm_locks WHERE user = ? AND owner_host = ? AND owner_pid = ?", (user, host, pid))
 
 
+def _lock_row(db: StateDB, user: str):
+    return db.conn.execute("SELECT op_id, owner_host, owner_pid, acquired_at FROM vm_locks WHERE user = ?", (user,)).fetchone()
+
+
+def _refuse_held(db: StateDB, user: str, row, op_id: int | None, host: str) -> None:
+    """Raise Busy if the lock row keeps operation op_id from taking the desktop's lock; return
+    if the row is a leftover of a process gone from this host, to be taken over."""
+    stale = row["owner_host"] == host and not _pid_alive(row["owner_pid"])
+    if stale and row["op_id"] is not None and row["op_id"] != op_id:
+        _refuse_interrupted(db, user, row["op_id"])
+    if not stale:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["acquired_at"]))
+        raise Busy(
+            f"{user}'s desktop is locked by operation {row['op_id']} (pid {row['owner_pid']} on "
+            f"{row['owner_host']}) since {since}; wait for it, or see `labvm ops list`"
+        )
+
+
+def check_lock(db: StateDB, user: str) -> str:
+    """What taking the desktop's lock for a new operation would find, without taking it: raises
+    Busy as vm_lock would, else says whether the lock is free or a leftover to take over."""
+    row = _lock_row(db, user)
+    if row is None:
+        return "free"
+    _refuse_held(db, user, row, None, socket.gethostname())
+    return f"free (a leftover of pid {row['owner_pid']}, which is gone)"
+
+
 def _acquire(db: StateDB, user: str, op_id: int | None, host: str, pid: int) -> None:
     db.conn.execute("BEGIN IMMEDIATE")
     try:
-        row = db.conn.execute("SELECT op_id, owner_host, owner_pid, acquired_at FROM vm_locks WHERE user = ?", (user,)).fetchone()
+        row = _lock_row(db, user)
         if row is not None:
-            stale = row["owner_host"] == host and not _pid_alive(row["owner_pid"])
-            if stale and row["op_id"] is not None and row["op_id"] != op_id:
-                _refuse_interrupted(db, user, row["op_id"])
-            if not stale:
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["acquired_at"]))
-                raise Busy(
-                    f"{user}'s desktop is locked by operation {row['op_id']} (pid {row['owner_pid']} on "
-                    f"{row['owner_host']}) since {since}; wait for it, or see `labvm ops list`"
-                )
+            _refuse_held(db, user, row, op_id, host)
             db.conn.execute("DELETE FROM vm_locks WHERE user = ?", (user,))
         db.conn.execute(
             "INSERT INTO vm_locks (user, op_id, owner_host, owner_pid, acquired_at) VALUES (?, ?, ?, ?, ?)",

@@ -21,16 +21,17 @@ from __future__ import annotations
 import json
 import socket
 import time
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from .admin import AdminHome
 from .config import Node
 from .desktops import Desktop, Desktops, Limits, NodeSession, build_spec
 from .errors import BadInput, LabvmError, NoCapacity, NodeError, NodeUnreachable, NotFound, RolledBack, StateError
-from .journal import Operation, journaled
+from .journal import Operation, check_lock, journaled
 from .nodes import mfs_params
-from .placement import GpuRequest, allocate_gpus, allocate_ports
+from .placement import GpuRequest, NodeCapacity, allocate_gpus, allocate_ports
 from .remote.connection import NodeConnection
 from .text import safe
 
@@ -69,6 +70,89 @@ class SwitchResult:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Findings:
+    """What the checks before a switch found: each check in the order it ran (a failed one
+    last), and the values the switch would take from them."""
+
+    checks: list[Check] = field(default_factory=list)
+    cap: NodeCapacity | None = None
+    request: GpuRequest | None = None
+    limits: dict | None = None
+    gpus: list[dict] | None = None
+    ports: tuple[int, int | None] | None = None
+    version: int | None = None
+
+    @contextmanager
+    def check(self, name: str):
+        """Record the check the block runs; the block sets its detail, and a LabvmError out of
+        it is the check failing with that message (and raised on)."""
+        found = Check(name, False, "")
+        try:
+            yield found
+        except LabvmError as exc:
+            found.detail = str(exc)
+            self.checks.append(found)
+            raise
+        found.ok = True
+        self.checks.append(found)
+
+
+@dataclass
+class PlanStep:
+    name: str
+    skipped: bool
+    detail: str
+
+
+@dataclass
+class SwitchPlan:
+    """What `labvm switch --dry-run` found and would do. error is the first failed check's."""
+
+    user: str
+    source: str | None
+    target: str
+    checks: list[Check]
+    steps: list[PlanStep]
+    error: LabvmError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.error is None else self.error.exit_code
+
+    def as_dict(self) -> dict:
+        return {"operation": "switch", "user": self.user, "source": self.source, "target": self.target, "ok": self.ok,
+                "checks": [dict(c.__dict__) for c in self.checks], "steps": [dict(s.__dict__) for s in self.steps],
+                "exit_code": self.exit_code}
+
+
+def _gpus_text(gpus: list[dict] | None, uuids: bool = True) -> str:
+    if gpus is None:
+        return "the GPUs asked"
+    if not gpus:
+        return "no GPUs"
+    indexes = ",".join(str(g["index"]) for g in gpus)
+    shown = f"GPU {indexes}" if len(gpus) == 1 else f"GPUs {indexes}"
+    return shown + (f" ({', '.join(g['uuid'] for g in gpus)})" if uuids else "")
+
+
+def _ports_text(ports: tuple[int, int | None] | None) -> str:
+    if ports is None:
+        return "free ports"
+    return f"VNC port {ports[0]}" + (f", SSH port {ports[1]}" if ports[1] else "")
 
 
 def node_unreachable(node: Node, home: AdminHome) -> str | None:
@@ -117,13 +201,59 @@ class Switcher:
         self._sessions.clear()
 
     # -- planning ----------------------------------------------------------------------------
-    def plan(self, user: str, target: str, gpus: str | None = None, from_lost: bool = False) -> list[tuple[str, str]]:
-        """The steps a switch would run, with what each changes (for --dry-run)."""
-        with self.home.state() as db:
-            desktop = self.desktops.get(db, user)
-        self._check_target(desktop, target)
-        skipped = self._skipped(desktop.state == "running", from_lost)
-        return [(name, "skipped: " + skipped[name] if name in skipped else text) for name, text in STEPS]
+    def plan(self, user: str, target: str, gpus: str | None = None, from_lost: bool = False,
+             precopy: bool = True) -> SwitchPlan:
+        """Run every check a switch runs before its first change, reserving nothing and changing
+        nothing (helper actions that would change something run in check mode), and say what
+        each step would do with the GPUs, ports and version found (for --dry-run)."""
+        f, desktop = Findings(), None
+        try:
+            with self.home.state() as db:
+                with f.check("desktop") as c:
+                    desktop = self.desktops.get(db, user)
+                    c.detail = self._check_desktop(desktop)
+                with f.check("target") as c:
+                    c.detail = self._check_target(desktop, target, db.cordons())
+                with f.check("lock") as c:
+                    c.detail = check_lock(db, user)
+                if from_lost:
+                    with f.check("source lost") as c:
+                        c.detail = self._check_lost(desktop)
+                params = {"source": desktop.node, "target": target, "gpus": gpus, "from_lost": from_lost}
+                self._inspect(f, db, desktop, params, op_id=None, check=True)
+        except LabvmError as exc:
+            error = exc
+        else:
+            error = None
+        finally:
+            self.close()
+        steps = []
+        if desktop is not None:
+            skipped = self._skipped(desktop.state == "running", from_lost)
+            if not precopy:
+                skipped.setdefault("precopy", "asked for with --no-precopy")
+            details = self._step_details(desktop, target, f) if error is None else dict(STEPS)
+            steps = [PlanStep(name, name in skipped, skipped.get(name) or details[name]) for name in STEP_NAMES]
+        return SwitchPlan(user, desktop.node if desktop else None, target, f.checks, steps, error)
+
+    def _step_details(self, desktop: Desktop, target: str, f: Findings) -> dict[str, str]:
+        source, host = desktop.node, self.cfg.node(target).host
+        gpus, ports = _gpus_text(f.gpus), _ports_text(f.ports)
+        version = f"version {f.version}" if f.version is not None else "the next version"
+        vnc = f"{host}:{f.ports[0]}" if f.ports else f"{host}'s VNC port"
+        return {
+            "preflight": f"reserve on {target}: {gpus}, {ports}",
+            "precopy": f"flush the sync on {source} while the desktop still runs",
+            "stop_source": f"stop the desktop's container on {source} (downtime starts)",
+            "final_flush": f"send the last writes to MooseFS, stop the sync, unmount the layers on {source}",
+            "merge": f"publish version {desktop.version} plus the upper layer as {version}",
+            "fence": f"make {target} the desktop's owner on MooseFS: {source} may no longer mount it",
+            "build_stack": f"mount {version} on {target}, with an empty upper layer",
+            "start_target": f"start the sync and the container on {target} with {_gpus_text(f.gpus, uuids=False)}, {ports}",
+            "verify": f"check that VNC answers at {vnc} (downtime ends)",
+            "commit": f"record {target}, {_gpus_text(f.gpus, uuids=False)}, {ports} and {version} in the state database",
+            "cleanup_source": f"delete {source}'s local layers of the desktop",
+        }
 
     @staticmethod
     def _skipped(was_running: bool, from_lost: bool) -> dict[str, str]:
@@ -139,24 +269,28 @@ class Switcher:
                 skipped[name] = "the desktop is stopped; `labvm start` starts it on the target"
         return skipped
 
-    def _check_target(self, desktop: Desktop, target: str) -> Node:
+    @staticmethod
+    def _check_desktop(desktop: Desktop) -> str:
+        if desktop.state not in ("running", "stopped"):
+            raise StateError(f"{desktop.user}'s desktop is {desktop.state}; only a running or stopped desktop can switch")
+        return f"{desktop.state} on {desktop.node}, version {desktop.version}"
+
+    def _check_target(self, desktop: Desktop, target: str, cordons: dict) -> str:
         node = self.cfg.node(target)
         if node.name == desktop.node:
             raise BadInput(f"{desktop.user}'s desktop already runs on {target}")
-        if desktop.state not in ("running", "stopped"):
-            raise StateError(f"{desktop.user}'s desktop is {desktop.state}; only a running or stopped desktop can switch")
-        with self.home.state() as db:
-            cordons = db.cordons()
         if target in cordons:
             raise BadInput(f"{target} is cordoned ({cordons[target] or 'no reason given'}); `labvm node uncordon {target}` first")
-        return node
+        return f"{target} ({node.host}) is not cordoned"
 
     # -- running -----------------------------------------------------------------------------
     def switch(self, user: str, target: str, gpus: str | None = None, from_lost: bool = False,
                confirm: Callable[[str], bool] | None = None, precopy: bool = True) -> SwitchResult:
         with self.home.state() as db:
             desktop = self.desktops.get(db, user)
-        self._check_target(desktop, target)
+            cordons = db.cordons()
+        self._check_target(desktop, target, cordons)
+        self._check_desktop(desktop)
         if from_lost:
             self._prove_lost(desktop, confirm)
         params = {"source": desktop.node, "target": target, "gpus": gpus, "from_lost": from_lost,
@@ -169,10 +303,15 @@ class Switcher:
         with journaled(db, "switch", op_user(db, op), op.params, existing=op) as op:
             return self._run(db, op, op_user(db, op))
 
-    def _prove_lost(self, desktop: Desktop, confirm) -> None:
+    def _check_lost(self, desktop: Desktop) -> str:
+        """Why the desktop's node is unreachable; BadInput if it answers."""
         why = node_unreachable(self.cfg.node(desktop.node), self.home)
         if why is None:
             raise BadInput(f"{desktop.node} answers over SSH, so it is not lost; switch without --from-lost")
+        return why
+
+    def _prove_lost(self, desktop: Desktop, confirm) -> None:
+        why = self._check_lost(desktop)
         lost_s = self._lost_window(desktop)
         window = f"about {lost_s:.0f} s of writes (the sync's last success)" if lost_s is not None else "an unknown span of writes"
         self.say(f"{desktop.node} is unreachable: {why}")
@@ -247,46 +386,103 @@ class Switcher:
 
     def _step_preflight(self, db, op: Operation, user: str) -> None:
         p = op.params
-        desktop = self._desktop(db, user)
+        f = self._inspect(Findings(), db, self._desktop(db, user), p, op.id, check=False)
+        self._reserve(db, user, self.cfg.node(p["target"]), f.cap, f.request, op, f.limits)
+
+    def _inspect(self, f: Findings, db, desktop: Desktop, p: dict, op_id: int | None, check: bool) -> Findings:
+        """The checks on the nodes before a switch changes anything: the target answers, has
+        MooseFS and the image, room for the GPUs, memory and ports; the source answers; the
+        versions on MooseFS read. Each goes into f as it passes; the first that fails raises.
+        With check, MooseFS is not mounted where it is missing (the helper's check mode)."""
+        user = desktop.user
         target = self.cfg.node(p["target"])
-        s = self.session(target.name)
-        s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
-        facts, image = self.desktops.probe(s)
-        if not image.get("present"):
-            raise BadInput(f"{target.name}: the desktop image is not pushed there; run `labvm image push {target.name}`")
+        with f.check("target reachable") as c:
+            s = self.session(target.name)
+            c.detail = f"{target.name} answers over SSH"
+        with f.check("MooseFS") as c:
+            mount = s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90, check=check)["data"]
+            mounted = bool(mount.get("mounted"))
+            c.detail = (f"mounted at {self.cfg.storage.mfs_mount} on {target.name}" if mounted
+                        else f"not mounted on {target.name} yet; the preflight mounts it")
+        with f.check("image") as c:
+            facts, image = self.desktops.probe(s)
+            if not image.get("present"):
+                raise BadInput(f"{target.name}: the desktop image is not pushed there; run `labvm image push {target.name}`")
+            c.detail = f"the desktop image is on {target.name}"
+        source = None
         if not p["from_lost"]:
-            source = self.session(p["source"])
-            source.call("vm", "status", {"user": user, "data_dir": source.node.data_dir})
-        request = GpuRequest.parse(p["gpus"], default=len(desktop.gpus))
-        cap = self.desktops._capacity(target, self.desktops._usage(db, target), (facts, image))
+            with f.check("source answering") as c:
+                source = self.session(p["source"])
+                status = source.call("vm", "status", {"user": user, "data_dir": source.node.data_dir})["data"]
+                running = bool((status.get("container") or {}).get("running"))
+                c.detail = f"{source.node.name} answers; the container there is {'running' if running else 'not running'}"
+        f.cap = cap = self.desktops._capacity(target, self.desktops._usage(db, target), (facts, image))
+        with f.check("gpus") as c:
+            f.request = GpuRequest.parse(p["gpus"], default=len(desktop.gpus))
+            f.gpus = self._choose_gpus(db, user, target, cap, f.request)
+            c.detail = f"{_gpus_text(f.gpus)} free on {target.name} ({f.request.describe()} asked)"
+        with f.check("memory") as c:
+            need, free_memory = desktop.limits.get("memory", 0), cap.memory_total - cap.memory_promised
+            if need > free_memory:
+                raise NoCapacity(f"{target.name} has {free_memory >> 20} MiB of memory not promised to other desktops; "
+                                 f"{user}'s desktop needs {need >> 20} MiB")
+            c.detail = f"{need >> 20} MiB needed, {free_memory >> 20} MiB not promised on {target.name}"
+        with f.check("limits") as c:
+            f.limits = self._target_limits(desktop, target, cap)
+            c.detail = f"{user}'s limits apply on {target.name}"
+        with f.check("ports") as c:
+            f.ports = self._choose_ports(db, target, cap, op_id)
+            c.detail = f"{_ports_text(f.ports)} free on {target.name}"
+        with f.check("versions") as c:
+            reader = s if mounted else None
+            if reader is None and source is not None:
+                seen = source.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90, check=True)["data"]
+                reader = source if seen.get("mounted") else None
+            if reader is None:
+                c.detail = f"MooseFS is mounted on neither node yet; the merge publishes the next version after {desktop.version}"
+            else:
+                f.version = self.desktops.next_version(reader, user, desktop.version)
+                c.detail = f"the merge would publish version {f.version}"
+        return f
+
+    @staticmethod
+    def _target_limits(desktop: Desktop, target: Node, cap: NodeCapacity) -> dict:
+        """The desktop's limits as they apply on the target's disk and cgroups."""
         limits = dict(desktop.limits)
-        free_memory = cap.memory_total - cap.memory_promised
-        if limits.get("memory", 0) > free_memory:
-            raise NoCapacity(f"{target.name} has {free_memory >> 20} MiB of memory not promised to other desktops; "
-                           f"{user}'s desktop needs {limits['memory'] >> 20} MiB")
         if limits.get("io_read_bps") or limits.get("io_write_bps"):
             if not cap.disk_device:
-                raise BadInput(f"{target.name}: its data dir is on no block device, so {user}'s IO caps can't apply")
+                raise BadInput(f"{target.name}: its data dir is on no block device, so {desktop.user}'s IO caps can't apply")
             limits["io_device"] = cap.disk_device
         if limits.get("io_weight") is not None and not cap.blkio_weight:
             limits["io_weight"] = None
-        self._reserve(db, user, target, cap, request, op, limits)
+        return limits
+
+    @staticmethod
+    def _choose_gpus(db, user: str, target: Node, cap: NodeCapacity, request: GpuRequest) -> list[dict]:
+        """The target's GPUs for the request; those the user holds there already count as free."""
+        taken = {r["gpu_uuid"] for r in db.conn.execute(
+            "SELECT gpu_uuid FROM gpu_assignments WHERE node = ? AND user != ?", (target.name, user))}
+        return allocate_gpus(target.name, cap.gpus, taken, request)
+
+    @staticmethod
+    def _choose_ports(db, target: Node, cap: NodeCapacity, op_id: int | None) -> tuple[int, int | None]:
+        used = set(cap.ports_in_use)
+        for r in db.conn.execute("SELECT vnc_port, ssh_port FROM vms WHERE node = ?", (target.name,)):
+            used.update(port for port in (r["vnc_port"], r["ssh_port"]) if port)
+        # Ports another switch to this node holds until it commits (a drain runs several).
+        for r in db.conn.execute("SELECT id, params FROM operations WHERE kind = 'switch' AND state = 'running' AND id != ?",
+                                 (op_id or 0,)):
+            other = json.loads(r["params"])
+            if other.get("target") == target.name and not other.get("rolled_back"):
+                used.update(port for port in other.get("target_ports") or () if port)
+        return allocate_ports(target, used)
 
     def _reserve(self, db, user: str, target: Node, cap, request: GpuRequest, op: Operation, limits: dict) -> None:
         db.conn.execute("BEGIN IMMEDIATE")
         try:
+            chosen = self._choose_gpus(db, user, target, cap, request)
+            ports = self._choose_ports(db, target, cap, op.id)
             db.conn.execute("DELETE FROM gpu_assignments WHERE user = ? AND node = ?", (user, target.name))
-            taken = {r["gpu_uuid"] for r in db.conn.execute("SELECT gpu_uuid FROM gpu_assignments WHERE node = ?", (target.name,))}
-            chosen = allocate_gpus(target.name, cap.gpus, taken, request)
-            used = set(cap.ports_in_use)
-            for r in db.conn.execute("SELECT vnc_port, ssh_port FROM vms WHERE node = ?", (target.name,)):
-                used.update(port for port in (r["vnc_port"], r["ssh_port"]) if port)
-            # Ports another switch to this node holds until it commits (a drain runs several).
-            for r in db.conn.execute("SELECT id, params FROM operations WHERE kind = 'switch' AND state = 'running' AND id != ?", (op.id,)):
-                other = json.loads(r["params"])
-                if other.get("target") == target.name and not other.get("rolled_back"):
-                    used.update(port for port in other.get("target_ports") or () if port)
-            ports = allocate_ports(target, used)
             now = time.time()
             for g in chosen:
                 db.conn.execute("INSERT INTO gpu_assignments VALUES (?, ?, ?, ?, ?)", (g["uuid"], target.name, g["index"], user, now))

@@ -4,6 +4,7 @@ that dies, a network cut, two switches at once, a lost node, and a drain."""
 from __future__ import annotations
 
 import json
+import re
 import stat
 import subprocess
 import threading
@@ -108,8 +109,37 @@ def test_round_trip_keeps_every_file_password_and_valid_gpus(moves, testbed, tmp
 
 def test_dry_run_changes_nothing(moves, testbed):
     plan = ok(moves.labvm("switch", "erin", "n2", "--dry-run"))
-    assert [line.split()[1] for line in plan.splitlines()] == list(STEPS)
+    steps = plan.split("\nsteps:\n", 1)[1].splitlines()
+    assert [line.split()[1] for line in steps if re.match(r" {1,3}[0-9]+\. ", line)] == list(STEPS)
+    assert all(len(line) <= 80 for line in plan.splitlines()), plan
     assert running_on(testbed, "erin") == ["n1"]
+    shown = moves.labvm_json("switch", "erin", "n2", "--dry-run")
+    assert shown["ok"] is True and shown["exit_code"] == 0 and all(c["ok"] for c in shown["checks"])
+    gpu = where(moves, "erin")["gpus"]
+    preflight = next(s for s in shown["steps"] if s["name"] == "preflight")
+    assert len(gpu) == 1 and "GPU " in preflight["detail"] and "VNC port" in preflight["detail"]
+    assert running_on(testbed, "erin") == ["n1"]
+
+
+# What `labvm status --json` says of a desktop that a dry run must leave as it was (its
+# CPU, memory and sync figures move by themselves).
+STILL = ("user", "node", "state", "vnc", "ssh_port", "gpus", "limits", "version", "container", "started_at", "operation")
+
+
+def test_dry_run_json_to_a_node_with_no_room_shows_the_failing_check_and_changes_nothing(moves, testbed):
+    source = where(moves, "erin")["node"]
+    before = {key: where(moves, "erin").get(key) for key in STILL}
+    ops_before = moves.labvm_json("ops", "list", "--user", "erin")
+    refused = moves.labvm("switch", "erin", other(source), "--gpus", "9", "--dry-run", "--json")
+    assert refused.returncode == 10, refused.stdout + refused.stderr
+    plan = json.loads(refused.stdout)
+    assert plan["operation"] == "switch" and plan["ok"] is False and plan["exit_code"] == 10
+    assert (plan["user"], plan["source"], plan["target"]) == ("erin", source, other(source))
+    failed = [c for c in plan["checks"] if not c["ok"]]
+    assert [c["name"] for c in failed] == ["gpus"] and "GPU" in failed[0]["detail"], plan
+    assert {key: where(moves, "erin").get(key) for key in STILL} == before
+    assert moves.labvm_json("ops", "list", "--user", "erin") == ops_before
+    assert running_on(testbed, "erin") == [source]
 
 
 @pytest.mark.parametrize("step", STEPS)
