@@ -8,7 +8,7 @@ import click
 from rich.console import Console
 
 from .admin import AdminHome
-from .cli import _audit, _emit_json, complete_nodes, complete_users, json_option, out, say, warn
+from .cli_kit import _audit, _emit_json, complete_nodes, complete_users, json_option, out, say, warn
 from .errors import LabvmError
 from .monitor import IdleRule, NodeSessions, collect_status, find_idle, require_reachable, stop_idle, unreachable_nodes
 from .view import SORT_KEYS, human_duration, status_lines, status_view, top_view

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .admin import AdminHome
-from .cli import _confirm, _emit_json, _home_from_ctx, _when, audited, complete_nodes, complete_users, json_option, out, say
+from .cli_kit import _confirm, _emit_json, _home_from_ctx, _when, audited, complete_nodes, complete_users, json_option, out, say
 from .errors import LabvmError
 from .text import cell, safe
 

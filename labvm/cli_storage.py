@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .admin import AdminHome
-from .cli import _emit_json, _when, audited, complete_users, complete_versions, json_option, out, say
+from .cli_kit import _emit_json, _when, audited, complete_users, complete_versions, json_option, out, say
 from .errors import BadInput, LabvmError
 from .storage import (
     CRON_FILE,
@@ -195,7 +195,7 @@ def restore(home: AdminHome, user, version, yes):
     restore loses nothing and can itself be undone. A running desktop is
     stopped for it and started again.
     """
-    from .cli import _confirm
+    from .cli_kit import _confirm
     from .retention import check_version
 
     check_version(version)

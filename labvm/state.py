@@ -286,6 +286,10 @@ class StateDB:
         """Cordoned nodes and why: no new desktop goes there."""
         return {r["node"]: r["reason"] for r in self.conn.execute("SELECT node, reason FROM node_cordons")}
 
+    def desktops_on(self, node: str) -> list[str]:
+        """The users whose desktops the state database places on `node`."""
+        return [r["user"] for r in self.conn.execute("SELECT user FROM vms WHERE node = ? ORDER BY user", (node,))]
+
     def user_names(self) -> list[str]:
         return [r["name"] for r in self.conn.execute("SELECT name FROM users ORDER BY name")]
 

@@ -463,7 +463,7 @@ def test_without_a_terminal_a_confirmation_names_the_option_the_command_has(home
 
 
 def test_node_add_without_a_terminal_names_yes_and_fingerprint(home, capsys, monkeypatch):
-    from labvm import cli
+    from labvm import cli_nodes as cli
 
     def add_node(_config, _node, expected_fingerprint, confirm):
         confirm("Pin host key ssh-ed25519 SHA256:abc of n1?")

@@ -54,3 +54,25 @@ def test_the_bundle_carries_the_merge_engine_as_an_executable_member(tmp_path):
         tar.extract(member, tmp_path)
     result = subprocess.run([str(tmp_path / "labvm_merge"), "--help"], capture_output=True)
     assert result.returncode == 0 and b"usage: labvm_merge apply" in result.stdout
+
+
+def test_the_command_modules_never_import_the_root_command_and_hold_no_sql():
+    """labvm/cli.py is the root; the groups and their kit never import it back, and no SQL
+    statement or node command line is written in any of them."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[2] / "labvm"
+    modules = sorted(package.glob("cli_*.py"))
+    assert {m.name for m in modules} >= {"cli_kit.py", "cli_desktops.py", "cli_nodes.py", "cli_members.py", "cli_images.py"}
+    for module in [*modules, package / "cli.py"]:
+        tree = ast.parse(module.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and module.name != "cli.py":
+                assert not (node.level == 1 and node.module == "cli"), f"{module.name} imports labvm.cli"
+                assert node.module != "labvm.cli", f"{module.name} imports labvm.cli"
+            if isinstance(node, ast.Attribute):
+                assert node.attr != "execute", f"{module.name} runs SQL itself (line {node.lineno})"
+            if isinstance(node, ast.List) and node.elts and isinstance(node.elts[0], ast.Constant):
+                assert node.elts[0].value not in ("docker", "ssh", "sudo"), \
+                    f"{module.name} builds a node command line (line {node.lineno})"
