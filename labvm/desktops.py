@@ -21,11 +21,12 @@ from .config import ClusterConfig, Node, member_quota_for, parse_size
 from .errors import AlreadyExists, BadInput, FilesOfAnotherMember, LabvmError, NotFound
 from .images import base_image_tag, base_image_tar
 from .journal import journaled
-from .nodes import isolation_params, mfs_params
+from .nodes import mfs_params
 from .placement import GpuRequest, NodeCapacity, allocate_gpus, allocate_ports, choose_node
-from .remote.connection import NodeConnection
-from .remote.helpers import HelperBundle, HelperCall, HelperRunner
+from .remote.helpers import HelperBundle, HelperCall
 from .remote.pool import run_on_nodes
+from .remote.recipes import DesktopCalls, mount_mfs
+from .remote.session import NodeSession
 from .state import StateDB, User
 
 Say = Callable[[str], None]
@@ -233,26 +234,6 @@ def build_spec(user: str, uid: int, node: Node, desktop: str, limits: Limits, gp
     }
 
 
-class NodeSession:
-    """One SSH connection and helper runner for a node, for the length of a command."""
-
-    def __init__(self, home: AdminHome, node: Node, bundle: HelperBundle):
-        self.node = node
-        self.conn = NodeConnection(node, home.home)
-        self.runner = HelperRunner(self.conn, bundle)
-
-    def call(self, helper: str, action: str, params: dict, timeout: float = 180, check: bool = False) -> dict:
-        """One helper action; with check, what it would change, changing nothing."""
-        return self.runner.call(helper, action, params, check=check, timeout=timeout)
-
-    def call_many(self, calls: list[HelperCall], done=lambda _index: None) -> list[dict]:
-        """Several calls in one round trip; see HelperRunner.call_many."""
-        return self.runner.call_many(calls, done=done)
-
-    def close(self) -> None:
-        self.conn.close()
-
-
 def run_steps(s: NodeSession, op, steps: list[tuple[str, list[HelperCall]]]) -> list[dict]:
     """Journaled steps whose helper calls all go to the node in one round trip (the helpers'
     batch); each step is marked done as the reply shows its last call succeeded."""
@@ -419,11 +400,12 @@ class Desktops:
         disk = self.disk_of(desktop.limits)
         spec = build_spec(user, uid, node, "minimal", Limits(**desktop.limits),
                           [g["uuid"] for g in desktop.gpus], (desktop.vnc_port, desktop.ssh_port))
+        calls = self.calls(node, user)
         run_steps(s, op, [
-            ("mount_mfs", [HelperCall("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)]),
-            ("mount_stack", [HelperCall("vm", "ensure_stack", self._stack_params(user, node, desktop.version, disk), timeout=3600)]),
-            ("member_quota", [self.quota_call(user, disk)]),
-            ("start_sync", [self.sync_call(user, node)]),
+            ("mount_mfs", [calls.mount_mfs()]),
+            ("mount_stack", [calls.stack(desktop.version, disk)]),
+            ("member_quota", [calls.quota(disk)]),
+            ("start_sync", [calls.start_sync()]),
             ("start_container", self.container_calls(s, db, user, spec)),
         ])
         db.conn.execute("UPDATE vms SET state = 'running', updated_at = ? WHERE user = ?", (time.time(), user))
@@ -431,32 +413,16 @@ class Desktops:
     def disk_of(self, limits: dict) -> int:
         return limits.get("disk") or self.cfg.vm_defaults.disk
 
-    def quota_call(self, user: str, disk: int) -> HelperCall:
-        return HelperCall("mfs", "ensure_quota", {"mount": self.cfg.storage.mfs_mount, "user": user,
-                                                  "size": member_quota_for(self.cfg, disk)})
+    def calls(self, node: Node, user: str) -> DesktopCalls:
+        """The typed helper calls for USER's desktop on NODE."""
+        return DesktopCalls(self.cfg, node, user)
 
     def ensure_quota(self, s: NodeSession, user: str, disk: int) -> None:
-        call = self.quota_call(user, disk)
-        s.call(call.helper, call.action, call.params)
-
-    def sync_call(self, user: str, node: Node) -> HelperCall:
-        return HelperCall("sync", "ensure_running", self.sync_params(user, node))
+        s.run(self.calls(s.node, user).quota(disk))
 
     def container_calls(self, s: NodeSession, db: StateDB, user: str, spec: dict) -> list[HelperCall]:
-        """What starts the desktop's container, in order: never before the node walls its
-        network off from MooseFS, the nodes and the other desktops (re-applied each time: a
-        dockerd restart or an admin's iptables flush must not leave a desktop open), and never
-        before its dockerd knows the labvm runtime, which gives the container the desktop's
-        overlay as its root. The desktop session is the one the node's image names."""
-        return [
-            HelperCall("net", "ensure_isolation", isolation_params(self.cfg)),
-            HelperCall("runtime", "ensure_runtime", {"data_dir": s.node.data_dir}, timeout=60),
-            HelperCall("vm", "ensure_container", {
-                "user": user, "data_dir": s.node.data_dir, "spec": spec, "secrets": {"password": db.vnc_secret(user)},
-                "node": s.node.name, "mfs_mount": self.cfg.storage.mfs_mount,
-                "image_sessions": {"xfce_local": self.cfg.xfce_local, "by_desktop": DESKTOP_SESSIONS},
-            }, timeout=240),
-        ]
+        """What starts the desktop's container (DesktopCalls.start_container), with its password."""
+        return self.calls(s.node, user).start_container(spec, db.vnc_secret(user), DESKTOP_SESSIONS)
 
     def run_container(self, s: NodeSession, db: StateDB, user: str, spec: dict) -> None:
         """Start the desktop's container (see container_calls), in one round trip."""
@@ -464,7 +430,7 @@ class Desktops:
 
     # -- versions on MooseFS (the merge helper) ---------------------------------
     def versions_on_mfs(self, s: NodeSession, user: str) -> list[dict]:
-        return s.call("merge", "versions", {"user": user, "mfs_mount": self.cfg.storage.mfs_mount})["data"]["versions"]
+        return s.run(self.calls(s.node, user).versions())["versions"]
 
     def next_version(self, s: NodeSession, user: str, base: int) -> int:
         """The number the next published version of the user's files gets."""
@@ -473,11 +439,7 @@ class Desktops:
     def publish(self, s: NodeSession, user: str, base: int, target: int, reason: str, upper: str | None = None) -> dict:
         """Publish base + upper (default: up_mfs as it is) as low_mfs.v<target>, over the desktop image.
         reason, one of retention.REASONS, is recorded with the version."""
-        params = {"user": user, "mfs_mount": self.cfg.storage.mfs_mount, "base": base, "target": target,
-                  "reason": reason, "image": self.cfg.xfce_local}
-        if upper is not None:
-            params["upper"] = upper
-        return s.call("merge", "publish", params, timeout=MERGE_TIMEOUT_S)["data"]
+        return s.run(self.calls(s.node, user).publish(base, target, reason, upper))
 
     @staticmethod
     def base_image_call() -> HelperCall:
@@ -485,8 +447,7 @@ class Desktops:
         return HelperCall("image", "ensure_docker_base", {"tag": base_image_tag(), "tar_b64": base64.b64encode(base_image_tar()).decode()})
 
     def ensure_base_image(self, s: NodeSession) -> None:
-        call = self.base_image_call()
-        s.call(call.helper, call.action, call.params)
+        s.run(self.base_image_call())
 
     def files_on_mfs(self, s: NodeSession, user: str) -> tuple[dict | None, list[dict]]:
         """The owner record and the versions MooseFS holds under a member name."""
@@ -510,14 +471,14 @@ class Desktops:
             self.say(f"continuing from v{files.latest} of {whose}, kept when the last desktop was removed "
                      f"(`labvm rm {user} --purge` deletes them)")
             db.conn.execute("UPDATE vms SET version = ? WHERE user = ?", (files.latest, user))
-        s.call("vm", "set_owner", {"user": user, "mfs_mount": self.cfg.storage.mfs_mount, "node": s.node.name,
-                                   "member": account.member_id})
+        calls = self.calls(s.node, user)
+        s.run(calls.set_owner(member=account.member_id))
         # A container of that name on this node is a leftover of an earlier desktop of the user.
-        s.call("vm", "remove_container", {"user": user}, timeout=90)
+        s.run(calls.remove_container())
 
     def purge_files(self, s: NodeSession, user: str) -> dict:
         """Delete every version of the files MooseFS holds under a member name."""
-        s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
+        s.run(mount_mfs(self.cfg))
         return s.call("vm", "purge_mfs_data", {"user": user, "mfs_mount": self.cfg.storage.mfs_mount})["data"]
 
     def _reserve(self, db, user, node, cap, request, limits) -> None:
@@ -545,49 +506,24 @@ class Desktops:
     def _rollback_create(self, db, user, node) -> None:
         try:
             with self.session(node) as s:
-                s.call("vm", "remove_container", {"user": user})
-                s.call("sync", "ensure_stopped", {"user": user, "data_dir": node.data_dir, "flush": False})
-                s.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": node.data_dir})
-                s.call("vm", "remove_local_layers", {"user": user, "data_dir": node.data_dir})
+                calls = self.calls(node, user)
+                s.call_many([*calls.teardown(flush=False), calls.remove_local_layers()])
         except LabvmError as exc:
             self.say(f"rollback on {node.name} incomplete: {exc}")
         db.conn.execute("DELETE FROM vms WHERE user = ?", (user,))
 
-    def _stack_params(self, user: str, node: Node, version: int, disk: int) -> dict:
-        return {
-            "user": user,
-            "data_dir": node.data_dir,
-            "mfs_mount": self.cfg.storage.mfs_mount,
-            "version": version,
-            "xfce_local": self.cfg.xfce_local,
-            "disk": disk,
-            "node": node.name,
-        }
-
-    def sync_params(self, user: str, node: Node) -> dict:
-        sync = self.cfg.sync
-        return {
-            "user": user,
-            "data_dir": node.data_dir,
-            "mfs_mount": self.cfg.storage.mfs_mount,
-            "sync_time_s": sync.syncTime,
-            "batch_max_files": sync.batch_max_files,
-            "full_pass_hours": sync.full_pass_hours,
-            "node": node.name,
-        }
-
     def stop_on_node(self, s: NodeSession, op, user: str, timeout: int) -> None:
         """Stop the container, send the last of its writes to MooseFS, unmount its layers."""
-        node = s.node
+        calls = self.calls(s.node, user)
         with op.step("stop_container"):
-            s.call("vm", "stop_container", {"user": user, "timeout": timeout}, timeout=timeout + 60)
+            s.run(calls.stop_container(timeout))
         with op.step("flush_sync"):
             # The container is stopped, so nothing writes any more: this flush is the last word.
-            s.call("sync", "ensure_stopped", {"user": user, "data_dir": node.data_dir, "flush": True}, timeout=900)
+            s.run(calls.stop_sync(flush=True))
         with op.step("remove_container"):
-            s.call("vm", "remove_container", {"user": user})
+            s.run(calls.remove_container())
         with op.step("unmount_stack"):
-            s.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": node.data_dir})
+            s.run(calls.unmount_stack())
 
     # -- lifecycle -----------------------------------------------------------
     def _with_desktop(self, user: str, kind: str, work):
@@ -616,20 +552,19 @@ class Desktops:
 
     def remove(self, user: str, purge: bool = False) -> None:
         def work(db, op, desktop, node):
-            mfs_mount = self.cfg.storage.mfs_mount
+            calls = self.calls(node, user)
             with self.session(node) as s:
                 self.stop_on_node(s, op, user, 10)
                 if not purge:
                     with op.step("keep_files"):
                         self._keep_files(s, user, desktop.version)
                 with op.step("remove_local_layers"):
-                    s.call("vm", "remove_local_layers", {"user": user, "data_dir": node.data_dir})
+                    s.run(calls.remove_local_layers())
                 with op.step("release_owner" if not purge else "purge_mfs_data"):
                     if purge:
                         self.purge_files(s, user)
                     else:
-                        s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
-                        s.call("vm", "release_owner", {"user": user, "mfs_mount": mfs_mount})
+                        s.call_many([calls.mount_mfs(), calls.release_owner()])
             db.conn.execute("DELETE FROM vms WHERE user = ?", (user,))
 
         self._with_desktop(user, "rm", work)
@@ -637,10 +572,11 @@ class Desktops:
     def _keep_files(self, s: NodeSession, user: str, base: int) -> None:
         """Fold the upper layer into a last version, so the files on MooseFS stand alone: a later
         `labvm create` continues from that version."""
-        s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
+        calls = self.calls(s.node, user)
+        s.run(calls.mount_mfs())
         target = self.next_version(s, user, base)
         self.publish(s, user, base, target, "remove")
-        s.call("vm", "reset_upper", {"user": user, "data_dir": s.node.data_dir, "mfs_mount": self.cfg.storage.mfs_mount})
+        s.run(calls.reset_upper())
         self.say(f"{user}'s files are kept on MooseFS as v{target}")
 
     def resize(self, user: str, size_text: str, dry_run: bool = False) -> dict:
@@ -661,8 +597,8 @@ class Desktops:
                         grown = s.call("vm", "resize_disk", {"user": user, "data_dir": node.data_dir, "size": size},
                                        timeout=900)["data"]
                     with op.step("member_quota"):
-                        s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
-                        self.ensure_quota(s, user, size)
+                        calls = self.calls(node, user)
+                        s.call_many([calls.mount_mfs(), calls.quota(size)])
                 with op.step("record"):
                     limits = {**desktop.limits, "disk": size}
                     db.conn.execute("UPDATE vms SET limits = ?, updated_at = ? WHERE user = ?",

@@ -11,6 +11,7 @@ from .remote.connection import NodeConnection
 from .remote.helpers import HelperBundle, HelperRunner
 from .remote.hostkeys import PinnedHostKeys, fetch_host_key, fingerprint
 from .remote.pool import NodeOutcome, run_on_nodes
+from .remote.recipes import isolation_params, mfs_params
 
 # confirm(question) -> bool; the CLI asks the admin, tests answer for them.
 Confirm = Callable[[str], bool]
@@ -101,17 +102,6 @@ def node_rows(cfg: ClusterConfig) -> list[dict]:
             }
         )
     return rows
-
-
-def mfs_params(cfg: ClusterConfig) -> dict:
-    s = cfg.storage
-    return {"master": s.mfs_master, "port": s.mfs_port, "mount": s.mfs_mount, "subdir": s.mfs_dir, "options": s.mount_options}
-
-
-def isolation_params(cfg: ClusterConfig) -> dict:
-    """What desktops may never reach: MooseFS (master; chunkservers by their ports and by
-    <network><deny>), every node of the cluster, and whatever else the cluster file denies."""
-    return {"deny": [cfg.storage.mfs_master, *(n.host for n in cfg.nodes), *cfg.network.deny]}
 
 
 def check_node(cfg: ClusterConfig, node: Node, *, mount_mfs: bool, bundle: HelperBundle) -> dict:

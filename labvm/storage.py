@@ -30,7 +30,7 @@ from .desktops import Desktop, Desktops, NodeSession, Say
 from .errors import BadInput, Busy, LabvmError, NotFound, StateError
 from .fsutil import atomic_write
 from .journal import journaled
-from .nodes import mfs_params
+from .remote.recipes import mount_mfs
 from .retention import REASONS, Verdict, Version, check_version, plan
 
 FLUSH_TIMEOUT_S = 900
@@ -66,7 +66,7 @@ class Storage:
 
     # -- helpers on one node ----------------------------------------------------------------
     def _mfs(self, s: NodeSession) -> None:
-        s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
+        s.run(mount_mfs(self.cfg))
 
     def _list(self, s: NodeSession, user: str) -> list[Version]:
         return versions_from_reply({"versions": self.desktops.versions_on_mfs(s, user)})
@@ -88,7 +88,7 @@ class Storage:
         desktop = self._desktop(user)
         node = self.cfg.node(desktop.node)
         with self.desktops.session(node) as s:
-            return s.call("sync", "status", {"user": user, "data_dir": node.data_dir})["data"]
+            return s.run(self.desktops.calls(node, user).sync_status())
 
     # -- flush ------------------------------------------------------------------------------
     def flush(self, user: str) -> dict:
@@ -98,8 +98,7 @@ class Storage:
             return {"mode": "stopped", "seconds": 0.0, "files": 0}
         node = self.cfg.node(desktop.node)
         with self.desktops.session(node) as s:
-            return s.call("sync", "flush", {"user": user, "data_dir": node.data_dir, "timeout_s": FLUSH_TIMEOUT_S},
-                          timeout=FLUSH_TIMEOUT_S + 60)["data"]
+            return s.run(self.desktops.calls(node, user).flush(FLUSH_TIMEOUT_S))
 
     # -- backup -----------------------------------------------------------------------------
     def backup(self, user: str) -> BackupResult:
@@ -140,12 +139,12 @@ class Storage:
         snapshot = {"user": user, "mfs_mount": mfs_mount, "name": str(target)}
         if desktop.state != "running":
             return s.call("merge", "snapshot_upper", snapshot, timeout=600)["data"]["path"]
-        flush = {"user": user, "data_dir": node.data_dir, "timeout_s": FLUSH_TIMEOUT_S}
+        flush = self.desktops.calls(node, user).flush(FLUSH_TIMEOUT_S)
         # The first flush, while the desktop works, sends the bulk; the frozen one only the rest.
-        s.call("sync", "flush", flush, timeout=FLUSH_TIMEOUT_S + 60)
+        s.run(flush)
         s.call("vm", "freeze", {"user": user})
         try:
-            s.call("sync", "flush", flush, timeout=FLUSH_TIMEOUT_S + 60)
+            s.run(flush)
             return s.call("merge", "snapshot_upper", snapshot, timeout=600)["data"]["path"]
         finally:
             s.call("vm", "thaw", {"user": user})
@@ -238,13 +237,13 @@ class Storage:
         """Publish base + upper as a new version, make it the base, empty the upper. Each state
         between these steps shows the same files: the new version holds the upper, and an upper
         applied over the version made from it changes nothing. Only then is it emptied."""
-        user, node, mfs_mount = desktop.user, s.node, self.cfg.storage.mfs_mount
+        user, node = desktop.user, s.node
         target = self.desktops.next_version(s, user, desktop.version)
         with op.step("publish"):
             self.desktops.publish(s, user, desktop.version, target, reason)
         with op.step("solidify"):
             _set(db, user, version=target)
-            s.call("vm", "reset_upper", {"user": user, "data_dir": node.data_dir, "mfs_mount": mfs_mount})
+            s.run(self.desktops.calls(node, user).reset_upper())
         return target
 
 

@@ -497,22 +497,23 @@ class Switcher:
 
     def _step_precopy(self, db, op: Operation, user: str) -> None:
         source = self.session(op.params["source"])
-        status = source.call("sync", "status", {"user": user, "data_dir": source.node.data_dir})["data"]
+        calls = self.desktops.calls(source.node, user)
+        status = source.run(calls.sync_status())
         if status.get("running"):
             self.progress(f"  still to sync: {status.get('pending') or 0} paths, "
                           f"{(status.get('pending_bytes') or 0) / (1 << 20):.1f} MiB")
-        data = source.call("sync", "flush", {"user": user, "data_dir": source.node.data_dir, "timeout_s": 900}, timeout=960)["data"]
+        data = source.run(calls.flush(900))
         self.progress(f"  pre-copy: {data.get('files', 0)} paths sent in {data.get('seconds', 0):.1f} s while the desktop ran")
 
     def _step_stop_source(self, db, op: Operation, user: str) -> None:
         source = self.session(op.params["source"])
         op.remember(stopped_at=time.time())
-        source.call("vm", "stop_container", {"user": user, "timeout": 20}, timeout=90)
+        source.run(self.desktops.calls(source.node, user).stop_container(20))
 
     def _step_final_flush(self, db, op: Operation, user: str) -> None:
         source = self.session(op.params["source"])
-        data_dir = source.node.data_dir
-        data = source.call("sync", "ensure_stopped", {"user": user, "data_dir": data_dir, "flush": True}, timeout=960)["data"]
+        calls = self.desktops.calls(source.node, user)
+        data = source.run(calls.stop_sync(flush=True))
         self.progress(f"  final flush: {data.get('files', 0)} paths")
         if data.get("quarantined_count"):
             shown = ", ".join(safe(q.get("path", "?"))[:80] for q in data.get("quarantined", [])[:3])
@@ -520,8 +521,7 @@ class Switcher:
                     f"with the desktop (the sync listed why in `labvm sync status`): {shown}")
             self.say(note)
             op.remember(notes=[*op.params.get("notes", []), note])
-        source.call("vm", "remove_container", {"user": user})
-        source.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": data_dir})
+        source.call_many([calls.remove_container(), calls.unmount_stack()])
         db.conn.execute("UPDATE vms SET state = 'stopped', updated_at = ? WHERE user = ?", (time.time(), user))
 
     def _step_merge(self, db, op: Operation, user: str) -> None:
@@ -536,18 +536,16 @@ class Switcher:
 
     def _step_fence(self, db, op: Operation, user: str) -> None:
         target = self.session(op.params["target"])
-        target.call("vm", "set_owner", {"user": user, "mfs_mount": self.cfg.storage.mfs_mount, "node": target.node.name, "op": op.id})
+        target.run(self.desktops.calls(target.node, user).set_owner(op=op.id))
 
     def _step_build_stack(self, db, op: Operation, user: str) -> None:
         target = self.session(op.params["target"])
-        node, mfs_mount = target.node, self.cfg.storage.mfs_mount
+        calls = self.desktops.calls(target.node, user)
+        disk = self.desktops.disk_of(op.params["target_limits"])
         # Whatever an earlier life of this desktop left on the target (a container, mounts) is
         # stale: the fence already says the desktop belongs here now, starting from the new version.
-        target.call("vm", "remove_container", {"user": user}, timeout=90)
-        target.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": node.data_dir})
-        target.call("vm", "reset_upper", {"user": user, "data_dir": node.data_dir, "mfs_mount": mfs_mount})
-        disk = self.desktops.disk_of(op.params["target_limits"])
-        target.call("vm", "ensure_stack", self.desktops._stack_params(user, node, op.params["new_version"], disk), timeout=3600)
+        target.call_many([calls.remove_container(), calls.unmount_stack(), calls.reset_upper(),
+                          calls.stack(op.params["new_version"], disk)])
 
     def _step_start_target(self, db, op: Operation, user: str) -> None:
         p = op.params
@@ -556,7 +554,7 @@ class Switcher:
         spec = build_spec(user, db.get_user(user).uid, node, "minimal", Limits(**p["target_limits"]),
                           [g["uuid"] for g in p["target_gpus"]], tuple(p["target_ports"]))
         # One round trip: the downtime runs while this step does.
-        target.call_many([self.desktops.base_image_call(), self.desktops.sync_call(user, node),
+        target.call_many([self.desktops.base_image_call(), self.desktops.calls(node, user).start_sync(),
                           *self.desktops.container_calls(target, db, user, spec)])
 
     def _step_verify(self, db, op: Operation, user: str) -> None:
@@ -595,10 +593,8 @@ class Switcher:
 
     def _step_cleanup_source(self, db, op: Operation, user: str) -> None:
         source = self.session(op.params["source"])
-        data_dir = source.node.data_dir
-        source.call("vm", "remove_container", {"user": user})
-        source.call("vm", "ensure_stack_unmounted", {"user": user, "data_dir": data_dir})
-        source.call("vm", "remove_local_layers", {"user": user, "data_dir": data_dir})
+        calls = self.desktops.calls(source.node, user)
+        source.call_many([calls.remove_container(), calls.unmount_stack(), calls.remove_local_layers()])
 
     # -- rollback ----------------------------------------------------------------------------
     def _rollback(self, db, op: Operation, user: str) -> list[str]:
@@ -606,36 +602,30 @@ class Switcher:
         the desktop again. Best effort on the target (it may be the part that failed)."""
         p, notes = op.params, []
         target_node = self.cfg.node(p["target"])
-        data_dir = target_node.data_dir
-        undo_target = (
-            ("vm", "remove_container", {"user": user}),
-            ("sync", "ensure_stopped", {"user": user, "data_dir": data_dir, "flush": False}),
-            ("vm", "ensure_stack_unmounted", {"user": user, "data_dir": data_dir}),
-            ("vm", "remove_local_layers", {"user": user, "data_dir": data_dir}),
-        )
-        for helper, action, params in undo_target:
+        on_target = self.desktops.calls(target_node, user)
+        for call in (*on_target.teardown(flush=False), on_target.remove_local_layers()):
             # Each on its own: a dead dockerd must not keep the sync or the mounts from going.
             try:
-                self.session(target_node.name).call(helper, action, params, timeout=120)
+                self.session(target_node.name).run(call)
             except NodeUnreachable as exc:
                 notes.append(f"note: {target_node.name} is unreachable ({exc}); its leftovers of {user} stay until it is back")
                 break
             except LabvmError as exc:
-                notes.append(f"note: {target_node.name}: {helper}.{action} failed ({exc}); `labvm node check` shows what is left there")
+                notes.append(f"note: {target_node.name}: {call.helper}.{call.action} failed ({exc}); "
+                             "`labvm node check` shows what is left there")
         db.conn.execute("DELETE FROM gpu_assignments WHERE user = ? AND node = ?", (user, p["target"]))
         if p["from_lost"]:
             db.conn.execute("UPDATE vms SET state = 'stopped', updated_at = ? WHERE user = ?", (time.time(), user))
             notes.append(f"{user}'s desktop stays fenced off {p['source']}; run the switch again when a target is ready")
             return notes
         source = self.session(p["source"])
-        mfs_mount = self.cfg.storage.mfs_mount
-        source.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
-        source.call("vm", "set_owner", {"user": user, "mfs_mount": mfs_mount, "node": source.node.name, "op": op.id})
+        on_source = self.desktops.calls(source.node, user)
+        source.call_many([on_source.mount_mfs(), on_source.set_owner(op=op.id)])
         desktop = self._desktop(db, user)
         if desktop.version != p["base"]:
             # The merge published the upper: the source runs over that version with an empty upper.
             self.desktops.stop_on_node(source, op, user, 20)
-            source.call("vm", "reset_upper", {"user": user, "data_dir": source.node.data_dir, "mfs_mount": mfs_mount})
+            source.run(on_source.reset_upper())
         if p["was_running"]:
             # Journaled as steps of this switch, so `labvm ops show` tells what the rollback did.
             self.desktops.bring_up(source, op, db, self._desktop(db, user), db.get_user(user).uid)

@@ -11,7 +11,10 @@ import pytest
 from rich.text import Text
 
 from labvm.cli import main
+from labvm.config import Node
 from labvm.text import safe
+
+from .fake_node import TypedCalls
 
 PW = "a good password"
 
@@ -277,11 +280,12 @@ def test_backup_of_an_unknown_user_or_one_without_a_desktop_exits_4(home, capsys
     assert capsys.readouterr().err == "labvm: error: alice has no desktop; create one with `labvm create alice`\n"
 
 
-class FakeNode:
+class FakeNode(TypedCalls):
     """A node session whose helpers answer from `answers` ("helper.action" -> data), recording each call."""
 
     def __init__(self, answers: dict):
         self.answers, self.calls = answers, []
+        self.node = Node(name="n1", host="10.0.0.1")
 
     def call(self, helper, action, params, timeout=None):
         self.calls.append(f"{helper}.{action}")

@@ -30,6 +30,8 @@ from labvm.journal import journaled
 from labvm.text import safe
 from tests.unit.test_monitor import FakeSessions, n1_sample
 
+from .fake_node import TypedCalls
+
 NODE = Node(name="n1", host="10.0.0.1", data_dir="/srv/labvm")
 
 # Arbitrary text, and arbitrary bytes as labvm holds what is not UTF-8 (surrogate escapes).
@@ -122,7 +124,7 @@ def test_ops_list_and_show_any_recorded_error(config, text):
 
 
 # -- fake node replies --------------------------------------------------------------------------
-class FakeSession:
+class FakeSession(TypedCalls):
     def __init__(self, data):
         self.data = data
         self.runner = self

@@ -17,6 +17,8 @@ from labvm.errors import BadInput, FilesOfAnotherMember, NotFound, StateError
 from labvm.members import Members
 from labvm.state import StateDB, User
 
+from .fake_node import TypedCalls
+
 PW = "a good password"
 OLD_ID, NEW_ID = "a" * 32, "b" * 32
 
@@ -53,19 +55,12 @@ class FakeMooseFS:
         return [(h, a) for h, a, _p in self.calls if (h, a) not in reads]
 
 
-class FakeSession:
+class FakeSession(TypedCalls):
     def __init__(self, node: Node, mfs: FakeMooseFS):
         self.node, self.mfs = node, mfs
 
     def call(self, helper, action, params, timeout=180):
         return {"ok": True, "changed": False, "data": self.mfs.answer(self.node, helper, action, params)}
-
-    def call_many(self, calls, done=lambda _index: None):
-        replies = []
-        for index, call in enumerate(calls):
-            replies.append(self.call(call.helper, call.action, call.params))
-            done(index)
-        return replies
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ from labvm.errors import NoCapacity, NodeUnreachable
 from labvm.journal import Operation
 from labvm.switch import Switcher
 
+from .fake_node import TypedCalls
+
 PW = "a good password"
 MIB = 1 << 20
 READS = {("probe", "facts"), ("image", "status"), ("vm", "status"), ("merge", "versions")}
@@ -25,7 +27,7 @@ def gpus(node: str, count: int = 4) -> list[dict]:
     return [{"index": i, "uuid": f"GPU-{node}-{i}"} for i in range(count)]
 
 
-class FakeNode:
+class FakeNode(TypedCalls):
     """A node's helpers, answering from a table; every call is recorded with its check flag."""
 
     def __init__(self, name: str, answers: dict):

@@ -1,0 +1,147 @@
+"""What labvm asks a node to do for one desktop, as typed calls.
+
+Each method names one helper action and builds its parameters from the cluster file, the node
+and the member, so no operation spells out a helper's request by hand. A method returns a
+HelperCall: run it alone (`NodeSession.run`) or with others in one round trip
+(`NodeSession.call_many`). A fake session that answers these calls is all a unit test needs
+to drive an operation's rollback.
+"""
+
+from __future__ import annotations
+
+from ..config import ClusterConfig, Node, member_quota_for
+from .helpers import HelperCall
+
+MERGE_TIMEOUT_S = 3600
+MOUNT_TIMEOUT_S = 90
+STACK_TIMEOUT_S = 3600
+CONTAINER_TIMEOUT_S = 90
+FLUSH_MARGIN_S = 60
+
+
+def mfs_params(cfg: ClusterConfig) -> dict:
+    s = cfg.storage
+    return {"master": s.mfs_master, "port": s.mfs_port, "mount": s.mfs_mount, "subdir": s.mfs_dir, "options": s.mount_options}
+
+
+def isolation_params(cfg: ClusterConfig) -> dict:
+    """What desktops may never reach: MooseFS (master; chunkservers by their ports and by
+    <network><deny>), every node of the cluster, and whatever else the cluster file denies."""
+    return {"deny": [cfg.storage.mfs_master, *(n.host for n in cfg.nodes), *cfg.network.deny]}
+
+
+def mount_mfs(cfg: ClusterConfig) -> HelperCall:
+    """MooseFS mounted on the node (nosuid, nodev, default_permissions; a root-only vms tree)."""
+    return HelperCall("mfs", "ensure_mounted", mfs_params(cfg), timeout=MOUNT_TIMEOUT_S)
+
+
+class DesktopCalls:
+    """The helper calls for USER's desktop on NODE."""
+
+    def __init__(self, cfg: ClusterConfig, node: Node, user: str):
+        self.cfg, self.node, self.user = cfg, node, user
+
+    @property
+    def _local(self) -> dict:
+        return {"user": self.user, "data_dir": self.node.data_dir}
+
+    @property
+    def _on_mfs(self) -> dict:
+        return {"user": self.user, "mfs_mount": self.cfg.storage.mfs_mount}
+
+    # -- layers
+    def mount_mfs(self) -> HelperCall:
+        return mount_mfs(self.cfg)
+
+    def stack(self, version: int, disk: int) -> HelperCall:
+        """The disk image, the version's bind and the overlay, mounted."""
+        return HelperCall("vm", "ensure_stack", {
+            **self._local, "mfs_mount": self.cfg.storage.mfs_mount, "version": version,
+            "xfce_local": self.cfg.xfce_local, "disk": disk, "node": self.node.name,
+        }, timeout=STACK_TIMEOUT_S)
+
+    def unmount_stack(self) -> HelperCall:
+        return HelperCall("vm", "ensure_stack_unmounted", self._local)
+
+    def reset_upper(self) -> HelperCall:
+        """An empty upper layer here and on MooseFS: the new version holds what it held."""
+        return HelperCall("vm", "reset_upper", {**self._local, "mfs_mount": self.cfg.storage.mfs_mount})
+
+    def remove_local_layers(self) -> HelperCall:
+        return HelperCall("vm", "remove_local_layers", self._local)
+
+    def quota(self, disk: int) -> HelperCall:
+        """The member's hard quota on MooseFS, for a desktop of this disk size."""
+        return HelperCall("mfs", "ensure_quota", {"mount": self.cfg.storage.mfs_mount, "user": self.user,
+                                                  "size": member_quota_for(self.cfg, disk)})
+
+    # -- the sync
+    def sync_params(self) -> dict:
+        sync = self.cfg.sync
+        return {**self._local, "mfs_mount": self.cfg.storage.mfs_mount, "sync_time_s": sync.syncTime,
+                "batch_max_files": sync.batch_max_files, "full_pass_hours": sync.full_pass_hours, "node": self.node.name}
+
+    def start_sync(self) -> HelperCall:
+        return HelperCall("sync", "ensure_running", self.sync_params())
+
+    def stop_sync(self, flush: bool, timeout: float = 900) -> HelperCall:
+        return HelperCall("sync", "ensure_stopped", {**self._local, "flush": flush}, timeout=timeout + FLUSH_MARGIN_S)
+
+    def flush(self, timeout_s: float) -> HelperCall:
+        return HelperCall("sync", "flush", {**self._local, "timeout_s": timeout_s}, timeout=timeout_s + FLUSH_MARGIN_S)
+
+    def sync_status(self) -> HelperCall:
+        return HelperCall("sync", "status", self._local)
+
+    # -- the container
+    def stop_container(self, timeout: int) -> HelperCall:
+        return HelperCall("vm", "stop_container", {"user": self.user, "timeout": timeout}, timeout=timeout + FLUSH_MARGIN_S)
+
+    def remove_container(self) -> HelperCall:
+        return HelperCall("vm", "remove_container", {"user": self.user}, timeout=CONTAINER_TIMEOUT_S)
+
+    def start_container(self, spec: dict, password: str, sessions: dict[str, str]) -> list[HelperCall]:
+        """What starts the desktop's container, in order: never before the node walls its
+        network off from MooseFS, the nodes and the other desktops (re-applied each time: a
+        dockerd restart or an admin's iptables flush must not leave a desktop open), and never
+        before its dockerd knows the labvm runtime, which gives the container the desktop's
+        overlay as its root. The desktop session is the one the node's image names."""
+        return [
+            HelperCall("net", "ensure_isolation", isolation_params(self.cfg)),
+            HelperCall("runtime", "ensure_runtime", {"data_dir": self.node.data_dir}, timeout=60),
+            HelperCall("vm", "ensure_container", {
+                **self._local, "spec": spec, "secrets": {"password": password},
+                "node": self.node.name, "mfs_mount": self.cfg.storage.mfs_mount,
+                "image_sessions": {"xfce_local": self.cfg.xfce_local, "by_desktop": sessions},
+            }, timeout=240),
+        ]
+
+    def teardown(self, flush: bool) -> list[HelperCall]:
+        """Container gone, sync stopped (flushed or not), layers unmounted: the desktop no
+        longer runs here, and its local layers stay."""
+        return [self.remove_container(), self.stop_sync(flush), self.unmount_stack()]
+
+    # -- ownership on MooseFS
+    def set_owner(self, op: int | None = None, member: str | None = None) -> HelperCall:
+        """The node that may mount the desktop's files from now on (the fence), for member."""
+        params = {**self._on_mfs, "node": self.node.name}
+        if op is not None:
+            params["op"] = op
+        if member is not None:
+            params["member"] = member
+        return HelperCall("vm", "set_owner", params)
+
+    def release_owner(self) -> HelperCall:
+        return HelperCall("vm", "release_owner", self._on_mfs)
+
+    # -- versions
+    def versions(self) -> HelperCall:
+        return HelperCall("merge", "versions", self._on_mfs)
+
+    def publish(self, base: int, target: int, reason: str, upper: str | None = None) -> HelperCall:
+        """base + upper (default: up_mfs as it is) as low_mfs.v<target>, over the desktop image;
+        reason (one of retention.REASONS) is recorded with the version."""
+        params = {**self._on_mfs, "base": base, "target": target, "reason": reason, "image": self.cfg.xfce_local}
+        if upper is not None:
+            params["upper"] = upper
+        return HelperCall("merge", "publish", params, timeout=MERGE_TIMEOUT_S)

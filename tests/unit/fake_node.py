@@ -1,0 +1,14 @@
+"""What a fake node session needs besides its own `call`: the typed calls of
+labvm/remote/recipes.py, alone (`run`) or in one round trip (`call_many`), answered by `call`."""
+
+
+class TypedCalls:
+    def run(self, call, check=False):
+        return self.call(call.helper, call.action, call.params, timeout=call.timeout)["data"]
+
+    def call_many(self, calls, done=lambda _index: None):
+        replies = []
+        for index, call in enumerate(calls):
+            replies.append(self.call(call.helper, call.action, call.params, timeout=call.timeout))
+            done(index)
+        return replies
