@@ -20,7 +20,7 @@ import errno
 import os
 import posixpath
 import stat
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any
 
 from _contract import (
@@ -37,7 +37,7 @@ from _contract import (
     shown_value,
     user_name,
 )
-from _system import mount_at, read_mountinfo
+from _system import mount_at, read_mountinfo, write_atomically
 from vm import VmPaths
 
 MIB = 1024 * 1024
@@ -48,7 +48,6 @@ TEMP_PREFIX = ".labvm-files-"
 DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO swapped in after the type check must not hang the helper on open.
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 FILE_TYPES = ((stat.S_ISREG, "file"), (stat.S_ISDIR, "dir"), (stat.S_ISLNK, "symlink"))
 NOTHING_THERE = {"type": "missing", "size": None, "mode": None, "uid": None, "gid": None, "mtime": None, "target": None}
@@ -399,23 +398,7 @@ def same_file(dir_fd: int, name: str, path: str, content: bytes, wanted: tuple[i
 def replace_file(dir_fd: int, name: str, content: bytes, mode: int, uid: int, gid: int) -> None:
     """Atomically: a reader in the desktop sees the old file or the new one, never half of it.
     rename replaces whatever is at name by now, a symlink included, without following it."""
-    temp = TEMP_PREFIX + os.urandom(8).hex()
-    fd = os.open(temp, TEMP_FLAGS, 0o600, dir_fd=dir_fd)
-    try:
-        with descriptor(fd):
-            os.fchown(fd, uid, gid)
-            os.fchmod(fd, mode)  # after fchown, which clears the set-id bits
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(temp, dir_fd=dir_fd)
-        raise
-    with descriptor(os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)) as directory_fd:
-        os.fsync(directory_fd)
+    write_atomically(name, content, mode, (uid, gid), dir_fd=dir_fd, temporary=TEMP_PREFIX + os.urandom(8).hex())
 
 
 ACTIONS = {

@@ -61,7 +61,16 @@ from _contract import (
     string_matching,
     user_name,
 )
-from _system import CommandTimedOut, MountEntry, find_tool, mount_at, read_mountinfo, refuse_symlinked_path, run_command
+from _system import (
+    CommandTimedOut,
+    MountEntry,
+    find_tool,
+    mount_at,
+    read_mountinfo,
+    refuse_symlinked_path,
+    run_command,
+    write_atomically,
+)
 from _tree import open_dir, walk_tree
 from _tree import remove_tree as remove_deep_tree
 from mfs import is_moosefs
@@ -259,16 +268,6 @@ def remove_leftovers(user_dir: str, moosefs: bool) -> list[str]:
     return removed
 
 
-def write_json_atomically(path: str, temporary: str, value: dict) -> None:
-    data = json.dumps(value, sort_keys=True).encode() + b"\n"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    with os.fdopen(fd, "wb") as stream:
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
-
-
 # --- measuring a tree ---------------------------------------------------------------------
 
 
@@ -404,7 +403,9 @@ def build_version(user_dir: str, base_dir: str, upper: str, target: int, base: i
     files, size = tree_size(lower_copy, moosefs)
     created, reason = time.time(), params["reason"]
     metadata = {"version": target, "base": base, "created": created, "files": files, "bytes": size, "reason": reason}
-    write_json_atomically(metadata_path(user_dir, target), work_path(user_dir, target, "json"), metadata)
+    content = json.dumps(metadata, sort_keys=True).encode() + b"\n"
+    temporary = posixpath.basename(work_path(user_dir, target, "json"))
+    write_atomically(metadata_path(user_dir, target), content, 0o644, temporary=temporary)
     crash_point("described")
     return metadata, stats
 

@@ -101,6 +101,7 @@ from _system import (
     refuse_symlinked_path,
     run_command,
     unmount,
+    write_atomically,
 )
 from _tree import remove_tree
 from net import NETWORK_NAME as DESKTOP_NETWORK
@@ -1342,21 +1343,7 @@ def write_file_atomically(path: str, content: bytes, mode: int) -> bool:
                 return False
     except FileNotFoundError:
         pass
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(content)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomically(path, content, mode)
     return True
 
 

@@ -1,0 +1,46 @@
+"""_system's shared pieces that touch files: the one atomic write."""
+
+import os
+import stat
+
+
+def test_atomic_write_creates_with_mode_and_leaves_no_temporary(bundle, tmp_path):
+    target = tmp_path / "f"
+    bundle.system.write_atomically(str(target), b"one\n", 0o640)
+    assert target.read_bytes() == b"one\n" and stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert os.listdir(tmp_path) == ["f"]
+
+
+def test_atomic_write_keeps_an_existing_files_mode_and_owner_when_asked(bundle, tmp_path):
+    target = tmp_path / "f"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o600)
+    if os.geteuid() == 0:
+        os.chown(target, 1234, 5678)
+    before = target.stat()
+    bundle.system.write_atomically(str(target), b"new", 0o644, keep_existing=True)
+    after = target.stat()
+    assert target.read_bytes() == b"new" and after.st_ino != before.st_ino
+    assert (stat.S_IMODE(after.st_mode), after.st_uid, after.st_gid) == (0o600, before.st_uid, before.st_gid)
+
+
+def test_atomic_write_by_name_in_a_directory_replaces_a_symlink_without_following_it(bundle, tmp_path):
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"untouched")
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    (inside / "f").symlink_to(outside)
+    dir_fd = os.open(inside, os.O_PATH | os.O_DIRECTORY)
+    try:
+        bundle.system.write_atomically("f", b"data", 0o600, dir_fd=dir_fd, temporary=".t")
+    finally:
+        os.close(dir_fd)
+    assert outside.read_bytes() == b"untouched"
+    assert not (inside / "f").is_symlink() and (inside / "f").read_bytes() == b"data"
+    assert sorted(os.listdir(inside)) == ["f"]
+
+
+def test_atomic_write_replaces_a_leftover_named_temporary(bundle, tmp_path):
+    (tmp_path / ".f.tmp").write_bytes(b"left by a crash")
+    bundle.system.write_atomically(str(tmp_path / "f"), b"x", temporary=".f.tmp")
+    assert sorted(os.listdir(tmp_path)) == ["f"]
