@@ -43,6 +43,15 @@ def find_tool(name: str) -> str | None:
     return shutil.which(name, path=search_path())
 
 
+def require_tool(name: str, hint: str, code: str) -> str:
+    """The path of the tool called name, or PreconditionFailed(code) saying it is missing and,
+    in hint, what to do about it ("install the rsync package")."""
+    tool = find_tool(name)
+    if tool is None:
+        raise PreconditionFailed(f"{name} not found on this node" + (f": {hint}" if hint else ""), code)
+    return tool
+
+
 @dataclass(frozen=True)
 class CommandResult:
     returncode: int

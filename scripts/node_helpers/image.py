@@ -38,10 +38,10 @@ from _contract import (
 from _docker import docker_call, docker_message
 from _system import (
     CommandTimedOut,
-    find_tool,
     fsync_directory,
     overlay_lowerdirs,
     read_mountinfo,
+    require_tool,
     run_command,
     write_atomically,
 )
@@ -274,11 +274,8 @@ def verify_sha256(tarball: str, wanted: str) -> None:
 def unpack_beside(xfce_local: str, tarball: str) -> str:
     parent, base = os.path.split(xfce_local)
     incoming = os.path.join(parent, base + INCOMING_INFIX + secrets.token_hex(4))
+    tar = require_tool("tar", "install the tar package", "tar_missing")
     os.mkdir(incoming, 0o700)
-    tar = find_tool("tar")
-    if tar is None:
-        remove_tree(incoming)
-        raise PreconditionFailed("tar not found on this node", "tar_missing")
     argv = [tar, "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "-xzf", tarball, "-C", incoming]
     log(f"unpacking {tarball} into {incoming}")
     try:

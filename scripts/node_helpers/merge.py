@@ -73,7 +73,7 @@ from _system import (
 )
 from _tree import open_dir, walk_tree
 from _tree import remove_tree as remove_deep_tree
-from mfs import is_moosefs
+from mfs import is_moosefs, mfs_tool
 from vm import VERSION_DIR_PATTERN, mfs_user_dir, require_mfs_answers, version_dir_name
 
 ENGINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "labvm_merge")
@@ -213,13 +213,6 @@ def published_versions(user_dir: str) -> list[dict]:
 
 
 # --- copying and removing trees -----------------------------------------------------------
-
-
-def mfs_tool(name: str) -> str:
-    tool = find_tool(name)
-    if tool is None:
-        raise PreconditionFailed(f"{name} not found: install the moosefs-client package", "mfs_tools_missing")
-    return tool
 
 
 def copy_tree(source: str, destination: str, moosefs: bool) -> None:

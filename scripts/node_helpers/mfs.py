@@ -42,11 +42,13 @@ from _system import (
     mounts_below,
     read_mountinfo,
     refuse_symlinked_path,
+    require_tool,
     run_command,
     unmount,
 )
 
 DEFAULT_PORT = 9421
+MFS_CLIENT_HINT = "install the moosefs-client package"
 # mfsmount itself gives up after about 20 s when the master does not answer; this only
 # guards against a client that never returns.
 MFSMOUNT_TIMEOUT_S = 60.0
@@ -295,9 +297,7 @@ def mfsmount_argv(mfsmount: str, params: dict, options: tuple[str, ...]) -> list
 
 
 def run_mfsmount(params: dict, options: tuple[str, ...]) -> None:
-    mfsmount = find_tool("mfsmount")
-    if mfsmount is None:
-        raise PreconditionFailed("mfsmount not found: install the moosefs-client package", "mfsmount_missing")
+    mfsmount = require_tool("mfsmount", MFS_CLIENT_HINT, "mfsmount_missing")
     os.makedirs(params["mount"], exist_ok=True)
     argv = mfsmount_argv(mfsmount, params, options)
     log(f"running {' '.join(argv)}")
@@ -370,11 +370,9 @@ def parse_quota(text: str) -> tuple[int, int | None]:
     return int(match.group(1)), (int(hard) if hard.isdigit() else None)
 
 
-def quota_tool(name: str) -> str:
-    tool = find_tool(name)
-    if tool is None:
-        raise PreconditionFailed(f"{name} not found: install the moosefs-client package", "mfs_tools_missing")
-    return tool
+def mfs_tool(name: str) -> str:
+    """One of MooseFS's client tools (mfsgetquota, mfsmakesnapshot ...), or PreconditionFailed."""
+    return require_tool(name, MFS_CLIENT_HINT, "mfs_tools_missing")
 
 
 def ensure_quota(params: dict, check: bool) -> Result:
@@ -399,7 +397,7 @@ def ensure_quota(params: dict, check: bool) -> Result:
 
 def quota_output(argv: list[str]) -> str:
     try:
-        result = run_command([quota_tool(argv[0]), *argv[1:]], timeout_s=QUOTA_TIMEOUT_S)
+        result = run_command([mfs_tool(argv[0]), *argv[1:]], timeout_s=QUOTA_TIMEOUT_S)
     except CommandTimedOut:
         raise TemporaryFailure(f"{argv[0]} did not answer within {QUOTA_TIMEOUT_S:g} s", "mfs_unavailable") from None
     if result.returncode != 0:

@@ -40,7 +40,7 @@ from _contract import (
     layer_path,
 )
 from _docker import DEFAULT_DOCKER_SOCKET, api_url, docker_json_call, unexpected
-from _system import find_tool, process_name, write_atomically
+from _system import find_tool, process_name, require_tool, write_atomically
 
 # Exported with RUNTIME_NAME for whoever builds a desktop's container spec: it names runtime
 # labvm and carries a bind mount of merge_local at SENTINEL.
@@ -258,12 +258,7 @@ def real_runtime(document: dict, daemon_json: str, shim: str) -> str:
             )
         found = os.path.abspath(found)
     else:
-        runc = find_tool("runc")
-        if runc is None:
-            raise PreconditionFailed(
-                "runc is not installed on this node (not found on PATH nor in /usr/sbin, /usr/bin)", "runc_missing"
-            )
-        found = os.path.abspath(runc)
+        found = os.path.abspath(require_tool("runc", "install the runc package", "runc_missing"))
     if os.path.realpath(found) == os.path.realpath(shim):
         raise PreconditionFailed(f"{daemon_json}: docker's default runtime is labvm's own shim {shim}", "runtime_loop")
     return found

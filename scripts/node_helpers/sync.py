@@ -44,7 +44,7 @@ from _contract import (
     node_name,
     user_name,
 )
-from _system import command_env, find_tool, fuse_call, refuse_symlinked_path
+from _system import command_env, fuse_call, refuse_symlinked_path, require_tool
 from vm import VmPaths, mfs_user_dir
 
 CONTROL_DIR_NAME = "sync"
@@ -215,10 +215,7 @@ def refuse_empty_upper_over_full_copy(up_local: str, up_mfs: str) -> None:
 
 
 def rsync_tool() -> str:
-    tool = find_tool("rsync")
-    if tool is None:
-        raise PreconditionFailed("rsync not found on this node", "rsync_missing")
-    return tool
+    return require_tool("rsync", "install the rsync package", "rsync_missing")
 
 
 def ensure_control_dir(paths: SyncPaths) -> None:

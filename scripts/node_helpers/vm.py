@@ -99,6 +99,7 @@ from _system import (
     overlay_lowerdirs,
     read_mountinfo,
     refuse_symlinked_path,
+    require_tool,
     run_command,
     unmount,
     write_atomically,
@@ -109,6 +110,7 @@ from runtime import RUNTIME_NAME
 from runtime import SENTINEL as ROOTFS_SENTINEL
 
 IMAGE_MARKER = ".labvm-image.json"
+UTIL_LINUX_HINT = "install the util-linux package"
 MOUNT_TIMEOUT_S = 60.0
 FUSE_CALL_TIMEOUT_S = 5.0
 VERSION_DIR_PATTERN = r"low_mfs\.v(\d+)"
@@ -667,10 +669,7 @@ def human_bytes(value: int) -> str:
 
 
 def e2fs_tool(name: str) -> str:
-    tool = find_tool(name)
-    if tool is None:
-        raise PreconditionFailed(f"{name} not found on this node (apt-get install e2fsprogs)", "e2fsprogs_missing")
-    return tool
+    return require_tool(name, "install the e2fsprogs package", "e2fsprogs_missing")
 
 
 def create_disk_image(paths: VmPaths, size: int) -> None:
@@ -725,9 +724,7 @@ def grow_online(paths: VmPaths) -> bool:
     entry = disk_mount(paths)
     if entry is None:
         raise PreconditionFailed(f"{paths.disk} is not mounted", "disk_not_mounted")
-    losetup = find_tool("losetup")
-    if losetup is None:
-        raise PreconditionFailed("losetup not found on this node (util-linux)", "losetup_missing")
+    losetup = require_tool("losetup", UTIL_LINUX_HINT, "losetup_missing")
     told = run_command([losetup, "-c", entry.source], timeout_s=60)
     if told.returncode != 0:
         raise Failed(f"telling the loop device its new size failed: {told.output_tail()}", "disk_grow_failed")
@@ -748,9 +745,7 @@ def migrate_legacy_layers(paths: VmPaths) -> None:
     legacy_up, legacy_work = paths.legacy_layers
     if not os.path.isdir(paths.up_local):
         partial = paths.up_local + ".migrating"
-        rsync = find_tool("rsync")
-        if rsync is None:
-            raise PreconditionFailed("rsync is not installed on this node (apt-get install rsync)", "rsync_missing")
+        rsync = require_tool("rsync", "install the rsync package", "rsync_missing")
         make_dirs(partial, 0o755)
         log(f"moving {legacy_up} into the desktop's disk")
         argv = [rsync, "-aHAX", "--numeric-ids", "-S", "--delete", legacy_up + "/", partial + "/"]
@@ -911,9 +906,7 @@ def seed_upper(up_mfs: str, up_local: str) -> None:
     would hide those changes, and the sync's first full pass would then delete them on MooseFS."""
     if not os.path.isdir(up_mfs) or not os.listdir(up_mfs):
         return
-    rsync = find_tool("rsync")
-    if rsync is None:
-        raise PreconditionFailed("rsync is not installed on this node (apt-get install rsync)", "rsync_missing")
+    rsync = require_tool("rsync", "install the rsync package", "rsync_missing")
     log(f"seeding {up_local} from {up_mfs}")
     result = run_command([rsync, "-aHAX", "--numeric-ids", "-S", up_mfs + "/", up_local + "/"], timeout_s=3600)
     if result.returncode != 0:
@@ -1039,11 +1032,7 @@ def run_mount(argv: list[str], what: str) -> None:
 
 
 def mount_tool() -> str:
-    tool = find_tool("mount")
-    if tool is None:
-        raise PreconditionFailed("mount not found on this node (util-linux)", "mount_missing")
-    return tool
-
+    return require_tool("mount", UTIL_LINUX_HINT, "mount_missing")
 
 def bind_read_only(source: str, target: str) -> None:
     mount = mount_tool()

@@ -3,6 +3,8 @@
 import os
 import stat
 
+import pytest
+
 
 def test_atomic_write_creates_with_mode_and_leaves_no_temporary(bundle, tmp_path):
     target = tmp_path / "f"
@@ -44,3 +46,12 @@ def test_atomic_write_replaces_a_leftover_named_temporary(bundle, tmp_path):
     (tmp_path / ".f.tmp").write_bytes(b"left by a crash")
     bundle.system.write_atomically(str(tmp_path / "f"), b"x", temporary=".f.tmp")
     assert sorted(os.listdir(tmp_path)) == ["f"]
+
+
+def test_require_tool_finds_a_tool_or_refuses_with_the_hint(bundle, monkeypatch):
+    assert bundle.system.require_tool("sh", "install a shell", "sh_missing").endswith("/sh")
+    monkeypatch.setattr(bundle.system, "find_tool", lambda name: None)
+    with pytest.raises(bundle.contract.PreconditionFailed) as refused:
+        bundle.system.require_tool("rsync", "install the rsync package", "rsync_missing")
+    assert refused.value.code == "rsync_missing"
+    assert str(refused.value) == "rsync not found on this node: install the rsync package"
