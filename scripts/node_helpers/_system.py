@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from _contract import Failed, PreconditionFailed
+from _contract import Failed, HelperError, PreconditionFailed, TemporaryFailure
 
 MOUNTINFO_PATH = "/proc/self/mountinfo"
 KILL_WAIT_S = 1.0
@@ -158,6 +158,40 @@ def fuse_call(operation: str, path: str, timeout_s: float) -> Any:
     if "errno" in reply:
         raise OSError(reply["errno"], reply["strerror"], path)
     return reply["value"]
+
+
+# --- does MooseFS answer ------------------------------------------------------------------
+
+# How long a call on the MooseFS mount may take before the mount counts as hung.
+MFS_ANSWER_TIMEOUT_S = 5.0
+
+
+def mfs_call(operation: str, path: str) -> Any:
+    """fuse_call on the MooseFS mount; no answer within MFS_ANSWER_TIMEOUT_S is a
+    TemporaryFailure "mfs_mount_hung". OSError goes to the caller."""
+    try:
+        return fuse_call(operation, path, MFS_ANSWER_TIMEOUT_S)
+    except TimeoutError:
+        raise TemporaryFailure(
+            f"MooseFS does not answer at {path} within {MFS_ANSWER_TIMEOUT_S:g} s", "mfs_mount_hung"
+        ) from None
+
+
+def require_mfs_answers(path: str, missing: HelperError | None = None) -> dict:
+    """statvfs path on MooseFS in a child process (a hung mount must not hang the helper); its
+    figures when MooseFS answers. Else: TemporaryFailure "mfs_mount_hung" (no answer),
+    PreconditionFailed "mfs_mount_stale" (its mfsmount is gone), `missing` when given and path
+    is not there, Failed "mfs_error" otherwise."""
+    try:
+        return mfs_call("statvfs", path)
+    except OSError as error:
+        if error.errno == errno.ENOTCONN:
+            raise PreconditionFailed(
+                f"MooseFS mount at {path} is stale (its mfsmount is gone); remount it with the mfs helper", "mfs_mount_stale"
+            ) from None
+        if missing is not None and error.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise missing from None
+        raise Failed(f"cannot reach MooseFS at {path}: {error}", "mfs_error") from None
 
 
 MIB = 1024 * 1024

@@ -68,13 +68,14 @@ from _system import (
     mount_at,
     read_mountinfo,
     refuse_symlinked_path,
+    require_mfs_answers,
     run_command,
     write_atomically,
 )
 from _tree import open_dir, walk_tree
 from _tree import remove_tree as remove_deep_tree
 from mfs import is_moosefs, mfs_tool
-from vm import VERSION_DIR_PATTERN, mfs_user_dir, require_mfs_answers, version_dir_name
+from vm import VERSION_DIR_PATTERN, mfs_user_dir, version_dir_name
 
 ENGINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "labvm_merge")
 UP_MFS = "up_mfs"

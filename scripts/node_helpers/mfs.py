@@ -37,7 +37,7 @@ from _system import (
     CommandTimedOut,
     MountEntry,
     find_tool,
-    fuse_call,
+    mfs_call,
     mount_at,
     mounts_below,
     read_mountinfo,
@@ -52,8 +52,6 @@ MFS_CLIENT_HINT = "install the moosefs-client package"
 # mfsmount itself gives up after about 20 s when the master does not answer; this only
 # guards against a client that never returns.
 MFSMOUNT_TIMEOUT_S = 60.0
-# Reading .params or stat-ing a mount waits on the FUSE server; a stuck one must not hang us.
-FUSE_CALL_TIMEOUT_S = 5.0
 
 REQUIRED_OPTIONS = ("nosuid", "nodev")
 REFUSED_OPTIONS = {
@@ -262,11 +260,7 @@ def mounted_from(entry: MountEntry, mount: str) -> dict[str, str]:
     """Master, port and subdir of a live mount, from its .params file (the only place that
     names the subdir), else master and port from the mount source."""
     try:
-        text = fuse_call("read", os.path.join(mount, MOUNT_PARAMS_FILE), FUSE_CALL_TIMEOUT_S)
-    except TimeoutError:
-        raise TemporaryFailure(
-            f"MooseFS mount at {mount} does not answer within {FUSE_CALL_TIMEOUT_S:g} s", "mfs_mount_hung"
-        ) from None
+        text = mfs_call("read", os.path.join(mount, MOUNT_PARAMS_FILE))
     except OSError as error:
         if error.errno == errno.ENOTCONN:
             raise PreconditionFailed(

@@ -17,7 +17,6 @@ with this control dir: a stale pid file, or a pid reused by another process, cou
 """
 
 import dataclasses
-import errno
 import fcntl
 import os
 import posixpath
@@ -44,7 +43,7 @@ from _contract import (
     node_name,
     user_name,
 )
-from _system import command_env, fuse_call, refuse_symlinked_path, require_tool
+from _system import command_env, refuse_symlinked_path, require_mfs_answers, require_tool
 from vm import VmPaths, mfs_user_dir
 
 CONTROL_DIR_NAME = "sync"
@@ -56,7 +55,6 @@ SYNCD_PATH = os.path.abspath(syncd.__file__)
 READY_TIMEOUT_S = 300.0
 CONTROL_LOCK_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 300.0
-FUSE_CALL_TIMEOUT_S = 5.0
 ACK_POLL_S = 0.01
 ALIVE_CHECK_S = 0.5
 LOG_TAIL_LINES = 5
@@ -185,19 +183,8 @@ def require_up_local(paths: SyncPaths) -> None:
 
 
 def require_up_mfs(up_mfs: str) -> None:
-    """Asked in a child process: a hung MooseFS mount must not hang the helper."""
-    try:
-        fuse_call("statvfs", up_mfs, FUSE_CALL_TIMEOUT_S)
-    except TimeoutError:
-        raise TemporaryFailure(
-            f"MooseFS does not answer at {up_mfs} within {FUSE_CALL_TIMEOUT_S:g} s", "mfs_mount_hung"
-        ) from None
-    except OSError as error:
-        if error.errno in (errno.ENOENT, errno.ENOTDIR):
-            raise PreconditionFailed(
-                f"{up_mfs} is missing: is MooseFS mounted, and did ensure_stack run?", "up_mfs_missing"
-            ) from None
-        raise Failed(f"cannot reach {up_mfs}: {error}", "mfs_error") from None
+    missing = PreconditionFailed(f"{up_mfs} is missing: is MooseFS mounted, and did ensure_stack run?", "up_mfs_missing")
+    require_mfs_answers(up_mfs, missing)
     if not os.path.isdir(up_mfs):
         raise PreconditionFailed(f"{up_mfs} is not a directory", "up_mfs_missing")
 

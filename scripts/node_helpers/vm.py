@@ -45,7 +45,6 @@ the password before it starts the VNC server; for set_password, once the exec ha
 The container cannot delete it itself: /run/labvm is read-only in there.
 """
 
-import errno
 import hashlib
 import ipaddress
 import json
@@ -92,13 +91,13 @@ from _system import (
     CommandTimedOut,
     MountEntry,
     find_tool,
-    fuse_call,
     mount_at,
     mount_option_value,
     mounts_below,
     overlay_lowerdirs,
     read_mountinfo,
     refuse_symlinked_path,
+    require_mfs_answers,
     require_tool,
     run_command,
     unmount,
@@ -112,7 +111,6 @@ from runtime import SENTINEL as ROOTFS_SENTINEL
 IMAGE_MARKER = ".labvm-image.json"
 UTIL_LINUX_HINT = "install the util-linux package"
 MOUNT_TIMEOUT_S = 60.0
-FUSE_CALL_TIMEOUT_S = 5.0
 VERSION_DIR_PATTERN = r"low_mfs\.v(\d+)"
 DISK_IMAGE = "disk.ext4"
 DISK_DIR = "disk"
@@ -868,22 +866,6 @@ def refuse_live_stack_mismatch(merge_entry, low_entry, low_is_wanted, paths, xfc
             "stop the desktop and run ensure_stack_unmounted first",
             "stack_mismatch",
         )
-
-
-def require_mfs_answers(mfs_mount: str) -> None:
-    """Every later step touches MooseFS; a hung mount would hang them in the kernel."""
-    try:
-        fuse_call("statvfs", mfs_mount, FUSE_CALL_TIMEOUT_S)
-    except TimeoutError:
-        raise TemporaryFailure(
-            f"MooseFS mount at {mfs_mount} does not answer within {FUSE_CALL_TIMEOUT_S:g} s", "mfs_mount_hung"
-        ) from None
-    except OSError as error:
-        if error.errno == errno.ENOTCONN:
-            raise PreconditionFailed(
-                f"MooseFS mount at {mfs_mount} is stale; remount it with the mfs helper", "mfs_mount_stale"
-            ) from None
-        raise Failed(f"cannot stat MooseFS at {mfs_mount}: {error}", "mfs_error") from None
 
 
 def needs_version_dir(version_dir: str, version: int) -> bool:

@@ -1,5 +1,6 @@
 """_system's shared pieces that touch files: the one atomic write."""
 
+import errno
 import os
 import stat
 
@@ -55,3 +56,32 @@ def test_require_tool_finds_a_tool_or_refuses_with_the_hint(bundle, monkeypatch)
         bundle.system.require_tool("rsync", "install the rsync package", "rsync_missing")
     assert refused.value.code == "rsync_missing"
     assert str(refused.value) == "rsync not found on this node: install the rsync package"
+
+
+def test_require_mfs_answers_sorts_out_why_not(bundle, tmp_path, monkeypatch):
+    system, contract = bundle.system, bundle.contract
+    assert system.require_mfs_answers(str(tmp_path))["frsize"] > 0
+    missing = contract.PreconditionFailed("gone", "up_mfs_missing")
+    with pytest.raises(contract.PreconditionFailed) as refused:
+        system.require_mfs_answers(str(tmp_path / "nothing"), missing)
+    assert refused.value is missing
+    with pytest.raises(contract.Failed) as failed:
+        system.require_mfs_answers(str(tmp_path / "nothing"))
+    assert failed.value.code == "mfs_error"
+
+    def hung(operation, path, timeout_s):
+        assert timeout_s == system.MFS_ANSWER_TIMEOUT_S == 5.0
+        raise TimeoutError
+
+    monkeypatch.setattr(system, "fuse_call", hung)
+    with pytest.raises(contract.TemporaryFailure) as temporary:
+        system.require_mfs_answers(str(tmp_path))
+    assert temporary.value.code == "mfs_mount_hung"
+
+    def stale(operation, path, timeout_s):
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected", path)
+
+    monkeypatch.setattr(system, "fuse_call", stale)
+    with pytest.raises(contract.PreconditionFailed) as refused:
+        system.require_mfs_answers(str(tmp_path))
+    assert refused.value.code == "mfs_mount_stale"
