@@ -18,7 +18,6 @@ import base64
 import binascii
 import errno
 import os
-import posixpath
 import stat
 from contextlib import contextmanager
 from typing import Any
@@ -37,8 +36,8 @@ from _contract import (
     shown_value,
     user_name,
 )
+from _layout import VmPaths, mfs_user_dir, version_path
 from _system import mount_at, read_mountinfo, write_atomically
-from vm import VmPaths
 
 MIB = 1024 * 1024
 DEFAULT_MAX_READ_BYTES = 64 * MIB
@@ -309,7 +308,7 @@ def version_root(mfs_mount: str, user: str, version: int):
     over the shared desktop image, so a file missing here may still be in the desktop."""
     if mount_at(read_mountinfo(), mfs_mount) is None:
         raise PreconditionFailed(f"MooseFS is not mounted at {mfs_mount}", "mfs_not_mounted")
-    root = posixpath.join(mfs_mount, "vms", user, f"low_mfs.v{version}")
+    root = version_path(mfs_user_dir(mfs_mount, user), version)
     try:
         fd = os.open(root, DIR_FLAGS)
     except FileNotFoundError:
@@ -323,7 +322,7 @@ def read_root(params: dict):
         return VmPaths.of(params["data_dir"], params["user"]).merge_local, mounted_stack_root
     if params["mfs_mount"] is None:
         raise BadRequest("param 'mfs_mount' is required with 'version'", "bad_param")
-    root = posixpath.join(params["mfs_mount"], "vms", params["user"], f"low_mfs.v{params['version']}")
+    root = version_path(mfs_user_dir(params["mfs_mount"], params["user"]), params["version"])
     return root, lambda _root: version_root(params["mfs_mount"], params["user"], params["version"])
 
 

@@ -61,6 +61,7 @@ from _contract import (
     string_matching,
     user_name,
 )
+from _layout import UP_MFS, VERSION_DIR_PATTERN, metadata_path, mfs_user_dir, version_path
 from _system import (
     CommandTimedOut,
     MountEntry,
@@ -75,10 +76,8 @@ from _system import (
 from _tree import open_dir, walk_tree
 from _tree import remove_tree as remove_deep_tree
 from mfs import is_moosefs, mfs_tool
-from vm import VERSION_DIR_PATTERN, mfs_user_dir, version_dir_name
 
 ENGINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "labvm_merge")
-UP_MFS = "up_mfs"
 WORK_PREFIX = ".merge-"
 UPPER_SNAPSHOT_PREFIX = ".upper-"
 # labvm_merge moves what the lower copy loses into <upper copy> + this, a dir it makes beside it.
@@ -157,14 +156,6 @@ def user_directory(params: dict, must_exist: bool = True) -> str:
     if must_exist and not os.path.isdir(user_dir):
         raise PreconditionFailed(f"{params['user']} has no files on MooseFS ({user_dir} is missing)", "user_dir_missing")
     return user_dir
-
-
-def version_path(user_dir: str, version: int) -> str:
-    return posixpath.join(user_dir, version_dir_name(version))
-
-
-def metadata_path(user_dir: str, version: int) -> str:
-    return version_path(user_dir, version) + ".json"
 
 
 def is_real_dir(path: str) -> bool:

@@ -33,6 +33,7 @@ from _contract import (
     string_matching,
     user_name,
 )
+from _layout import VMS_DIR, mfs_user_dir
 from _system import (
     CommandTimedOut,
     MountEntry,
@@ -80,7 +81,6 @@ REGISTER_ERROR_MARKER = "mfsmaster register error"
 MISSING_SUBDIR_MARKER = "no such file or directory"
 
 MFS_SOURCE = re.compile(r"mfs#(?P<master>[^:]+):(?P<port>\d+)")
-VMS_DIR = "vms"  # every member's versions and upper, one directory each
 VMS_MODE = 0o700
 MOUNT_PARAMS_FILE = ".params"  # MooseFS serves it at the mount root from the client's memory
 
@@ -375,7 +375,7 @@ def ensure_quota(params: dict, check: bool) -> Result:
     entry, _ = current_mount(params["mount"])
     if entry is None or not is_moosefs(entry):
         raise PreconditionFailed(f"MooseFS is not mounted at {params['mount']}; run ensure_mounted first", "mfs_not_mounted")
-    tree = os.path.join(params["mount"], VMS_DIR, params["user"])
+    tree = mfs_user_dir(params["mount"], params["user"])
     refuse_symlinked_path(tree)
     exists = os.path.isdir(tree)
     used, limit = (0, None)

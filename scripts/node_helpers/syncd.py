@@ -46,8 +46,8 @@ Control dir (0700 root; never inside up_local, nor in the runtime dir the contai
     status.json (written atomically), flush.lock, flush.seq, flush-<N>, flush.ack,
     rsyncd.conf (the daemon sender's, 0600)
 
-Standard library and the bundle's _system and _tree only: this runs with the node's system
-python3. The sync helper imports the shared parts (file names, the flush protocol, rsync's
+Standard library and the bundle's _layout, _system and _tree only: this runs with the node's
+system python3. The sync helper imports the shared parts (file names, the flush protocol, rsync's
 arguments) from here.
 """
 
@@ -77,7 +77,8 @@ BUNDLE_DIR = os.path.dirname(os.path.abspath(__file__))
 if BUNDLE_DIR not in sys.path:
     sys.path.insert(0, BUNDLE_DIR)
 
-from _system import write_atomically  # noqa: E402 - needs the path set up above
+from _layout import HEARTBEAT_FILE, OWNER_FILE, SYNC_STATUS_FILE  # noqa: E402 - needs the path set up above
+from _system import write_atomically  # noqa: E402
 from _tree import open_dir, walk_tree  # noqa: E402
 
 # --- files in the control dir ---------------------------------------------------------------
@@ -85,7 +86,7 @@ from _tree import open_dir, walk_tree  # noqa: E402
 PID_FILE = "syncd.pid"
 DAEMON_LOCK = "syncd.lock"
 LOG_FILE = "syncd.log"
-STATUS_FILE = "status.json"
+STATUS_FILE = SYNC_STATUS_FILE
 FLUSH_LOCK = "flush.lock"
 FLUSH_SEQ = "flush.seq"
 FLUSH_ACK = "flush.ack"
@@ -922,8 +923,6 @@ class Fenced(Exception):
     over the new owner's, so the daemon stops for good."""
 
 
-OWNER_FILE = "owner.json"
-HEARTBEAT_FILE = "sync-heartbeat.json"
 PENDING_BYTES_SAMPLE = 2000
 HEARTBEAT_EVERY_S = 5.0
 IDLE_HEARTBEAT_EVERY_S = 30.0

@@ -24,7 +24,7 @@ moves it to the target before the target mounts anything, and ensure_stack / ens
 given their node's name refuse to act for a desktop that another node owns. So a node that was
 cut off or presumed dead cannot bring up a second copy when it returns.
 
-Node layout, per VM:
+Node layout, per VM (the names come from _layout.py):
 
     <data_dir>/vms/<user>/           0700 root
         disk.ext4                    0600 root: the desktop's disk, a sparse ext4 image of its size
@@ -87,6 +87,16 @@ from _docker import (
     quoted,
     unexpected,
 )
+from _layout import (
+    UP_MFS,
+    VERSION_DIR_PATTERN,
+    VMS_DIR,
+    VmPaths,
+    mfs_user_dir,
+    owner_path,
+    up_mfs_path,
+    version_path,
+)
 from _system import (
     CommandTimedOut,
     MountEntry,
@@ -111,9 +121,6 @@ from runtime import SENTINEL as ROOTFS_SENTINEL
 IMAGE_MARKER = ".labvm-image.json"
 UTIL_LINUX_HINT = "install the util-linux package"
 MOUNT_TIMEOUT_S = 60.0
-VERSION_DIR_PATTERN = r"low_mfs\.v(\d+)"
-DISK_IMAGE = "disk.ext4"
-DISK_DIR = "disk"
 MIN_DISK_BYTES = 32 * 1024 * 1024
 
 # Why these overlay options: the upper dir is not only read through this mount. The sync copies
@@ -416,47 +423,12 @@ RESET_UPPER_PARAMS = {**USER_PARAM, **DATA_DIR_PARAM, "mfs_mount": Param(layer_p
 # --- paths --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class VmPaths:
-    vm_dir: str
-    up_local: str
-    work_local: str
-    low_local: str
-    merge_local: str
-    runtime: str
-    disk: str
-    disk_image: str
-
-    @classmethod
-    def of(cls, data_dir: str, user: str) -> "VmPaths":
-        vm_dir = posixpath.join(data_dir, "vms", user)
-        disk = posixpath.join(vm_dir, DISK_DIR)
-        return cls(
-            vm_dir,
-            posixpath.join(disk, "up_local"),
-            posixpath.join(disk, "work_local"),
-            posixpath.join(vm_dir, "low_local"),
-            posixpath.join(vm_dir, "merge_local"),
-            posixpath.join(vm_dir, "runtime"),
-            disk,
-            posixpath.join(vm_dir, DISK_IMAGE),
-        )
-
-    def mount_points(self) -> tuple[str, str]:
-        return self.merge_local, self.low_local
-
-    @property
-    def legacy_layers(self) -> tuple[str, str]:
-        """Where the upper and work dirs were before desktops had a disk of their own."""
-        return posixpath.join(self.vm_dir, "up_local"), posixpath.join(self.vm_dir, "work_local")
-
-
 def mounted_stack_paths(data_dir: str | None, user: str) -> VmPaths:
     """The VM's paths under data_dir; without it, under the one data dir where the user's
     merge_local is mounted as an overlay."""
     if data_dir is not None:
         return VmPaths.of(data_dir, user)
-    pattern = re.compile(rf"(/.+)/vms/{re.escape(user)}/merge_local")
+    pattern = re.compile(rf"(/.+)/{VMS_DIR}/{re.escape(user)}/merge_local")
     found = sorted(
         {
             match.group(1)
@@ -471,20 +443,11 @@ def mounted_stack_paths(data_dir: str | None, user: str) -> VmPaths:
     return VmPaths.of(found[0], user)
 
 
-def mfs_user_dir(mfs_mount: str, user: str) -> str:
-    # The mfs helper mounts labvm's subtree (mfs_dir) itself at mfs_mount.
-    return posixpath.normpath(posixpath.join(mfs_mount, "vms", user))
-
-
-def version_dir_name(version: int) -> str:
-    return f"low_mfs.v{version}"
-
-
 def bind_version(entry: MountEntry | None, user: str) -> int | None:
     """The version a low_local bind mount shows, from the path it binds (its mountinfo root)."""
     if entry is None:
         return None
-    match = re.search(rf"/vms/{re.escape(user)}/{VERSION_DIR_PATTERN}$", entry.root)
+    match = re.search(rf"/{VMS_DIR}/{re.escape(user)}/{VERSION_DIR_PATTERN}$", entry.root)
     return int(match.group(1)) if match else None
 
 
@@ -778,9 +741,9 @@ def unmount_disk(paths: VmPaths) -> bool:
     """True if it was mounted. The sync daemon reads up_local: it must have stopped."""
     if disk_mount(paths) is None:
         return False
-    from sync import SyncPaths, running_daemon  # here: sync imports vm
+    from sync import running_daemon  # only unmounting and removing ask, and sync pulls in syncd
 
-    daemon = running_daemon(SyncPaths.of(posixpath.dirname(posixpath.dirname(paths.vm_dir)), posixpath.basename(paths.vm_dir)))
+    daemon = running_daemon(paths)
     if daemon is not None:
         raise PreconditionFailed(
             f"the sync of {posixpath.basename(paths.vm_dir)} still runs (pid {daemon.pid}) on its disk; "
@@ -824,7 +787,7 @@ def ensure_stack(params: dict, check: bool) -> Result:
             f"desktop image not on this node ({xfce_local} has no {IMAGE_MARKER}); run labvm image push", "image_missing"
         )
     user_dir = mfs_user_dir(params["mfs_mount"], user)
-    version_dir = posixpath.join(user_dir, version_dir_name(version))
+    version_dir = version_path(user_dir, version)
     wanted_low_root = posixpath.normpath(posixpath.join(mfs_entry.root, posixpath.relpath(version_dir, params["mfs_mount"])))
     low_entry, merge_entry = mount_at(entries, paths.low_local), mount_at(entries, paths.merge_local)
     low_is_wanted = low_entry is not None and is_bind_of(low_entry, mfs_entry, wanted_low_root)
@@ -837,7 +800,7 @@ def ensure_stack(params: dict, check: bool) -> Result:
     plan = StackPlan(
         disk=plan_disk(paths, params["disk"]),
         create_version_dir=needs_version_dir(version_dir, version),
-        create_up_mfs=not os.path.isdir(posixpath.join(user_dir, "up_mfs")),
+        create_up_mfs=not os.path.isdir(posixpath.join(user_dir, UP_MFS)),
         create_local_dirs=tuple(path for path in (paths.vm_dir, *local_dirs(paths)) if not os.path.isdir(path)),
         unbind_low=low_entry is not None and not low_is_wanted,
         bind_low=not low_is_wanted,
@@ -896,13 +859,6 @@ def seed_upper(up_mfs: str, up_local: str) -> None:
 
 
 # --- the owner record ---------------------------------------------------------------------
-
-OWNER_FILE = "owner.json"
-
-
-def owner_path(mfs_mount: str, user: str) -> str:
-    return posixpath.join(mfs_user_dir(mfs_mount, user), OWNER_FILE)
-
 
 def read_owner(mfs_mount: str, user: str) -> dict | None:
     try:
@@ -978,7 +934,7 @@ def apply_stack_plan(plan: StackPlan, paths: VmPaths, user_dir: str, version_dir
     if plan.create_version_dir:
         make_dirs(version_dir, 0o755)
     if plan.create_up_mfs:
-        make_dirs(posixpath.join(user_dir, "up_mfs"), 0o755)
+        make_dirs(posixpath.join(user_dir, UP_MFS), 0o755)
     make_dirs(paths.vm_dir, 0o700)
     apply_disk_plan(plan.disk, paths, disk)
     new_upper = not os.path.isdir(paths.up_local)
@@ -988,7 +944,7 @@ def apply_stack_plan(plan: StackPlan, paths: VmPaths, user_dir: str, version_dir
         if not os.path.isdir(path):
             make_dirs(path, 0o700 if path == paths.runtime else 0o755)
     if new_upper:
-        seed_upper(posixpath.join(user_dir, "up_mfs"), paths.up_local)
+        seed_upper(posixpath.join(user_dir, UP_MFS), paths.up_local)
     if plan.unbind_low:
         log(f"rebinding {paths.low_local}: it shows another version and no overlay uses it")
         unmount(paths.low_local)
@@ -1120,9 +1076,9 @@ def remove_local_layers(params: dict, check: bool) -> Result:
             f"refusing to remove {paths.vm_dir}: still mounted there: {', '.join(mounted[:5])}; run ensure_stack_unmounted first",
             "stack_mounted",
         )
-    from sync import SyncPaths, running_daemon  # here: sync imports vm
+    from sync import running_daemon  # only unmounting and removing ask, and sync pulls in syncd
 
-    daemon = running_daemon(SyncPaths.of(params["data_dir"], user))
+    daemon = running_daemon(VmPaths.of(params["data_dir"], user))
     if daemon is not None:
         raise PreconditionFailed(
             f"the sync of {user} still runs (pid {daemon.pid}); stop it first (sync ensure_stopped)", "sync_running"
@@ -1689,7 +1645,7 @@ def reset_upper(params: dict, check: bool) -> Result:
         raise PreconditionFailed(f"{user}'s stack is mounted; unmount it first (ensure_stack_unmounted)", "stack_mounted")
     if mount_at(entries, params["mfs_mount"]) is None:
         raise PreconditionFailed(f"MooseFS is not mounted at {params['mfs_mount']}", "mfs_not_mounted")
-    up_mfs = posixpath.join(mfs_user_dir(params["mfs_mount"], user), "up_mfs")
+    up_mfs = up_mfs_path(params["mfs_mount"], user)
     refuse_symlinked_path(up_mfs)
     # The upper is on the desktop's disk: mounted for this, so an unmounted disk is never
     # mistaken for an empty upper.
