@@ -12,13 +12,16 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from _contract import Failed, PreconditionFailed
+from _contract import Failed, HelperError, PreconditionFailed, TemporaryFailure
 
 MOUNTINFO_PATH = "/proc/self/mountinfo"
 KILL_WAIT_S = 1.0
@@ -38,6 +41,15 @@ def search_path() -> str:
 
 def find_tool(name: str) -> str | None:
     return shutil.which(name, path=search_path())
+
+
+def require_tool(name: str, hint: str, code: str) -> str:
+    """The path of the tool called name, or PreconditionFailed(code) saying it is missing and,
+    in hint, what to do about it ("install the rsync package")."""
+    tool = find_tool(name)
+    if tool is None:
+        raise PreconditionFailed(f"{name} not found on this node" + (f": {hint}" if hint else ""), code)
+    return tool
 
 
 @dataclass(frozen=True)
@@ -148,12 +160,132 @@ def fuse_call(operation: str, path: str, timeout_s: float) -> Any:
     return reply["value"]
 
 
+# --- does MooseFS answer ------------------------------------------------------------------
+
+# How long a call on the MooseFS mount may take before the mount counts as hung.
+MFS_ANSWER_TIMEOUT_S = 5.0
+
+
+def mfs_call(operation: str, path: str) -> Any:
+    """fuse_call on the MooseFS mount; no answer within MFS_ANSWER_TIMEOUT_S is a
+    TemporaryFailure "mfs_mount_hung". OSError goes to the caller."""
+    try:
+        return fuse_call(operation, path, MFS_ANSWER_TIMEOUT_S)
+    except TimeoutError:
+        raise TemporaryFailure(
+            f"MooseFS does not answer at {path} within {MFS_ANSWER_TIMEOUT_S:g} s", "mfs_mount_hung"
+        ) from None
+
+
+def require_mfs_answers(path: str, missing: HelperError | None = None) -> dict:
+    """statvfs path on MooseFS in a child process (a hung mount must not hang the helper); its
+    figures when MooseFS answers. Else: TemporaryFailure "mfs_mount_hung" (no answer),
+    PreconditionFailed "mfs_mount_stale" (its mfsmount is gone), `missing` when given and path
+    is not there, Failed "mfs_error" otherwise."""
+    try:
+        return mfs_call("statvfs", path)
+    except OSError as error:
+        if error.errno == errno.ENOTCONN:
+            raise PreconditionFailed(
+                f"MooseFS mount at {path} is stale (its mfsmount is gone); remount it with the mfs helper", "mfs_mount_stale"
+            ) from None
+        if missing is not None and error.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise missing from None
+        raise Failed(f"cannot reach MooseFS at {path}: {error}", "mfs_error") from None
+
+
 MIB = 1024 * 1024
 
 
 def space_mib(blocks: int, bavail: int, frsize: int) -> dict:
     # f_bavail, not f_bfree: what a non-reserved writer can still use is what matters.
     return {"total_mib": blocks * frsize // MIB, "free_mib": bavail * frsize // MIB}
+
+
+# --- writing files ------------------------------------------------------------------------
+
+TEMP_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def write_atomically(
+    path: str,
+    content: bytes,
+    mode: int = 0o644,
+    owner: tuple[int, int] | None = None,
+    *,
+    keep_existing: bool = False,
+    dir_fd: int | None = None,
+    temporary: str | None = None,
+) -> None:
+    """Replace the file at path with content: a temporary file in the same directory, fsynced,
+    renamed over path, then the directory fsynced. Readers see the old file or the new one, never
+    half of it, and after a crash one of them is there.
+
+    mode and owner ((uid, gid); None: the writer's) are the new file's; keep_existing keeps those
+    of the regular file already at path instead. With dir_fd, path is a name in that directory
+    and nothing on the way is followed; rename replaces whatever is at the name, a symlink
+    included, without following it. temporary names the temporary file (a name in the same
+    directory; a leftover there is replaced) when leftovers must be recognisable; by default it
+    is .<name>.<random>.
+    """
+    directory, name = os.path.split(path)
+    if dir_fd is None:
+        with open_directory(directory or ".") as own_fd:
+            write_atomically(name, content, mode, owner, keep_existing=keep_existing, dir_fd=own_fd, temporary=temporary)
+        return
+    if keep_existing:
+        try:
+            existing = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            existing = None
+        if existing is not None and stat.S_ISREG(existing.st_mode):
+            mode, owner = stat.S_IMODE(existing.st_mode), (existing.st_uid, existing.st_gid)
+    temp = temporary or f".{name}.{os.urandom(8).hex()}"
+    if temporary:
+        try:
+            os.unlink(temp, dir_fd=dir_fd)  # the caller's own name: what is there is a leftover
+        except FileNotFoundError:
+            pass
+    fd = os.open(temp, TEMP_FILE_FLAGS, 0o600, dir_fd=dir_fd)
+    try:
+        try:
+            if owner is not None and (os.fstat(fd).st_uid, os.fstat(fd).st_gid) != tuple(owner):
+                os.fchown(fd, *owner)
+            os.fchmod(fd, mode)  # after fchown, which clears the set-id bits
+            view = memoryview(content)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(temp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+    fsync_directory(dir_fd)
+
+
+def fsync_directory(directory: str | int) -> None:
+    """Make a rename (or a new entry) in directory, a path or a descriptor, survive a crash."""
+    if isinstance(directory, int):
+        with open_directory(".", directory) as fd:
+            os.fsync(fd)
+    else:
+        with open_directory(directory) as fd:
+            os.fsync(fd)
+
+
+@contextmanager
+def open_directory(path: str, dir_fd: int | None = None) -> Iterator[int]:
+    fd = os.open(path, DIRECTORY_FLAGS, dir_fd=dir_fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 # --- HTTP over a unix socket (dockerd) -------------------------------------------------

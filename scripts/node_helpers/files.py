@@ -18,9 +18,8 @@ import base64
 import binascii
 import errno
 import os
-import posixpath
 import stat
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any
 
 from _contract import (
@@ -37,8 +36,8 @@ from _contract import (
     shown_value,
     user_name,
 )
-from _system import mount_at, read_mountinfo
-from vm import VmPaths
+from _layout import VmPaths, mfs_user_dir, version_path
+from _system import mount_at, read_mountinfo, write_atomically
 
 MIB = 1024 * 1024
 DEFAULT_MAX_READ_BYTES = 64 * MIB
@@ -48,7 +47,6 @@ TEMP_PREFIX = ".labvm-files-"
 DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO swapped in after the type check must not hang the helper on open.
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 FILE_TYPES = ((stat.S_ISREG, "file"), (stat.S_ISDIR, "dir"), (stat.S_ISLNK, "symlink"))
 NOTHING_THERE = {"type": "missing", "size": None, "mode": None, "uid": None, "gid": None, "mtime": None, "target": None}
@@ -310,7 +308,7 @@ def version_root(mfs_mount: str, user: str, version: int):
     over the shared desktop image, so a file missing here may still be in the desktop."""
     if mount_at(read_mountinfo(), mfs_mount) is None:
         raise PreconditionFailed(f"MooseFS is not mounted at {mfs_mount}", "mfs_not_mounted")
-    root = posixpath.join(mfs_mount, "vms", user, f"low_mfs.v{version}")
+    root = version_path(mfs_user_dir(mfs_mount, user), version)
     try:
         fd = os.open(root, DIR_FLAGS)
     except FileNotFoundError:
@@ -324,7 +322,7 @@ def read_root(params: dict):
         return VmPaths.of(params["data_dir"], params["user"]).merge_local, mounted_stack_root
     if params["mfs_mount"] is None:
         raise BadRequest("param 'mfs_mount' is required with 'version'", "bad_param")
-    root = posixpath.join(params["mfs_mount"], "vms", params["user"], f"low_mfs.v{params['version']}")
+    root = version_path(mfs_user_dir(params["mfs_mount"], params["user"]), params["version"])
     return root, lambda _root: version_root(params["mfs_mount"], params["user"], params["version"])
 
 
@@ -399,23 +397,7 @@ def same_file(dir_fd: int, name: str, path: str, content: bytes, wanted: tuple[i
 def replace_file(dir_fd: int, name: str, content: bytes, mode: int, uid: int, gid: int) -> None:
     """Atomically: a reader in the desktop sees the old file or the new one, never half of it.
     rename replaces whatever is at name by now, a symlink included, without following it."""
-    temp = TEMP_PREFIX + os.urandom(8).hex()
-    fd = os.open(temp, TEMP_FLAGS, 0o600, dir_fd=dir_fd)
-    try:
-        with descriptor(fd):
-            os.fchown(fd, uid, gid)
-            os.fchmod(fd, mode)  # after fchown, which clears the set-id bits
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(temp, dir_fd=dir_fd)
-        raise
-    with descriptor(os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)) as directory_fd:
-        os.fsync(directory_fd)
+    write_atomically(name, content, mode, (uid, gid), dir_fd=dir_fd, temporary=TEMP_PREFIX + os.urandom(8).hex())
 
 
 ACTIONS = {

@@ -38,10 +38,12 @@ from _contract import (
 from _docker import docker_call, docker_message
 from _system import (
     CommandTimedOut,
-    find_tool,
+    fsync_directory,
     overlay_lowerdirs,
     read_mountinfo,
+    require_tool,
     run_command,
+    write_atomically,
 )
 from _tree import remove_tree
 
@@ -272,11 +274,8 @@ def verify_sha256(tarball: str, wanted: str) -> None:
 def unpack_beside(xfce_local: str, tarball: str) -> str:
     parent, base = os.path.split(xfce_local)
     incoming = os.path.join(parent, base + INCOMING_INFIX + secrets.token_hex(4))
+    tar = require_tool("tar", "install the tar package", "tar_missing")
     os.mkdir(incoming, 0o700)
-    tar = find_tool("tar")
-    if tar is None:
-        remove_tree(incoming)
-        raise PreconditionFailed("tar not found on this node", "tar_missing")
     argv = [tar, "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "-xzf", tarball, "-C", incoming]
     log(f"unpacking {tarball} into {incoming}")
     try:
@@ -316,15 +315,8 @@ def write_marker(root: str, sha256: str) -> None:
         "sha256": sha256,
         "unpacked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    path = os.path.join(root, MARKER)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as stream:
-        json.dump(marker, stream, sort_keys=True)
-        stream.write("\n")
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    content = json.dumps(marker, sort_keys=True).encode() + b"\n"
+    write_atomically(os.path.join(root, MARKER), content, 0o644, temporary=MARKER + ".tmp")
 
 
 RENAME_EXCHANGE = 2
@@ -347,7 +339,7 @@ def swap_into_place(incoming: str, xfce_local: str) -> str | None:
     parent, base = os.path.split(xfce_local)
     if not os.path.lexists(xfce_local):
         os.rename(incoming, xfce_local)
-        fsync_dir(parent)
+        fsync_directory(parent)
         return None
     old = os.path.join(parent, base + OLD_INFIX + secrets.token_hex(4))
     try:
@@ -363,16 +355,8 @@ def swap_into_place(incoming: str, xfce_local: str) -> str | None:
         except BaseException:
             os.rename(old, xfce_local)
             raise
-    fsync_dir(parent)
+    fsync_directory(parent)
     return old
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- ensure_docker_base -------------------------------------------------------------------

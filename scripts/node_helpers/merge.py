@@ -61,14 +61,23 @@ from _contract import (
     string_matching,
     user_name,
 )
-from _system import CommandTimedOut, MountEntry, find_tool, mount_at, read_mountinfo, refuse_symlinked_path, run_command
+from _layout import UP_MFS, VERSION_DIR_PATTERN, metadata_path, mfs_user_dir, version_path
+from _system import (
+    CommandTimedOut,
+    MountEntry,
+    find_tool,
+    mount_at,
+    read_mountinfo,
+    refuse_symlinked_path,
+    require_mfs_answers,
+    run_command,
+    write_atomically,
+)
 from _tree import open_dir, walk_tree
 from _tree import remove_tree as remove_deep_tree
-from mfs import is_moosefs
-from vm import VERSION_DIR_PATTERN, mfs_user_dir, require_mfs_answers, version_dir_name
+from mfs import is_moosefs, mfs_tool
 
 ENGINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "labvm_merge")
-UP_MFS = "up_mfs"
 WORK_PREFIX = ".merge-"
 UPPER_SNAPSHOT_PREFIX = ".upper-"
 # labvm_merge moves what the lower copy loses into <upper copy> + this, a dir it makes beside it.
@@ -149,14 +158,6 @@ def user_directory(params: dict, must_exist: bool = True) -> str:
     return user_dir
 
 
-def version_path(user_dir: str, version: int) -> str:
-    return posixpath.join(user_dir, version_dir_name(version))
-
-
-def metadata_path(user_dir: str, version: int) -> str:
-    return version_path(user_dir, version) + ".json"
-
-
 def is_real_dir(path: str) -> bool:
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)
@@ -206,13 +207,6 @@ def published_versions(user_dir: str) -> list[dict]:
 # --- copying and removing trees -----------------------------------------------------------
 
 
-def mfs_tool(name: str) -> str:
-    tool = find_tool(name)
-    if tool is None:
-        raise PreconditionFailed(f"{name} not found: install the moosefs-client package", "mfs_tools_missing")
-    return tool
-
-
 def copy_tree(source: str, destination: str, moosefs: bool) -> None:
     """A copy that keeps hard links, owners, modes, times, xattrs and holes. On MooseFS a
     snapshot: metadata only, about as fast for 20k files as for one."""
@@ -257,16 +251,6 @@ def remove_leftovers(user_dir: str, moosefs: bool) -> list[str]:
             remove_tree(posixpath.join(user_dir, name), moosefs)
             removed.append(name)
     return removed
-
-
-def write_json_atomically(path: str, temporary: str, value: dict) -> None:
-    data = json.dumps(value, sort_keys=True).encode() + b"\n"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    with os.fdopen(fd, "wb") as stream:
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
 
 
 # --- measuring a tree ---------------------------------------------------------------------
@@ -404,7 +388,9 @@ def build_version(user_dir: str, base_dir: str, upper: str, target: int, base: i
     files, size = tree_size(lower_copy, moosefs)
     created, reason = time.time(), params["reason"]
     metadata = {"version": target, "base": base, "created": created, "files": files, "bytes": size, "reason": reason}
-    write_json_atomically(metadata_path(user_dir, target), work_path(user_dir, target, "json"), metadata)
+    content = json.dumps(metadata, sort_keys=True).encode() + b"\n"
+    temporary = posixpath.basename(work_path(user_dir, target, "json"))
+    write_atomically(metadata_path(user_dir, target), content, 0o644, temporary=temporary)
     crash_point("described")
     return metadata, stats
 

@@ -27,8 +27,9 @@ from typing import Any, Callable
 
 from _contract import USER_PATTERN, Action, BadRequest, Failed, Param, PreconditionFailed, Result, TemporaryFailure, absolute_path
 from _docker import DEFAULT_DOCKER_SOCKET, api_url, docker_json_call, docker_message
+from _layout import SYNC_STATUS_FILE, VERSION_DIR_PATTERN, VmPaths
 from _system import CommandTimedOut, MountEntry, find_tool, mount_at, parse_mountinfo, run_command
-from vm import VmPaths, disk_figures
+from vm import disk_figures
 
 DEFAULT_PROC_ROOT = "/proc"
 DEFAULT_INTERVAL_S = 0.5
@@ -50,7 +51,7 @@ APP_QUERY = ("pid", "gpu_uuid", "used_memory")
 MISSING_VALUES = frozenset({"", "N/A", "[N/A]", "Not Supported", "[Not Supported]", "[Unknown Error]", "Unknown Error"})
 NUMBER_WITH_UNIT = re.compile(r"(-?[0-9]+(?:\.[0-9]+)?)\s*(%|MiB|W|C)?")
 NO_PROCESSES = "No running processes found"
-VERSION_DIR = re.compile(r"low_mfs\.v([0-9]+)")
+VERSION_DIR = re.compile(VERSION_DIR_PATTERN)
 
 
 # --- parameters ---------------------------------------------------------------------------
@@ -723,7 +724,7 @@ def read_disk(data_dir: str, user: str) -> dict | None:
 
 def read_sync_status(proc: Proc, data_dir: str, user: str, now: float) -> dict | None:
     """The sync daemon's status.json (syncd.py writes it atomically, with the time it did)."""
-    path = posixpath.join(data_dir, "vms", user, "sync", "status.json")
+    path = VmPaths.of(data_dir, user).control_file(SYNC_STATUS_FILE)
     try:
         with open(path, encoding="utf-8") as stream:
             status = json.load(stream)

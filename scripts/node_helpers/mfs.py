@@ -33,25 +33,26 @@ from _contract import (
     string_matching,
     user_name,
 )
+from _layout import VMS_DIR, mfs_user_dir
 from _system import (
     CommandTimedOut,
     MountEntry,
     find_tool,
-    fuse_call,
+    mfs_call,
     mount_at,
     mounts_below,
     read_mountinfo,
     refuse_symlinked_path,
+    require_tool,
     run_command,
     unmount,
 )
 
 DEFAULT_PORT = 9421
+MFS_CLIENT_HINT = "install the moosefs-client package"
 # mfsmount itself gives up after about 20 s when the master does not answer; this only
 # guards against a client that never returns.
 MFSMOUNT_TIMEOUT_S = 60.0
-# Reading .params or stat-ing a mount waits on the FUSE server; a stuck one must not hang us.
-FUSE_CALL_TIMEOUT_S = 5.0
 
 REQUIRED_OPTIONS = ("nosuid", "nodev")
 # FUSE's own option: the kernel checks each access against the mode bits. Without it the
@@ -85,7 +86,6 @@ REGISTER_ERROR_MARKER = "mfsmaster register error"
 MISSING_SUBDIR_MARKER = "no such file or directory"
 
 MFS_SOURCE = re.compile(r"mfs#(?P<master>[^:]+):(?P<port>\d+)")
-VMS_DIR = "vms"  # every member's versions and upper, one directory each
 VMS_MODE = 0o700
 MOUNT_PARAMS_FILE = ".params"  # MooseFS serves it at the mount root from the client's memory
 
@@ -289,11 +289,7 @@ def mounted_from(entry: MountEntry, mount: str) -> dict[str, str]:
     """Master, port and subdir of a live mount, from its .params file (the only place that
     names the subdir), else master and port from the mount source."""
     try:
-        text = fuse_call("read", os.path.join(mount, MOUNT_PARAMS_FILE), FUSE_CALL_TIMEOUT_S)
-    except TimeoutError:
-        raise TemporaryFailure(
-            f"MooseFS mount at {mount} does not answer within {FUSE_CALL_TIMEOUT_S:g} s", "mfs_mount_hung"
-        ) from None
+        text = mfs_call("read", os.path.join(mount, MOUNT_PARAMS_FILE))
     except OSError as error:
         if error.errno == errno.ENOTCONN:
             raise PreconditionFailed(
@@ -324,9 +320,7 @@ def mfsmount_argv(mfsmount: str, params: dict, options: tuple[str, ...]) -> list
 
 
 def run_mfsmount(params: dict, options: tuple[str, ...]) -> None:
-    mfsmount = find_tool("mfsmount")
-    if mfsmount is None:
-        raise PreconditionFailed("mfsmount not found: install the moosefs-client package", "mfsmount_missing")
+    mfsmount = require_tool("mfsmount", MFS_CLIENT_HINT, "mfsmount_missing")
     os.makedirs(params["mount"], exist_ok=True)
     argv = mfsmount_argv(mfsmount, params, options)
     log(f"running {' '.join(argv)}")
@@ -399,11 +393,9 @@ def parse_quota(text: str) -> tuple[int, int | None]:
     return int(match.group(1)), (int(hard) if hard.isdigit() else None)
 
 
-def quota_tool(name: str) -> str:
-    tool = find_tool(name)
-    if tool is None:
-        raise PreconditionFailed(f"{name} not found: install the moosefs-client package", "mfs_tools_missing")
-    return tool
+def mfs_tool(name: str) -> str:
+    """One of MooseFS's client tools (mfsgetquota, mfsmakesnapshot ...), or PreconditionFailed."""
+    return require_tool(name, MFS_CLIENT_HINT, "mfs_tools_missing")
 
 
 def ensure_quota(params: dict, check: bool) -> Result:
@@ -412,7 +404,7 @@ def ensure_quota(params: dict, check: bool) -> Result:
     entry, _ = current_mount(params["mount"])
     if entry is None or not is_moosefs(entry):
         raise PreconditionFailed(f"MooseFS is not mounted at {params['mount']}; run ensure_mounted first", "mfs_not_mounted")
-    tree = os.path.join(params["mount"], VMS_DIR, params["user"])
+    tree = mfs_user_dir(params["mount"], params["user"])
     refuse_symlinked_path(tree)
     exists = os.path.isdir(tree)
     used, limit = (0, None)
@@ -428,7 +420,7 @@ def ensure_quota(params: dict, check: bool) -> Result:
 
 def quota_output(argv: list[str]) -> str:
     try:
-        result = run_command([quota_tool(argv[0]), *argv[1:]], timeout_s=QUOTA_TIMEOUT_S)
+        result = run_command([mfs_tool(argv[0]), *argv[1:]], timeout_s=QUOTA_TIMEOUT_S)
     except CommandTimedOut:
         raise TemporaryFailure(f"{argv[0]} did not answer within {QUOTA_TIMEOUT_S:g} s", "mfs_unavailable") from None
     if result.returncode != 0:

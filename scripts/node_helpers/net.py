@@ -34,7 +34,7 @@ import socket
 
 from _contract import Action, BadRequest, Failed, Param, PreconditionFailed, Result
 from _docker import DEFAULT_DOCKER_SOCKET, api_url, docker_json_call, quoted, unexpected
-from _system import find_tool, run_command
+from _system import require_tool, run_command
 
 NETWORK_NAME = "labvm"
 BRIDGE = "labvm0"
@@ -126,10 +126,8 @@ class Filter:
     def __init__(self, ipv6: bool):
         self.ipv6 = ipv6
         name = "ip6tables" if ipv6 else "iptables"
-        self.tool = find_tool(name)
-        self.restore = find_tool(f"{name}-restore")
-        if self.tool is None or self.restore is None:
-            raise PreconditionFailed(f"{name} is not installed on this node: install the iptables package", "iptables_missing")
+        self.tool = require_tool(name, "install the iptables package", "iptables_missing")
+        self.restore = require_tool(f"{name}-restore", "install the iptables package", "iptables_missing")
 
     def run(self, *args: str, stdin_text: str | None = None, tool: str | None = None):
         return run_command([tool or self.tool, "-w", *args], IPTABLES_TIMEOUT_S, stdin_text=stdin_text)

@@ -12,6 +12,7 @@ import sys
 
 from _contract import Action, Param, Result, absolute_path
 from _system import (
+    MFS_ANSWER_TIMEOUT_S,
     CommandTimedOut,
     find_tool,
     fuse_call,
@@ -25,8 +26,6 @@ from _system import (
 DEFAULT_DOCKER_SOCKET = "/run/docker.sock"
 DOCKER_TIMEOUT_S = 3.0
 NVIDIA_SMI_TIMEOUT_S = 10.0
-# statvfs on a FUSE mount waits for its server; a stuck MooseFS must not stall the probe.
-MFS_STATVFS_TIMEOUT_S = 5.0
 
 FILESYSTEMS_PATH = "/proc/filesystems"
 MEMINFO_PATH = "/proc/meminfo"
@@ -320,7 +319,7 @@ def mfs_mount_facts(mount: str) -> dict:
     if entry is None:
         return facts
     try:
-        stat = fuse_call("statvfs", mount, MFS_STATVFS_TIMEOUT_S)
+        stat = fuse_call("statvfs", mount, MFS_ANSWER_TIMEOUT_S)
     except (OSError, TimeoutError) as error:
         return {**facts, "error": f"statvfs {mount}: {describe_error(error)}"}
     return {**facts, **space_mib(stat["blocks"], stat["bavail"], stat["frsize"])}

@@ -27,7 +27,6 @@ import socket
 import stat
 import struct
 import sys
-import tempfile
 import time
 
 from _contract import (
@@ -41,7 +40,7 @@ from _contract import (
     layer_path,
 )
 from _docker import DEFAULT_DOCKER_SOCKET, api_url, docker_json_call, unexpected
-from _system import find_tool, process_name
+from _system import find_tool, process_name, require_tool, write_atomically
 
 # Exported with RUNTIME_NAME for whoever builds a desktop's container spec: it names runtime
 # labvm and carries a bind mount of merge_local at SENTINEL.
@@ -160,31 +159,9 @@ def file_matches(path: str, content: bytes, mode: int) -> bool:
     return found is not None and found[0] == content and stat.S_IMODE(found[1].st_mode) == mode and root_owned(found[1])
 
 
-def write_atomically(path: str, content: bytes, mode: int, owner: tuple[int, int] = (0, 0)) -> None:
-    """A temporary file beside path, fsynced, then renamed over it: readers see the old file or
-    the new one, never half of it."""
-    directory = os.path.dirname(path)
-    fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(content)
-            stream.flush()
-            os.fchmod(stream.fileno(), mode)
-            if os.geteuid() == 0:
-                os.fchown(stream.fileno(), *owner)
-            os.fsync(stream.fileno())
-        os.rename(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def root_owner() -> tuple[int, int] | None:
+    """What runtime files are owned by: root, when this runs as root (tests need not)."""
+    return (0, 0) if os.geteuid() == 0 else None
 
 
 def json_bytes(document) -> bytes:
@@ -281,12 +258,7 @@ def real_runtime(document: dict, daemon_json: str, shim: str) -> str:
             )
         found = os.path.abspath(found)
     else:
-        runc = find_tool("runc")
-        if runc is None:
-            raise PreconditionFailed(
-                "runc is not installed on this node (not found on PATH nor in /usr/sbin, /usr/bin)", "runc_missing"
-            )
-        found = os.path.abspath(runc)
+        found = os.path.abspath(require_tool("runc", "install the runc package", "runc_missing"))
     if os.path.realpath(found) == os.path.realpath(shim):
         raise PreconditionFailed(f"{daemon_json}: docker's default runtime is labvm's own shim {shim}", "runtime_loop")
     return found
@@ -414,9 +386,9 @@ def ensure_runtime(params: dict, check: bool) -> Result:
     if "install_dir" in parts:
         ensure_install_dir(install_dir)
     if "shim" in parts:
-        write_atomically(shim, content, 0o755)
+        write_atomically(shim, content, 0o755, root_owner())
     if "shim_config" in parts:
-        write_atomically(settings_file, json_bytes(settings), 0o644)
+        write_atomically(settings_file, json_bytes(settings), 0o644, root_owner())
     if "daemon_json" in parts:
         write_daemon_json(daemon_json, updated, daemon_info)
     if "dockerd" in parts:
@@ -429,10 +401,7 @@ def write_daemon_json(path: str, document: dict, info: os.stat_result | None) ->
     """Keeps the file's mode and owner (0644 root when new); through a symlink, writes its target."""
     target = os.path.realpath(path)
     os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
-    if info is None:
-        write_atomically(target, json_bytes(document), 0o644)
-    else:
-        write_atomically(target, json_bytes(document), stat.S_IMODE(info.st_mode), (info.st_uid, info.st_gid))
+    write_atomically(target, json_bytes(document), 0o644, root_owner(), keep_existing=info is not None)
 
 
 def runtime_status(params: dict, check: bool) -> Result:

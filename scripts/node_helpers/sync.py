@@ -17,10 +17,8 @@ with this control dir: a stale pid file, or a pid reused by another process, cou
 """
 
 import dataclasses
-import errno
 import fcntl
 import os
-import posixpath
 import select
 import signal
 import subprocess
@@ -44,10 +42,9 @@ from _contract import (
     node_name,
     user_name,
 )
-from _system import command_env, find_tool, fuse_call, refuse_symlinked_path
-from vm import VmPaths, mfs_user_dir
+from _layout import VmPaths, heartbeat_path, up_mfs_path
+from _system import command_env, refuse_symlinked_path, require_mfs_answers, require_tool
 
-CONTROL_DIR_NAME = "sync"
 CONFIG_FILE = "config.json"
 CONTROL_LOCK = "control.lock"
 SYNCD_PATH = os.path.abspath(syncd.__file__)
@@ -56,7 +53,6 @@ SYNCD_PATH = os.path.abspath(syncd.__file__)
 READY_TIMEOUT_S = 300.0
 CONTROL_LOCK_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 300.0
-FUSE_CALL_TIMEOUT_S = 5.0
 ACK_POLL_S = 0.01
 ALIVE_CHECK_S = 0.5
 LOG_TAIL_LINES = 5
@@ -103,25 +99,6 @@ STATUS_PARAMS = VM_PARAMS
 
 
 @dataclass(frozen=True)
-class SyncPaths:
-    vm_dir: str
-    up_local: str
-    control_dir: str
-
-    @classmethod
-    def of(cls, data_dir: str, user: str) -> "SyncPaths":
-        vm = VmPaths.of(data_dir, user)
-        return cls(vm.vm_dir, vm.up_local, posixpath.join(vm.vm_dir, CONTROL_DIR_NAME))
-
-    def file(self, name: str) -> str:
-        return posixpath.join(self.control_dir, name)
-
-
-def up_mfs_path(mfs_mount: str, user: str) -> str:
-    return posixpath.join(mfs_user_dir(mfs_mount, user), "up_mfs")
-
-
-@dataclass(frozen=True)
 class Daemon:
     pid: int
     cmdline: tuple[bytes, ...]
@@ -160,9 +137,9 @@ def read_cmdline(pid: int) -> tuple[bytes, ...] | None:
     return tuple(raw.rstrip(b"\0").split(b"\0")) if raw else None
 
 
-def running_daemon(paths: SyncPaths) -> Daemon | None:
+def running_daemon(paths: VmPaths) -> Daemon | None:
     try:
-        with open(paths.file(syncd.PID_FILE), encoding="ascii") as stream:
+        with open(paths.control_file(syncd.PID_FILE), encoding="ascii") as stream:
             pid = int(stream.read().strip())
     except (OSError, ValueError):
         return None
@@ -178,26 +155,15 @@ def running_daemon(paths: SyncPaths) -> Daemon | None:
 # --- checks --------------------------------------------------------------------------------
 
 
-def require_up_local(paths: SyncPaths) -> None:
+def require_up_local(paths: VmPaths) -> None:
     refuse_symlinked_path(paths.up_local)
     if not os.path.isdir(paths.up_local):
         raise PreconditionFailed(f"{paths.up_local} is missing; run the vm helper's ensure_stack first", "up_local_missing")
 
 
 def require_up_mfs(up_mfs: str) -> None:
-    """Asked in a child process: a hung MooseFS mount must not hang the helper."""
-    try:
-        fuse_call("statvfs", up_mfs, FUSE_CALL_TIMEOUT_S)
-    except TimeoutError:
-        raise TemporaryFailure(
-            f"MooseFS does not answer at {up_mfs} within {FUSE_CALL_TIMEOUT_S:g} s", "mfs_mount_hung"
-        ) from None
-    except OSError as error:
-        if error.errno in (errno.ENOENT, errno.ENOTDIR):
-            raise PreconditionFailed(
-                f"{up_mfs} is missing: is MooseFS mounted, and did ensure_stack run?", "up_mfs_missing"
-            ) from None
-        raise Failed(f"cannot reach {up_mfs}: {error}", "mfs_error") from None
+    missing = PreconditionFailed(f"{up_mfs} is missing: is MooseFS mounted, and did ensure_stack run?", "up_mfs_missing")
+    require_mfs_answers(up_mfs, missing)
     if not os.path.isdir(up_mfs):
         raise PreconditionFailed(f"{up_mfs} is not a directory", "up_mfs_missing")
 
@@ -215,13 +181,10 @@ def refuse_empty_upper_over_full_copy(up_local: str, up_mfs: str) -> None:
 
 
 def rsync_tool() -> str:
-    tool = find_tool("rsync")
-    if tool is None:
-        raise PreconditionFailed("rsync not found on this node", "rsync_missing")
-    return tool
+    return require_tool("rsync", "install the rsync package", "rsync_missing")
 
 
-def ensure_control_dir(paths: SyncPaths) -> None:
+def ensure_control_dir(paths: VmPaths) -> None:
     refuse_symlinked_path(paths.control_dir)
     if not os.path.isdir(paths.control_dir):
         os.mkdir(paths.control_dir, 0o700)
@@ -231,8 +194,8 @@ def ensure_control_dir(paths: SyncPaths) -> None:
 class ControlLock:
     """Serialises the helper's starts, stops and full passes of one VM."""
 
-    def __init__(self, paths: SyncPaths):
-        self.path = paths.file(CONTROL_LOCK)
+    def __init__(self, paths: VmPaths):
+        self.path = paths.control_file(CONTROL_LOCK)
         self.stream = None
 
     def __enter__(self):
@@ -254,9 +217,9 @@ class ControlLock:
         self.stream.close()
 
 
-def log_tail(paths: SyncPaths) -> str:
+def log_tail(paths: VmPaths) -> str:
     try:
-        with open(paths.file(syncd.LOG_FILE), encoding="utf-8", errors="replace") as stream:
+        with open(paths.control_file(syncd.LOG_FILE), encoding="utf-8", errors="replace") as stream:
             lines = stream.read().splitlines()[-LOG_TAIL_LINES:]
     except OSError:
         return "(no log)"
@@ -268,7 +231,7 @@ def log_tail(paths: SyncPaths) -> str:
 
 def ensure_running(params: dict, check: bool) -> Result:
     user = params["user"]
-    paths = SyncPaths.of(params["data_dir"], user)
+    paths = VmPaths.of(params["data_dir"], user)
     up_mfs = up_mfs_path(params["mfs_mount"], user)
     require_up_local(paths)
     require_up_mfs(up_mfs)
@@ -283,7 +246,7 @@ def ensure_running(params: dict, check: bool) -> Result:
         params["node"],
     )
     running = running_daemon(paths)
-    data = {"up_local": paths.up_local, "up_mfs": up_mfs, "control_dir": paths.control_dir, "log": paths.file(syncd.LOG_FILE)}
+    data = {"up_local": paths.up_local, "up_mfs": up_mfs, "control_dir": paths.control_dir, "log": paths.control_file(syncd.LOG_FILE)}
     if running is not None and running.settings == wanted:
         return Result(changed=False, data={**data, "pid": running.pid, "started": False, "restarted": False})
     if check:
@@ -293,12 +256,12 @@ def ensure_running(params: dict, check: bool) -> Result:
         if running is not None:
             stop_daemon(running, paths, STOP_TIMEOUT_S)
         refuse_empty_upper_over_full_copy(paths.up_local, up_mfs)
-        syncd.write_json_atomically(paths.file(CONFIG_FILE), {"up_local": paths.up_local, "up_mfs": up_mfs, "args": wanted})
+        syncd.write_json_atomically(paths.control_file(CONFIG_FILE), {"up_local": paths.up_local, "up_mfs": up_mfs, "args": wanted})
         pid = start_daemon(paths, wanted)
     return Result(changed=True, data={**data, "pid": pid, "started": True, "restarted": running is not None})
 
 
-def start_daemon(paths: SyncPaths, args: list[str]) -> int:
+def start_daemon(paths: VmPaths, args: list[str]) -> int:
     """Start syncd and wait until its watches are in place; its pid. The first full pass runs
     after that, in the background."""
     ready_read, ready_write = os.pipe()
@@ -339,7 +302,7 @@ def read_ready_message(fd: int, timeout_s: float) -> str:
     return received.decode("utf-8", errors="replace").strip()
 
 
-def ready_pid(message: str, paths: SyncPaths) -> int:
+def ready_pid(message: str, paths: VmPaths) -> int:
     word, _, rest = message.partition(" ")
     if word == "ready" and rest.isdigit():
         return int(rest)
@@ -355,7 +318,7 @@ def ready_pid(message: str, paths: SyncPaths) -> int:
     raise Failed(f"the sync daemon exited while starting; log: {log_tail(paths)}", "sync_start_failed")
 
 
-def stop_daemon(daemon: Daemon, paths: SyncPaths, timeout_s: float) -> None:
+def stop_daemon(daemon: Daemon, paths: VmPaths, timeout_s: float) -> None:
     """SIGTERM makes the daemon sync what is queued and exit; wait for that."""
     try:
         os.kill(daemon.pid, signal.SIGTERM)
@@ -375,7 +338,7 @@ def stop_daemon(daemon: Daemon, paths: SyncPaths, timeout_s: float) -> None:
 
 
 def flush(params: dict, check: bool) -> Result:
-    paths = SyncPaths.of(params["data_dir"], params["user"])
+    paths = VmPaths.of(params["data_dir"], params["user"])
     daemon = running_daemon(paths)
     if daemon is None:
         return flush_by_full_pass(paths, params, check)
@@ -384,7 +347,7 @@ def flush(params: dict, check: bool) -> Result:
     return flush_through_daemon(daemon, paths, params["timeout_s"])
 
 
-def flush_through_daemon(daemon: Daemon, paths: SyncPaths, timeout_s: float) -> Result:
+def flush_through_daemon(daemon: Daemon, paths: VmPaths, timeout_s: float) -> Result:
     started = time.monotonic()
     requested_at = time.time()
     number = syncd.request_flush(paths.control_dir)
@@ -411,10 +374,10 @@ def flush_through_daemon(daemon: Daemon, paths: SyncPaths, timeout_s: float) -> 
         time.sleep(ACK_POLL_S)
 
 
-def refuse_when_destination_full(paths: SyncPaths, requested_at: float) -> None:
+def refuse_when_destination_full(paths: VmPaths, requested_at: float) -> None:
     """A flush cannot finish while the member's share of MooseFS is full: say so now, rather
     than at the deadline. The daemon keeps everything queued and catches up once there is room."""
-    status = syncd.read_json(paths.file(syncd.STATUS_FILE)) or {}
+    status = syncd.read_json(paths.control_file(syncd.STATUS_FILE)) or {}
     error = status.get("last_error") or ""
     if status.get("state") == "error" and syncd.FULL_DESTINATION_ERROR in error and (status.get("updated") or 0) > requested_at:
         raise PreconditionFailed(
@@ -424,22 +387,22 @@ def refuse_when_destination_full(paths: SyncPaths, requested_at: float) -> None:
         )
 
 
-def daemon_summary(paths: SyncPaths) -> str:
-    status = syncd.read_json(paths.file(syncd.STATUS_FILE)) or {}
+def daemon_summary(paths: VmPaths) -> str:
+    status = syncd.read_json(paths.control_file(syncd.STATUS_FILE)) or {}
     return f"state {status.get('state')}, {status.get('pending')} paths queued, last error: {status.get('last_error') or 'none'}"
 
 
-def flush_by_full_pass(paths: SyncPaths, params: dict, check: bool) -> Result:
+def flush_by_full_pass(paths: VmPaths, params: dict, check: bool) -> Result:
     """No daemon: the desktop is stopped (or its daemon died). A full pass is the flush."""
     up_mfs = known_up_mfs(paths, params)
     result = full_pass_now(paths, up_mfs, check)
     return Result(changed=result.changed, data={**result.data, "mode": "full_pass"})
 
 
-def known_up_mfs(paths: SyncPaths, params: dict) -> str:
+def known_up_mfs(paths: VmPaths, params: dict) -> str:
     if params.get("mfs_mount"):
         return up_mfs_path(params["mfs_mount"], params["user"])
-    config = syncd.read_json(paths.file(CONFIG_FILE))
+    config = syncd.read_json(paths.control_file(CONFIG_FILE))
     if isinstance(config, dict) and isinstance(config.get("up_mfs"), str):
         return config["up_mfs"]
     raise PreconditionFailed(
@@ -452,7 +415,7 @@ def known_up_mfs(paths: SyncPaths, params: dict) -> str:
 
 
 def full_pass(params: dict, check: bool) -> Result:
-    paths = SyncPaths.of(params["data_dir"], params["user"])
+    paths = VmPaths.of(params["data_dir"], params["user"])
     daemon = running_daemon(paths)
     if daemon is not None:
         raise PreconditionFailed(f"a sync daemon (pid {daemon.pid}) runs for this VM; use flush instead", "sync_daemon_running")
@@ -460,7 +423,7 @@ def full_pass(params: dict, check: bool) -> Result:
     return Result(changed=result.changed, data={**result.data, "mode": "full_pass"})
 
 
-def full_pass_now(paths: SyncPaths, up_mfs: str, check: bool) -> Result:
+def full_pass_now(paths: VmPaths, up_mfs: str, check: bool) -> Result:
     require_up_local(paths)
     require_up_mfs(up_mfs)
     rsync = rsync_tool()
@@ -495,7 +458,7 @@ def full_pass_now(paths: SyncPaths, up_mfs: str, check: bool) -> Result:
 
 
 def ensure_stopped(params: dict, check: bool) -> Result:
-    paths = SyncPaths.of(params["data_dir"], params["user"])
+    paths = VmPaths.of(params["data_dir"], params["user"])
     daemon = running_daemon(paths)
     if daemon is None:
         # A daemon that died (killed, out of memory) left its queue unsent: whoever stops the
@@ -521,10 +484,10 @@ def ensure_stopped(params: dict, check: bool) -> Result:
     return Result(changed=True, data={"pid": daemon.pid, "flushed": flushed, **quarantined})
 
 
-def flush_without_daemon(paths: SyncPaths, params: dict, check: bool) -> dict | None:
+def flush_without_daemon(paths: VmPaths, params: dict, check: bool) -> dict | None:
     """A full pass when this node ever synced the desktop and still has its upper; None when
     there is nothing here to send (no upper: layers removed, or never synced from here)."""
-    config = syncd.read_json(paths.file(CONFIG_FILE))
+    config = syncd.read_json(paths.control_file(CONFIG_FILE))
     legacy_up = VmPaths.of(params["data_dir"], params["user"]).legacy_layers[0]
     if isinstance(config, dict) and config.get("up_local") == legacy_up and os.path.isdir(legacy_up):
         # A daemon of the layout before desktops had disks synced the upper where it was then.
@@ -539,13 +502,13 @@ def flush_without_daemon(paths: SyncPaths, params: dict, check: bool) -> dict | 
 
 
 def sync_status(params: dict, check: bool) -> Result:
-    paths = SyncPaths.of(params["data_dir"], params["user"])
+    paths = VmPaths.of(params["data_dir"], params["user"])
     daemon = running_daemon(paths)
-    status = syncd.read_json(paths.file(syncd.STATUS_FILE))
+    status = syncd.read_json(paths.control_file(syncd.STATUS_FILE))
     status = status if isinstance(status, dict) else {}
     data = {**status, "running": daemon is not None, "pid": daemon.pid if daemon else None, "lag_s": lag(status, daemon)}
     data["control_dir"] = paths.control_dir
-    data["log"] = paths.file(syncd.LOG_FILE)
+    data["log"] = paths.control_file(syncd.LOG_FILE)
     # ensure_running keeps a daemon whose settings match, whichever bundle started it; this says
     # whether it runs this bundle's code (restart it with ensure_stopped + ensure_running if not).
     data["code_current"] = daemon.script == SYNCD_PATH if daemon else None
@@ -565,7 +528,7 @@ def lag(status: dict, daemon: Daemon | None) -> float | None:
 def last_success(params: dict, check: bool) -> Result:
     """Until when the desktop's writes reached MooseFS, as its node's sync last recorded there.
     Readable from any node, which is the point: the desktop's own node may be dead."""
-    path = posixpath.join(mfs_user_dir(params["mfs_mount"], params["user"]), syncd.HEARTBEAT_FILE)
+    path = heartbeat_path(params["mfs_mount"], params["user"])
     record = syncd.read_json(path)
     if not isinstance(record, dict):
         return Result(changed=False, data={"last_success": None, "node": None})

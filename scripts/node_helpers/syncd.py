@@ -46,8 +46,9 @@ Control dir (0700 root; never inside up_local, nor in the runtime dir the contai
     status.json (written atomically), flush.lock, flush.seq, flush-<N>, flush.ack,
     rsyncd.conf (the daemon sender's, 0600)
 
-Standard library only: this runs with the node's system python3. The sync helper imports the
-shared parts (file names, the flush protocol, rsync's arguments) from here.
+Standard library and the bundle's _layout, _system and _tree only: this runs with the node's
+system python3. The sync helper imports the shared parts (file names, the flush protocol, rsync's
+arguments) from here.
 """
 
 import argparse
@@ -76,14 +77,16 @@ BUNDLE_DIR = os.path.dirname(os.path.abspath(__file__))
 if BUNDLE_DIR not in sys.path:
     sys.path.insert(0, BUNDLE_DIR)
 
-from _tree import open_dir, walk_tree  # noqa: E402 - needs the path set up above
+from _layout import HEARTBEAT_FILE, OWNER_FILE, SYNC_STATUS_FILE  # noqa: E402 - needs the path set up above
+from _system import write_atomically  # noqa: E402
+from _tree import open_dir, walk_tree  # noqa: E402
 
 # --- files in the control dir ---------------------------------------------------------------
 
 PID_FILE = "syncd.pid"
 DAEMON_LOCK = "syncd.lock"
 LOG_FILE = "syncd.log"
-STATUS_FILE = "status.json"
+STATUS_FILE = SYNC_STATUS_FILE
 FLUSH_LOCK = "flush.lock"
 FLUSH_SEQ = "flush.seq"
 FLUSH_ACK = "flush.ack"
@@ -201,24 +204,12 @@ ROOT_CONTENTS = b"."
 
 
 def write_json_atomically(path: str, value) -> None:
-    """Readers see the old document or the new one, never a torn one."""
+    """Readers see the old document or the new one, never a torn one; a new file is 0600."""
     write_text_atomically(path, json.dumps(value, sort_keys=True) + "\n")
 
 
 def write_text_atomically(path: str, text: str) -> None:
-    """The whole text or the old file, never a torn one; the new file is 0600 (mkstemp)."""
-    directory, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomically(path, text.encode(), 0o600)
 
 
 def read_json(path: str):
@@ -932,8 +923,6 @@ class Fenced(Exception):
     over the new owner's, so the daemon stops for good."""
 
 
-OWNER_FILE = "owner.json"
-HEARTBEAT_FILE = "sync-heartbeat.json"
 PENDING_BYTES_SAMPLE = 2000
 HEARTBEAT_EVERY_S = 5.0
 IDLE_HEARTBEAT_EVERY_S = 30.0
@@ -1651,11 +1640,7 @@ def take_daemon_lock(control_dir: str):
 
 
 def write_pid_file(control_dir: str) -> None:
-    path = os.path.join(control_dir, PID_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="ascii") as stream:
-        stream.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+    write_atomically(os.path.join(control_dir, PID_FILE), f"{os.getpid()}\n".encode(), 0o644)
 
 
 def remove_pid_file(control_dir: str) -> None:

@@ -24,7 +24,7 @@ moves it to the target before the target mounts anything, and ensure_stack / ens
 given their node's name refuse to act for a desktop that another node owns. So a node that was
 cut off or presumed dead cannot bring up a second copy when it returns.
 
-Node layout, per VM:
+Node layout, per VM (the names come from _layout.py):
 
     <data_dir>/vms/<user>/           0700 root
         disk.ext4                    0600 root: the desktop's disk, a sparse ext4 image of its size
@@ -45,7 +45,6 @@ the password before it starts the VNC server; for set_password, once the exec ha
 The container cannot delete it itself: /run/labvm is read-only in there.
 """
 
-import errno
 import hashlib
 import ipaddress
 import json
@@ -88,19 +87,31 @@ from _docker import (
     quoted,
     unexpected,
 )
+from _layout import (
+    UP_MFS,
+    VERSION_DIR_PATTERN,
+    VMS_DIR,
+    VmPaths,
+    mfs_user_dir,
+    owner_path,
+    up_mfs_path,
+    version_path,
+)
 from _system import (
     CommandTimedOut,
     MountEntry,
     find_tool,
-    fuse_call,
     mount_at,
     mount_option_value,
     mounts_below,
     overlay_lowerdirs,
     read_mountinfo,
     refuse_symlinked_path,
+    require_mfs_answers,
+    require_tool,
     run_command,
     unmount,
+    write_atomically,
 )
 from _tree import remove_tree
 from net import NETWORK_NAME as DESKTOP_NETWORK
@@ -108,11 +119,8 @@ from runtime import RUNTIME_NAME
 from runtime import SENTINEL as ROOTFS_SENTINEL
 
 IMAGE_MARKER = ".labvm-image.json"
+UTIL_LINUX_HINT = "install the util-linux package"
 MOUNT_TIMEOUT_S = 60.0
-FUSE_CALL_TIMEOUT_S = 5.0
-VERSION_DIR_PATTERN = r"low_mfs\.v(\d+)"
-DISK_IMAGE = "disk.ext4"
-DISK_DIR = "disk"
 MIN_DISK_BYTES = 32 * 1024 * 1024
 
 # Why these overlay options: the upper dir is not only read through this mount. The sync copies
@@ -415,47 +423,12 @@ RESET_UPPER_PARAMS = {**USER_PARAM, **DATA_DIR_PARAM, "mfs_mount": Param(layer_p
 # --- paths --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class VmPaths:
-    vm_dir: str
-    up_local: str
-    work_local: str
-    low_local: str
-    merge_local: str
-    runtime: str
-    disk: str
-    disk_image: str
-
-    @classmethod
-    def of(cls, data_dir: str, user: str) -> "VmPaths":
-        vm_dir = posixpath.join(data_dir, "vms", user)
-        disk = posixpath.join(vm_dir, DISK_DIR)
-        return cls(
-            vm_dir,
-            posixpath.join(disk, "up_local"),
-            posixpath.join(disk, "work_local"),
-            posixpath.join(vm_dir, "low_local"),
-            posixpath.join(vm_dir, "merge_local"),
-            posixpath.join(vm_dir, "runtime"),
-            disk,
-            posixpath.join(vm_dir, DISK_IMAGE),
-        )
-
-    def mount_points(self) -> tuple[str, str]:
-        return self.merge_local, self.low_local
-
-    @property
-    def legacy_layers(self) -> tuple[str, str]:
-        """Where the upper and work dirs were before desktops had a disk of their own."""
-        return posixpath.join(self.vm_dir, "up_local"), posixpath.join(self.vm_dir, "work_local")
-
-
 def mounted_stack_paths(data_dir: str | None, user: str) -> VmPaths:
     """The VM's paths under data_dir; without it, under the one data dir where the user's
     merge_local is mounted as an overlay."""
     if data_dir is not None:
         return VmPaths.of(data_dir, user)
-    pattern = re.compile(rf"(/.+)/vms/{re.escape(user)}/merge_local")
+    pattern = re.compile(rf"(/.+)/{VMS_DIR}/{re.escape(user)}/merge_local")
     found = sorted(
         {
             match.group(1)
@@ -470,20 +443,11 @@ def mounted_stack_paths(data_dir: str | None, user: str) -> VmPaths:
     return VmPaths.of(found[0], user)
 
 
-def mfs_user_dir(mfs_mount: str, user: str) -> str:
-    # The mfs helper mounts labvm's subtree (mfs_dir) itself at mfs_mount.
-    return posixpath.normpath(posixpath.join(mfs_mount, "vms", user))
-
-
-def version_dir_name(version: int) -> str:
-    return f"low_mfs.v{version}"
-
-
 def bind_version(entry: MountEntry | None, user: str) -> int | None:
     """The version a low_local bind mount shows, from the path it binds (its mountinfo root)."""
     if entry is None:
         return None
-    match = re.search(rf"/vms/{re.escape(user)}/{VERSION_DIR_PATTERN}$", entry.root)
+    match = re.search(rf"/{VMS_DIR}/{re.escape(user)}/{VERSION_DIR_PATTERN}$", entry.root)
     return int(match.group(1)) if match else None
 
 
@@ -666,10 +630,7 @@ def human_bytes(value: int) -> str:
 
 
 def e2fs_tool(name: str) -> str:
-    tool = find_tool(name)
-    if tool is None:
-        raise PreconditionFailed(f"{name} not found on this node (apt-get install e2fsprogs)", "e2fsprogs_missing")
-    return tool
+    return require_tool(name, "install the e2fsprogs package", "e2fsprogs_missing")
 
 
 def create_disk_image(paths: VmPaths, size: int) -> None:
@@ -724,9 +685,7 @@ def grow_online(paths: VmPaths) -> bool:
     entry = disk_mount(paths)
     if entry is None:
         raise PreconditionFailed(f"{paths.disk} is not mounted", "disk_not_mounted")
-    losetup = find_tool("losetup")
-    if losetup is None:
-        raise PreconditionFailed("losetup not found on this node (util-linux)", "losetup_missing")
+    losetup = require_tool("losetup", UTIL_LINUX_HINT, "losetup_missing")
     told = run_command([losetup, "-c", entry.source], timeout_s=60)
     if told.returncode != 0:
         raise Failed(f"telling the loop device its new size failed: {told.output_tail()}", "disk_grow_failed")
@@ -747,9 +706,7 @@ def migrate_legacy_layers(paths: VmPaths) -> None:
     legacy_up, legacy_work = paths.legacy_layers
     if not os.path.isdir(paths.up_local):
         partial = paths.up_local + ".migrating"
-        rsync = find_tool("rsync")
-        if rsync is None:
-            raise PreconditionFailed("rsync is not installed on this node (apt-get install rsync)", "rsync_missing")
+        rsync = require_tool("rsync", "install the rsync package", "rsync_missing")
         make_dirs(partial, 0o755)
         log(f"moving {legacy_up} into the desktop's disk")
         argv = [rsync, "-aHAX", "--numeric-ids", "-S", "--delete", legacy_up + "/", partial + "/"]
@@ -784,9 +741,9 @@ def unmount_disk(paths: VmPaths) -> bool:
     """True if it was mounted. The sync daemon reads up_local: it must have stopped."""
     if disk_mount(paths) is None:
         return False
-    from sync import SyncPaths, running_daemon  # here: sync imports vm
+    from sync import running_daemon  # only unmounting and removing ask, and sync pulls in syncd
 
-    daemon = running_daemon(SyncPaths.of(posixpath.dirname(posixpath.dirname(paths.vm_dir)), posixpath.basename(paths.vm_dir)))
+    daemon = running_daemon(paths)
     if daemon is not None:
         raise PreconditionFailed(
             f"the sync of {posixpath.basename(paths.vm_dir)} still runs (pid {daemon.pid}) on its disk; "
@@ -830,7 +787,7 @@ def ensure_stack(params: dict, check: bool) -> Result:
             f"desktop image not on this node ({xfce_local} has no {IMAGE_MARKER}); run labvm image push", "image_missing"
         )
     user_dir = mfs_user_dir(params["mfs_mount"], user)
-    version_dir = posixpath.join(user_dir, version_dir_name(version))
+    version_dir = version_path(user_dir, version)
     wanted_low_root = posixpath.normpath(posixpath.join(mfs_entry.root, posixpath.relpath(version_dir, params["mfs_mount"])))
     low_entry, merge_entry = mount_at(entries, paths.low_local), mount_at(entries, paths.merge_local)
     low_is_wanted = low_entry is not None and is_bind_of(low_entry, mfs_entry, wanted_low_root)
@@ -843,7 +800,7 @@ def ensure_stack(params: dict, check: bool) -> Result:
     plan = StackPlan(
         disk=plan_disk(paths, params["disk"]),
         create_version_dir=needs_version_dir(version_dir, version),
-        create_up_mfs=not os.path.isdir(posixpath.join(user_dir, "up_mfs")),
+        create_up_mfs=not os.path.isdir(posixpath.join(user_dir, UP_MFS)),
         create_local_dirs=tuple(path for path in (paths.vm_dir, *local_dirs(paths)) if not os.path.isdir(path)),
         unbind_low=low_entry is not None and not low_is_wanted,
         bind_low=not low_is_wanted,
@@ -874,22 +831,6 @@ def refuse_live_stack_mismatch(merge_entry, low_entry, low_is_wanted, paths, xfc
         )
 
 
-def require_mfs_answers(mfs_mount: str) -> None:
-    """Every later step touches MooseFS; a hung mount would hang them in the kernel."""
-    try:
-        fuse_call("statvfs", mfs_mount, FUSE_CALL_TIMEOUT_S)
-    except TimeoutError:
-        raise TemporaryFailure(
-            f"MooseFS mount at {mfs_mount} does not answer within {FUSE_CALL_TIMEOUT_S:g} s", "mfs_mount_hung"
-        ) from None
-    except OSError as error:
-        if error.errno == errno.ENOTCONN:
-            raise PreconditionFailed(
-                f"MooseFS mount at {mfs_mount} is stale; remount it with the mfs helper", "mfs_mount_stale"
-            ) from None
-        raise Failed(f"cannot stat MooseFS at {mfs_mount}: {error}", "mfs_error") from None
-
-
 def needs_version_dir(version_dir: str, version: int) -> bool:
     if os.path.isdir(version_dir):
         return False
@@ -910,9 +851,7 @@ def seed_upper(up_mfs: str, up_local: str) -> None:
     would hide those changes, and the sync's first full pass would then delete them on MooseFS."""
     if not os.path.isdir(up_mfs) or not os.listdir(up_mfs):
         return
-    rsync = find_tool("rsync")
-    if rsync is None:
-        raise PreconditionFailed("rsync is not installed on this node (apt-get install rsync)", "rsync_missing")
+    rsync = require_tool("rsync", "install the rsync package", "rsync_missing")
     log(f"seeding {up_local} from {up_mfs}")
     result = run_command([rsync, "-aHAX", "--numeric-ids", "-S", up_mfs + "/", up_local + "/"], timeout_s=3600)
     if result.returncode != 0:
@@ -920,13 +859,6 @@ def seed_upper(up_mfs: str, up_local: str) -> None:
 
 
 # --- the owner record ---------------------------------------------------------------------
-
-OWNER_FILE = "owner.json"
-
-
-def owner_path(mfs_mount: str, user: str) -> str:
-    return posixpath.join(mfs_user_dir(mfs_mount, user), OWNER_FILE)
-
 
 def read_owner(mfs_mount: str, user: str) -> dict | None:
     try:
@@ -1002,7 +934,7 @@ def apply_stack_plan(plan: StackPlan, paths: VmPaths, user_dir: str, version_dir
     if plan.create_version_dir:
         make_dirs(version_dir, 0o755)
     if plan.create_up_mfs:
-        make_dirs(posixpath.join(user_dir, "up_mfs"), 0o755)
+        make_dirs(posixpath.join(user_dir, UP_MFS), 0o755)
     make_dirs(paths.vm_dir, 0o700)
     apply_disk_plan(plan.disk, paths, disk)
     new_upper = not os.path.isdir(paths.up_local)
@@ -1012,7 +944,7 @@ def apply_stack_plan(plan: StackPlan, paths: VmPaths, user_dir: str, version_dir
         if not os.path.isdir(path):
             make_dirs(path, 0o700 if path == paths.runtime else 0o755)
     if new_upper:
-        seed_upper(posixpath.join(user_dir, "up_mfs"), paths.up_local)
+        seed_upper(posixpath.join(user_dir, UP_MFS), paths.up_local)
     if plan.unbind_low:
         log(f"rebinding {paths.low_local}: it shows another version and no overlay uses it")
         unmount(paths.low_local)
@@ -1038,11 +970,7 @@ def run_mount(argv: list[str], what: str) -> None:
 
 
 def mount_tool() -> str:
-    tool = find_tool("mount")
-    if tool is None:
-        raise PreconditionFailed("mount not found on this node (util-linux)", "mount_missing")
-    return tool
-
+    return require_tool("mount", UTIL_LINUX_HINT, "mount_missing")
 
 def bind_read_only(source: str, target: str) -> None:
     mount = mount_tool()
@@ -1148,9 +1076,9 @@ def remove_local_layers(params: dict, check: bool) -> Result:
             f"refusing to remove {paths.vm_dir}: still mounted there: {', '.join(mounted[:5])}; run ensure_stack_unmounted first",
             "stack_mounted",
         )
-    from sync import SyncPaths, running_daemon  # here: sync imports vm
+    from sync import running_daemon  # only unmounting and removing ask, and sync pulls in syncd
 
-    daemon = running_daemon(SyncPaths.of(params["data_dir"], user))
+    daemon = running_daemon(VmPaths.of(params["data_dir"], user))
     if daemon is not None:
         raise PreconditionFailed(
             f"the sync of {user} still runs (pid {daemon.pid}); stop it first (sync ensure_stopped)", "sync_running"
@@ -1342,21 +1270,7 @@ def write_file_atomically(path: str, content: bytes, mode: int) -> bool:
                 return False
     except FileNotFoundError:
         pass
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(content)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomically(path, content, mode)
     return True
 
 
@@ -1731,7 +1645,7 @@ def reset_upper(params: dict, check: bool) -> Result:
         raise PreconditionFailed(f"{user}'s stack is mounted; unmount it first (ensure_stack_unmounted)", "stack_mounted")
     if mount_at(entries, params["mfs_mount"]) is None:
         raise PreconditionFailed(f"MooseFS is not mounted at {params['mfs_mount']}", "mfs_not_mounted")
-    up_mfs = posixpath.join(mfs_user_dir(params["mfs_mount"], user), "up_mfs")
+    up_mfs = up_mfs_path(params["mfs_mount"], user)
     refuse_symlinked_path(up_mfs)
     # The upper is on the desktop's disk: mounted for this, so an unmounted disk is never
     # mistaken for an empty upper.

@@ -24,7 +24,7 @@ import pytest
 
 BUNDLE_DIR = Path(__file__).resolve().parents[2] / "scripts" / "node_helpers"
 ENTRY = BUNDLE_DIR / "labvm_helper.py"
-BUNDLE_MODULES = ("_contract", "_system", "_tree", "_docker", "net", "oci_shim", "runtime", "probe", "mfs", "image", "vm", "files", "merge", "metrics", "syncd", "sync")
+BUNDLE_MODULES = ("_contract", "_system", "_layout", "_tree", "_docker", "net", "oci_shim", "runtime", "probe", "mfs", "image", "vm", "files", "merge", "metrics", "syncd", "sync")
 EXIT_CODES = {0, 1, 2, 3, 75}
 MNT_DETACH = 2
 

@@ -287,7 +287,7 @@ def files_helper(monkeypatch):
     helpers = Path(__file__).resolve().parents[2] / "scripts" / "node_helpers"
     before = set(sys.modules)
     monkeypatch.syspath_prepend(str(helpers))
-    for name in ("_contract", "_system", "_tree", "files"):
+    for name in ("_contract", "_system", "_layout", "_tree", "files"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     yield importlib.import_module("files")
     for name in set(sys.modules) - before:
