@@ -479,7 +479,7 @@ def ensure_stopped(params: dict, check: bool) -> Result:
         stop_daemon(daemon, paths, params["timeout_s"])
     # The daemon's last word: paths it could not copy (a FIFO, a name too long), which MooseFS
     # therefore lacks.
-    final = syncd.read_json(paths.file(syncd.STATUS_FILE)) or {}
+    final = syncd.read_json(paths.control_file(syncd.STATUS_FILE)) or {}
     quarantined = {"quarantined": final.get("quarantined") or [], "quarantined_count": int(final.get("quarantined_count") or 0)}
     return Result(changed=True, data={"pid": daemon.pid, "flushed": flushed, **quarantined})
 

@@ -879,6 +879,11 @@ def test_a_path_too_long_for_rsync_is_quarantined_and_the_rest_syncs(run_helper,
     # Another flush still returns: the quarantined path is tried once and stays quarantined.
     flush(run_helper, node, timeout_s=120)
     assert status(run_helper, node)["quarantined_count"] >= 1
+    # Stopping says what MooseFS lacks, for a switch to tell.
+    stopped = sync(run_helper, "ensure_stopped", node.params(flush=True))
+    assert stopped.exit_code == 0, stopped.reply
+    assert stopped.data["quarantined_count"] >= 1
+    assert any("longer than 4095 bytes" in entry["reason"] for entry in stopped.data["quarantined"])
 
 
 def test_without_inotify_full_passes_keep_syncing(run_helper, node, monkeypatch):
