@@ -152,8 +152,9 @@ def test_mount_params_file(bundle):
 
 
 def test_required_options_are_appended_once(bundle):
-    assert bundle.mfs.with_required_options(()) == ("nosuid", "nodev")
-    assert bundle.mfs.with_required_options(("nodev", "mfscachemode=DIRECT")) == ("nodev", "mfscachemode=DIRECT", "nosuid")
+    assert bundle.mfs.with_required_options(()) == ("nosuid", "nodev", "default_permissions")
+    assert bundle.mfs.with_required_options(("nodev", "mfscachemode=DIRECT")) == (
+        "nodev", "mfscachemode=DIRECT", "nosuid", "default_permissions")
 
 
 def test_mount_options_accept_plain_key_values(bundle):
