@@ -440,7 +440,7 @@ class StateDB:
             if switch_op is not None:
                 used |= self.ports_held_for_switches(node, but_op=switch_op)
             gpus, ports = choose(taken, used)
-            clash = [g["uuid"] for g in gpus if g["uuid"] in taken] + [str(p) for p in ports if p and p in used]
+            clash = [f"GPU {g['uuid']}" for g in gpus if g["uuid"] in taken] + [f"port {p}" for p in ports if p and p in used]
             if clash:
                 raise NoCapacity(f"{node}: {', '.join(clash)} already taken; not reserved for {user}")
             now = time.time()
