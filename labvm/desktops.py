@@ -11,7 +11,6 @@ import base64
 import ipaddress
 import json
 import re
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,7 +21,7 @@ from .errors import AlreadyExists, BadInput, FilesOfAnotherMember, LabvmError, N
 from .images import base_image_tag, base_image_tar
 from .journal import journaled
 from .nodes import mfs_params
-from .placement import GpuRequest, NodeCapacity, allocate_gpus, allocate_ports, choose_node
+from .placement import GpuRequest, NodeCapacity, choose_node
 from .remote.helpers import HelperBundle, HelperCall
 from .remote.pool import run_on_nodes
 from .remote.recipes import DesktopCalls, mount_mfs
@@ -256,19 +255,15 @@ class Desktops:
 
     # -- reading ---------------------------------------------------------------
     def get(self, db: StateDB, user: str) -> Desktop:
-        row = db.conn.execute("SELECT * FROM vms WHERE user = ?", (user,)).fetchone()
+        row = db.desktop_row(user)
         if row is None:
             db.get_user(user)
             raise NotFound(f"{user} has no desktop; create one with `labvm create {user}`")
-        gpus = [
-            {"uuid": r["gpu_uuid"], "index": r["gpu_index"]}
-            for r in db.conn.execute("SELECT gpu_uuid, gpu_index FROM gpu_assignments WHERE user = ? AND node = ? ORDER BY gpu_index",
-                                     (user, row["node"]))
-        ]
+        gpus = db.gpu_assignments(user, row["node"])
         return Desktop(row["user"], row["node"], row["state"], row["vnc_port"], row["ssh_port"], json.loads(row["limits"]), row["version"], gpus)
 
     def list(self, db: StateDB) -> list[Desktop]:
-        return [self.get(db, r["user"]) for r in db.conn.execute("SELECT user FROM vms ORDER BY user")]
+        return [self.get(db, user) for user in db.desktop_users()]
 
     @contextmanager
     def session(self, node: Node):
@@ -281,8 +276,8 @@ class Desktops:
     # -- placement -----------------------------------------------------------
     @staticmethod
     def _usage(db: StateDB, node: Node) -> tuple[set[str], int]:
-        taken = {r["gpu_uuid"] for r in db.conn.execute("SELECT gpu_uuid FROM gpu_assignments WHERE node = ?", (node.name,))}
-        promised = sum(json.loads(r["limits"]).get("memory", 0) for r in db.conn.execute("SELECT limits FROM vms WHERE node = ?", (node.name,)))
+        taken = db.gpus_taken_on(node.name)
+        promised = sum(limits.get("memory", 0) for limits in db.limits_on(node.name))
         return taken, promised
 
     def _probe(self, node: Node) -> tuple[dict, dict]:
@@ -359,7 +354,7 @@ class Desktops:
                 return self._create_locked(db, op, account, node, request, limits, adopt)
 
     def _refuse_existing(self, db: StateDB, user: str) -> None:
-        if db.conn.execute("SELECT 1 FROM vms WHERE user = ?", (user,)).fetchone():
+        if db.has_desktop(user):
             existing = self.get(db, user)
             raise AlreadyExists(f"{user} already has a desktop on {existing.node} ({existing.state}); see `labvm status`")
 
@@ -408,7 +403,7 @@ class Desktops:
             ("start_sync", [calls.start_sync()]),
             ("start_container", self.container_calls(s, db, user, spec)),
         ])
-        db.conn.execute("UPDATE vms SET state = 'running', updated_at = ? WHERE user = ?", (time.time(), user))
+        db.set_desktop_state(user, "running")
 
     def disk_of(self, limits: dict) -> int:
         return limits.get("disk") or self.cfg.vm_defaults.disk
@@ -470,7 +465,7 @@ class Desktops:
             whose = "an earlier member's files (--adopt)" if files.adopted else f"{user}'s files"
             self.say(f"continuing from v{files.latest} of {whose}, kept when the last desktop was removed "
                      f"(`labvm rm {user} --purge` deletes them)")
-            db.conn.execute("UPDATE vms SET version = ? WHERE user = ?", (files.latest, user))
+            db.set_first_version(user, files.latest)
         calls = self.calls(s.node, user)
         s.run(calls.set_owner(member=account.member_id))
         # A container of that name on this node is a leftover of an earlier desktop of the user.
@@ -483,25 +478,7 @@ class Desktops:
 
     def _reserve(self, db, user, node, cap, request, limits) -> None:
         """Record the desktop with its GPUs and ports in one transaction: no GPU or port is given twice."""
-        db.conn.execute("BEGIN IMMEDIATE")
-        try:
-            taken = {r["gpu_uuid"] for r in db.conn.execute("SELECT gpu_uuid FROM gpu_assignments WHERE node = ?", (node.name,))}
-            chosen = allocate_gpus(node.name, cap.gpus, taken, request)
-            used = set(cap.ports_in_use)
-            for r in db.conn.execute("SELECT vnc_port, ssh_port FROM vms WHERE node = ?", (node.name,)):
-                used.update(p for p in (r["vnc_port"], r["ssh_port"]) if p)
-            vnc, ssh = allocate_ports(node, used)
-            now = time.time()
-            db.conn.execute(
-                "INSERT INTO vms (user, node, state, vnc_port, ssh_port, limits, version, created_at, updated_at) VALUES (?, ?, 'creating', ?, ?, ?, 0, ?, ?)",
-                (user, node.name, vnc, ssh, json.dumps(limits.as_dict()), now, now),
-            )
-            for g in chosen:
-                db.conn.execute("INSERT INTO gpu_assignments VALUES (?, ?, ?, ?, ?)", (g["uuid"], node.name, g["index"], user, now))
-            db.conn.execute("COMMIT")
-        except BaseException:
-            db.conn.execute("ROLLBACK")
-            raise
+        db.reserve(user, node.name, cap.choice(request), new_limits=limits.as_dict())
 
     def _rollback_create(self, db, user, node) -> None:
         try:
@@ -510,7 +487,7 @@ class Desktops:
                 s.call_many([*calls.teardown(flush=False), calls.remove_local_layers()])
         except LabvmError as exc:
             self.say(f"rollback on {node.name} incomplete: {exc}")
-        db.conn.execute("DELETE FROM vms WHERE user = ?", (user,))
+        db.remove_desktop(user)
 
     def stop_on_node(self, s: NodeSession, op, user: str, timeout: int) -> None:
         """Stop the container, send the last of its writes to MooseFS, unmount its layers."""
@@ -545,7 +522,7 @@ class Desktops:
         def work(db, op, desktop, node):
             with self.session(node) as s:
                 self.stop_on_node(s, op, user, timeout)
-            db.conn.execute("UPDATE vms SET state = 'stopped', updated_at = ? WHERE user = ?", (time.time(), user))
+            db.set_desktop_state(user, "stopped")
             return self.get(db, user)
 
         return self._with_desktop(user, "stop", work)
@@ -565,7 +542,7 @@ class Desktops:
                         self.purge_files(s, user)
                     else:
                         s.call_many([calls.mount_mfs(), calls.release_owner()])
-            db.conn.execute("DELETE FROM vms WHERE user = ?", (user,))
+            db.remove_desktop(user)
 
         self._with_desktop(user, "rm", work)
 
@@ -601,8 +578,7 @@ class Desktops:
                         s.call_many([calls.mount_mfs(), calls.quota(size)])
                 with op.step("record"):
                     limits = {**desktop.limits, "disk": size}
-                    db.conn.execute("UPDATE vms SET limits = ?, updated_at = ? WHERE user = ?",
-                                    (json.dumps(limits), time.time(), user))
+                    db.set_desktop_limits(user, limits)
                 plan["pending"] = grown.get("pending", False)
                 plan["restart_needed"] = grown.get("restart_needed", False)
                 return plan

@@ -1,4 +1,4 @@
-"""Per-desktop locks and the operations journal in the state database.
+"""Per-desktop locks and the operations journal in the state database, whose rows the store (StateDB) reads and writes.
 
 A lock names its owner (host and pid) and is only taken over when that
 process is provably gone from this host. Every operation records its named
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sqlite3
 import subprocess
 import time
 from contextlib import contextmanager
@@ -44,12 +43,11 @@ class Operation:
         self.id = op_id
         self.kind = kind
         self.params = dict(params or {})
-        row = db.conn.execute("SELECT COALESCE(MAX(seq), 0) AS seq FROM operation_steps WHERE op_id = ?", (op_id,)).fetchone()
-        self._seq = row["seq"] if row else 0
+        self._seq = db.last_step_seq(op_id)
 
     @classmethod
     def load(cls, db: StateDB, op_id: int) -> "Operation":
-        row = db.conn.execute("SELECT kind, params FROM operations WHERE id = ?", (op_id,)).fetchone()
+        row = db.operation(op_id)
         if row is None:
             from .errors import NotFound
 
@@ -59,34 +57,21 @@ class Operation:
     def remember(self, **values) -> None:
         """Keep values a resumed run needs (a target's GPUs, a published version) in the journal."""
         self.params.update(values)
-        self.db.conn.execute(
-            "UPDATE operations SET params = ?, updated_at = ? WHERE id = ?",
-            (json.dumps(self.params, sort_keys=True), time.time(), self.id),
-        )
+        self.db.set_operation_params(self.id, self.params)
 
     def done(self, name: str) -> bool:
-        return self.db.conn.execute(
-            "SELECT 1 FROM operation_steps WHERE op_id = ? AND name = ? AND state = 'done'", (self.id, name)
-        ).fetchone() is not None
+        return self.db.step_done(self.id, name)
 
     def set_state(self, state: str) -> None:
-        self.db.conn.execute("UPDATE operations SET state = ?, updated_at = ? WHERE id = ?", (state, time.time(), self.id))
+        self.db.set_operation_state(self.id, state)
 
     @classmethod
     def begin(cls, db: StateDB, kind: str, user: str | None, params: dict) -> "Operation":
-        now = time.time()
-        cur = db.conn.execute(
-            "INSERT INTO operations (kind, user, state, params, created_at, updated_at) VALUES (?, ?, 'running', ?, ?, ?)",
-            (kind, user, json.dumps(params, sort_keys=True), now, now),
-        )
-        return cls(db, cur.lastrowid, kind, params)
+        return cls(db, db.begin_operation(kind, user, params), kind, params)
 
     def _begin_step(self, name: str) -> int:
         self._seq += 1
-        self.db.conn.execute(
-            "INSERT INTO operation_steps (op_id, seq, name, state, started_at) VALUES (?, ?, ?, 'running', ?)",
-            (self.id, self._seq, name, time.time()),
-        )
+        self.db.add_step(self.id, self._seq, name)
         if os.environ.get(CRASH_VARIABLE) == f"{self.kind}:{name}":
             os._exit(137)
         if os.environ.get(HOOK_VARIABLE):
@@ -123,35 +108,27 @@ class Operation:
             if left:
                 self._finish_step(seqs[left[0]], "failed", str(exc) or type(exc).__name__)
                 for name in left[1:]:
-                    self.db.conn.execute("DELETE FROM operation_steps WHERE op_id = ? AND seq = ?", (self.id, seqs[name]))
+                    self.db.drop_step(self.id, seqs[name])
             raise
         for name in names:
             if name not in finished:
                 done(name)
 
     def _finish_step(self, seq: int, state: str, detail: str | None) -> None:
-        self.db.conn.execute(
-            "UPDATE operation_steps SET state = ?, detail = ?, finished_at = ? WHERE op_id = ? AND seq = ?",
-            (state, None if detail is None else storable(detail), time.time(), self.id, seq),
-        )
+        self.db.finish_step(self.id, seq, state, None if detail is None else storable(detail))
 
     def finish(self, state: str, error: str | None = None) -> None:
-        self.db.conn.execute(
-            "UPDATE operations SET state = ?, error = ?, updated_at = ? WHERE id = ?",
-            (state, None if error is None else storable(error), time.time(), self.id),
-        )
+        self.db.finish_operation(self.id, state, None if error is None else storable(error))
 
 
 def _refuse_interrupted(db: StateDB, user: str, held_by: int) -> None:
     """A lock whose owner died mid-operation stays: the desktop is half-way through that
     operation, and only `ops resume` or `ops abort` of it may take the lock over."""
-    op = db.conn.execute("SELECT kind, state FROM operations WHERE id = ?", (held_by,)).fetchone()
+    op = db.operation(held_by)
     if op is None or op["state"] != "running":
         return  # the operation ended (resumed, aborted): its lock is a leftover
-    step = db.conn.execute(
-        "SELECT name FROM operation_steps WHERE op_id = ? ORDER BY seq DESC LIMIT 1", (held_by,)
-    ).fetchone()
-    at = f" at step {step['name']}" if step else ""
+    step = db.last_step_name(held_by)
+    at = f" at step {step}" if step else ""
     raise Busy(
         f"{user}'s desktop is held by operation {held_by} ({op['kind']}), interrupted{at}; "
         f"finish it with `labvm ops resume {held_by}` or give it up with `labvm ops abort {held_by}`"
@@ -166,11 +143,11 @@ def vm_lock(db: StateDB, user: str, op_id: int | None = None):
     try:
         yield
     finally:
-        db.conn.execute("DELETE FROM vm_locks WHERE user = ? AND owner_host = ? AND owner_pid = ?", (user, host, pid))
+        db.release_lock(user, host, pid)
 
 
 def _lock_row(db: StateDB, user: str):
-    return db.conn.execute("SELECT op_id, owner_host, owner_pid, acquired_at FROM vm_locks WHERE user = ?", (user,)).fetchone()
+    return db.lock_row(user)
 
 
 def _refuse_held(db: StateDB, user: str, row, op_id: int | None, host: str) -> None:
@@ -198,23 +175,12 @@ def check_lock(db: StateDB, user: str) -> str:
 
 
 def _acquire(db: StateDB, user: str, op_id: int | None, host: str, pid: int) -> None:
-    db.conn.execute("BEGIN IMMEDIATE")
-    try:
+    with db.transaction():
         row = _lock_row(db, user)
         if row is not None:
             _refuse_held(db, user, row, op_id, host)
-            db.conn.execute("DELETE FROM vm_locks WHERE user = ?", (user,))
-        db.conn.execute(
-            "INSERT INTO vm_locks (user, op_id, owner_host, owner_pid, acquired_at) VALUES (?, ?, ?, ?, ?)",
-            (user, op_id, host, pid, time.time()),
-        )
-        db.conn.execute("COMMIT")
-    except BaseException:
-        try:
-            db.conn.execute("ROLLBACK")
-        except sqlite3.OperationalError:
-            pass
-        raise
+            db.drop_lock(user)
+        db.add_lock(user, op_id, host, pid)
 
 
 @contextmanager

@@ -77,7 +77,7 @@ class Members:
         if purge == keep_files:
             raise BadInput(CHOICE_MISSING.format(name=name) if not purge else "give --purge or --keep-files, not both")
         db.get_user(name)
-        if db.conn.execute("SELECT 1 FROM vms WHERE user = ?", (name,)).fetchone():
+        if db.has_desktop(name):
             raise StateError(f"user {name!r} still has a desktop; remove it first with `labvm rm {name}`")
 
     def remove(self, name: str, *, purge: bool, keep_files: bool, dry_run: bool = False) -> MemberRemoval:

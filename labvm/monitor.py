@@ -202,29 +202,23 @@ def is_idle(activity: Activity | None, now: float, rule: IdleRule) -> bool:
 
 
 def load_activity(db: StateDB) -> dict[str, Activity]:
-    rows = db.conn.execute("SELECT user, started_at, first_seen, last_seen, last_active FROM desktop_activity")
+    rows = db.activity_rows()
     return {r["user"]: Activity(r["started_at"], r["first_seen"], r["last_seen"], r["last_active"]) for r in rows}
 
 
 def save_activity(db: StateDB, user: str, activity: Activity) -> None:
-    db.conn.execute(
-        "INSERT INTO desktop_activity (user, started_at, first_seen, last_seen, last_active) VALUES (?, ?, ?, ?, ?) "
-        "ON CONFLICT(user) DO UPDATE SET started_at = excluded.started_at, first_seen = excluded.first_seen, "
-        "last_seen = excluded.last_seen, last_active = excluded.last_active",
-        (user, activity.started_at, activity.first_seen, activity.last_seen, activity.last_active),
-    )
+    db.save_activity(user, activity.started_at, activity.first_seen, activity.last_seen, activity.last_active)
 
 
 def forget_activity(db: StateDB, user: str) -> None:
-    db.conn.execute("DELETE FROM desktop_activity WHERE user = ?", (user,))
+    db.forget_activity(user)
 
 
 def record_activity(db: StateDB, desktops: list, samples: dict[str, dict], now: float, rule: IdleRule) -> dict[str, Activity]:
     """Fold this round's samples into the activity table; desktops on nodes that did not
     answer keep their record untouched. Returns every desktop's record after the update."""
     known = load_activity(db)
-    db.conn.execute("BEGIN IMMEDIATE")
-    try:
+    with db.transaction():
         for desktop in desktops:
             node_sample = samples.get(desktop.node)
             if node_sample is None:
@@ -239,10 +233,6 @@ def record_activity(db: StateDB, desktops: list, samples: dict[str, dict], now: 
             activity = observe(known.get(desktop.user), mine.get("started_at"), is_busy(mine, gpus, uuids, rule), now, rule)
             save_activity(db, desktop.user, activity)
             known[desktop.user] = activity
-        db.conn.execute("COMMIT")
-    except BaseException:
-        db.conn.execute("ROLLBACK")
-        raise
     return known
 
 

@@ -40,13 +40,12 @@ class OpView:
 
 
 def _lock_alive(db, op_id: int) -> bool:
-    row = db.conn.execute("SELECT owner_pid FROM vm_locks WHERE op_id = ?", (op_id,)).fetchone()
-    return row is not None and _pid_alive(row["owner_pid"])
+    pid = db.lock_owner_pid(op_id)
+    return pid is not None and _pid_alive(pid)
 
 
 def _view(db, row) -> OpView:
-    rows = [dict(r) for r in db.conn.execute(
-        "SELECT seq, name, state, detail, started_at, finished_at FROM operation_steps WHERE op_id = ? ORDER BY seq", (row["id"],))]
+    rows = db.operation_steps(row["id"])
     state = row["state"]
     if state == "running" and not _lock_alive(db, row["id"]):
         state = "interrupted"
@@ -79,20 +78,13 @@ def _params(recorded: str):
 
 
 def list_ops(home: AdminHome, user: str | None = None, limit: int = 30, unfinished: bool = False) -> list[OpView]:
-    where, args = [], []
-    if user:
-        where, args = ["user = ?"], [user]
-    if unfinished:
-        # `interrupted` is a `running` one whose process died; both are unfinished.
-        where.append("state IN ('running', 'failed')")
-    sql = "SELECT * FROM operations" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
     with home.state() as db:
-        return [_view(db, r) for r in db.conn.execute(sql, (*args, limit))]
+        return [_view(db, r) for r in db.operations(user, unfinished, limit)]
 
 
 def show_op(home: AdminHome, op_id: int) -> OpView:
     with home.state() as db:
-        row = db.conn.execute("SELECT * FROM operations WHERE id = ?", (op_id,)).fetchone()
+        row = db.operation(op_id)
         if row is None:
             raise BadInput(f"no operation {op_id}; see `labvm ops list`")
         return _view(db, row)

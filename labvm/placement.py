@@ -93,6 +93,15 @@ class NodeCapacity:
     def free_memory(self) -> int:
         return self.memory_total - self.memory_promised
 
+    def choice(self, request: GpuRequest):
+        """How a reservation on this node picks, inside the store's transaction (StateDB.reserve):
+        the request's GPUs among those not taken, and ports neither a desktop there nor anything
+        listening on the node uses."""
+        def pick(taken: set[str], used: set[int]) -> tuple[list[dict], tuple[int, int | None]]:
+            return allocate_gpus(self.node.name, self.gpus, taken, request), allocate_ports(self.node, set(self.ports_in_use) | used)
+
+        return pick
+
 
 def choose_node(capacities: list[NodeCapacity], request: GpuRequest, memory: int) -> tuple[Node, str]:
     """Pick the node with room for the GPUs and memory asked; prefer the most free GPUs, then memory.

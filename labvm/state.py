@@ -2,18 +2,24 @@
 
 SQLite on the admin host, mode 0600, schema changed only by named migrations
 recorded in `schema_migrations` (applied in order, each in one transaction).
+
+StateDB is the store: it owns the rows, and every statement on the database is one of its
+methods, named for what it means. Nothing else in labvm runs SQL (a unit test holds to that).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from .errors import AlreadyExists, NotFound, StateError
+from .errors import AlreadyExists, NoCapacity, NotFound, StateError
 from .fsutil import ensure_private_dir, require_private
 from .names import validate_password, validate_user_name
 from .secrets import SecretBox, hash_password, verify_password
@@ -123,6 +129,12 @@ MIGRATIONS: list[tuple[str, str]] = [
 
 
 USER_COLUMNS = "name, uid, member_id, owns_unmarked_files, created_at, updated_at"
+# The columns of a desktop's row that update_desktop may set.
+DESKTOP_FIELDS = ("node", "state", "vnc_port", "ssh_port", "limits", "version")
+
+# What a reservation takes from what is free: given the GPUs taken on the node and the ports used
+# there, the GPUs ({"uuid", "index"}) and the (VNC, SSH) ports the desktop gets.
+Choice = Callable[[set[str], set[int]], tuple[list[dict], tuple[int, int | None]]]
 
 
 @dataclass(frozen=True)
@@ -234,6 +246,19 @@ class StateDB:
                 raise
         return pending
 
+    @contextmanager
+    def transaction(self):
+        """One write transaction (BEGIN IMMEDIATE) around the block: committed when it ends,
+        rolled back when it raises."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:  # one SQLite already rolled back leaves nothing to roll back
+                self.conn.execute("ROLLBACK")
+            raise
+
     def require_current_schema(self) -> None:
         pending = self.pending_migrations()
         if pending:
@@ -313,6 +338,250 @@ class StateDB:
 
     def remove_user(self, name: str) -> None:
         self.get_user(name)
-        if self.conn.execute("SELECT 1 FROM vms WHERE user = ?", (name,)).fetchone():
+        if self.has_desktop(name):
             raise StateError(f"user {name!r} still has a desktop; remove it first with `labvm rm {name}`")
         self.conn.execute("DELETE FROM users WHERE name = ?", (name,))
+
+    # -- desktops (vms) ------------------------------------------------------
+    def desktop_row(self, user: str) -> sqlite3.Row | None:
+        return self.conn.execute("SELECT * FROM vms WHERE user = ?", (user,)).fetchone()
+
+    def has_desktop(self, user: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM vms WHERE user = ?", (user,)).fetchone() is not None
+
+    def desktop_users(self) -> list[str]:
+        """The users who have a desktop, by name."""
+        return [r["user"] for r in self.conn.execute("SELECT user FROM vms ORDER BY user")]
+
+    def limits_on(self, node: str) -> list[dict]:
+        """The limits of each desktop the database places on `node`."""
+        return [json.loads(r["limits"]) for r in self.conn.execute("SELECT limits FROM vms WHERE node = ?", (node,))]
+
+    def ports_taken_on(self, node: str) -> set[int]:
+        """The VNC and SSH ports of the desktops on `node`."""
+        used: set[int] = set()
+        for r in self.conn.execute("SELECT vnc_port, ssh_port FROM vms WHERE node = ?", (node,)):
+            used.update(port for port in (r["vnc_port"], r["ssh_port"]) if port)
+        return used
+
+    def ports_held_for_switches(self, node: str, but_op: int | None = None) -> set[int]:
+        """The ports running switches to `node` (other than operation but_op) hold there until they commit."""
+        held: set[int] = set()
+        for r in self.conn.execute("SELECT id, params FROM operations WHERE kind = 'switch' AND state = 'running' AND id != ?",
+                                   (but_op or 0,)):
+            other = json.loads(r["params"])
+            if other.get("target") == node and not other.get("rolled_back"):
+                held.update(port for port in other.get("target_ports") or () if port)
+        return held
+
+    def update_desktop(self, user: str, **fields) -> None:
+        """Set columns of the desktop's row (see DESKTOP_FIELDS), and its updated_at."""
+        unknown = set(fields) - set(DESKTOP_FIELDS)
+        if unknown:
+            raise ValueError(f"no desktop column {', '.join(sorted(unknown))}")
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        self.conn.execute(f"UPDATE vms SET {assignments}, updated_at = ? WHERE user = ?", (*fields.values(), time.time(), user))
+
+    def set_desktop_state(self, user: str, state: str) -> None:
+        self.update_desktop(user, state=state)
+
+    def set_desktop_version(self, user: str, version: int) -> None:
+        self.update_desktop(user, version=version)
+
+    def set_desktop_limits(self, user: str, limits: dict) -> None:
+        self.update_desktop(user, limits=json.dumps(limits))
+
+    def set_first_version(self, user: str, version: int) -> None:
+        """The version of the member's files a desktop being created continues from."""
+        self.conn.execute("UPDATE vms SET version = ? WHERE user = ?", (version, user))
+
+    def remove_desktop(self, user: str) -> None:
+        """Forget the desktop; its GPU assignments and activity record go with it."""
+        self.conn.execute("DELETE FROM vms WHERE user = ?", (user,))
+
+    # -- GPU assignments -----------------------------------------------------
+    def gpu_assignments(self, user: str, node: str) -> list[dict]:
+        """The GPUs the user's desktop holds on `node`, by index: {"uuid", "index"}."""
+        rows = self.conn.execute("SELECT gpu_uuid, gpu_index FROM gpu_assignments WHERE user = ? AND node = ? ORDER BY gpu_index",
+                                 (user, node))
+        return [{"uuid": r["gpu_uuid"], "index": r["gpu_index"]} for r in rows]
+
+    def gpus_taken_on(self, node: str, but: str | None = None) -> set[str]:
+        """The UUIDs of the GPUs on `node` assigned to a desktop (other than user but's)."""
+        if but is None:
+            rows = self.conn.execute("SELECT gpu_uuid FROM gpu_assignments WHERE node = ?", (node,))
+        else:
+            rows = self.conn.execute("SELECT gpu_uuid FROM gpu_assignments WHERE node = ? AND user != ?", (node, but))
+        return {r["gpu_uuid"] for r in rows}
+
+    def release_gpus(self, user: str, node: str) -> None:
+        self.conn.execute("DELETE FROM gpu_assignments WHERE user = ? AND node = ?", (user, node))
+
+    def _assign_gpus(self, user: str, node: str, gpus: list[dict], now: float) -> None:
+        for g in gpus:
+            self.conn.execute("INSERT INTO gpu_assignments VALUES (?, ?, ?, ?, ?)", (g["uuid"], node, g["index"], user, now))
+
+    # -- reservations: create and switch -------------------------------------
+    def reserve(self, user: str, node: str, choose: Choice, *, new_limits: dict | None = None,
+                switch_op: int | None = None, then: Callable[[list[dict], tuple[int, int | None]], None] | None = None,
+                ) -> tuple[list[dict], tuple[int, int | None]]:
+        """Reserve GPUs and ports on `node` for the user's desktop in one transaction, so no GPU
+        or port is given twice: `choose` picks from what is free as the transaction sees it, and
+        a pick of a GPU or port taken there is refused (NoCapacity) with nothing written.
+
+        new_limits: a create; the desktop's row is made, `creating` on `node`, with these
+        limits and the ports. Without it the desktop has its row (a switch's target): its GPUs
+        already on `node` are free to it and replaced. switch_op: the reserving switch's
+        operation; the ports other running switches to `node` hold count as used. then(gpus,
+        ports) runs inside the transaction (a switch records them in its journal entry)."""
+        with self.transaction():
+            taken = self.gpus_taken_on(node, but=user)
+            used = self.ports_taken_on(node)
+            if switch_op is not None:
+                used |= self.ports_held_for_switches(node, but_op=switch_op)
+            gpus, ports = choose(taken, used)
+            clash = [f"GPU {g['uuid']}" for g in gpus if g["uuid"] in taken] + [f"port {p}" for p in ports if p and p in used]
+            if clash:
+                raise NoCapacity(f"{node}: {', '.join(clash)} already taken; not reserved for {user}")
+            now = time.time()
+            if new_limits is not None:
+                self.conn.execute(
+                    "INSERT INTO vms (user, node, state, vnc_port, ssh_port, limits, version, created_at, updated_at) VALUES (?, ?, 'creating', ?, ?, ?, 0, ?, ?)",
+                    (user, node, ports[0], ports[1], json.dumps(new_limits), now, now),
+                )
+            else:
+                self.release_gpus(user, node)
+            self._assign_gpus(user, node, gpus, now)
+            if then is not None:
+                then(gpus, ports)
+        return gpus, ports
+
+    def commit_switch(self, user: str, source: str, target: str, ports: list, limits: dict, version: int, state: str) -> None:
+        """The switch's commit, in one transaction: the desktop lives on the target, with its
+        ports, limits and version there, and gives up its GPUs on the source."""
+        with self.transaction():
+            self.conn.execute(
+                "UPDATE vms SET node = ?, vnc_port = ?, ssh_port = ?, limits = ?, version = ?, state = ?, updated_at = ? WHERE user = ?",
+                (target, ports[0], ports[1], json.dumps(limits), version, state, time.time(), user),
+            )
+            self.release_gpus(user, source)
+
+    # -- nodes -----------------------------------------------------------------
+    def cordon(self, node: str, reason: str | None) -> None:
+        self.conn.execute("INSERT INTO node_cordons (node, reason, since) VALUES (?, ?, ?)", (node, reason, time.time()))
+
+    def uncordon(self, node: str) -> bool:
+        """Lift the node's cordon; False if it had none."""
+        return self.conn.execute("DELETE FROM node_cordons WHERE node = ?", (node,)).rowcount > 0
+
+    # -- desktop activity (`labvm idle`) -------------------------------------
+    def activity_rows(self) -> list[sqlite3.Row]:
+        return list(self.conn.execute("SELECT user, started_at, first_seen, last_seen, last_active FROM desktop_activity"))
+
+    def save_activity(self, user: str, started_at: str | None, first_seen: float, last_seen: float, last_active: float) -> None:
+        self.conn.execute(
+            "INSERT INTO desktop_activity (user, started_at, first_seen, last_seen, last_active) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(user) DO UPDATE SET started_at = excluded.started_at, first_seen = excluded.first_seen, "
+            "last_seen = excluded.last_seen, last_active = excluded.last_active",
+            (user, started_at, first_seen, last_seen, last_active),
+        )
+
+    def forget_activity(self, user: str) -> None:
+        self.conn.execute("DELETE FROM desktop_activity WHERE user = ?", (user,))
+
+    # -- the operations journal ----------------------------------------------
+    def begin_operation(self, kind: str, user: str | None, params: dict) -> int:
+        """Journal a new operation, running; returns its id."""
+        now = time.time()
+        cur = self.conn.execute(
+            "INSERT INTO operations (kind, user, state, params, created_at, updated_at) VALUES (?, ?, 'running', ?, ?, ?)",
+            (kind, user, json.dumps(params, sort_keys=True), now, now),
+        )
+        return cur.lastrowid
+
+    def operation(self, op_id: int) -> sqlite3.Row | None:
+        return self.conn.execute("SELECT * FROM operations WHERE id = ?", (op_id,)).fetchone()
+
+    def operations(self, user: str | None = None, unfinished: bool = False, limit: int = 30) -> list[sqlite3.Row]:
+        """The newest operations first; with user, that user's; with unfinished, those running or failed."""
+        where, args = [], []
+        if user:
+            where, args = ["user = ?"], [user]
+        if unfinished:
+            # `interrupted` is a `running` one whose process died; both are unfinished.
+            where.append("state IN ('running', 'failed')")
+        sql = "SELECT * FROM operations" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
+        return list(self.conn.execute(sql, (*args, limit)))
+
+    def set_operation_params(self, op_id: int, params: dict) -> None:
+        self.conn.execute(
+            "UPDATE operations SET params = ?, updated_at = ? WHERE id = ?",
+            (json.dumps(params, sort_keys=True), time.time(), op_id),
+        )
+
+    def set_operation_state(self, op_id: int, state: str) -> None:
+        self.conn.execute("UPDATE operations SET state = ?, updated_at = ? WHERE id = ?", (state, time.time(), op_id))
+
+    def finish_operation(self, op_id: int, state: str, error: str | None) -> None:
+        self.conn.execute(
+            "UPDATE operations SET state = ?, error = ?, updated_at = ? WHERE id = ?",
+            (state, error, time.time(), op_id),
+        )
+
+    def last_step_seq(self, op_id: int) -> int:
+        row = self.conn.execute("SELECT COALESCE(MAX(seq), 0) AS seq FROM operation_steps WHERE op_id = ?", (op_id,)).fetchone()
+        return row["seq"] if row else 0
+
+    def last_step_name(self, op_id: int) -> str | None:
+        row = self.conn.execute(
+            "SELECT name FROM operation_steps WHERE op_id = ? ORDER BY seq DESC LIMIT 1", (op_id,)
+        ).fetchone()
+        return row["name"] if row else None
+
+    def step_done(self, op_id: int, name: str) -> bool:
+        return self.conn.execute(
+            "SELECT 1 FROM operation_steps WHERE op_id = ? AND name = ? AND state = 'done'", (op_id, name)
+        ).fetchone() is not None
+
+    def operation_steps(self, op_id: int) -> list[dict]:
+        """Every step row of the operation, in order."""
+        return [dict(r) for r in self.conn.execute(
+            "SELECT seq, name, state, detail, started_at, finished_at FROM operation_steps WHERE op_id = ? ORDER BY seq", (op_id,))]
+
+    def add_step(self, op_id: int, seq: int, name: str) -> None:
+        """Journal step `seq` of the operation as running."""
+        self.conn.execute(
+            "INSERT INTO operation_steps (op_id, seq, name, state, started_at) VALUES (?, ?, ?, 'running', ?)",
+            (op_id, seq, name, time.time()),
+        )
+
+    def finish_step(self, op_id: int, seq: int, state: str, detail: str | None) -> None:
+        self.conn.execute(
+            "UPDATE operation_steps SET state = ?, detail = ?, finished_at = ? WHERE op_id = ? AND seq = ?",
+            (state, detail, time.time(), op_id, seq),
+        )
+
+    def drop_step(self, op_id: int, seq: int) -> None:
+        self.conn.execute("DELETE FROM operation_steps WHERE op_id = ? AND seq = ?", (op_id, seq))
+
+    # -- desktop locks -------------------------------------------------------
+    def lock_row(self, user: str) -> sqlite3.Row | None:
+        return self.conn.execute("SELECT op_id, owner_host, owner_pid, acquired_at FROM vm_locks WHERE user = ?", (user,)).fetchone()
+
+    def lock_owner_pid(self, op_id: int) -> int | None:
+        """The pid holding a desktop's lock for the operation, if one does."""
+        row = self.conn.execute("SELECT owner_pid FROM vm_locks WHERE op_id = ?", (op_id,)).fetchone()
+        return None if row is None else row["owner_pid"]
+
+    def add_lock(self, user: str, op_id: int | None, host: str, pid: int) -> None:
+        self.conn.execute(
+            "INSERT INTO vm_locks (user, op_id, owner_host, owner_pid, acquired_at) VALUES (?, ?, ?, ?, ?)",
+            (user, op_id, host, pid, time.time()),
+        )
+
+    def drop_lock(self, user: str) -> None:
+        self.conn.execute("DELETE FROM vm_locks WHERE user = ?", (user,))
+
+    def release_lock(self, user: str, host: str, pid: int) -> None:
+        """Drop the desktop's lock if this owner holds it."""
+        self.conn.execute("DELETE FROM vm_locks WHERE user = ? AND owner_host = ? AND owner_pid = ?", (user, host, pid))

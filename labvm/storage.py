@@ -248,8 +248,7 @@ class Storage:
 
 
 def _set(db, user: str, **fields) -> None:
-    assignments = ", ".join(f"{name} = ?" for name in fields)
-    db.conn.execute(f"UPDATE vms SET {assignments}, updated_at = ? WHERE user = ?", (*fields.values(), time.time(), user))
+    db.update_desktop(user, **fields)
 
 
 def _size(value: int | None) -> str:

@@ -18,7 +18,6 @@ version, so no file data is copied at all.
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from contextlib import contextmanager
@@ -460,38 +459,20 @@ class Switcher:
     @staticmethod
     def _choose_gpus(db, user: str, target: Node, cap: NodeCapacity, request: GpuRequest) -> list[dict]:
         """The target's GPUs for the request; those the user holds there already count as free."""
-        taken = {r["gpu_uuid"] for r in db.conn.execute(
-            "SELECT gpu_uuid FROM gpu_assignments WHERE node = ? AND user != ?", (target.name, user))}
-        return allocate_gpus(target.name, cap.gpus, taken, request)
+        return allocate_gpus(target.name, cap.gpus, db.gpus_taken_on(target.name, but=user), request)
 
     @staticmethod
     def _choose_ports(db, target: Node, cap: NodeCapacity, op_id: int | None) -> tuple[int, int | None]:
-        used = set(cap.ports_in_use)
-        for r in db.conn.execute("SELECT vnc_port, ssh_port FROM vms WHERE node = ?", (target.name,)):
-            used.update(port for port in (r["vnc_port"], r["ssh_port"]) if port)
-        # Ports another switch to this node holds until it commits (a drain runs several).
-        for r in db.conn.execute("SELECT id, params FROM operations WHERE kind = 'switch' AND state = 'running' AND id != ?",
-                                 (op_id or 0,)):
-            other = json.loads(r["params"])
-            if other.get("target") == target.name and not other.get("rolled_back"):
-                used.update(port for port in other.get("target_ports") or () if port)
-        return allocate_ports(target, used)
+        # Ports another switch to this node holds until it commits (a drain runs several) count too.
+        return allocate_ports(target, set(cap.ports_in_use) | db.ports_taken_on(target.name)
+                              | db.ports_held_for_switches(target.name, but_op=op_id))
 
     def _reserve(self, db, user: str, target: Node, cap, request: GpuRequest, op: Operation, limits: dict) -> None:
-        db.conn.execute("BEGIN IMMEDIATE")
-        try:
-            chosen = self._choose_gpus(db, user, target, cap, request)
-            ports = self._choose_ports(db, target, cap, op.id)
-            db.conn.execute("DELETE FROM gpu_assignments WHERE user = ? AND node = ?", (user, target.name))
-            now = time.time()
-            for g in chosen:
-                db.conn.execute("INSERT INTO gpu_assignments VALUES (?, ?, ?, ?, ?)", (g["uuid"], target.name, g["index"], user, now))
+        def remember(chosen: list[dict], ports: tuple[int, int | None]) -> None:
             op.remember(target_gpus=[{"uuid": g["uuid"], "index": g["index"]} for g in chosen], target_ports=list(ports),
                         target_limits=limits)
-            db.conn.execute("COMMIT")
-        except BaseException:
-            db.conn.execute("ROLLBACK")
-            raise
+
+        chosen, ports = db.reserve(user, target.name, cap.choice(request), switch_op=op.id, then=remember)
         shown = ", ".join(f"#{g['index']}" for g in chosen) or "no GPUs"
         self.say(f"reserved on {target.name}: {shown}, VNC port {ports[0]}")
 
@@ -522,7 +503,7 @@ class Switcher:
             self.say(note)
             op.remember(notes=[*op.params.get("notes", []), note])
         source.call_many([calls.remove_container(), calls.unmount_stack()])
-        db.conn.execute("UPDATE vms SET state = 'stopped', updated_at = ? WHERE user = ?", (time.time(), user))
+        db.set_desktop_state(user, "stopped")
 
     def _step_merge(self, db, op: Operation, user: str) -> None:
         target = self.session(op.params["target"])
@@ -532,7 +513,7 @@ class Switcher:
         self.desktops.publish(target, user, op.params["base"], new, "switch")
         # The new version holds everything the upper held: it is the desktop's base from now on,
         # wherever it runs (a rollback runs the source over it too, with an emptied upper).
-        db.conn.execute("UPDATE vms SET version = ?, updated_at = ? WHERE user = ?", (new, time.time(), user))
+        db.set_desktop_version(user, new)
 
     def _step_fence(self, db, op: Operation, user: str) -> None:
         target = self.session(op.params["target"])
@@ -578,18 +559,7 @@ class Switcher:
     def _step_commit(self, db, op: Operation, user: str) -> None:
         p = op.params
         state = "running" if p["was_running"] else "stopped"
-        db.conn.execute("BEGIN IMMEDIATE")
-        try:
-            db.conn.execute(
-                "UPDATE vms SET node = ?, vnc_port = ?, ssh_port = ?, limits = ?, version = ?, state = ?, updated_at = ? WHERE user = ?",
-                (p["target"], p["target_ports"][0], p["target_ports"][1], json.dumps(p["target_limits"]), p["new_version"],
-                 state, time.time(), user),
-            )
-            db.conn.execute("DELETE FROM gpu_assignments WHERE user = ? AND node = ?", (user, p["source"]))
-            db.conn.execute("COMMIT")
-        except BaseException:
-            db.conn.execute("ROLLBACK")
-            raise
+        db.commit_switch(user, p["source"], p["target"], p["target_ports"], p["target_limits"], p["new_version"], state)
 
     def _step_cleanup_source(self, db, op: Operation, user: str) -> None:
         source = self.session(op.params["source"])
@@ -613,9 +583,9 @@ class Switcher:
             except LabvmError as exc:
                 notes.append(f"note: {target_node.name}: {call.helper}.{call.action} failed ({exc}); "
                              "`labvm node check` shows what is left there")
-        db.conn.execute("DELETE FROM gpu_assignments WHERE user = ? AND node = ?", (user, p["target"]))
+        db.release_gpus(user, p["target"])
         if p["from_lost"]:
-            db.conn.execute("UPDATE vms SET state = 'stopped', updated_at = ? WHERE user = ?", (time.time(), user))
+            db.set_desktop_state(user, "stopped")
             notes.append(f"{user}'s desktop stays fenced off {p['source']}; run the switch again when a target is ready")
             return notes
         source = self.session(p["source"])
@@ -634,7 +604,7 @@ class Switcher:
 
 
 def op_user(db, op: Operation) -> str:
-    row = db.conn.execute("SELECT user FROM operations WHERE id = ?", (op.id,)).fetchone()
+    row = db.operation(op.id)
     if row is None or row["user"] is None:
         raise NotFound(f"operation {op.id} names no desktop")
     return row["user"]
@@ -647,14 +617,14 @@ def cordon(home: AdminHome, node: str, reason: str | None = None) -> bool:
     with home.state() as db:
         if node in db.cordons():
             return False
-        db.conn.execute("INSERT INTO node_cordons (node, reason, since) VALUES (?, ?, ?)", (node, reason, time.time()))
+        db.cordon(node, reason)
         return True
 
 
 def uncordon(home: AdminHome, node: str) -> bool:
     home.config.node(node)
     with home.state() as db:
-        return db.conn.execute("DELETE FROM node_cordons WHERE node = ?", (node,)).rowcount > 0
+        return db.uncordon(node)
 
 
 @dataclass
