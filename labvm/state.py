@@ -432,13 +432,12 @@ class StateDB:
         new_limits: a create; the desktop's row is made, `creating` on `node`, with these
         limits and the ports. Without it the desktop has its row (a switch's target): its GPUs
         already on `node` are free to it and replaced. switch_op: the reserving switch's
-        operation; the ports other running switches to `node` hold count as used. then(gpus,
-        ports) runs inside the transaction (a switch records them in its journal entry)."""
+        operation, whose own earlier pick is free to it. The ports running switches to `node`
+        hold until they commit count as used, for a create too. then(gpus, ports) runs inside the
+        transaction (a switch records them in its journal entry)."""
         with self.transaction():
             taken = self.gpus_taken_on(node, but=user)
-            used = self.ports_taken_on(node)
-            if switch_op is not None:
-                used |= self.ports_held_for_switches(node, but_op=switch_op)
+            used = self.ports_taken_on(node) | self.ports_held_for_switches(node, but_op=switch_op)
             gpus, ports = choose(taken, used)
             clash = [f"GPU {g['uuid']}" for g in gpus if g["uuid"] in taken] + [f"port {p}" for p in ports if p and p in used]
             if clash:

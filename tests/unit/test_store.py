@@ -125,6 +125,15 @@ def test_a_switch_counts_the_ports_other_switches_hold_and_its_own_as_free(home)
         assert db.gpu_assignments("carol", "n1") == [gpus("n1")[1]]
 
 
+def test_a_create_never_takes_the_ports_a_running_switch_to_the_node_holds(home):
+    with home.state() as db:
+        db.begin_operation("switch", "bob", {"target": "n1", "target_ports": [20002, 20003]})
+        with pytest.raises(NoCapacity, match="port 20002, port 20003 already taken"):
+            db.reserve("carol", "n1", lambda taken, used: ([], (20002, 20003)), new_limits={})
+        chosen, ports = db.reserve("carol", "n1", capacity(N1).choice(GpuRequest(count=0)), new_limits={})
+        assert not {20002, 20003} & set(ports)
+
+
 def test_what_the_reservation_runs_in_it_is_rolled_back_with_it(home):
     seen = []
 
