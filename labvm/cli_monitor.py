@@ -9,7 +9,7 @@ from rich.console import Console
 
 from .admin import AdminHome
 from .cli_kit import _audit, _emit_json, complete_nodes, complete_users, json_option, out, say, warn
-from .errors import LabvmError
+from .errors import LabvmError, PartlyDone
 from .monitor import IdleRule, NodeSessions, collect_status, find_idle, require_reachable, stop_idle, unreachable_nodes
 from .view import SORT_KEYS, human_duration, status_lines, status_view, top_view
 
@@ -97,7 +97,7 @@ def idle(home: AdminHome, stop_them, as_json):
     busy or holding a process of it, in every sample taken since. Each
     `labvm status`, `top` and `idle` takes a sample; a desktop labvm has not
     watched for that long is never idle. Prints one line per idle desktop;
-    with --stop, one line per desktop stopped or not, and exits 1 if any stop
+    with --stop, one line per desktop stopped or not, and exits 11 if any stop
     failed. --json prints [{"user", "node", "idle_s", "last_active",
     "stopped", "error"}].
     """
@@ -117,7 +117,7 @@ def idle(home: AdminHome, stop_them, as_json):
             say(f"no desktop has been idle for more than {human_duration(cfg.monitoring.idle_after)}")
     failed = [row["user"] for row, _line in rows if row["stopped"] is False]
     if failed:
-        raise LabvmError(f"could not stop {len(failed)} idle desktop(s): {', '.join(failed)}")
+        raise PartlyDone(f"could not stop {len(failed)} idle desktop(s): {', '.join(failed)}")
 
 
 def _handle_idle(home: AdminHome, desktop, stop_them: bool) -> tuple[dict, str]:

@@ -14,7 +14,7 @@ from rich.text import Text
 
 from .admin import AdminHome
 from .cli_kit import _confirm, _emit_json, _home_from_ctx, _when, audited, complete_nodes, complete_users, json_option, out, say
-from .errors import LabvmError
+from .errors import PartlyDone
 from .text import cell, safe
 
 
@@ -245,7 +245,7 @@ def node_uncordon(home: AdminHome, name):
 def node_drain(home: AdminHome, name, to, parallel):
     """Move every desktop off node NAME for maintenance, and cordon it.
 
-    One line per desktop; exits 1 if any move failed (that desktop stays on NAME).
+    One line per desktop; exits 11 if any move failed (that desktop stays on NAME).
     """
     from .switch import drain
 
@@ -254,7 +254,7 @@ def node_drain(home: AdminHome, name, to, parallel):
         say(r.line)
     failed = [r.user for r in results if not r.ok]
     if failed:
-        raise LabvmError(f"{len(failed)} of {len(results)} moves failed: {', '.join(failed)}")
+        raise PartlyDone(f"{len(failed)} of {len(results)} moves failed: {', '.join(failed)}")
 
 
 COMMANDS = (switch, ops)

@@ -10,7 +10,7 @@ from rich.text import Text
 
 from .admin import AdminHome
 from .cli_kit import _emit_json, _when, audited, complete_users, complete_versions, json_option, out, say
-from .errors import BadInput, LabvmError
+from .errors import BadInput, PartlyDone
 from .storage import (
     CRON_FILE,
     DEFAULT_IDLE_SCHEDULE,
@@ -150,7 +150,7 @@ def backup(home: AdminHome, users, all_desktops, as_json):
     A running desktop keeps running: it is frozen for about a second while its
     last writes are flushed and its upper layer is snapshotted on MooseFS, so
     the version is one instant of its files. Prints one line per desktop, and
-    exits 1 if any failed; a name without a desktop is refused (exit 4) before
+    exits 11 if any failed; a name without a desktop is refused (exit 4) before
     any backup. Safe under cron: a second run while one is going
     exits 75 without doing anything.
     """
@@ -179,7 +179,7 @@ def backup(home: AdminHome, users, all_desktops, as_json):
         say("no desktops to back up")
     failed = [r.user for r in results if not r.ok]
     if failed:
-        raise LabvmError(f"{len(failed)} of {len(results)} backups failed: {', '.join(failed)}")
+        raise PartlyDone(f"{len(failed)} of {len(results)} backups failed: {', '.join(failed)}")
 
 
 @click.command()

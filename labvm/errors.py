@@ -125,6 +125,12 @@ class NoCapacity(LabvmError):
     exit_code = 10
 
 
+class PartlyDone(LabvmError):
+    """{msg}"""
+
+    exit_code = 11
+
+
 class Busy(LabvmError):
     """{msg}"""
 

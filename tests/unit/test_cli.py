@@ -584,3 +584,21 @@ def test_exec_on_a_running_desktop_runs_the_command(desktop, node_docker, capsys
         main(["exec", "alice", "--", "echo", "hi"])
     assert exited.value.code == 0 and capsys.readouterr().out == "ran\n"
     assert node_docker.runs[-1] == ["docker", "exec", "labvm-alice", "echo", "hi"]
+
+
+def test_a_command_over_several_desktops_that_fails_for_some_exits_11(home, capsys, monkeypatch):
+    """Partly done has its own exit code (README): backup --all and node drain."""
+    from types import SimpleNamespace
+
+    from labvm import storage, switch
+
+    outcomes = [SimpleNamespace(user="alice", ok=True, line="alice: v3 published"),
+                SimpleNamespace(user="bob", ok=False, line="bob: failed: n2 unreachable")]
+    monkeypatch.setattr(storage.Storage, "all_users", lambda self: ["alice", "bob"])
+    monkeypatch.setattr(storage.Storage, "backup_many", lambda self, users, report: [report(r) or r for r in outcomes])
+    assert run(["backup", "--all"]) == 11
+    captured = capsys.readouterr()
+    assert "bob: failed" in captured.out and "1 of 2 backups failed: bob" in captured.err
+    monkeypatch.setattr(switch, "drain", lambda home, name, to, parallel, say: outcomes)
+    assert run(["node", "drain", "n1"]) == 11
+    assert "1 of 2 moves failed: bob" in capsys.readouterr().err
