@@ -265,7 +265,7 @@ def make_bundle(bundle: Path) -> None:
 
 
 def publish(bundle: Path, user: str, mfs_mount: Path) -> dict:
-    params = {"user": user, "mfs_mount": str(mfs_mount), "base": 0, "target": 1}
+    params = {"user": user, "mfs_mount": str(mfs_mount), "base": 0, "target": 1, "reason": "backup"}
     request = json.dumps({"action": "publish", "params": params, "check": False}).encode()
     python3 = shutil.which("python3") or "/usr/bin/python3"
     process = subprocess.run([python3, str(bundle / ENTRY), "merge"], input=request, capture_output=True, timeout=LONG_S)

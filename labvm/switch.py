@@ -496,10 +496,12 @@ class Switcher:
         calls = self.desktops.calls(source.node, user)
         data = source.run(calls.stop_sync(flush=True))
         self.progress(f"  final flush: {data.get('files', 0)} paths")
-        if data.get("quarantined_count"):
+        if data.get("quarantined_count") or data.get("full_pass_problem"):
             shown = ", ".join(safe(q.get("path", "?"))[:80] for q in data.get("quarantined", [])[:3])
-            note = (f"{data['quarantined_count']} path(s) of {user}'s could not be copied to MooseFS and do not move "
-                    f"with the desktop (the sync listed why in `labvm sync status`): {shown}")
+            count = f"{data['quarantined_count']} path(s)" if data.get("quarantined_count") else "some paths"
+            why = shown or safe(data.get("full_pass_problem") or "")[:200]
+            note = (f"{count} of {user}'s could not be copied to MooseFS and do not move with the desktop "
+                    f"(the sync says why in `labvm sync status`): {why}")
             self.say(note)
             op.remember(notes=[*op.params.get("notes", []), note])
         source.call_many([calls.remove_container(), calls.unmount_stack()])

@@ -480,7 +480,8 @@ def ensure_stopped(params: dict, check: bool) -> Result:
     # The daemon's last word: paths it could not copy (a FIFO, a name too long), which MooseFS
     # therefore lacks.
     final = syncd.read_json(paths.control_file(syncd.STATUS_FILE)) or {}
-    quarantined = {"quarantined": final.get("quarantined") or [], "quarantined_count": int(final.get("quarantined_count") or 0)}
+    quarantined = {"quarantined": final.get("quarantined") or [], "quarantined_count": int(final.get("quarantined_count") or 0),
+                   "full_pass_problem": final.get("full_pass_problem")}
     return Result(changed=True, data={"pid": daemon.pid, "flushed": flushed, **quarantined})
 
 

@@ -78,7 +78,7 @@ def test_publish_on_moosefs_uses_snapshots_and_shows_what_the_desktop_showed(ins
             subprocess.run(["cp", "-a", str(source), str(user_dir / name)], check=True)
         params = {"user": user, "mfs_mount": str(mfs_mount)}
 
-        code, reply, stderr = call(installed_bundle, "publish", {**params, "base": 1, "image": str(image)})
+        code, reply, stderr = call(installed_bundle, "publish", {**params, "base": 1, "image": str(image), "reason": "backup"})
 
         assert code == 0, stderr
         data = reply["data"]
