@@ -221,21 +221,21 @@ def test_moosefs_is_closed_to_node_accounts(lab, testbed):
     listing = invoke_testbed("exec", "n1", "--", "stat", "-c", "%a %u", "/mnt/labvm-mfs/vms").stdout.split()
     assert listing == ["700", "0"], listing
     # Any local account on the node, right after root walked the same path: FUSE's cache must
-    # not let it skip the 0700 directory's check (the kernel checks every access). It cannot
-    # read a file the member left readable, nor list the tree; the member's setuid program,
-    # which the kernel lets it execute, runs without root.
+    # not let it skip the 0700 directory's check (the kernel checks every access). It can
+    # neither run the member's setuid program, nor read a file the member left readable, nor
+    # list the tree.
     assert "default_permissions" in invoke_testbed("exec", "n1", "--", "grep", " /mnt/labvm-mfs ", "/proc/self/mountinfo").stdout
     path = "/mnt/labvm-mfs/vms/alice/up_mfs/usr/local/bin/rootid"
     readable = inside(lab, "alice", "echo mine > /root/open-file && chmod 755 /root && chmod 644 /root/open-file")
     assert readable.returncode == 0 and lab.labvm("sync", "flush", "alice").returncode == 0
-    as_nobody = "setpriv --reuid=65534 --regid=65534 --clear-groups"
+    as_nobody = "runuser -u nobody --"
     open_file = "/mnt/labvm-mfs/vms/alice/up_mfs/root/open-file"
     nobody = invoke_testbed("exec", "n1", "--", "sh", "-c",
                             f"stat {path} >/dev/null && cat {open_file} >/dev/null && {as_nobody} {path}; "
                             f"{as_nobody} cat {open_file}; {as_nobody} ls /mnt/labvm-mfs/vms/alice", check=False)
     assert "uid=0(" not in nobody.stdout and "euid=0" not in nobody.stdout, nobody.stdout
     assert "mine" not in nobody.stdout and "up_mfs" not in nobody.stdout, nobody.stdout
-    assert nobody.stderr.count("Permission denied") == 2, nobody.stderr
+    assert nobody.stderr.count("Permission denied") == 3, nobody.stderr
     assert invoke_testbed("exec", "n1", "--", "cat", open_file).stdout.strip() == "mine"
     mode = invoke_testbed("exec", "n1", "--", "stat", "-c", "%a", path).stdout.strip()
     assert mode == "4755", "the setuid program did not reach MooseFS: the check above proves nothing"
