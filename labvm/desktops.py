@@ -20,7 +20,6 @@ from .config import ClusterConfig, Node, member_quota_for, parse_size
 from .errors import AlreadyExists, BadInput, FilesOfAnotherMember, LabvmError, NotFound
 from .images import base_image_tag, base_image_tar
 from .journal import journaled
-from .nodes import mfs_params
 from .placement import GpuRequest, NodeCapacity, choose_node
 from .remote.helpers import HelperBundle, HelperCall
 from .remote.pool import run_on_nodes
@@ -29,7 +28,6 @@ from .remote.session import NodeSession
 from .state import StateDB, User
 
 Say = Callable[[str], None]
-MERGE_TIMEOUT_S = 3600
 
 DESKTOP_SESSIONS = {
     "minimal": "twm & exec xterm -geometry 100x30+20+20",
@@ -412,16 +410,9 @@ class Desktops:
         """The typed helper calls for USER's desktop on NODE."""
         return DesktopCalls(self.cfg, node, user)
 
-    def ensure_quota(self, s: NodeSession, user: str, disk: int) -> None:
-        s.run(self.calls(s.node, user).quota(disk))
-
     def container_calls(self, s: NodeSession, db: StateDB, user: str, spec: dict) -> list[HelperCall]:
         """What starts the desktop's container (DesktopCalls.start_container), with its password."""
         return self.calls(s.node, user).start_container(spec, db.vnc_secret(user), DESKTOP_SESSIONS)
-
-    def run_container(self, s: NodeSession, db: StateDB, user: str, spec: dict) -> None:
-        """Start the desktop's container (see container_calls), in one round trip."""
-        s.call_many(self.container_calls(s, db, user, spec))
 
     # -- versions on MooseFS (the merge helper) ---------------------------------
     def versions_on_mfs(self, s: NodeSession, user: str) -> list[dict]:
@@ -447,7 +438,7 @@ class Desktops:
     def files_on_mfs(self, s: NodeSession, user: str) -> tuple[dict | None, list[dict]]:
         """The owner record and the versions MooseFS holds under a member name."""
         params = {"user": user, "mfs_mount": self.cfg.storage.mfs_mount}
-        s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
+        s.run(mount_mfs(self.cfg))
         return s.call("vm", "owner", params)["data"]["owner"], self.versions_on_mfs(s, user)
 
     def _check_files(self, node: Node, account: User, adopt: bool) -> PreviousFiles:

@@ -20,7 +20,7 @@ from .desktops import Desktops, NodeSession
 from .errors import AlreadyExists, BadInput, HelperFailed, NotFound
 from .fsutil import atomic_write
 from .names import validate_user_name
-from .nodes import mfs_params
+from .remote.recipes import mount_mfs
 from .retention import check_version
 
 MIB = 1024 * 1024
@@ -95,7 +95,7 @@ def get_file(home: AdminHome, user: str, path: str, dest: Path, *, force: bool =
     with desktop_session(home, user) as (node, session):
         params = {**stack_params(node, user, path), "max_bytes": max_bytes}
         if version is not None:
-            session.call("mfs", "ensure_mounted", mfs_params(home.config), timeout=90)
+            session.run(mount_mfs(home.config))
             params.update(version=version, mfs_mount=home.config.storage.mfs_mount)
         try:
             data = session.call("files", "read", params)["data"]

@@ -146,10 +146,6 @@ def vm_lock(db: StateDB, user: str, op_id: int | None = None):
         db.release_lock(user, host, pid)
 
 
-def _lock_row(db: StateDB, user: str):
-    return db.lock_row(user)
-
-
 def _refuse_held(db: StateDB, user: str, row, op_id: int | None, host: str) -> None:
     """Raise Busy if the lock row keeps operation op_id from taking the desktop's lock; return
     if the row is a leftover of a process gone from this host, to be taken over."""
@@ -167,7 +163,7 @@ def _refuse_held(db: StateDB, user: str, row, op_id: int | None, host: str) -> N
 def check_lock(db: StateDB, user: str) -> str:
     """What taking the desktop's lock for a new operation would find, without taking it: raises
     Busy as vm_lock would, else says whether the lock is free or a leftover to take over."""
-    row = _lock_row(db, user)
+    row = db.lock_row(user)
     if row is None:
         return "free"
     _refuse_held(db, user, row, None, socket.gethostname())
@@ -176,7 +172,7 @@ def check_lock(db: StateDB, user: str) -> str:
 
 def _acquire(db: StateDB, user: str, op_id: int | None, host: str, pid: int) -> None:
     with db.transaction():
-        row = _lock_row(db, user)
+        row = db.lock_row(user)
         if row is not None:
             _refuse_held(db, user, row, op_id, host)
             db.drop_lock(user)

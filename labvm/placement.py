@@ -93,12 +93,18 @@ class NodeCapacity:
     def free_memory(self) -> int:
         return self.memory_total - self.memory_promised
 
+    def pick_gpus(self, request: GpuRequest, taken: set[str]) -> list[dict]:
+        """The request's GPUs among those not taken."""
+        return allocate_gpus(self.node.name, self.gpus, taken, request)
+
+    def pick_ports(self, used: set[int]) -> tuple[int, int | None]:
+        """Ports neither used (by a desktop there, a switch to it) nor listened on by the node."""
+        return allocate_ports(self.node, set(self.ports_in_use) | used)
+
     def choice(self, request: GpuRequest):
-        """How a reservation on this node picks, inside the store's transaction (StateDB.reserve):
-        the request's GPUs among those not taken, and ports neither a desktop there nor anything
-        listening on the node uses."""
+        """How a reservation on this node picks, inside the store's transaction (StateDB.reserve)."""
         def pick(taken: set[str], used: set[int]) -> tuple[list[dict], tuple[int, int | None]]:
-            return allocate_gpus(self.node.name, self.gpus, taken, request), allocate_ports(self.node, set(self.ports_in_use) | used)
+            return self.pick_gpus(request, taken), self.pick_ports(used)
 
         return pick
 

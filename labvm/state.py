@@ -364,6 +364,11 @@ class StateDB:
             used.update(port for port in (r["vnc_port"], r["ssh_port"]) if port)
         return used
 
+    def taken_on(self, node: str, user: str, switch_op: int | None = None) -> tuple[set[str], set[int]]:
+        """What a reservation for the user on `node` may not take: the GPUs other desktops hold
+        there, and the ports of its desktops and of running switches to it (but switch_op's)."""
+        return self.gpus_taken_on(node, but=user), self.ports_taken_on(node) | self.ports_held_for_switches(node, but_op=switch_op)
+
     def ports_held_for_switches(self, node: str, but_op: int | None = None) -> set[int]:
         """The ports running switches to `node` (other than operation but_op) hold there until they commit."""
         held: set[int] = set()
@@ -436,8 +441,7 @@ class StateDB:
         hold until they commit count as used, for a create too. then(gpus, ports) runs inside the
         transaction (a switch records them in its journal entry)."""
         with self.transaction():
-            taken = self.gpus_taken_on(node, but=user)
-            used = self.ports_taken_on(node) | self.ports_held_for_switches(node, but_op=switch_op)
+            taken, used = self.taken_on(node, user, switch_op)
             gpus, ports = choose(taken, used)
             clash = [f"GPU {g['uuid']}" for g in gpus if g["uuid"] in taken] + [f"port {p}" for p in ports if p and p in used]
             if clash:

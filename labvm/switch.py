@@ -29,9 +29,9 @@ from .config import Node
 from .desktops import Desktop, Desktops, Limits, NodeSession, build_spec
 from .errors import BadInput, LabvmError, NoCapacity, NodeError, NodeUnreachable, NotFound, RolledBack, StateError
 from .journal import Operation, check_lock, journaled
-from .nodes import mfs_params
-from .placement import GpuRequest, NodeCapacity, allocate_gpus, allocate_ports
+from .placement import GpuRequest, NodeCapacity
 from .remote.connection import NodeConnection
+from .remote.recipes import mount_mfs
 from .text import safe
 
 STEPS = (
@@ -326,7 +326,7 @@ class Switcher:
                 continue
             try:
                 s = self.session(node.name)
-                s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90)
+                s.run(mount_mfs(self.cfg))
                 data = s.call("sync", "last_success", {"user": desktop.user, "mfs_mount": self.cfg.storage.mfs_mount})["data"]
             except LabvmError:
                 continue
@@ -399,7 +399,7 @@ class Switcher:
             s = self.session(target.name)
             c.detail = f"{target.name} answers over SSH"
         with f.check("MooseFS") as c:
-            mount = s.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90, check=check)["data"]
+            mount = s.run(mount_mfs(self.cfg), check=check)
             mounted = bool(mount.get("mounted"))
             c.detail = (f"mounted at {self.cfg.storage.mfs_mount} on {target.name}" if mounted
                         else f"not mounted on {target.name} yet; the preflight mounts it")
@@ -416,9 +416,11 @@ class Switcher:
                 running = bool((status.get("container") or {}).get("running"))
                 c.detail = f"{source.node.name} answers; the container there is {'running' if running else 'not running'}"
         f.cap = cap = self.desktops._capacity(target, self.desktops._usage(db, target), (facts, image))
+        # What the reservation will see as taken (its own pick of a resumed switch is free to it).
+        taken, used = db.taken_on(target.name, user, op_id)
         with f.check("gpus") as c:
             f.request = GpuRequest.parse(p["gpus"], default=len(desktop.gpus))
-            f.gpus = self._choose_gpus(db, user, target, cap, f.request)
+            f.gpus = cap.pick_gpus(f.request, taken)
             c.detail = f"{_gpus_text(f.gpus)} free on {target.name} ({f.request.describe()} asked)"
         with f.check("memory") as c:
             need, free_memory = desktop.limits.get("memory", 0), cap.memory_total - cap.memory_promised
@@ -430,12 +432,12 @@ class Switcher:
             f.limits = self._target_limits(desktop, target, cap)
             c.detail = f"{user}'s limits apply on {target.name}"
         with f.check("ports") as c:
-            f.ports = self._choose_ports(db, target, cap, op_id)
+            f.ports = cap.pick_ports(used)
             c.detail = f"{_ports_text(f.ports)} free on {target.name}"
         with f.check("versions") as c:
             reader = s if mounted else None
             if reader is None and source is not None:
-                seen = source.call("mfs", "ensure_mounted", mfs_params(self.cfg), timeout=90, check=True)["data"]
+                seen = source.run(mount_mfs(self.cfg), check=True)
                 reader = source if seen.get("mounted") else None
             if reader is None:
                 c.detail = f"MooseFS is mounted on neither node yet; the merge publishes the next version after {desktop.version}"
@@ -455,17 +457,6 @@ class Switcher:
         if limits.get("io_weight") is not None and not cap.blkio_weight:
             limits["io_weight"] = None
         return limits
-
-    @staticmethod
-    def _choose_gpus(db, user: str, target: Node, cap: NodeCapacity, request: GpuRequest) -> list[dict]:
-        """The target's GPUs for the request; those the user holds there already count as free."""
-        return allocate_gpus(target.name, cap.gpus, db.gpus_taken_on(target.name, but=user), request)
-
-    @staticmethod
-    def _choose_ports(db, target: Node, cap: NodeCapacity, op_id: int | None) -> tuple[int, int | None]:
-        # Ports another switch to this node holds until it commits (a drain runs several) count too.
-        return allocate_ports(target, set(cap.ports_in_use) | db.ports_taken_on(target.name)
-                              | db.ports_held_for_switches(target.name, but_op=op_id))
 
     def _reserve(self, db, user: str, target: Node, cap, request: GpuRequest, op: Operation, limits: dict) -> None:
         def remember(chosen: list[dict], ports: tuple[int, int | None]) -> None:

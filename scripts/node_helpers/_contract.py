@@ -20,7 +20,9 @@ and it runs the steps in order, stopping after the first that does not succeed. 
     {"ok": true, "changed": bool, "data": {"replies": [{"exit_code": int, <reply>}, ...]}}
 
 with one reply per step that ran, each exactly what that step alone would have answered; the
-batch's own exit code is 0 unless the batch request itself is wrong (2). Standard library only: this runs with the node's system python3.
+batch's own exit code is 0 unless the batch request itself is wrong (2).
+
+Standard library only: this runs with the node's system python3.
 """
 
 import json

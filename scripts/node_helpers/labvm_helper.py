@@ -10,6 +10,7 @@ requests in one process (see _contract.py).
 
 import importlib
 import os
+import stat
 import sys
 
 BUNDLE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -28,7 +29,7 @@ if os.path.isfile(os.path.join(BUNDLE_DIR, ".complete")) and os.geteuid() == 0:
         _cache = None
     if _cache is not None:
         _stat = os.lstat(_cache)
-        if _stat.st_uid == 0 and _stat.st_mode & 0o7077 == 0 and os.path.isdir(_cache) and not os.path.islink(_cache):
+        if stat.S_ISDIR(_stat.st_mode) and _stat.st_uid == 0 and _stat.st_mode & 0o7077 == 0:
             sys.pycache_prefix = _cache
             sys.dont_write_bytecode = False
 # First on the path: run with `python3 -P` or `-I` the siblings would not be importable, and

@@ -4,7 +4,7 @@ labvm/remote/recipes.py, alone (`run`) or in one round trip (`call_many`), answe
 
 class TypedCalls:
     def run(self, call, check=False):
-        return self.call(call.helper, call.action, call.params, timeout=call.timeout)["data"]
+        return self.call(call.helper, call.action, call.params, timeout=call.timeout, **({"check": True} if check else {}))["data"]
 
     def call_many(self, calls, done=lambda _index: None):
         replies = []

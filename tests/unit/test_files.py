@@ -14,10 +14,12 @@ from labvm.admin import AdminHome
 from labvm.config import Node
 from labvm.errors import AlreadyExists, BadInput, NotFound
 
+from .fake_node import TypedCalls
+
 NODE = Node(name="n1", host="10.0.0.1", data_dir="/srv/labvm")
 
 
-class FakeSession:
+class FakeSession(TypedCalls):
     """Answers every helper call with `reply` and records what was asked."""
 
     def __init__(self, reply: dict):
