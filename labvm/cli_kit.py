@@ -8,10 +8,12 @@ import datetime as dt
 import functools
 import json
 import sys
+import textwrap
 
 import click
 from click.shell_completion import CompletionItem
 from rich.console import Console
+from rich.text import Text
 
 from . import audit
 from .admin import AdminHome
@@ -180,3 +182,42 @@ def _confirm_purge(user: str) -> None:
         raise BadInput("--purge deletes every version of the user's files: run it from a terminal, where you type the user name to confirm")
     if click.prompt(f"This deletes all of {user}'s files and versions on MooseFS. Type {user} to confirm", default="") != user:
         raise Aborted()
+
+
+# -- plans (--dry-run) -------------------------------------------------------
+dry_run_option = click.option(
+    "--dry-run", is_flag=True,
+    help="Run the checks and print the plan: what each step would change; change nothing. With --json, as JSON.")
+
+
+def show_plan(report, as_json: bool) -> None:
+    """A dry run's plan (plan.PlanReport): as one JSON object, or as text that fits 80
+    columns with outside text escaped. Then exit as the operation would have: a failed check
+    raises its error (10 for no room, 75 for a held lock, ...)."""
+    if as_json:
+        _emit_json(report.as_dict())
+    else:
+        failed = next((c.name for c in report.checks if not c.ok), None)
+        outcome = "the checks pass" if report.ok else f"the {failed or 'first'} check failed"
+        wrapped("", f"{report.headline}: {outcome} (dry run: nothing changed)")
+        if report.checks:
+            say("checks:")
+        for c in report.checks:
+            wrapped(f"  {'ok' if c.ok else 'FAILED':7}{c.name:17} ", c.detail)
+        if not report.ok:
+            say("steps: none would run while a check fails")
+        else:
+            say("steps:")
+            for index, step in enumerate(report.steps, 1):
+                wrapped(f"  {index:2}. {step.name:15} ", ("skipped: " + step.skip) if step.skip else step.detail)
+    if report.error is not None:
+        raise report.error
+
+
+def wrapped(head: str, text: str, width: int = 80) -> None:
+    """head, then text wrapped to width under itself; both escaped."""
+    head = safe(head)
+    lines = textwrap.wrap(safe(text), width=max(20, width - len(head)), break_long_words=False,
+                          break_on_hyphens=False) or [""]
+    for index, line in enumerate(lines):
+        out.print(Text((head if index == 0 else " " * len(head)) + line))

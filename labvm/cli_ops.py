@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 from contextlib import contextmanager
 
 import click
@@ -13,7 +12,20 @@ from rich.table import Table
 from rich.text import Text
 
 from .admin import AdminHome
-from .cli_kit import _confirm, _emit_json, _home_from_ctx, _when, audited, complete_nodes, complete_users, json_option, out, say
+from .cli_kit import (
+    _confirm,
+    _emit_json,
+    _home_from_ctx,
+    _when,
+    audited,
+    complete_nodes,
+    complete_users,
+    dry_run_option,
+    json_option,
+    out,
+    say,
+    show_plan,
+)
 from .errors import PartlyDone
 from .text import cell, safe
 
@@ -55,7 +67,7 @@ def step_display(quiet: bool = False):
 @click.argument("user", shell_complete=complete_users)
 @click.argument("node", shell_complete=complete_nodes)
 @click.option("--gpus", metavar="N|I,J", help="GPUs on the target: a count or indexes (default: as many as now).")
-@click.option("--dry-run", is_flag=True, help="Run the checks and print the plan: what each step would change; change nothing.")
+@dry_run_option
 @click.option("--from-lost", is_flag=True, help="The desktop's node is dead: start it on NODE from its state on MooseFS.")
 @click.option("--yes", "-y", is_flag=True, help="With --from-lost: don't ask for confirmation.")
 @click.option("--no-precopy", is_flag=True, hidden=True, help="Skip the pre-copy (to measure what it saves).")
@@ -84,13 +96,7 @@ def switch(home: AdminHome, user, node, gpus, dry_run, from_lost, yes, no_precop
     from .switch import Switcher
 
     if dry_run:
-        plan = Switcher(home).plan(user, node, gpus, from_lost, precopy=not no_precopy)
-        if as_json:
-            _emit_json(plan.as_dict())
-        else:
-            _show_plan(plan)
-        if plan.error is not None:
-            raise plan.error
+        show_plan(Switcher(home).plan(user, node, gpus, from_lost, precopy=not no_precopy), as_json)
         return
     with step_display(quiet=as_json) as show:
         switcher = Switcher(home, say=_say if not as_json else (lambda _m: None), progress=show)
@@ -102,30 +108,6 @@ def switch(home: AdminHome, user, node, gpus, dry_run, from_lost, yes, no_precop
         out.print(Text.assemble(safe(f"{user}'s desktop runs on {result.target}: VNC at "), (safe(result.vnc), "bold")))
     if result.downtime_s is not None:
         say(f"downtime: {result.downtime_s:.1f} s (desktop stopped to VNC answering)")
-
-
-def _show_plan(plan) -> None:
-    """The plan as text that fits 80 columns, outside text escaped."""
-    failed = next((c.name for c in plan.checks if not c.ok), None)
-    outcome = "the checks pass" if plan.ok else f"the {failed or 'first'} check failed"
-    _wrapped("", f"switch {plan.user} from {plan.source or '?'} to {plan.target}: {outcome} (dry run: nothing changed)")
-    say("checks:")
-    for c in plan.checks:
-        _wrapped(f"  {'ok' if c.ok else 'FAILED':7}{c.name:17} ", c.detail)
-    if not plan.ok:
-        say("steps: none would run while a check fails")
-        return
-    say("steps:")
-    for index, step in enumerate(plan.steps, 1):
-        _wrapped(f"  {index:2}. {step.name:15} ", ("skipped: " if step.skipped else "") + step.detail)
-
-
-def _wrapped(head: str, text: str, width: int = 80) -> None:
-    head = safe(head)
-    lines = textwrap.wrap(safe(text), width=max(20, width - len(head)), break_long_words=False,
-                          break_on_hyphens=False) or [""]
-    for index, line in enumerate(lines):
-        out.print(Text((head if index == 0 else " " * len(head)) + line))
 
 
 @click.group()

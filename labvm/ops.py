@@ -1,9 +1,9 @@
 """The operations journal, read and acted on: `labvm ops list|show|resume|abort`.
 
 An operation that was killed (its process gone) stays `running` in the journal with a lock whose
-owner is dead; it is shown as `interrupted`. Resuming a switch runs it again from its first
-unfinished step with what it recorded; other kinds are idempotent commands, so resuming one runs
-the same command again as a new operation.
+owner is dead; it is shown as `interrupted`. Every kind of operation is a plan (plan.py): resuming
+one runs its first unfinished step and those after it with what it recorded; aborting one undoes
+the steps it ran, unless it passed its commit point.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from .admin import AdminHome
 from .errors import BadInput, Busy, StateError
 from .journal import Operation, _pid_alive, vm_lock
-
-RESUMABLE = ("switch", "start", "stop", "backup", "restore", "solidify", "rm")
+from .plan import KINDS, Runner
 
 
 @dataclass
@@ -95,64 +94,33 @@ def _refuse_live(view: OpView) -> None:
         raise Busy(f"operation {view.id} is still running; wait for it to end")
 
 
-def resume(home: AdminHome, op_id: int, say=lambda _m: None):
+def resume(home: AdminHome, op_id: int, say=lambda _m: None, progress=None):
+    """Run an interrupted or failed operation's unfinished steps, as its kind builds them
+    again from what the journal recorded."""
     view = show_op(home, op_id)
     _refuse_live(view)
     if view.state in ("done", "rolled_back", "aborted", "resumed", "refused"):
         raise StateError(f"operation {op_id} ({view.kind}) is {view.state}: nothing to resume")
-    if view.kind not in RESUMABLE:
+    if view.kind not in KINDS:
         raise StateError(f"a {view.kind} cannot be resumed; run `labvm {view.kind} {view.user or ''}` again".rstrip())
-    if view.kind == "switch":
-        from .switch import Switcher
-
-        with home.state() as db:
-            op = Operation.load(db, op_id)
-            return Switcher(home, say).resume(db, op)
-    with home.state() as db:
-        Operation.load(db, op_id).finish("resumed", view.error)
-    return _rerun(home, view, say)
-
-
-def _rerun(home: AdminHome, view: OpView, say):
-    from .desktops import Desktops
-    from .storage import Storage
-
-    user = view.user
-    if view.kind in ("start", "stop", "rm"):
-        desktops = Desktops(home, say)
-        return {"start": desktops.start, "stop": desktops.stop, "rm": desktops.remove}[view.kind](user)
-    storage = Storage(home, say)
-    if view.kind == "backup":
-        return storage.backup(user)
-    if view.kind == "solidify":
-        return storage.solidify(user)
-    return storage.restore(user, view.params["version"])
+    return Runner(home, say, progress).resume(op_id)
 
 
 def abort(home: AdminHome, op_id: int, say=lambda _m: None) -> str:
-    """Give up an interrupted or failed operation. A switch that has not committed is rolled back
-    first; one that has can only go forward."""
+    """Give up an interrupted or failed operation: its kind undoes what its steps did, unless
+    it has passed its commit point (then it can only go forward)."""
     view = show_op(home, op_id)
     _refuse_live(view)
     if view.state not in ("interrupted", "failed"):
         raise StateError(f"operation {op_id} is {view.state}: nothing to abort")
-    with home.state() as db:
-        op = Operation.load(db, op_id)
-        if view.kind == "switch" and not view.params.get("rolled_back"):
-            if op.done("commit"):
-                raise StateError(f"switch {op_id} has committed: {view.user}'s desktop lives on {view.params['target']} now. "
-                                 f"It can only go forward: `labvm ops resume {op_id}`")
-            from .switch import Switcher
-
-            switcher = Switcher(home, say)
-            with vm_lock(db, view.user, op_id):
-                try:
-                    for note in switcher._rollback(db, op, view.user):
-                        say(note)
-                finally:
-                    switcher.close()
-        elif view.user:
+    if view.kind in KINDS:
+        for note in Runner(home, say).abort(op_id):
+            say(note)
+    elif view.user:
+        with home.state() as db:
             with vm_lock(db, view.user, op_id):
                 pass  # takes over a dead owner's lock, and releases it
-        op.finish("aborted", f"aborted at {time.strftime('%Y-%m-%d %H:%M:%S')}; was: {view.error or view.state}")
+    with home.state() as db:
+        Operation.load(db, op_id).finish("aborted", f"aborted at {time.strftime('%Y-%m-%d %H:%M:%S')}; "
+                                                    f"was: {view.error or view.state}")
     return f"operation {op_id} ({view.kind} {view.user or ''}) aborted".replace("  ", " ")

@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import socket
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from .admin import AdminHome
 from .config import Node
-from .desktops import Desktop, Desktops, Limits, NodeSession, build_spec
-from .errors import BadInput, LabvmError, NoCapacity, NodeError, NodeUnreachable, NotFound, RolledBack, StateError
-from .journal import Operation, check_lock, journaled
+from .desktops import Desktop, Desktops, Limits, build_spec
+from .errors import BadInput, LabvmError, NoCapacity, NodeError, NodeUnreachable, NotFound, StateError
+from .journal import Operation, check_lock
 from .placement import GpuRequest, NodeCapacity
+from .plan import Context, Findings, Kind, PlanReport, Runner, Step
 from .remote.connection import NodeConnection
 from .remote.recipes import mount_mfs
 from .text import safe
@@ -71,73 +71,6 @@ class SwitchResult:
         return dict(self.__dict__)
 
 
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
-
-
-@dataclass
-class Findings:
-    """What the checks before a switch found: each check in the order it ran (a failed one
-    last), and the values the switch would take from them."""
-
-    checks: list[Check] = field(default_factory=list)
-    cap: NodeCapacity | None = None
-    request: GpuRequest | None = None
-    limits: dict | None = None
-    gpus: list[dict] | None = None
-    ports: tuple[int, int | None] | None = None
-    version: int | None = None
-
-    @contextmanager
-    def check(self, name: str):
-        """Record the check the block runs; the block sets its detail, and a LabvmError out of
-        it is the check failing with that message (and raised on)."""
-        found = Check(name, False, "")
-        try:
-            yield found
-        except LabvmError as exc:
-            found.detail = str(exc)
-            self.checks.append(found)
-            raise
-        found.ok = True
-        self.checks.append(found)
-
-
-@dataclass
-class PlanStep:
-    name: str
-    skipped: bool
-    detail: str
-
-
-@dataclass
-class SwitchPlan:
-    """What `labvm switch --dry-run` found and would do. error is the first failed check's."""
-
-    user: str
-    source: str | None
-    target: str
-    checks: list[Check]
-    steps: list[PlanStep]
-    error: LabvmError | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.error is None else self.error.exit_code
-
-    def as_dict(self) -> dict:
-        return {"operation": "switch", "user": self.user, "source": self.source, "target": self.target, "ok": self.ok,
-                "checks": [dict(c.__dict__) for c in self.checks], "steps": [dict(s.__dict__) for s in self.steps],
-                "exit_code": self.exit_code}
-
-
 def _gpus_text(gpus: list[dict] | None, uuids: bool = True) -> str:
     if gpus is None:
         return "the GPUs asked"
@@ -171,229 +104,67 @@ def node_unreachable(node: Node, home: AdminHome) -> str | None:
     return None
 
 
-class Switcher:
-    def __init__(self, home: AdminHome, say: Say = lambda _m: None, progress: Say | None = None):
-        self.home = home
-        self.cfg = home.config
-        self.say = say
-        self.progress = progress or say
-        self.desktops = Desktops(home, say)
-        self._sessions: dict[str, NodeSession] = {}
+class SwitchKind(Kind):
+    """A switch as a plan. Its params are journaled at the start (source, target, gpus, from_lost,
+    was_running, base, precopy); the preflight adds the target's GPUs, ports and limits, the
+    merge the new version, so a resumed run builds the same steps."""
 
-    # -- sessions, opened once per node for the whole switch ---------------------------------
-    def session(self, name: str) -> NodeSession:
+    name = "switch"
+    commit = COMMIT
+    check_step = "preflight"
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        self.desktops = Desktops(ctx.home, ctx.say)
+        self.cfg = ctx.cfg
+        self.p = ctx.params
+        self.user = ctx.user
+        self.cap = self.request = self.limits = None
+        self.gpus = self.ports = self.version = None
+
+    def title(self) -> str:
+        return f"switch of {self.user} to {self.p['target']}"
+
+    # -- sessions ------------------------------------------------------------------------------
+    def session(self, name: str):
         """The node's session, checked to answer within seconds: a node whose network went away
         mid-switch must fail its step now, not after a long helper timeout."""
-        if name not in self._sessions:
-            self._sessions[name] = NodeSession(self.home, self.cfg.node(name), self.desktops.bundle)
-        s = self._sessions[name]
+        s = self.ctx.session(name)
         try:
-            s.conn.run(["true"], timeout=ALIVE_TIMEOUT_S)
+            s.alive(ALIVE_TIMEOUT_S)
         except LabvmError:
-            self._sessions.pop(name).close()
+            self.ctx.forget(name)
             raise
         return s
 
-    def close(self) -> None:
-        for s in self._sessions.values():
-            s.close()
-        self._sessions.clear()
+    def _desktop(self) -> Desktop:
+        return self.desktops.get(self.ctx.db, self.user)
 
-    # -- planning ----------------------------------------------------------------------------
-    def plan(self, user: str, target: str, gpus: str | None = None, from_lost: bool = False,
-             precopy: bool = True) -> SwitchPlan:
-        """Run every check a switch runs before its first change, reserving nothing and changing
-        nothing (helper actions that would change something run in check mode), and say what
-        each step would do with the GPUs, ports and version found (for --dry-run)."""
-        f, desktop = Findings(), None
-        try:
-            with self.home.state() as db:
-                with f.check("desktop") as c:
-                    desktop = self.desktops.get(db, user)
-                    c.detail = self._check_desktop(desktop)
-                with f.check("target") as c:
-                    c.detail = self._check_target(desktop, target, db.cordons())
-                with f.check("lock") as c:
-                    c.detail = check_lock(db, user)
-                if from_lost:
-                    with f.check("source lost") as c:
-                        c.detail = self._check_lost(desktop)
-                params = {"source": desktop.node, "target": target, "gpus": gpus, "from_lost": from_lost}
-                self._inspect(f, db, desktop, params, op_id=None, check=True)
-        except LabvmError as exc:
-            error = exc
-        else:
-            error = None
-        finally:
-            self.close()
-        steps = []
-        if desktop is not None:
-            skipped = self._skipped(desktop.state == "running", from_lost)
-            if not precopy:
-                skipped.setdefault("precopy", "asked for with --no-precopy")
-            details = self._step_details(desktop, target, f) if error is None else dict(STEPS)
-            steps = [PlanStep(name, name in skipped, skipped.get(name) or details[name]) for name in STEP_NAMES]
-        return SwitchPlan(user, desktop.node if desktop else None, target, f.checks, steps, error)
+    # -- checks --------------------------------------------------------------------------------
+    def checks(self, f: Findings) -> None:
+        db, p = self.ctx.db, self.p
+        with f.check("desktop") as c:
+            desktop = self._desktop()
+            if self.ctx.dry_run or desktop.version == p["base"]:
+                c.detail = _check_desktop(desktop)
+            else:  # a resumed preflight after the merge ran: the desktop is mid-switch
+                c.detail = f"{desktop.state} on {desktop.node}, version {desktop.version}"
+        with f.check("target") as c:
+            c.detail = _check_target(self.cfg, desktop, p["target"], db.cordons())
+        if self.ctx.dry_run:
+            with f.check("lock") as c:
+                c.detail = check_lock(db, self.user)
+            if p["from_lost"]:
+                with f.check("source lost") as c:
+                    c.detail = _check_lost(self.ctx.home, desktop)
+        self._inspect(f, desktop)
 
-    def _step_details(self, desktop: Desktop, target: str, f: Findings) -> dict[str, str]:
-        source, host = desktop.node, self.cfg.node(target).host
-        gpus, ports = _gpus_text(f.gpus), _ports_text(f.ports)
-        version = f"version {f.version}" if f.version is not None else "the next version"
-        vnc = f"{host}:{f.ports[0]}" if f.ports else f"{host}'s VNC port"
-        return {
-            "preflight": f"reserve on {target}: {gpus}, {ports}",
-            "precopy": f"flush the sync on {source} while the desktop still runs",
-            "stop_source": f"stop the desktop's container on {source} (downtime starts)",
-            "final_flush": f"send the last writes to MooseFS, stop the sync, unmount the layers on {source}",
-            "merge": f"publish version {desktop.version} plus the upper layer as {version}",
-            "fence": f"make {target} the desktop's owner on MooseFS: {source} may no longer mount it",
-            "build_stack": f"mount {version} on {target}, with an empty upper layer",
-            "start_target": f"start the sync and the container on {target} with {_gpus_text(f.gpus, uuids=False)}, {ports}",
-            "verify": f"check that VNC answers at {vnc} (downtime ends)",
-            "commit": f"record {target}, {_gpus_text(f.gpus, uuids=False)}, {ports} and {version} in the state database",
-            "cleanup_source": f"delete {source}'s local layers of the desktop",
-        }
-
-    @staticmethod
-    def _skipped(was_running: bool, from_lost: bool) -> dict[str, str]:
-        skipped = {}
-        if from_lost:
-            for name in ("precopy", "stop_source", "final_flush"):
-                skipped[name] = "the source is lost; what the sync sent last is used"
-            skipped["cleanup_source"] = "the source is lost; its layers go when it returns (labvm node check)"
-        if not was_running:
-            skipped["precopy"] = "the desktop is stopped"
-            skipped["stop_source"] = "the desktop is stopped"
-            for name in ("start_target", "verify"):
-                skipped[name] = "the desktop is stopped; `labvm start` starts it on the target"
-        return skipped
-
-    @staticmethod
-    def _check_desktop(desktop: Desktop) -> str:
-        if desktop.state not in ("running", "stopped"):
-            raise StateError(f"{desktop.user}'s desktop is {desktop.state}; only a running or stopped desktop can switch")
-        return f"{desktop.state} on {desktop.node}, version {desktop.version}"
-
-    def _check_target(self, desktop: Desktop, target: str, cordons: dict) -> str:
-        node = self.cfg.node(target)
-        if node.name == desktop.node:
-            raise BadInput(f"{desktop.user}'s desktop already runs on {target}")
-        if target in cordons:
-            raise BadInput(f"{target} is cordoned ({cordons[target] or 'no reason given'}); `labvm node uncordon {target}` first")
-        return f"{target} ({node.host}) is not cordoned"
-
-    # -- running -----------------------------------------------------------------------------
-    def switch(self, user: str, target: str, gpus: str | None = None, from_lost: bool = False,
-               confirm: Callable[[str], bool] | None = None, precopy: bool = True) -> SwitchResult:
-        with self.home.state() as db:
-            desktop = self.desktops.get(db, user)
-            cordons = db.cordons()
-        self._check_target(desktop, target, cordons)
-        self._check_desktop(desktop)
-        if from_lost:
-            self._prove_lost(desktop, confirm)
-        params = {"source": desktop.node, "target": target, "gpus": gpus, "from_lost": from_lost,
-                  "was_running": desktop.state == "running", "base": desktop.version, "precopy": precopy}
-        with self.home.state() as db:
-            with journaled(db, "switch", user, params) as op:
-                return self._run(db, op, user)
-
-    def resume(self, db, op: Operation) -> SwitchResult:
-        with journaled(db, "switch", op_user(db, op), op.params, existing=op) as op:
-            return self._run(db, op, op_user(db, op))
-
-    def _check_lost(self, desktop: Desktop) -> str:
-        """Why the desktop's node is unreachable; BadInput if it answers."""
-        why = node_unreachable(self.cfg.node(desktop.node), self.home)
-        if why is None:
-            raise BadInput(f"{desktop.node} answers over SSH, so it is not lost; switch without --from-lost")
-        return why
-
-    def _prove_lost(self, desktop: Desktop, confirm) -> None:
-        why = self._check_lost(desktop)
-        lost_s = self._lost_window(desktop)
-        window = f"about {lost_s:.0f} s of writes (the sync's last success)" if lost_s is not None else "an unknown span of writes"
-        self.say(f"{desktop.node} is unreachable: {why}")
-        question = (f"Start {desktop.user}'s desktop elsewhere from its state on MooseFS? Up to {window} made on "
-                    f"{desktop.node} may be lost, and {desktop.node} will be fenced off from this desktop.")
-        if confirm is None or not confirm(question):
-            raise BadInput("not confirmed; nothing changed")
-
-    def _lost_window(self, desktop: Desktop) -> float | None:
-        """Seconds since the sync last reported success on MooseFS, read from any live node."""
-        for node in self.cfg.nodes:
-            if node.name == desktop.node:
-                continue
-            try:
-                s = self.session(node.name)
-                s.run(mount_mfs(self.cfg))
-                data = s.call("sync", "last_success", {"user": desktop.user, "mfs_mount": self.cfg.storage.mfs_mount})["data"]
-            except LabvmError:
-                continue
-            if data.get("last_success"):
-                return max(0.0, time.time() - data["last_success"])
-            return None
-        return None
-
-    def _run(self, db, op: Operation, user: str) -> SwitchResult:
-        p = op.params
-        skipped = self._skipped(p["was_running"], p["from_lost"])
-        if not p.get("precopy", True):
-            skipped.setdefault("precopy", "asked for with --no-precopy")
-        started = time.monotonic()
-        try:
-            for index, (name, _text) in enumerate(STEPS, 1):
-                if op.done(name):
-                    continue
-                if name in skipped:
-                    continue
-                self.progress(f"[{index}/{len(STEPS)}] {name}")
-                t0 = time.monotonic()
-                try:
-                    with op.step(name):
-                        getattr(self, f"_step_{name}")(db, op, user)
-                except BaseException as exc:
-                    if op.done(COMMIT):
-                        self.say(f"{name} failed after the commit: {exc}; the desktop lives on {p['target']} now. "
-                                 f"Finish with `labvm ops resume {op.id}`")
-                        raise
-                    self.say(f"{name} failed: {exc}; rolling back to {p['source']}")
-                    notes = self._rollback(db, op, user)
-                    for note in notes:
-                        self.say(note)
-                    op.remember(rolled_back=True)
-                    rolled = RolledBack(msg=f"switch of {user} to {p['target']} failed at {name} and was rolled back: {exc}")
-                    if name == "preflight" and isinstance(exc, LabvmError):
-                        # A check refused it before anything changed: the check's own exit code
-                        # (no room is 10, a bad request 2), as for any command.
-                        rolled.exit_code = exc.exit_code
-                    raise rolled from exc
-                self.progress(f"[{index}/{len(STEPS)}] {name} done in {time.monotonic() - t0:.1f} s")
-        finally:
-            self.close()
-        p = op.params
-        downtime = (p["verified_at"] - p["stopped_at"]) if p.get("verified_at") and p.get("stopped_at") else None
-        target = self.cfg.node(p["target"])
-        vnc = f"{target.host}:{p['target_ports'][0]}" if p.get("target_ports") else None
-        self.say(f"switched {user} from {p['source']} to {p['target']} in {time.monotonic() - started:.1f} s"
-                 + (f"; downtime {downtime:.1f} s" if downtime is not None else ""))
-        return SwitchResult(user, p["source"], p["target"], p["new_version"], downtime, op.id, vnc, p.get("notes", []))
-
-    # -- the steps ---------------------------------------------------------------------------
-    def _desktop(self, db, user: str) -> Desktop:
-        return self.desktops.get(db, user)
-
-    def _step_preflight(self, db, op: Operation, user: str) -> None:
-        p = op.params
-        f = self._inspect(Findings(), db, self._desktop(db, user), p, op.id, check=False)
-        self._reserve(db, user, self.cfg.node(p["target"]), f.cap, f.request, op, f.limits)
-
-    def _inspect(self, f: Findings, db, desktop: Desktop, p: dict, op_id: int | None, check: bool) -> Findings:
-        """The checks on the nodes before a switch changes anything: the target answers, has
-        MooseFS and the image, room for the GPUs, memory and ports; the source answers; the
-        versions on MooseFS read. Each goes into f as it passes; the first that fails raises.
-        With check, MooseFS is not mounted where it is missing (the helper's check mode)."""
-        user = desktop.user
+    def _inspect(self, f: Findings, desktop: Desktop) -> None:
+        """The checks on the nodes: the target answers, has MooseFS and the image, room for the
+        GPUs, memory and ports; the source answers; the versions on MooseFS read. In a dry run
+        MooseFS is not mounted where it is missing (the helper's check mode)."""
+        db, p, user, check = self.ctx.db, self.p, self.user, self.ctx.dry_run
+        op_id = None if self.ctx.op is None else self.ctx.op.id
         target = self.cfg.node(p["target"])
         with f.check("target reachable") as c:
             s = self.session(target.name)
@@ -415,13 +186,13 @@ class Switcher:
                 status = source.call("vm", "status", {"user": user, "data_dir": source.node.data_dir})["data"]
                 running = bool((status.get("container") or {}).get("running"))
                 c.detail = f"{source.node.name} answers; the container there is {'running' if running else 'not running'}"
-        f.cap = cap = self.desktops._capacity(target, self.desktops._usage(db, target), (facts, image))
+        self.cap = cap = self.desktops._capacity(target, self.desktops._usage(db, target), (facts, image))
         # What the reservation will see as taken (its own pick of a resumed switch is free to it).
         taken, used = db.taken_on(target.name, user, op_id)
         with f.check("gpus") as c:
-            f.request = GpuRequest.parse(p["gpus"], default=len(desktop.gpus))
-            f.gpus = cap.pick_gpus(f.request, taken)
-            c.detail = f"{_gpus_text(f.gpus)} free on {target.name} ({f.request.describe()} asked)"
+            self.request = GpuRequest.parse(p["gpus"], default=len(desktop.gpus))
+            self.gpus = cap.pick_gpus(self.request, taken)
+            c.detail = f"{_gpus_text(self.gpus)} free on {target.name} ({self.request.describe()} asked)"
         with f.check("memory") as c:
             need, free_memory = desktop.limits.get("memory", 0), cap.memory_total - cap.memory_promised
             if need > free_memory:
@@ -429,11 +200,11 @@ class Switcher:
                                  f"{user}'s desktop needs {need >> 20} MiB")
             c.detail = f"{need >> 20} MiB needed, {free_memory >> 20} MiB not promised on {target.name}"
         with f.check("limits") as c:
-            f.limits = self._target_limits(desktop, target, cap)
+            self.limits = _target_limits(desktop, target, cap)
             c.detail = f"{user}'s limits apply on {target.name}"
         with f.check("ports") as c:
-            f.ports = cap.pick_ports(used)
-            c.detail = f"{_ports_text(f.ports)} free on {target.name}"
+            self.ports = cap.pick_ports(used)
+            c.detail = f"{_ports_text(self.ports)} free on {target.name}"
         with f.check("versions") as c:
             reader = s if mounted else None
             if reader is None and source is not None:
@@ -442,87 +213,125 @@ class Switcher:
             if reader is None:
                 c.detail = f"MooseFS is mounted on neither node yet; the merge publishes the next version after {desktop.version}"
             else:
-                f.version = self.desktops.next_version(reader, user, desktop.version)
-                c.detail = f"the merge would publish version {f.version}"
-        return f
+                self.version = self.desktops.next_version(reader, user, desktop.version)
+                c.detail = f"the merge would publish version {self.version}"
 
-    @staticmethod
-    def _target_limits(desktop: Desktop, target: Node, cap: NodeCapacity) -> dict:
-        """The desktop's limits as they apply on the target's disk and cgroups."""
-        limits = dict(desktop.limits)
-        if limits.get("io_read_bps") or limits.get("io_write_bps"):
-            if not cap.disk_device:
-                raise BadInput(f"{target.name}: its data dir is on no block device, so {desktop.user}'s IO caps can't apply")
-            limits["io_device"] = cap.disk_device
-        if limits.get("io_weight") is not None and not cap.blkio_weight:
-            limits["io_weight"] = None
-        return limits
+    def claim(self) -> None:
+        """Reserve the target's GPUs and ports in one transaction, journaled with the switch."""
+        ctx, target = self.ctx, self.cfg.node(self.p["target"])
 
-    def _reserve(self, db, user: str, target: Node, cap, request: GpuRequest, op: Operation, limits: dict) -> None:
         def remember(chosen: list[dict], ports: tuple[int, int | None]) -> None:
-            op.remember(target_gpus=[{"uuid": g["uuid"], "index": g["index"]} for g in chosen], target_ports=list(ports),
-                        target_limits=limits)
+            ctx.remember(target_gpus=[{"uuid": g["uuid"], "index": g["index"]} for g in chosen], target_ports=list(ports),
+                         target_limits=self.limits)
 
-        chosen, ports = db.reserve(user, target.name, cap.choice(request), switch_op=op.id, then=remember)
+        chosen, ports = ctx.db.reserve(self.user, target.name, self.cap.choice(self.request), switch_op=ctx.op.id, then=remember)
         shown = ", ".join(f"#{g['index']}" for g in chosen) or "no GPUs"
-        self.say(f"reserved on {target.name}: {shown}, VNC port {ports[0]}")
+        ctx.say(f"reserved on {target.name}: {shown}, VNC port {ports[0]}")
 
-    def _step_precopy(self, db, op: Operation, user: str) -> None:
-        source = self.session(op.params["source"])
-        calls = self.desktops.calls(source.node, user)
+    # -- steps ---------------------------------------------------------------------------------
+    def steps(self) -> list[Step]:
+        p = self.p
+        skipped = _skipped(p["was_running"], p["from_lost"])
+        if not p.get("precopy", True):
+            skipped.setdefault("precopy", "asked for with --no-precopy")
+        details = self._details()
+        work = {
+            "preflight": (None, self._undo_preflight),
+            "precopy": (self._precopy, None),
+            "stop_source": (self._stop_source, self._undo_stop_source),
+            "final_flush": (self._final_flush, None),
+            "merge": (self._merge, self._undo_merge),
+            "fence": (self._fence, self._undo_fence),
+            "build_stack": (self._build_stack, self._undo_target),
+            "start_target": (self._start_target, self._undo_target),
+            "verify": (self._verify, None),
+            "commit": (self._commit, None),
+            "cleanup_source": (self._cleanup_source, None),
+        }
+        return [Step(name, details[name], apply=work[name][0], undo=work[name][1], skip=skipped.get(name))
+                for name in STEP_NAMES]
+
+    def _details(self) -> dict[str, str]:
+        p = self.p
+        source, target = p["source"], p["target"]
+        host = self.cfg.node(target).host
+        gpus = self.gpus if self.gpus is not None else p.get("target_gpus")
+        ports = self.ports if self.ports is not None else (tuple(p["target_ports"]) if p.get("target_ports") else None)
+        number = p.get("new_version", self.version)
+        version = f"version {number}" if number is not None else "the next version"
+        vnc = f"{host}:{ports[0]}" if ports else f"{host}'s VNC port"
+        gpus_short = _gpus_text(gpus, uuids=False)
+        return {
+            "preflight": f"reserve on {target}: {_gpus_text(gpus)}, {_ports_text(ports)}",
+            "precopy": f"flush the sync on {source} while the desktop still runs",
+            "stop_source": f"stop the desktop's container on {source} (downtime starts)",
+            "final_flush": f"send the last writes to MooseFS, stop the sync, unmount the layers on {source}",
+            "merge": f"publish version {p['base']} plus the upper layer as {version}",
+            "fence": f"make {target} the desktop's owner on MooseFS: {source} may no longer mount it",
+            "build_stack": f"mount {version} on {target}, with an empty upper layer",
+            "start_target": f"start the sync and the container on {target} with {gpus_short}, {_ports_text(ports)}",
+            "verify": f"check that VNC answers at {vnc} (downtime ends)",
+            "commit": f"record {target}, {gpus_short}, {_ports_text(ports)} and {version} in the state database",
+            "cleanup_source": f"delete {source}'s local layers of the desktop",
+        }
+
+    def _precopy(self) -> None:
+        source = self.session(self.p["source"])
+        calls = self.desktops.calls(source.node, self.user)
         status = source.run(calls.sync_status())
         if status.get("running"):
-            self.progress(f"  still to sync: {status.get('pending') or 0} paths, "
-                          f"{(status.get('pending_bytes') or 0) / (1 << 20):.1f} MiB")
+            self.ctx.progress(f"  still to sync: {status.get('pending') or 0} paths, "
+                              f"{(status.get('pending_bytes') or 0) / (1 << 20):.1f} MiB")
         data = source.run(calls.flush(900))
-        self.progress(f"  pre-copy: {data.get('files', 0)} paths sent in {data.get('seconds', 0):.1f} s while the desktop ran")
+        self.ctx.progress(f"  pre-copy: {data.get('files', 0)} paths sent in {data.get('seconds', 0):.1f} s while the desktop ran")
 
-    def _step_stop_source(self, db, op: Operation, user: str) -> None:
-        source = self.session(op.params["source"])
-        op.remember(stopped_at=time.time())
-        source.run(self.desktops.calls(source.node, user).stop_container(20))
+    def _stop_source(self) -> None:
+        source = self.session(self.p["source"])
+        self.ctx.remember(stopped_at=time.time())
+        source.run(self.desktops.calls(source.node, self.user).stop_container(20))
 
-    def _step_final_flush(self, db, op: Operation, user: str) -> None:
-        source = self.session(op.params["source"])
+    def _final_flush(self) -> None:
+        user, ctx = self.user, self.ctx
+        source = self.session(self.p["source"])
         calls = self.desktops.calls(source.node, user)
         data = source.run(calls.stop_sync(flush=True))
-        self.progress(f"  final flush: {data.get('files', 0)} paths")
+        ctx.progress(f"  final flush: {data.get('files', 0)} paths")
         if data.get("quarantined_count") or data.get("full_pass_problem"):
             shown = ", ".join(safe(q.get("path", "?"))[:80] for q in data.get("quarantined", [])[:3])
             count = f"{data['quarantined_count']} path(s)" if data.get("quarantined_count") else "some paths"
             why = shown or safe(data.get("full_pass_problem") or "")[:200]
             note = (f"{count} of {user}'s could not be copied to MooseFS and do not move with the desktop "
                     f"(the sync says why in `labvm sync status`): {why}")
-            self.say(note)
-            op.remember(notes=[*op.params.get("notes", []), note])
+            ctx.say(note)
+            ctx.remember(notes=[*self.p.get("notes", []), note])
         source.call_many([calls.remove_container(), calls.unmount_stack()])
-        db.set_desktop_state(user, "stopped")
+        ctx.db.set_desktop_state(user, "stopped")
 
-    def _step_merge(self, db, op: Operation, user: str) -> None:
-        target = self.session(op.params["target"])
-        if "new_version" not in op.params:
-            op.remember(new_version=self.desktops.next_version(target, user, op.params["base"]))
-        new = op.params["new_version"]
-        self.desktops.publish(target, user, op.params["base"], new, "switch")
+    def _merge(self) -> None:
+        target = self.session(self.p["target"])
+        if "new_version" not in self.p:
+            self.ctx.remember(new_version=self.desktops.next_version(target, self.user, self.p["base"]))
+        new = self.p["new_version"]
+        self.desktops.publish(target, self.user, self.p["base"], new, "switch")
         # The new version holds everything the upper held: it is the desktop's base from now on,
-        # wherever it runs (a rollback runs the source over it too, with an emptied upper).
-        db.set_desktop_version(user, new)
+        # wherever it runs (an undone switch runs the source over it too, with an emptied upper).
+        self.ctx.db.set_desktop_version(self.user, new)
 
-    def _step_fence(self, db, op: Operation, user: str) -> None:
-        target = self.session(op.params["target"])
-        target.run(self.desktops.calls(target.node, user).set_owner(op=op.id))
+    def _fence(self) -> None:
+        target = self.session(self.p["target"])
+        target.run(self.desktops.calls(target.node, self.user).set_owner(op=self.ctx.op.id))
 
-    def _step_build_stack(self, db, op: Operation, user: str) -> None:
-        target = self.session(op.params["target"])
-        calls = self.desktops.calls(target.node, user)
-        disk = self.desktops.disk_of(op.params["target_limits"])
+    def _build_stack(self) -> None:
+        target = self.session(self.p["target"])
+        calls = self.desktops.calls(target.node, self.user)
+        disk = self.desktops.disk_of(self.p["target_limits"])
         # Whatever an earlier life of this desktop left on the target (a container, mounts) is
         # stale: the fence already says the desktop belongs here now, starting from the new version.
         target.call_many([calls.remove_container(), calls.unmount_stack(), calls.reset_upper(),
-                          calls.stack(op.params["new_version"], disk)])
+                          calls.stack(self.p["new_version"], disk)])
 
-    def _step_start_target(self, db, op: Operation, user: str) -> None:
-        p = op.params
+    def _start_target(self) -> None:
+        p, db, user = self.p, self.ctx.db, self.user
         target = self.session(p["target"])
         node = target.node
         spec = build_spec(user, db.get_user(user).uid, node, "minimal", Limits(**p["target_limits"]),
@@ -531,8 +340,8 @@ class Switcher:
         target.call_many([self.desktops.base_image_call(), self.desktops.calls(node, user).start_sync(),
                           *self.desktops.container_calls(target, db, user, spec)])
 
-    def _step_verify(self, db, op: Operation, user: str) -> None:
-        p = op.params
+    def _verify(self) -> None:
+        p = self.p
         target = self.cfg.node(p["target"])
         port = p["target_ports"][0]
         deadline = time.monotonic() + VERIFY_TIMEOUT_S
@@ -547,53 +356,190 @@ class Switcher:
             if time.monotonic() > deadline:
                 raise NodeError(f"VNC does not answer at {target.host}:{port} within {VERIFY_TIMEOUT_S} s")
             time.sleep(0.5)
-        op.remember(verified_at=time.time())
+        self.ctx.remember(verified_at=time.time())
 
-    def _step_commit(self, db, op: Operation, user: str) -> None:
-        p = op.params
+    def _commit(self) -> None:
+        p = self.p
         state = "running" if p["was_running"] else "stopped"
-        db.commit_switch(user, p["source"], p["target"], p["target_ports"], p["target_limits"], p["new_version"], state)
+        self.ctx.db.commit_switch(self.user, p["source"], p["target"], p["target_ports"], p["target_limits"],
+                                  p["new_version"], state)
 
-    def _step_cleanup_source(self, db, op: Operation, user: str) -> None:
-        source = self.session(op.params["source"])
-        calls = self.desktops.calls(source.node, user)
+    def _cleanup_source(self) -> None:
+        source = self.session(self.p["source"])
+        calls = self.desktops.calls(source.node, self.user)
         source.call_many([calls.remove_container(), calls.unmount_stack(), calls.remove_local_layers()])
 
-    # -- rollback ----------------------------------------------------------------------------
-    def _rollback(self, db, op: Operation, user: str) -> list[str]:
-        """Undo a switch that has not committed: the target loses what it got, the source runs
-        the desktop again. Best effort on the target (it may be the part that failed)."""
-        p, notes = op.params, []
-        target_node = self.cfg.node(p["target"])
+    # -- undo: the target loses what it got, the source runs the desktop again ----------------
+    def _undo_target(self) -> str | None:
+        """Best effort: the target may be the part that failed. Each call on its own, so a dead
+        dockerd does not keep the sync or the mounts from going."""
+        target_node, user = self.cfg.node(self.p["target"]), self.user
         on_target = self.desktops.calls(target_node, user)
+        notes = []
         for call in (*on_target.teardown(flush=False), on_target.remove_local_layers()):
-            # Each on its own: a dead dockerd must not keep the sync or the mounts from going.
             try:
                 self.session(target_node.name).run(call)
             except NodeUnreachable as exc:
-                notes.append(f"note: {target_node.name} is unreachable ({exc}); its leftovers of {user} stay until it is back")
-                break
+                return f"note: {target_node.name} is unreachable ({exc}); its leftovers of {user} stay until it is back"
             except LabvmError as exc:
                 notes.append(f"note: {target_node.name}: {call.helper}.{call.action} failed ({exc}); "
                              "`labvm node check` shows what is left there")
-        db.release_gpus(user, p["target"])
-        if p["from_lost"]:
-            db.set_desktop_state(user, "stopped")
-            notes.append(f"{user}'s desktop stays fenced off {p['source']}; run the switch again when a target is ready")
-            return notes
+        return "\n".join(notes) or None
+
+    def _undo_fence(self) -> None:
+        if self.p["from_lost"]:
+            return
+        source = self.session(self.p["source"])
+        on_source = self.desktops.calls(source.node, self.user)
+        source.call_many([on_source.mount_mfs(), on_source.set_owner(op=self.ctx.op.id)])
+
+    def _undo_merge(self) -> None:
+        if self.p["from_lost"] or self._desktop().version == self.p["base"]:
+            return
+        # The merge published the upper: the source runs over that version with an empty upper.
+        source = self.session(self.p["source"])
+        self.desktops.stop_on_node(source, self.ctx.op, self.user, 20)
+        source.run(self.desktops.calls(source.node, self.user).reset_upper())
+
+    def _undo_stop_source(self) -> str | None:
+        p, db, user = self.p, self.ctx.db, self.user
+        if not p["was_running"]:
+            return None
         source = self.session(p["source"])
-        on_source = self.desktops.calls(source.node, user)
-        source.call_many([on_source.mount_mfs(), on_source.set_owner(op=op.id)])
-        desktop = self._desktop(db, user)
-        if desktop.version != p["base"]:
-            # The merge published the upper: the source runs over that version with an empty upper.
-            self.desktops.stop_on_node(source, op, user, 20)
-            source.run(on_source.reset_upper())
-        if p["was_running"]:
-            # Journaled as steps of this switch, so `labvm ops show` tells what the rollback did.
-            self.desktops.bring_up(source, op, db, self._desktop(db, user), db.get_user(user).uid)
-            notes.append(f"{user}'s desktop runs on {p['source']} again")
-        return notes
+        # Journaled as steps of this switch, so `labvm ops show` tells what the undo did.
+        self.desktops.bring_up(source, self.ctx.op, db, self._desktop(), db.get_user(user).uid)
+        return f"{user}'s desktop runs on {p['source']} again"
+
+    def _undo_preflight(self) -> str | None:
+        self.ctx.db.release_gpus(self.user, self.p["target"])
+        if self.p["from_lost"]:
+            self.ctx.db.set_desktop_state(self.user, "stopped")
+            return f"{self.user}'s desktop stays fenced off {self.p['source']}; run the switch again when a target is ready"
+        return None
+
+    def result(self) -> "SwitchResult":
+        p = self.p
+        downtime = (p["verified_at"] - p["stopped_at"]) if p.get("verified_at") and p.get("stopped_at") else None
+        target = self.cfg.node(p["target"])
+        vnc = f"{target.host}:{p['target_ports'][0]}" if p.get("target_ports") else None
+        return SwitchResult(self.user, p["source"], p["target"], p["new_version"], downtime, self.ctx.op.id, vnc,
+                            p.get("notes", []))
+
+
+def _skipped(was_running: bool, from_lost: bool) -> dict[str, str]:
+    skipped = {}
+    if from_lost:
+        for name in ("precopy", "stop_source", "final_flush"):
+            skipped[name] = "the source is lost; what the sync sent last is used"
+        skipped["cleanup_source"] = "the source is lost; its layers go when it returns (labvm node check)"
+    if not was_running:
+        skipped["precopy"] = "the desktop is stopped"
+        skipped["stop_source"] = "the desktop is stopped"
+        for name in ("start_target", "verify"):
+            skipped[name] = "the desktop is stopped; `labvm start` starts it on the target"
+    return skipped
+
+
+def _check_desktop(desktop: Desktop) -> str:
+    if desktop.state not in ("running", "stopped"):
+        raise StateError(f"{desktop.user}'s desktop is {desktop.state}; only a running or stopped desktop can switch")
+    return f"{desktop.state} on {desktop.node}, version {desktop.version}"
+
+
+def _check_target(cfg, desktop: Desktop, target: str, cordons: dict) -> str:
+    node = cfg.node(target)
+    if node.name == desktop.node:
+        raise BadInput(f"{desktop.user}'s desktop already runs on {target}")
+    if target in cordons:
+        raise BadInput(f"{target} is cordoned ({cordons[target] or 'no reason given'}); `labvm node uncordon {target}` first")
+    return f"{target} ({node.host}) is not cordoned"
+
+
+def _check_lost(home: AdminHome, desktop: Desktop) -> str:
+    """Why the desktop's node is unreachable; BadInput if it answers."""
+    why = node_unreachable(home.config.node(desktop.node), home)
+    if why is None:
+        raise BadInput(f"{desktop.node} answers over SSH, so it is not lost; switch without --from-lost")
+    return why
+
+
+def _target_limits(desktop: Desktop, target: Node, cap: NodeCapacity) -> dict:
+    """The desktop's limits as they apply on the target's disk and cgroups."""
+    limits = dict(desktop.limits)
+    if limits.get("io_read_bps") or limits.get("io_write_bps"):
+        if not cap.disk_device:
+            raise BadInput(f"{target.name}: its data dir is on no block device, so {desktop.user}'s IO caps can't apply")
+        limits["io_device"] = cap.disk_device
+    if limits.get("io_weight") is not None and not cap.blkio_weight:
+        limits["io_weight"] = None
+    return limits
+
+
+class Switcher:
+    """`labvm switch`: checks run before journaling, then the SwitchKind plan through the runner."""
+
+    def __init__(self, home: AdminHome, say: Say = lambda _m: None, progress: Say | None = None, sessions=None):
+        self.home = home
+        self.cfg = home.config
+        self.say = say
+        self.runner = Runner(home, say, progress or say, sessions)
+
+    def params(self, desktop: Desktop, target: str, gpus: str | None, from_lost: bool, precopy: bool) -> dict:
+        return {"source": desktop.node, "target": target, "gpus": gpus, "from_lost": from_lost,
+                "was_running": desktop.state == "running", "base": desktop.version, "precopy": precopy}
+
+    def plan(self, user: str, target: str, gpus: str | None = None, from_lost: bool = False,
+             precopy: bool = True) -> PlanReport:
+        """Every check a switch runs before its first change, reserving nothing and changing
+        nothing, and each step with the GPUs, ports and version found (for --dry-run)."""
+        with self.home.state() as db:
+            desktop = Desktops(self.home).get(db, user)
+        params = self.params(desktop, target, gpus, from_lost, precopy)
+        report = self.runner.dry_run(SwitchKind, user, params, {"source": desktop.node, "target": target})
+        report.headline = f"switch {user} from {desktop.node} to {target}"
+        return report
+
+    def switch(self, user: str, target: str, gpus: str | None = None, from_lost: bool = False,
+               confirm: Callable[[str], bool] | None = None, precopy: bool = True) -> SwitchResult:
+        with self.home.state() as db:
+            desktop = Desktops(self.home).get(db, user)
+            cordons = db.cordons()
+        _check_target(self.cfg, desktop, target, cordons)
+        _check_desktop(desktop)
+        if from_lost:
+            self._prove_lost(desktop, confirm)
+        started = time.monotonic()
+        result = self.runner.run(SwitchKind, user, self.params(desktop, target, gpus, from_lost, precopy))
+        self.say(f"switched {user} from {result.source} to {result.target} in {time.monotonic() - started:.1f} s"
+                 + (f"; downtime {result.downtime_s:.1f} s" if result.downtime_s is not None else ""))
+        return result
+
+    def _prove_lost(self, desktop: Desktop, confirm) -> None:
+        why = _check_lost(self.home, desktop)
+        lost_s = self._lost_window(desktop)
+        window = f"about {lost_s:.0f} s of writes (the sync's last success)" if lost_s is not None else "an unknown span of writes"
+        self.say(f"{desktop.node} is unreachable: {why}")
+        question = (f"Start {desktop.user}'s desktop elsewhere from its state on MooseFS? Up to {window} made on "
+                    f"{desktop.node} may be lost, and {desktop.node} will be fenced off from this desktop.")
+        if confirm is None or not confirm(question):
+            raise BadInput("not confirmed; nothing changed")
+
+    def _lost_window(self, desktop: Desktop) -> float | None:
+        """Seconds since the sync last reported success on MooseFS, read from any live node."""
+        desktops = Desktops(self.home)
+        for node in self.cfg.nodes:
+            if node.name == desktop.node:
+                continue
+            try:
+                with desktops.session(node) as s:
+                    s.run(mount_mfs(self.cfg))
+                    data = s.call("sync", "last_success", {"user": desktop.user, "mfs_mount": self.cfg.storage.mfs_mount})["data"]
+            except LabvmError:
+                continue
+            if data.get("last_success"):
+                return max(0.0, time.time() - data["last_success"])
+            return None
+        return None
 
 
 def op_user(db, op: Operation) -> str:

@@ -23,9 +23,13 @@ class NodeSession:
         """One typed call (see recipes.py); its reply's data."""
         return self.runner.call(call.helper, call.action, call.params, timeout=call.timeout, check=check)["data"]
 
-    def call_many(self, calls: list[HelperCall], done=lambda _index: None) -> list[dict]:
+    def call_many(self, calls: list[HelperCall], done=lambda _index: None, check: bool = False) -> list[dict]:
         """Several calls in one round trip; see HelperRunner.call_many."""
-        return self.runner.call_many(calls, done=done)
+        return self.runner.call_many(calls, done=done, check=check)
+
+    def alive(self, timeout: float) -> None:
+        """Raise unless the node answers over this connection within timeout seconds."""
+        self.conn.run(["true"], timeout=timeout)
 
     def close(self) -> None:
         self.conn.close()

@@ -6,9 +6,13 @@ class TypedCalls:
     def run(self, call, check=False):
         return self.call(call.helper, call.action, call.params, timeout=call.timeout, **({"check": True} if check else {}))["data"]
 
-    def call_many(self, calls, done=lambda _index: None):
+    def call_many(self, calls, done=lambda _index: None, check=False):
         replies = []
         for index, call in enumerate(calls):
-            replies.append(self.call(call.helper, call.action, call.params, timeout=call.timeout))
+            replies.append(self.call(call.helper, call.action, call.params, timeout=call.timeout,
+                                     **({"check": True} if check else {})))
             done(index)
         return replies
+
+    def alive(self, timeout):
+        pass

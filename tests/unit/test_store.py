@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from labvm import desktops as desktops_mod
+from labvm import plan as plan_mod
 from labvm.admin import AdminHome
 from labvm.cli import main
 from labvm.config import Node, add_node_to_file
@@ -18,7 +19,7 @@ from labvm.errors import NoCapacity
 from labvm.journal import Operation
 from labvm.placement import GpuRequest, NodeCapacity
 from labvm.state import StateDB
-from labvm.switch import Switcher
+from labvm.switch import SwitchKind
 
 PW = "a good password"
 N1 = Node(name="n1", host="10.0.0.1")
@@ -77,7 +78,9 @@ def test_create_and_switch_reserve_through_the_one_store_method(home, reservatio
     with home.state() as db:
         Desktops(home)._reserve(db, "bob", N1, capacity(N1), GpuRequest(count=1), SimpleNamespace(as_dict=lambda: {"memory": 2}))
         op = Operation.begin(db, "switch", "alice", {"source": "n1", "target": "n2"})
-        Switcher(home)._reserve(db, "alice", N2, capacity(N2), GpuRequest(count=2), op, {"memory": 1})
+        kind = SwitchKind(plan_mod.Context(home, db, "alice", op.params, op, say=lambda _m: None, progress=lambda _m: None))
+        kind.cap, kind.request, kind.limits = capacity(N2), GpuRequest(count=2), {"memory": 1}
+        kind.claim()
         assert [(c["user"], c["node"]) for c in reservations] == [("bob", "n1"), ("alice", "n2")]
         assert reservations[0]["new_limits"] == {"memory": 2} and reservations[0].get("switch_op") is None
         assert reservations[1]["switch_op"] == op.id and reservations[1].get("new_limits") is None

@@ -9,12 +9,13 @@ import socket
 import pytest
 
 from labvm import desktops as desktops_mod
+from labvm import plan as plan_mod
 from labvm.admin import AdminHome
 from labvm.cli import main
 from labvm.config import Node, add_node_to_file
 from labvm.errors import NoCapacity, NodeUnreachable
 from labvm.journal import Operation
-from labvm.switch import Switcher
+from labvm.switch import SwitchKind
 
 from .fake_node import TypedCalls
 
@@ -89,7 +90,7 @@ def nodes(monkeypatch) -> dict[str, FakeNode]:
             raise NodeUnreachable(node=name, msg="no route to host")
         return fakes[name]
 
-    monkeypatch.setattr(Switcher, "session", session)
+    monkeypatch.setattr(plan_mod.Context, "_open_session", session)
     monkeypatch.setattr(desktops_mod.HelperBundle, "from_package", classmethod(lambda cls: None))
     return fakes
 
@@ -120,7 +121,7 @@ def test_a_fitting_plan_names_the_gpus_ports_and_version_and_changes_nothing(hom
     before = dump(home)
     code, plan = dry_run_json(capsys, "alice", "n2")
     assert code == 0
-    assert set(plan) == {"operation", "user", "source", "target", "ok", "checks", "steps", "exit_code"}
+    assert set(plan) == {"operation", "user", "source", "target", "ok", "checks", "steps", "exit_code", "dry_run"}
     assert (plan["operation"], plan["user"], plan["source"], plan["target"]) == ("switch", "alice", "n1", "n2")
     assert plan["ok"] is True and plan["exit_code"] == 0
     assert all(c["ok"] for c in plan["checks"])
@@ -270,7 +271,10 @@ def preflight(home: AdminHome, gpus: str | None = None) -> Operation:
               "precopy": True}
     with home.state() as db:
         op = Operation.begin(db, "switch", "alice", params)
-        Switcher(home)._step_preflight(db, op, "alice")
+        ctx = plan_mod.Context(home, db, "alice", params, op, say=lambda _m: None, progress=lambda _m: None)
+        kind = SwitchKind(ctx)
+        kind.checks(ctx.found)
+        kind.claim()
         return op
 
 
