@@ -24,10 +24,12 @@ from .cli_kit import (
     complete_nodes,
     complete_users,
     complete_versions,
+    dry_run_option,
     json_option,
     out,
     password_stdin_option,
     say,
+    show_plan,
 )
 from .errors import Aborted, BadInput
 from .text import cell, safe
@@ -74,10 +76,11 @@ def _show_connect(home: AdminHome, desktop) -> None:
 @click.option("--disk", metavar="SIZE",
               help="Disk size, e.g. 100g: all the desktop may hold, wherever in its root (default from <vm_defaults>).")
 @limit_options
+@dry_run_option
 @json_option
 @click.pass_obj
 @audited("user")
-def create(home: AdminHome, user, node, gpus, adopt, as_json, disk, **limits):
+def create(home: AdminHome, user, node, gpus, adopt, dry_run, as_json, disk, **limits):
     """Create and start USER's desktop.
 
     A desktop continues from the newest version of USER's files on MooseFS,
@@ -88,11 +91,19 @@ def create(home: AdminHome, user, node, gpus, adopt, as_json, disk, **limits):
     labvm create alice                 defaults from the cluster file, node picked for you
     labvm create alice --gpus 2        two free GPUs
     labvm create alice --node n2 --gpus 0,3 --memory 32g --disk 200g
+    labvm create alice --dry-run       where it would go, and what it would do
+
+    Any failure undoes what the create did: no half-made desktop stays.
     """
     from .desktops import LimitOverrides
 
     overrides = LimitOverrides(**limits, disk=disk)
-    desktop = _desktops(home, quiet=as_json).create(user, node=node, gpus=gpus, overrides=overrides, adopt=adopt)
+    made = _desktops(home, quiet=as_json or dry_run).create(user, node=node, gpus=gpus, overrides=overrides, adopt=adopt,
+                                                           dry_run=dry_run)
+    if dry_run:
+        show_plan(made, as_json)
+        return
+    desktop = made
     if as_json:
         _emit_json(desktop.as_dict(home.config))
     else:
@@ -139,22 +150,46 @@ def resize(home: AdminHome, user, size, dry_run, as_json):
 
 @click.command()
 @click.argument("user", shell_complete=complete_users)
+@dry_run_option
+@json_option
 @click.pass_obj
 @audited("user")
-def start(home: AdminHome, user):
-    """Start USER's desktop (mounts its layers, starts its container)."""
-    _show_connect(home, _desktops(home).start(user))
+def start(home: AdminHome, user, dry_run, as_json):
+    """Start USER's desktop (mounts its layers, starts its container).
+
+    If a step fails, what the start did is undone and the desktop stays
+    stopped. --dry-run checks the node, its image and MooseFS, and prints the
+    steps.
+    """
+    started = _desktops(home, quiet=as_json).start(user, dry_run=dry_run)
+    if dry_run:
+        show_plan(started, as_json)
+    elif as_json:
+        _emit_json(started.as_dict(home.config))
+    else:
+        _show_connect(home, started)
 
 
 @click.command()
 @click.argument("user", shell_complete=complete_users)
 @click.option("--timeout", default=20, show_default=True, help="Seconds to wait for a clean shutdown.")
+@dry_run_option
+@json_option
 @click.pass_obj
 @audited("user")
-def stop(home: AdminHome, user, timeout):
-    """Stop USER's desktop. Its files stay; `labvm start` brings it back."""
-    _desktops(home).stop(user, timeout=timeout)
-    say(f"stopped {user}'s desktop")
+def stop(home: AdminHome, user, timeout, dry_run, as_json):
+    """Stop USER's desktop. Its files stay; `labvm start` brings it back.
+
+    Once the container is stopped, a stop only goes forward: if a later step
+    fails, `labvm ops resume ID` finishes it.
+    """
+    stopped = _desktops(home, quiet=as_json).stop(user, timeout=timeout, dry_run=dry_run)
+    if dry_run:
+        show_plan(stopped, as_json)
+    elif as_json:
+        _emit_json(stopped.as_dict(home.config))
+    else:
+        say(f"stopped {user}'s desktop")
 
 
 @click.command()
@@ -172,15 +207,27 @@ def restart(home: AdminHome, user):
 @click.argument("user", shell_complete=complete_users)
 @click.option("--purge", is_flag=True, help="Also delete every version of USER's files on MooseFS. Cannot be undone.")
 @click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation (with --purge, you must still type USER).")
+@dry_run_option
+@json_option
 @click.pass_obj
 @audited("user")
-def rm(home: AdminHome, user, purge, yes):
-    """Remove USER's desktop: its container and local layers. The versions on MooseFS stay unless --purge."""
+def rm(home: AdminHome, user, purge, yes, dry_run, as_json):
+    """Remove USER's desktop: its container and local layers. The versions on MooseFS stay unless --purge.
+
+    Without --purge, the desktop's last changes are kept as a new version, and
+    a later `labvm create USER` continues from it.
+    """
+    if dry_run:
+        show_plan(_desktops(home, quiet=True).remove(user, purge=purge, dry_run=True), as_json)
+        return
     if purge:
         _confirm_purge(user)
     elif not _confirm(yes)(f"Remove {user}'s desktop (container and local layers)?"):
         raise Aborted()
-    _desktops(home).remove(user, purge=purge)
+    _desktops(home, quiet=as_json).remove(user, purge=purge)
+    if as_json:
+        _emit_json({"user": user, "removed": True, "purged": purge})
+        return
     say(f"removed {user}'s desktop" + (" and all its versions" if purge else "; its versions on MooseFS are kept"))
 
 

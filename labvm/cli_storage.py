@@ -9,7 +9,18 @@ from rich.table import Table
 from rich.text import Text
 
 from .admin import AdminHome
-from .cli_kit import _emit_json, _when, audited, complete_users, complete_versions, json_option, out, say
+from .cli_kit import (
+    _emit_json,
+    _when,
+    audited,
+    complete_users,
+    complete_versions,
+    dry_run_option,
+    json_option,
+    out,
+    say,
+    show_plan,
+)
 from .errors import BadInput, PartlyDone
 from .storage import (
     CRON_FILE,
@@ -137,10 +148,11 @@ def versions(home: AdminHome, user, as_json):
 @click.command()
 @click.argument("users", nargs=-1, shell_complete=complete_users)
 @click.option("--all", "all_desktops", is_flag=True, help="Every running or stopped desktop.")
+@dry_run_option
 @json_option
 @click.pass_obj
 @audited()
-def backup(home: AdminHome, users, all_desktops, as_json):
+def backup(home: AdminHome, users, all_desktops, dry_run, as_json):
     """Publish a new version of each desktop's files, then prune old versions.
 
     \b
@@ -162,6 +174,9 @@ def backup(home: AdminHome, users, all_desktops, as_json):
     else:
         chosen = list(dict.fromkeys(users))
         storage.require_desktops(chosen)  # an unknown name is refused (exit 4) before any backup
+    if dry_run:
+        _dry_backups(storage, chosen, as_json)
+        return
     if as_json or not out.is_terminal:
         results = storage.backup_many(chosen, report=(lambda _r: None) if as_json else lambda r: say(r.line))
     else:
@@ -182,13 +197,31 @@ def backup(home: AdminHome, users, all_desktops, as_json):
         raise PartlyDone(f"{len(failed)} of {len(results)} backups failed: {', '.join(failed)}")
 
 
+def _dry_backups(storage: Storage, users: list[str], as_json: bool) -> None:
+    """Each backup's plan; exits as the first refused one would have."""
+    reports = [storage.backup(user, dry_run=True) for user in users]
+    if as_json:
+        _emit_json([r.as_dict() for r in reports])
+    else:
+        for report in reports:
+            try:
+                show_plan(report, as_json=False)
+            except Exception:  # noqa: BLE001 - shown; raised below once every plan is printed
+                pass
+    failed = next((r.error for r in reports if r.error is not None), None)
+    if failed is not None:
+        raise failed
+
+
 @click.command()
 @click.argument("user", shell_complete=complete_users)
 @click.argument("version", type=int, shell_complete=complete_versions)
 @click.option("--yes", "-y", is_flag=True, help="Don't ask for confirmation.")
+@dry_run_option
+@json_option
 @click.pass_obj
 @audited("user")
-def restore(home: AdminHome, user, version, yes):
+def restore(home: AdminHome, user, version, yes, dry_run, as_json):
     """Roll USER's desktop back to VERSION (see `labvm versions USER`).
 
     The desktop's current files are first published as a new version, so a
@@ -199,17 +232,25 @@ def restore(home: AdminHome, user, version, yes):
     from .retention import check_version
 
     check_version(version)
+    if dry_run:
+        show_plan(_storage(home, quiet=True).restore(user, version, dry_run=True), as_json)
+        return
     if not _confirm(yes)(f"Roll {user}'s desktop back to v{version}? A running desktop restarts."):
         raise click.exceptions.Exit(1)
-    data = _storage(home).restore(user, version)
+    data = _storage(home, quiet=as_json).restore(user, version)
+    if as_json:
+        _emit_json(data)
+        return
     say(f"{user}'s desktop now shows v{data['restored']}; what it had before is kept as v{data['kept_as']}")
 
 
 @click.command()
 @click.argument("user", shell_complete=complete_users)
+@dry_run_option
+@json_option
 @click.pass_obj
 @audited("user")
-def solidify(home: AdminHome, user):
+def solidify(home: AdminHome, user, dry_run, as_json):
     """Fold USER's changes into a new version and run the desktop over it.
 
     The changes made since the desktop's version (its upper layer) are merged
@@ -217,7 +258,13 @@ def solidify(home: AdminHome, user):
     starts empty again. A running desktop is stopped for it and started again.
     A switch to another node does the same.
     """
-    data = _storage(home).solidify(user)
+    if dry_run:
+        show_plan(_storage(home, quiet=True).solidify(user, dry_run=True), as_json)
+        return
+    data = _storage(home, quiet=as_json).solidify(user)
+    if as_json:
+        _emit_json(data)
+        return
     say(f"{user}'s desktop now runs on v{data['version']}" + (" (restarted)" if data["running"] else ""))
 
 

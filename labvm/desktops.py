@@ -21,6 +21,7 @@ from .errors import AlreadyExists, BadInput, FilesOfAnotherMember, LabvmError, N
 from .images import base_image_tag, base_image_tar
 from .journal import journaled
 from .placement import GpuRequest, NodeCapacity, choose_node
+from .plan import Runner
 from .remote.helpers import HelperBundle, HelperCall
 from .remote.pool import run_on_nodes
 from .remote.recipes import DesktopCalls, mount_mfs
@@ -335,56 +336,31 @@ class Desktops:
         chosen, reason = choose_node(caps, request, memory)
         return next(c for c in caps if c.node is chosen), reason
 
-    # -- create --------------------------------------------------------------
+    # -- create, start, stop, rm: plans (lifecycle.py) run by the plan runner -------------------
+    def _runner(self) -> Runner:
+        return Runner(self.home, self.say)
+
     def create(self, user: str, *, node: str = "auto", gpus: str | None = None, overrides: LimitOverrides | None = None,
-               adopt: bool = False) -> Desktop:
-        """With adopt, files an earlier member of the same name left on MooseFS become this member's."""
+               adopt: bool = False, dry_run: bool = False):
+        """With adopt, files an earlier member of the same name left on MooseFS become this
+        member's. With dry_run, the plan (plan.PlanReport): every check, nothing changed."""
+        from .lifecycle import CreateKind
+
         limits = resolve_limits(self.cfg, overrides or LimitOverrides())
         request = GpuRequest.parse(gpus, default=self.cfg.vm_defaults.gpus)
         self.home.check_member_name(user)  # a member added under an older, looser rule
         with self.home.state() as db:
-            account = db.get_user(user)
+            db.get_user(user)
             self._refuse_existing(db, user)
-            params = {"node": node, "gpus": request.describe(), "limits": limits.as_dict(), "adopt": adopt}
-            with journaled(db, "create", user, params, failed_state="rolled_back") as op:
-                # Checked again under the lock: a create that finished meanwhile must not be run over.
-                self._refuse_existing(db, user)
-                return self._create_locked(db, op, account, node, request, limits, adopt)
+        params = {"node": node, "gpus_asked": gpus, "gpus": request.describe(), "limits": limits.as_dict(), "adopt": adopt}
+        if dry_run:
+            return self._runner().dry_run(CreateKind, user, params)
+        return self._runner().run(CreateKind, user, params, failed_state="rolled_back")
 
     def _refuse_existing(self, db: StateDB, user: str) -> None:
         if db.has_desktop(user):
             existing = self.get(db, user)
             raise AlreadyExists(f"{user} already has a desktop on {existing.node} ({existing.state}); see `labvm status`")
-
-    def _create_locked(self, db, op, account: User, node_name, request, limits, adopt: bool) -> Desktop:
-        user = account.name
-        with op.step("place"):
-            cap, reason = self._place(db, node_name, request, limits.memory)
-            self.say(reason)
-        node = cap.node
-        if limits.io_read_bps or limits.io_write_bps:
-            if not cap.disk_device:
-                raise BadInput(f"{node.name}: {node.data_dir} is on no block device, so IO caps can't apply; drop --io-read-bps/--io-write-bps")
-            limits.io_device = cap.disk_device
-        if limits.io_weight is not None and not cap.blkio_weight:
-            self.say(f"note: {node.name}'s kernel has no block IO weight (no CFQ/BFQ blkio.weight); the IO weight is not applied")
-            limits.io_weight = None
-        with op.step("check_files"):
-            files = self._check_files(node, account, adopt)
-        with op.step("allocate"):
-            self._reserve(db, user, node, cap, request, limits)
-        try:
-            with self.session(node) as s:
-                with op.step("base_image"):
-                    self.ensure_base_image(s)
-                with op.step("adopt_files"):
-                    self._adopt_files(s, db, account, files)
-                self.bring_up(s, op, db, self.get(db, user), account.uid)
-        except BaseException:
-            self.say(f"create failed on {node.name}; rolling back")
-            self._rollback_create(db, user, node)
-            raise
-        return self.get(db, user)
 
     def bring_up(self, s: NodeSession, op, db: StateDB, desktop: Desktop, uid: int) -> None:
         """Mount MooseFS and the desktop's layers, then run its container: each step an ensure,
@@ -441,12 +417,6 @@ class Desktops:
         s.run(mount_mfs(self.cfg))
         return s.call("vm", "owner", params)["data"]["owner"], self.versions_on_mfs(s, user)
 
-    def _check_files(self, node: Node, account: User, adopt: bool) -> PreviousFiles:
-        """Before anything changes: files an earlier member of this name left are refused unless adopted."""
-        with self.session(node) as s:
-            record, versions = self.files_on_mfs(s, account.name)
-        return previous_files(account, record, versions, adopt)
-
     def _adopt_files(self, s: NodeSession, db: StateDB, account: User, files: PreviousFiles) -> None:
         """A new desktop continues from the newest version of the member's files, if an earlier
         desktop left any (`labvm rm` keeps them), and this node becomes its owner on MooseFS,
@@ -471,15 +441,6 @@ class Desktops:
         """Record the desktop with its GPUs and ports in one transaction: no GPU or port is given twice."""
         db.reserve(user, node.name, cap.choice(request), new_limits=limits.as_dict())
 
-    def _rollback_create(self, db, user, node) -> None:
-        try:
-            with self.session(node) as s:
-                calls = self.calls(node, user)
-                s.call_many([*calls.teardown(flush=False), calls.remove_local_layers()])
-        except LabvmError as exc:
-            self.say(f"rollback on {node.name} incomplete: {exc}")
-        db.remove_desktop(user)
-
     def stop_on_node(self, s: NodeSession, op, user: str, timeout: int) -> None:
         """Stop the container, send the last of its writes to MooseFS, unmount its layers."""
         calls = self.calls(s.node, user)
@@ -501,41 +462,33 @@ class Desktops:
                 desktop = self.get(db, user)  # as it is now that the lock is held
                 return work(db, op, desktop, self.cfg.node(desktop.node))
 
-    def start(self, user: str) -> Desktop:
-        def work(db, op, desktop, node):
-            with self.session(node) as s:
-                self.bring_up(s, op, db, desktop, db.get_user(user).uid)
+    def _plan(self, kind_cls, user: str, dry_run: bool, **params):
+        from .lifecycle import plan_on_desktop
+
+        return plan_on_desktop(self.home, self.say, kind_cls, user, dry_run, **params)
+
+    def start(self, user: str, dry_run: bool = False):
+        from .lifecycle import StartKind
+
+        report = self._plan(StartKind, user, dry_run)
+        if dry_run:
+            return report
+        with self.home.state() as db:
             return self.get(db, user)
 
-        return self._with_desktop(user, "start", work)
+    def stop(self, user: str, timeout: int = 20, dry_run: bool = False):
+        from .lifecycle import StopKind
 
-    def stop(self, user: str, timeout: int = 20) -> Desktop:
-        def work(db, op, desktop, node):
-            with self.session(node) as s:
-                self.stop_on_node(s, op, user, timeout)
-            db.set_desktop_state(user, "stopped")
+        report = self._plan(StopKind, user, dry_run, timeout=timeout)
+        if dry_run:
+            return report
+        with self.home.state() as db:
             return self.get(db, user)
 
-        return self._with_desktop(user, "stop", work)
+    def remove(self, user: str, purge: bool = False, dry_run: bool = False):
+        from .lifecycle import RemoveKind
 
-    def remove(self, user: str, purge: bool = False) -> None:
-        def work(db, op, desktop, node):
-            calls = self.calls(node, user)
-            with self.session(node) as s:
-                self.stop_on_node(s, op, user, 10)
-                if not purge:
-                    with op.step("keep_files"):
-                        self._keep_files(s, user, desktop.version)
-                with op.step("remove_local_layers"):
-                    s.run(calls.remove_local_layers())
-                with op.step("release_owner" if not purge else "purge_mfs_data"):
-                    if purge:
-                        self.purge_files(s, user)
-                    else:
-                        s.call_many([calls.mount_mfs(), calls.release_owner()])
-            db.remove_desktop(user)
-
-        self._with_desktop(user, "rm", work)
+        return self._plan(RemoveKind, user, dry_run, purge=purge)
 
     def _keep_files(self, s: NodeSession, user: str, base: int) -> None:
         """Fold the upper layer into a last version, so the files on MooseFS stand alone: a later

@@ -36,10 +36,10 @@ Say = Callable[[str], None]
 # Every kind of operation, by its journal name: module and class. Loaded on first use, so the
 # journal (ops resume/abort) knows every kind without importing every command.
 KINDS = {
-    "create": "labvm.desktops:CreateKind",
-    "start": "labvm.desktops:StartKind",
-    "stop": "labvm.desktops:StopKind",
-    "rm": "labvm.desktops:RemoveKind",
+    "create": "labvm.lifecycle:CreateKind",
+    "start": "labvm.lifecycle:StartKind",
+    "stop": "labvm.lifecycle:StopKind",
+    "rm": "labvm.lifecycle:RemoveKind",
     "backup": "labvm.storage:BackupKind",
     "restore": "labvm.storage:RestoreKind",
     "solidify": "labvm.storage:SolidifyKind",

@@ -29,7 +29,8 @@ from .admin import AdminHome
 from .desktops import Desktop, Desktops, NodeSession, Say
 from .errors import BadInput, Busy, LabvmError, NotFound, StateError
 from .fsutil import atomic_write
-from .journal import journaled
+from .lifecycle import DesktopKind
+from .plan import Step
 from .remote.recipes import mount_mfs
 from .retention import REASONS, Verdict, Version, check_version, plan
 
@@ -101,36 +102,21 @@ class Storage:
             return s.run(self.desktops.calls(node, user).flush(FLUSH_TIMEOUT_S))
 
     # -- backup -----------------------------------------------------------------------------
-    def backup(self, user: str) -> BackupResult:
+    def backup(self, user: str, dry_run: bool = False):
         """Publish the desktop's current files as a new version, then prune by the retention rule."""
+        from .lifecycle import plan_on_desktop
+
         started = time.monotonic()
-        with self.home.state() as db:
-            self.desktops.get(db, user)
-            with journaled(db, "backup", user, {}) as op:
-                desktop = self.desktops.get(db, user)
-                if desktop.state not in ("running", "stopped"):
-                    raise StateError(f"{user}'s desktop is {desktop.state}; only a running or stopped desktop is backed up")
-                with self.desktops.session(self.cfg.node(desktop.node)) as s:
-                    version, published, pruned = self._backup_on_node(s, op, desktop)
+        done = plan_on_desktop(self.home, self.say, BackupKind, user, dry_run)
+        if dry_run:
+            return done
+        version, published, pruned, base = done
         seconds = time.monotonic() - started
         size = f"{published.get('files', '?')} files, {_size(published.get('bytes'))}"
-        line = f"{user}: v{version} published ({size}, over v{desktop.version}) in {seconds:.1f} s"
+        line = f"{user}: v{version} published ({size}, over v{base}) in {seconds:.1f} s"
         if pruned:
             line += "; pruned " + ", ".join(f"v{n}" for n in pruned)
         return BackupResult(user, True, line, version, tuple(pruned), seconds)
-
-    def _backup_on_node(self, s: NodeSession, op, desktop: Desktop) -> tuple[int, dict, list[int]]:
-        user, node = desktop.user, s.node
-        with op.step("mount_mfs"):
-            self._mfs(s)
-        target = self.desktops.next_version(s, user, desktop.version)
-        with op.step("snapshot_upper"):
-            upper = self._frozen_upper(s, desktop, node, target)
-        with op.step("publish"):
-            published = self.desktops.publish(s, user, desktop.version, target, "backup", upper=upper)
-        with op.step("prune"):
-            pruned = self._prune(s, user, desktop.version)
-        return target, published, pruned
 
     def _frozen_upper(self, s: NodeSession, desktop: Desktop, node, target: int) -> str:
         """An instant's copy of up_mfs to merge from. A running desktop is flushed, frozen,
@@ -184,48 +170,20 @@ class Storage:
             return [d.user for d in self.desktops.list(db) if d.state in ("running", "stopped")]
 
     # -- solidify and restore -----------------------------------------------------------------
-    def solidify(self, user: str) -> dict:
+    def solidify(self, user: str, dry_run: bool = False):
         """Publish the desktop's changes as a new version and run it over that version with an
         empty upper layer. A running desktop is stopped for it and started again."""
-        def work(s, op, db, desktop):
-            return {"version": self._solidify_on_node(s, op, db, desktop, "solidify")}
+        from .lifecycle import plan_on_desktop
 
-        return self._stopped_for(user, "solidify", {}, work)
+        return plan_on_desktop(self.home, self.say, SolidifyKind, user, dry_run)
 
-    def restore(self, user: str, version: int) -> dict:
-        """Roll the desktop back to a version; its current files are published as a new version first."""
+    def restore(self, user: str, version: int, dry_run: bool = False):
+        """Roll the desktop back to a version; its current files are published as a new version
+        first. The version is checked before the desktop stops: a typo leaves it as it was."""
+        from .lifecycle import plan_on_desktop
+
         check_version(version)
-
-        def work(s, op, db, desktop):
-            kept = self._solidify_on_node(s, op, db, desktop, "restore")
-            with op.step("rebase"):
-                _set(db, user, version=version)
-            return {"restored": version, "kept_as": kept}
-
-        # Checked before the desktop stops: a version that is not there leaves it as it was.
-        return self._stopped_for(user, "restore", {"version": version}, work,
-                                 precheck=lambda s: self._require_version(s, user, version))
-
-    def _stopped_for(self, user: str, kind: str, params: dict, work, precheck=None) -> dict:
-        with self.home.state() as db:
-            self.desktops.get(db, user)
-            with journaled(db, kind, user, params) as op:
-                desktop = self.desktops.get(db, user)
-                if desktop.state not in ("running", "stopped"):
-                    raise StateError(f"{user}'s desktop is {desktop.state}; it must be running or stopped")
-                with self.desktops.session(self.cfg.node(desktop.node)) as s:
-                    with op.step("mount_mfs"):
-                        self._mfs(s)
-                    if precheck is not None:
-                        precheck(s)
-                    was_running = desktop.state == "running"
-                    if was_running:
-                        self.desktops.stop_on_node(s, op, user, 20)
-                        _set(db, user, state="stopped")
-                    data = work(s, op, db, self.desktops.get(db, user))
-                    if was_running:
-                        self.desktops.bring_up(s, op, db, self.desktops.get(db, user), db.get_user(user).uid)
-        return {"user": user, "running": was_running, **data}
+        return plan_on_desktop(self.home, self.say, RestoreKind, user, dry_run, version=version)
 
     def _require_version(self, s: NodeSession, user: str, version: int) -> None:
         numbers = sorted(v.number for v in self._list(s, user))
@@ -233,18 +191,138 @@ class Storage:
             shown = ", ".join(f"v{n}" for n in numbers) or "none"
             raise NotFound(f"{user} has no version {version} (versions: {shown}); see `labvm versions {user}`")
 
-    def _solidify_on_node(self, s: NodeSession, op, db, desktop: Desktop, reason: str) -> int:
-        """Publish base + upper as a new version, make it the base, empty the upper. Each state
-        between these steps shows the same files: the new version holds the upper, and an upper
-        applied over the version made from it changes nothing. Only then is it emptied."""
-        user, node = desktop.user, s.node
-        target = self.desktops.next_version(s, user, desktop.version)
-        with op.step("publish"):
-            self.desktops.publish(s, user, desktop.version, target, reason)
-        with op.step("solidify"):
-            _set(db, user, version=target)
-            s.run(self.desktops.calls(node, user).reset_upper())
-        return target
+
+def _next_version_check(kind, f, reason: str) -> None:
+    """The version the publish will make, read from MooseFS: mounted for it in a real run, and
+    only looked at in a dry run (where MooseFS may not be mounted yet)."""
+    with f.check("versions") as c:
+        s = kind.session()
+        mounted = s.run(kind.calls.mount_mfs(), check=kind.ctx.dry_run).get("mounted") or not kind.ctx.dry_run
+        if mounted:
+            target = kind.desktops.next_version(s, kind.user, kind.desktop().version)
+            kind.found_version = target
+            c.detail = f"the {reason} publishes version {target}"
+        else:
+            c.detail = f"MooseFS is not mounted on {kind.node_name} yet; the {reason} publishes the next version"
+
+
+def _publish_step(kind, reason: str) -> Step:
+    """Publish the desktop's base plus its upper as the next version (the number is journaled
+    before the work, so a resumed publish makes the same one)."""
+    def publish() -> None:
+        s = kind.session()
+        if "target" not in kind.p:
+            kind.ctx.remember(target=kind.desktops.next_version(s, kind.user, kind.desktop().version))
+        kind.published = kind.desktops.publish(s, kind.user, kind.desktop().version, kind.p["target"], reason,
+                                               upper=kind.p.get("upper"))
+
+    shown = kind.p.get("target", getattr(kind, "found_version", None))
+    return Step("publish", f"publish the desktop's files as version {shown or 'N'} ({reason})", apply=publish)
+
+
+class BackupKind(DesktopKind):
+    """A backup: flush and freeze a running desktop for an instant's snapshot of its upper,
+    publish base + snapshot as a new version, prune by the retention rule. Before the publish,
+    an undo thaws the desktop; after it, a backup only goes forward."""
+
+    name = "backup"
+    commit = "publish"
+
+    def checks(self, f) -> None:
+        self.check_desktop(f, ("running", "stopped"))
+        self.check_node(f)
+        _next_version_check(self, f, "backup")
+
+    def steps(self) -> list[Step]:
+        running = self.p.get("was_running", False)
+        how = "flush the sync, freeze the desktop, flush again, snapshot its upper, thaw" if running else \
+            "snapshot the stopped desktop's upper on MooseFS"
+        return [
+            Step("check", "check the desktop, its node and MooseFS again, under the lock"),
+            Step("mount_mfs", f"mount MooseFS on {self.node_name}", calls=lambda: [self.calls.mount_mfs()], node=self.node_name),
+            Step("snapshot_upper", how, apply=self._snapshot, undo=self._thaw if running else None),
+            _publish_step(self, "backup"),
+            Step("prune", "remove the versions the retention rule no longer keeps", apply=self._prune),
+        ]
+
+    def _snapshot(self) -> None:
+        storage, s, desktop = Storage(self.ctx.home, self.ctx.say), self.session(), self.desktop()
+        if "target" not in self.p:
+            self.ctx.remember(target=self.desktops.next_version(s, self.user, desktop.version))
+        self.ctx.remember(upper=storage._frozen_upper(s, desktop, s.node, self.p["target"]))
+
+    def _thaw(self) -> None:
+        self.session().call("vm", "thaw", {"user": self.user})
+
+    def _prune(self) -> None:
+        self.pruned = Storage(self.ctx.home, self.ctx.say)._prune(self.session(), self.user, self.desktop().version)
+
+    def result(self):
+        return self.p["target"], getattr(self, "published", {}), getattr(self, "pruned", []), self.desktop().version
+
+
+class SolidifyKind(DesktopKind):
+    """Solidify: publish the desktop's changes as a new version, make it the base and empty the
+    upper. A running desktop is stopped for it and started again. Until the new version is the
+    base (the commit), a failure starts the desktop again as it was."""
+
+    name = "solidify"
+    commit = "solidify"
+    reason = "solidify"
+
+    def checks(self, f) -> None:
+        self.check_desktop(f, ("running", "stopped"))
+        self.check_node(f)
+        _next_version_check(self, f, self.name)
+
+    def steps(self) -> list[Step]:
+        running = self.p.get("was_running", False)
+        steps = [Step("check", "check the desktop, its node and MooseFS again, under the lock")]
+        if running:
+            steps += self.down_steps(20, undo_up=True)
+        steps += [_publish_step(self, self.reason),
+                  Step("solidify", "make the new version the desktop's base and empty its upper layer", apply=self._solidify),
+                  *self.after_solidify()]
+        if running:
+            steps += self.up_steps(undo=False)
+        return steps
+
+    def after_solidify(self) -> list[Step]:
+        return []
+
+    def _solidify(self) -> None:
+        """Each state between publish and here shows the same files: the new version holds the
+        upper, and an upper applied over the version made from it changes nothing."""
+        _set(self.ctx.db, self.user, version=self.p["target"])
+        self.session().run(self.calls.reset_upper())
+
+    def result(self) -> dict:
+        return {"user": self.user, "running": bool(self.p.get("was_running")), "version": self.p["target"]}
+
+
+class RestoreKind(SolidifyKind):
+    name = "restore"
+    reason = "restore"
+
+    def checks(self, f) -> None:
+        super().checks(f)
+        version = self.p["version"]
+        with f.check("version") as c:
+            s = self.session()
+            if s.run(self.calls.mount_mfs(), check=self.ctx.dry_run).get("mounted") or not self.ctx.dry_run:
+                Storage(self.ctx.home, self.ctx.say)._require_version(s, self.user, version)
+                c.detail = f"version {version} is on MooseFS"
+            else:
+                c.detail = f"MooseFS is not mounted on {self.node_name}: version {version} is looked for under the lock"
+
+    def after_solidify(self) -> list[Step]:
+        version = self.p["version"]
+        return [Step("rebase", f"make version {version} the desktop's base",
+                     apply=lambda: _set(self.ctx.db, self.user, version=version))]
+
+    def result(self) -> dict:
+        return {"user": self.user, "running": bool(self.p.get("was_running")), "restored": self.p["version"],
+                "kept_as": self.p["target"]}
 
 
 def _set(db, user: str, **fields) -> None:

@@ -16,3 +16,6 @@ class TypedCalls:
 
     def alive(self, timeout):
         pass
+
+    def close(self):
+        pass

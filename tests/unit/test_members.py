@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import pytest
 
 from labvm import desktops as desktops_mod
+from labvm import plan as plan_mod
 from labvm.admin import AdminHome
 from labvm.cli import main
 from labvm.config import Node, add_node_to_file
@@ -59,7 +60,7 @@ class FakeSession(TypedCalls):
     def __init__(self, node: Node, mfs: FakeMooseFS):
         self.node, self.mfs = node, mfs
 
-    def call(self, helper, action, params, timeout=180):
+    def call(self, helper, action, params, timeout=180, check=False):
         return {"ok": True, "changed": False, "data": self.mfs.answer(self.node, helper, action, params)}
 
 
@@ -72,6 +73,7 @@ def mfs(monkeypatch):
         yield FakeSession(node, fake)
 
     monkeypatch.setattr(Desktops, "session", session)
+    monkeypatch.setattr(plan_mod.Context, "_open_session", lambda self, name: FakeSession(self.cfg.node(name), fake))
     monkeypatch.setattr(desktops_mod.HelperBundle, "from_package", classmethod(lambda cls: None))
     return fake
 

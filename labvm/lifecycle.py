@@ -1,0 +1,311 @@
+"""A desktop's life as plans (plan.py): create, start, stop and rm, and the step lists that
+bring a desktop up and down, which restore, solidify and switch use too.
+
+    up:    mount_mfs  mount_stack  member_quota  start_sync  start_container  record_running
+    down:  stop_container  flush_sync  remove_container  unmount_stack  record_stopped
+
+The node steps of each list go to the node in one round trip. Undo: a start that fails takes
+down what it brought up, so the desktop is stopped as it was; a create also removes its local
+layers, its owner record and its row. A stop, or an rm, goes only forward once the container is
+stopped: resuming it finishes the job.
+"""
+
+from __future__ import annotations
+
+from .desktops import Desktop, Desktops, Limits, PreviousFiles, build_spec, container_name, previous_files
+from .errors import StateError
+from .journal import check_lock
+from .plan import Context, Findings, Kind, Step
+from .remote.recipes import DesktopCalls
+
+
+class DesktopKind(Kind):
+    """What the kinds on one desktop share: its row, its node (journaled as params['node'])
+    and the step lists."""
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        self.desktops = Desktops(ctx.home, ctx.say)
+        self.cfg = ctx.cfg
+        self.user = ctx.user
+        self.p = ctx.params
+
+    def desktop(self) -> Desktop:
+        return self.desktops.get(self.ctx.db, self.user)
+
+    @property
+    def node_name(self) -> str:
+        if "node" not in self.p:  # an operation journaled before plans recorded its node
+            self.ctx.remember(node=self.desktop().node)
+        return self.p["node"]
+
+    @property
+    def calls(self) -> DesktopCalls:
+        return self.desktops.calls(self.cfg.node(self.node_name), self.user)
+
+    def session(self):
+        return self.ctx.session(self.node_name)
+
+    # -- checks shared by the kinds ---------------------------------------------------------
+    def check_desktop(self, f: Findings, states: tuple[str, ...]) -> Desktop:
+        with f.check("desktop") as c:
+            desktop = self.desktop()
+            if desktop.state not in states:
+                raise StateError(f"{self.user}'s desktop is {desktop.state}; it must be {' or '.join(states)}")
+            c.detail = f"{desktop.state} on {desktop.node}, version {desktop.version}"
+        if self.ctx.dry_run:
+            with f.check("lock") as c:
+                c.detail = check_lock(self.ctx.db, self.user)
+        return desktop
+
+    def check_node(self, f: Findings) -> None:
+        """The node answers, has the desktop image, and can mount MooseFS (in check mode)."""
+        with f.check("node") as c:
+            s = self.session()
+            s.alive(15)
+            c.detail = f"{self.node_name} answers over SSH"
+        with f.check("image") as c:
+            image = s.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]
+            if not image.get("present"):
+                raise StateError(f"{self.node_name}: the desktop image is not pushed there; run `labvm image push {self.node_name}`")
+            c.detail = f"the desktop image is on {self.node_name}"
+        with f.check("MooseFS") as c:
+            mounted = s.run(self.calls.mount_mfs(), check=True).get("mounted")
+            c.detail = (f"mounted on {self.node_name}" if mounted else f"not mounted on {self.node_name} yet; the first step mounts it")
+
+    # -- the step lists ---------------------------------------------------------------------
+    def up_steps(self, undo: bool, remove_layers: bool = False) -> list[Step]:
+        """Mount MooseFS and the desktop's layers, run its container, record it running. With
+        undo, each step's undo takes it down again (remove_layers: and deletes its local layers)."""
+        node, calls, db, user = self.node_name, self.calls, self.ctx.db, self.user
+
+        def container():
+            desktop = self.desktop()
+            spec = build_spec(user, db.get_user(user).uid, self.cfg.node(node), "minimal", _limits(desktop),
+                              [g["uuid"] for g in desktop.gpus], (desktop.vnc_port, desktop.ssh_port))
+            return self.desktops.container_calls(self.session(), db, user, spec)
+
+        disk = lambda: self.desktops.disk_of(self.desktop().limits)  # noqa: E731
+        version = "the desktop's version"
+        steps = [
+            Step("mount_mfs", f"mount MooseFS on {node}", calls=lambda: [calls.mount_mfs()], node=node),
+            Step("mount_stack", f"mount the desktop's disk, {version} and its overlay on {node}",
+                 calls=lambda: [calls.stack(self.desktop().version, disk())], node=node,
+                 undo=self._undo_stack(remove_layers) if undo else None),
+            Step("member_quota", "set the member's quota on MooseFS to the disk's size, with room for versions",
+                 calls=lambda: [calls.quota(disk())], node=node),
+            Step("start_sync", f"start the sync of the upper layer to MooseFS on {node}",
+                 calls=lambda: [calls.start_sync()], node=node,
+                 undo=(lambda: self.session().run(calls.stop_sync(flush=True))) if undo else None),
+            Step("start_container", f"run the container {container_name(user)} on {node}", calls=container, node=node,
+                 undo=(lambda: self.session().call_many([calls.stop_container(20), calls.remove_container()])) if undo else None),
+            Step("record_running", "record the desktop as running",
+                 apply=lambda: db.set_desktop_state(user, "running"),
+                 undo=(lambda: db.set_desktop_state(user, "stopped")) if undo else None),
+        ]
+        return steps
+
+    def _undo_stack(self, remove_layers: bool):
+        def undo():
+            extra = [self.calls.remove_local_layers()] if remove_layers else []
+            self.session().call_many([self.calls.unmount_stack(), *extra])
+        return undo
+
+    def down_steps(self, timeout: int, undo_up: bool) -> list[Step]:
+        """Stop the container, send the last of its writes to MooseFS, unmount its layers, record
+        it stopped. With undo_up, a later failure brings the desktop up again (the undo of its
+        stop); without, stopping is the commit point of the kind."""
+        node, calls, db, user = self.node_name, self.calls, self.ctx.db, self.user
+
+        def up_again() -> str:
+            self.desktops.bring_up(self.session(), self.ctx.op, db, self.desktop(), db.get_user(user).uid)
+            return f"{user}'s desktop runs again"
+
+        return [
+            Step("stop_container", f"stop the container on {node}", calls=lambda: [calls.stop_container(timeout)], node=node,
+                 undo=up_again if undo_up else None),
+            # The container is stopped, so nothing writes any more: this flush is the last word.
+            Step("flush_sync", "send the last writes to MooseFS and stop the sync",
+                 calls=lambda: [calls.stop_sync(flush=True)], node=node),
+            Step("remove_container", "remove the container (its files live in the layers)",
+                 calls=lambda: [calls.remove_container()], node=node),
+            Step("unmount_stack", f"unmount the desktop's layers on {node}", calls=lambda: [calls.unmount_stack()], node=node),
+            Step("record_stopped", "record the desktop as stopped", apply=lambda: db.set_desktop_state(user, "stopped")),
+        ]
+
+    def title(self) -> str:
+        return f"{self.name} of {self.user}"
+
+
+def _limits(desktop: Desktop) -> Limits:
+    return Limits(**desktop.limits)
+
+
+class StartKind(DesktopKind):
+    """Start a stopped desktop (or bring a running one's pieces back: each step is an ensure).
+    A real start checks the state database only: its node work goes in one round trip, and a
+    node that does not answer fails it before anything changes. A dry run checks the node too."""
+
+    name = "start"
+
+    def checks(self, f: Findings) -> None:
+        self.check_desktop(f, ("running", "stopped"))
+        if self.ctx.dry_run:
+            self.check_node(f)
+
+    def steps(self) -> list[Step]:
+        check = Step("check", "check the desktop's state and its lock again, under the lock")
+        # A running desktop's start only re-ensures it: a failure must not take it down.
+        return [check, *self.up_steps(undo=not self.p.get("was_running", False))]
+
+
+class StopKind(DesktopKind):
+    name = "stop"
+    commit = "stop_container"
+
+    def checks(self, f: Findings) -> None:
+        self.check_desktop(f, ("running", "stopped"))
+        if self.ctx.dry_run:
+            with f.check("node") as c:
+                self.session().alive(15)
+                c.detail = f"{self.node_name} answers over SSH"
+
+    def steps(self) -> list[Step]:
+        return [Step("check", "check the desktop's state and its lock again, under the lock"),
+                *self.down_steps(int(self.p.get("timeout", 20)), undo_up=False)]
+
+
+class RemoveKind(DesktopKind):
+    """Remove a desktop: stop it, keep its files on MooseFS as a last version (or, with purge,
+    delete every version), delete its local layers and its record."""
+
+    name = "rm"
+    commit = "stop_container"
+
+    def checks(self, f: Findings) -> None:
+        desktop = self.check_desktop(f, ("running", "stopped", "creating", "error"))
+        self.check_node(f)
+        if not self.p.get("purge"):
+            with f.check("versions") as c:
+                s = self.session()
+                if s.run(self.calls.mount_mfs(), check=True).get("mounted"):
+                    target = self.desktops.next_version(s, self.user, desktop.version)
+                    c.detail = f"the files are kept as version {target}"
+                else:
+                    c.detail = "the files are kept as the next version"
+
+    def steps(self) -> list[Step]:
+        node, calls, db, user = self.node_name, self.calls, self.ctx.db, self.user
+        purge = bool(self.p.get("purge"))
+        down = self.down_steps(10, undo_up=False)[:-1]
+        if purge:  # what is about to be deleted is not sent to MooseFS first
+            down[1] = Step("stop_sync", "stop the sync without a last flush (every version is deleted)",
+                           calls=lambda: [calls.stop_sync(flush=False)], node=node)
+        steps = [Step("check", "check the desktop and its node again, under the lock"), *down]
+        if not purge:
+            steps.append(Step("keep_files", "publish the upper layer as a last version on MooseFS",
+                              apply=lambda: self.desktops._keep_files(self.session(), user, self.desktop().version)))
+        steps.append(Step("remove_local_layers", f"delete the desktop's disk and layers on {node}",
+                          calls=lambda: [calls.remove_local_layers()], node=node))
+        if purge:
+            steps.append(Step("purge_mfs_data", f"delete every version of {user}'s files on MooseFS",
+                              apply=lambda: self.desktops.purge_files(self.session(), user)))
+        else:
+            steps.append(Step("release_owner", "release the owner record on MooseFS (the files stay)",
+                              calls=lambda: [calls.mount_mfs(), calls.release_owner()], node=node))
+        steps.append(Step("record", "delete the desktop's record, GPUs and ports", apply=lambda: db.remove_desktop(user)))
+        return steps
+
+
+class CreateKind(DesktopKind):
+    """Create a desktop: place it, check the member's files on MooseFS, reserve its GPUs and
+    ports, then bring it up. Any failure undoes all of it."""
+
+    name = "create"
+
+    def title(self) -> str:
+        return f"create of {self.user}'s desktop"
+
+    @property
+    def node_name(self) -> str:
+        return self.p.get("placed") or self.p["node"]
+
+    def checks(self, f: Findings) -> None:
+        from .placement import GpuRequest
+
+        db, user, p = self.ctx.db, self.user, self.p
+        with f.check("desktop") as c:
+            self.desktops._refuse_existing(db, user)
+            c.detail = f"{user} has no desktop yet"
+        if self.ctx.dry_run:
+            with f.check("lock") as c:
+                c.detail = check_lock(db, user)
+        self.limits = Limits(**p["limits"])
+        self.request = GpuRequest.parse(p["gpus_asked"], default=self.cfg.vm_defaults.gpus)
+        with f.check("placement") as c:
+            self.cap, reason = self.desktops._place(db, p["node"], self.request, self.limits.memory)
+            self.ctx.remember(placed=self.cap.node.name)
+            node = self.cap.node
+            if self.limits.io_read_bps or self.limits.io_write_bps:
+                if not self.cap.disk_device:
+                    raise StateError(f"{node.name}: {node.data_dir} is on no block device, so IO caps can't apply; "
+                                     "drop --io-read-bps/--io-write-bps")
+                self.limits.io_device = self.cap.disk_device
+            if self.limits.io_weight is not None and not self.cap.blkio_weight:
+                if not self.ctx.dry_run:
+                    self.ctx.say(f"note: {node.name}'s kernel has no block IO weight (no CFQ/BFQ blkio.weight); "
+                                 "the IO weight is not applied")
+                self.limits.io_weight = None
+            c.detail = reason
+        with f.check("room") as c:
+            taken, used = db.taken_on(node.name, user, None)
+            gpus, ports = self.cap.pick_gpus(self.request, taken), self.cap.pick_ports(used)
+            shown = ", ".join(str(g["index"]) for g in gpus) or "none"
+            c.detail = f"GPUs {shown} and VNC port {ports[0]} free on {node.name}"
+        with f.check("files") as c:
+            account = db.get_user(user)
+            with self.desktops.session(node) as s:
+                record, versions = self.desktops.files_on_mfs(s, user)
+            files = previous_files(account, record, versions, bool(p.get("adopt")))
+            self.ctx.remember(continue_from=files.latest, adopted=files.adopted)
+            c.detail = (f"continues from v{files.latest}" + (" (adopted)" if files.adopted else "")) if files.latest \
+                else f"no earlier files of {user} on MooseFS"
+
+    def claim(self) -> None:
+        self.desktops._reserve(self.ctx.db, self.user, self.cap.node, self.cap, self.request, self.limits)
+
+    def steps(self) -> list[Step]:
+        db, user = self.ctx.db, self.user
+        node = self.node_name
+        return [
+            Step("check", f"place the desktop ({node}), check the member's files; reserve its GPUs and ports",
+                 undo=lambda: db.remove_desktop(user) if db.has_desktop(user) else None),
+            Step("base_image", f"the small docker image desktop containers start from, on {node}",
+                 calls=lambda: [self.desktops.base_image_call()], node=node),
+            Step("adopt_files", f"make {node} the owner of {user}'s files on MooseFS",
+                 apply=self._adopt, undo=self._release),
+            *self.up_steps(undo=True, remove_layers=True),
+        ]
+
+    def _adopt(self) -> None:
+        account = self.ctx.db.get_user(self.user)
+        files = PreviousFiles(int(self.p.get("continue_from") or 0), bool(self.p.get("adopted")))
+        self.desktops._adopt_files(self.session(), self.ctx.db, account, files)
+
+    def _release(self) -> None:
+        self.session().call_many([self.calls.mount_mfs(), self.calls.release_owner()])
+
+    def result(self) -> Desktop:
+        return self.desktop()
+
+
+def plan_on_desktop(home, say, kind_cls, user: str, dry_run: bool, **params):
+    """Run (or, dry, plan) a kind on USER's desktop. An unknown user or desktop is refused
+    before anything is journaled; the desktop's node and whether it runs are journaled."""
+    from .plan import Runner
+
+    with home.state() as db:
+        desktop = Desktops(home).get(db, user)
+    params = {"node": desktop.node, "was_running": desktop.state == "running", **params}
+    runner = Runner(home, say)
+    return runner.dry_run(kind_cls, user, params) if dry_run else runner.run(kind_cls, user, params)
