@@ -26,7 +26,7 @@ from .cli_kit import (
     say,
     show_plan,
 )
-from .errors import PartlyDone
+from .errors import LabvmError, PartlyDone
 from .text import cell, safe
 
 
@@ -222,15 +222,37 @@ def node_uncordon(home: AdminHome, name):
 @click.argument("name", shell_complete=complete_nodes)
 @click.option("--to", "to", shell_complete=complete_nodes, help="Move every desktop to this node (default: placed by free GPUs and memory).")
 @click.option("--parallel", default=2, show_default=True, type=click.IntRange(1, 16), help="Moves at a time.")
+@dry_run_option
+@json_option
 @click.pass_obj
 @audited("name")
-def node_drain(home: AdminHome, name, to, parallel):
+def node_drain(home: AdminHome, name, to, parallel, dry_run, as_json):
     """Move every desktop off node NAME for maintenance, and cordon it.
 
     One line per desktop; exits 11 if any move failed (that desktop stays on NAME).
+    --dry-run cordons nothing and moves nothing: it prints each move's switch
+    plan (with --json, a list of them), and exits 11 if any would fail.
     """
-    from .switch import drain
+    from .switch import MoveResult, drain
 
+    if dry_run:
+        plans = drain(home, name, to, parallel, say=(lambda _m: None) if as_json else _say, dry_run=True)
+        if as_json:
+            _emit_json([{"operation": "switch", "user": p.user, "ok": False, "detail": p.line} if isinstance(p, MoveResult)
+                        else p.as_dict() for p in plans])
+        else:
+            for p in plans:
+                if isinstance(p, MoveResult):
+                    say(p.line)
+                    continue
+                try:
+                    show_plan(p, as_json=False)
+                except LabvmError:
+                    pass  # shown in the plan; counted below
+        failed = [p.user for p in plans if not p.ok]
+        if failed:
+            raise PartlyDone(f"{len(failed)} of {len(plans)} moves would fail: {', '.join(failed)}")
+        return
     results = drain(home, name, to, parallel, say=_say)
     for r in results:
         say(r.line)

@@ -411,10 +411,12 @@ class Desktops:
     def ensure_base_image(self, s: NodeSession) -> None:
         s.run(self.base_image_call())
 
-    def files_on_mfs(self, s: NodeSession, user: str) -> tuple[dict | None, list[dict]]:
-        """The owner record and the versions MooseFS holds under a member name."""
+    def files_on_mfs(self, s: NodeSession, user: str, check: bool = False) -> tuple[dict | None, list[dict]]:
+        """The owner record and the versions MooseFS holds under a member name. With check, MooseFS
+        is not mounted for it: where it is not mounted yet, nothing is read (no record, no versions)."""
         params = {"user": user, "mfs_mount": self.cfg.storage.mfs_mount}
-        s.run(mount_mfs(self.cfg))
+        if not s.run(mount_mfs(self.cfg), check=check).get("mounted") and check:
+            return None, []
         return s.call("vm", "owner", params)["data"]["owner"], self.versions_on_mfs(s, user)
 
     def _adopt_files(self, s: NodeSession, db: StateDB, account: User, files: PreviousFiles) -> None:
@@ -509,23 +511,10 @@ class Desktops:
             plan = self._resize_plan(desktop, size)
             if dry_run or not plan["changes"]:
                 return plan
-            with journaled(db, "resize", user, {"size": size}) as op:
-                desktop = self.get(db, user)  # as it is now that the lock is held
-                plan = self._resize_plan(desktop, size)
-                node = self.cfg.node(desktop.node)
-                with self.session(node) as s:
-                    with op.step("grow_disk"):
-                        grown = s.call("vm", "resize_disk", {"user": user, "data_dir": node.data_dir, "size": size},
-                                       timeout=900)["data"]
-                    with op.step("member_quota"):
-                        calls = self.calls(node, user)
-                        s.call_many([calls.mount_mfs(), calls.quota(size)])
-                with op.step("record"):
-                    limits = {**desktop.limits, "disk": size}
-                    db.set_desktop_limits(user, limits)
-                plan["pending"] = grown.get("pending", False)
-                plan["restart_needed"] = grown.get("restart_needed", False)
-                return plan
+        from .lifecycle import ResizeKind
+
+        grown = self._plan(ResizeKind, user, False, size=size)
+        return {**plan, "pending": grown.get("pending", False), "restart_needed": grown.get("restart_needed", False)}
 
     def _resize_plan(self, desktop: Desktop, size: int) -> dict:
         current = self.disk_of(desktop.limits)

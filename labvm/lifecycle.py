@@ -264,8 +264,7 @@ class CreateKind(DesktopKind):
             c.detail = f"GPUs {shown} and VNC port {ports[0]} free on {node.name}"
         with f.check("files") as c:
             account = db.get_user(user)
-            with self.desktops.session(node) as s:
-                record, versions = self.desktops.files_on_mfs(s, user)
+            record, versions = self.desktops.files_on_mfs(self.ctx.session(node.name), user, check=self.ctx.dry_run)
             files = previous_files(account, record, versions, bool(p.get("adopt")))
             self.ctx.remember(continue_from=files.latest, adopted=files.adopted)
             c.detail = (f"continues from v{files.latest}" + (" (adopted)" if files.adopted else "")) if files.latest \
@@ -297,6 +296,40 @@ class CreateKind(DesktopKind):
 
     def result(self) -> Desktop:
         return self.desktop()
+
+
+class ResizeKind(DesktopKind):
+    """Grow a desktop's disk: the image on its node (online where the kernel can), the member's
+    quota on MooseFS, the record. A disk never shrinks, so there is nothing to undo: a resize
+    only goes forward once the image grew."""
+
+    name = "resize"
+    commit = "grow_disk"
+
+    def checks(self, f: Findings) -> None:
+        desktop = self.check_desktop(f, ("running", "stopped"))
+        with f.check("size") as c:
+            c.detail = str(self.desktops._resize_plan(desktop, self.p["size"])["to"]) + " bytes, not smaller than now"
+
+    def steps(self) -> list[Step]:
+        node, calls, size = self.node_name, self.calls, self.p["size"]
+        return [
+            Step("check", "check the desktop and the size again, under the lock"),
+            Step("grow_disk", f"grow the desktop's disk image on {node}", apply=self._grow),
+            Step("member_quota", "grow the member's quota on MooseFS", calls=lambda: [calls.mount_mfs(), calls.quota(size)], node=node),
+            Step("record", "record the new size", apply=self._record),
+        ]
+
+    def _grow(self) -> None:
+        node = self.cfg.node(self.node_name)
+        self.grown = self.session().call("vm", "resize_disk", {"user": self.user, "data_dir": node.data_dir,
+                                                              "size": self.p["size"]}, timeout=900)["data"]
+
+    def _record(self) -> None:
+        self.ctx.db.set_desktop_limits(self.user, {**self.desktop().limits, "disk": self.p["size"]})
+
+    def result(self) -> dict:
+        return getattr(self, "grown", {})
 
 
 def plan_on_desktop(home, say, kind_cls, user: str, dry_run: bool, **params):

@@ -40,6 +40,7 @@ KINDS = {
     "start": "labvm.lifecycle:StartKind",
     "stop": "labvm.lifecycle:StopKind",
     "rm": "labvm.lifecycle:RemoveKind",
+    "resize": "labvm.lifecycle:ResizeKind",
     "backup": "labvm.storage:BackupKind",
     "restore": "labvm.storage:RestoreKind",
     "solidify": "labvm.storage:SolidifyKind",
@@ -297,7 +298,7 @@ class Runner:
         ctx, op = kind.ctx, kind.ctx.op
         todo = [s for s in steps if s.skip is None and not op.done(s.name) and s.name != kind.check_step]
         if op.params.get("rolled_back"):
-            raise StateError(f"operation {op.id} ({kind.title()}) was undone; nothing to resume")
+            raise StateError(f"operation {op.id} ({kind.title()}) was rolled back; nothing to resume")
         number = {s.name: index for index, s in enumerate(steps, 1)}
         index = 0
         while index < len(todo):
@@ -351,11 +352,11 @@ class Runner:
             raise exc
         if not any(op.done(s.name) for s in steps if s.undo is not None) and failed.undo is None:
             raise exc  # nothing changed that needs taking back
-        self.say(f"{failed.name} failed: {exc}; undoing what the {kind.name} did")
+        self.say(f"{failed.name} failed: {exc}; rolling back what the {kind.name} did")
         for note in self.undo(kind, steps, upto=failed):
             self.say(note)
         ctx.remember(rolled_back=True)
-        rolled = RolledBack(msg=f"{kind.title()} failed at {failed.name} and was undone: {exc}")
+        rolled = RolledBack(msg=f"{kind.title()} failed at {failed.name} and was rolled back: {exc}")
         if isinstance(exc, LabvmError) and failed.name == kind.check_step:
             rolled.exit_code = exc.exit_code
         raise rolled from exc

@@ -574,9 +574,11 @@ class MoveResult:
     line: str
 
 
-def drain(home: AdminHome, node: str, to: str | None = None, parallel: int = 2, say: Say = lambda _m: None) -> list[MoveResult]:
+def drain(home: AdminHome, node: str, to: str | None = None, parallel: int = 2, say: Say = lambda _m: None,
+          dry_run: bool = False):
     """Cordon the node, then move every desktop off it: GPU-aware placement, a few moves at a
-    time, and one failed move never stops the others (it rolls back to the node)."""
+    time, and one failed move never stops the others (it rolls back to the node). With dry_run,
+    nothing is cordoned or moved: each move's switch plan (PlanReport), or why it has none."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .placement import choose_node
@@ -585,7 +587,9 @@ def drain(home: AdminHome, node: str, to: str | None = None, parallel: int = 2, 
     cfg.node(node)
     if to is not None and to == node:
         raise BadInput(f"--to {to}: that is the node being drained")
-    if cordon(home, node, "drain"):
+    if dry_run:
+        pass
+    elif cordon(home, node, "drain"):
         say(f"cordoned {node}: no new desktops go there")
     desktops = Desktops(home)
     with home.state() as db:
@@ -614,6 +618,10 @@ def drain(home: AdminHome, node: str, to: str | None = None, parallel: int = 2, 
         caps[index] = replace(cap, taken_gpus=set(cap.taken_gpus) | set(free),
                               memory_promised=cap.memory_promised + d.limits.get("memory", 0))
         plan.append((d, chosen.name, reason))
+
+    if dry_run:
+        return [MoveResult(d.user, None, False, f"{d.user}: not moved: {reason}") if target is None
+                else Switcher(home).plan(d.user, target) for d, target, reason in plan]
 
     def move(item) -> MoveResult:
         d, target, reason = item
