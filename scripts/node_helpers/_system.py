@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from _contract import Failed, HelperError, PreconditionFailed, TemporaryFailure
+from _contract import Failed, HelperError, PreconditionFailed, TemporaryFailure, log
 
 MOUNTINFO_PATH = "/proc/self/mountinfo"
 KILL_WAIT_S = 1.0
@@ -288,6 +288,24 @@ def open_directory(path: str, dir_fd: int | None = None) -> Iterator[int]:
         os.close(fd)
 
 
+
+def write_file_atomically(path: str, content: bytes, mode: int) -> bool:
+    """Write content at path with mode, unless it is already there; True if written."""
+    try:
+        with open(path, "rb") as stream:
+            if stream.read() == content and (os.stat(path).st_mode & 0o7777) == mode:
+                return False
+    except FileNotFoundError:
+        pass
+    write_atomically(path, content, mode)
+    return True
+
+
+def make_dirs(path: str, mode: int) -> None:
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    os.chmod(path, mode)  # makedirs' mode is filtered by the umask
+
+
 # --- HTTP over a unix socket (dockerd) -------------------------------------------------
 
 
@@ -444,6 +462,26 @@ def mount_option_value(options: tuple[str, ...], key: str) -> str | None:
         if separator and name == key:
             return unescape_mount_field(value)
     return None
+
+
+# --- mounting -----------------------------------------------------------------------------
+
+UTIL_LINUX_HINT = "install the util-linux package"
+MOUNT_TIMEOUT_S = 60.0
+
+
+def run_mount(argv: list[str], what: str) -> None:
+    log(f"running {' '.join(argv)}")
+    try:
+        result = run_command(argv, timeout_s=MOUNT_TIMEOUT_S)
+    except CommandTimedOut as error:
+        raise TemporaryFailure(f"{what}: {error}", "mount_timeout") from None
+    if result.returncode != 0:
+        raise Failed(f"{what} failed: {result.output_tail() or 'no output'} (the kernel log may say more)", "mount_failed")
+
+
+def mount_tool() -> str:
+    return require_tool("mount", UTIL_LINUX_HINT, "mount_missing")
 
 
 # --- unmounting ---------------------------------------------------------------------------

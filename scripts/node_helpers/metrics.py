@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from _contract import USER_PATTERN, Action, BadRequest, Failed, Param, PreconditionFailed, Result, TemporaryFailure, absolute_path
+from _disk import disk_figures
 from _docker import DEFAULT_DOCKER_SOCKET, api_url, docker_json_call, docker_message
 from _layout import SYNC_STATUS_FILE, VERSION_DIR_PATTERN, VmPaths
 from _system import CommandTimedOut, MountEntry, find_tool, mount_at, parse_mountinfo, run_command
-from vm import disk_figures
 
 DEFAULT_PROC_ROOT = "/proc"
 DEFAULT_INTERVAL_S = 0.5

@@ -24,7 +24,11 @@ import pytest
 
 BUNDLE_DIR = Path(__file__).resolve().parents[2] / "scripts" / "node_helpers"
 ENTRY = BUNDLE_DIR / "labvm_helper.py"
-BUNDLE_MODULES = ("_contract", "_system", "_layout", "_tree", "_docker", "net", "oci_shim", "runtime", "probe", "mfs", "image", "vm", "files", "merge", "metrics", "syncd", "sync")
+# In import order: a module comes after every sibling it imports at its top.
+BUNDLE_MODULES = (
+    "_contract", "_system", "_layout", "_tree", "_docker", "net", "oci_shim", "runtime", "probe", "mfs", "image",
+    "_spec", "_owner", "_disk", "_runtime_dir", "_container", "_stack", "vm", "files", "merge", "metrics", "syncd", "sync",
+)
 EXIT_CODES = {0, 1, 2, 3, 75}
 MNT_DETACH = 2
 
@@ -143,9 +147,10 @@ def load_bundle_modules() -> dict:
 
 @pytest.fixture(scope="session")
 def bundle():
-    """The bundle's modules: bundle.contract, bundle.system, bundle.docker, bundle.probe, bundle.mfs, bundle.image,
-    bundle.vm, bundle.files, bundle.merge, bundle.metrics, bundle.syncd, bundle.sync, bundle.oci_shim,
-    bundle.runtime."""
+    """The bundle's modules, each by its name without a leading underscore: bundle.contract, bundle.system,
+    bundle.docker, bundle.probe, bundle.mfs, bundle.image, bundle.vm and its parts (bundle.spec, bundle.owner,
+    bundle.disk, bundle.runtime_dir, bundle.container, bundle.stack), bundle.files, bundle.merge, bundle.metrics,
+    bundle.syncd, bundle.sync, bundle.oci_shim, bundle.runtime."""
     return SimpleNamespace(**{name.lstrip("_"): module for name, module in load_bundle_modules().items()})
 
 

@@ -125,7 +125,7 @@ def node(tmp_path, bundle):
             f"lowerdir={layers['low_local']}:{xfce}",
             f"upperdir={layers['up_local']}",
             f"workdir={layers['work_local']}",
-            *bundle.vm.OVERLAY_FIXED_OPTIONS,
+            *bundle.stack.OVERLAY_FIXED_OPTIONS,
         ]
     )
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(layers["merge_local"])], check=True)

@@ -735,8 +735,8 @@ def minimal_spec(**overrides):
 
 
 def test_create_body_from_a_full_spec(bundle):
-    spec = bundle.vm.container_spec("spec", full_spec())
-    body = bundle.vm.container_create_body(USER, spec, "/var/lib/labvm/vms/alice/merge_local", "/rt")
+    spec = bundle.spec.container_spec("spec", full_spec())
+    body = bundle.container.container_create_body(USER, spec, "/var/lib/labvm/vms/alice/merge_local", "/rt")
     host = body["HostConfig"]
     # The root is the overlay: the labvm runtime takes it from the sentinel mount.
     assert host["Runtime"] == "labvm"
@@ -759,7 +759,7 @@ def test_create_body_from_a_full_spec(bundle):
     assert body["ExposedPorts"] == {"5901/tcp": {}, "22/tcp": {}}
     assert body["Entrypoint"] == ["/run/labvm/tini", "--", "/run/labvm/init"] and body["User"] == "0:0"
     assert body["Image"] == "labvm/base:0123456789ab" and body["Hostname"] == "alice-desktop"
-    assert body["Labels"] == {"labvm.node": "n1", "labvm.user": USER, "labvm.spec-hash": bundle.vm.spec_hash(spec)}
+    assert body["Labels"] == {"labvm.node": "n1", "labvm.user": USER, "labvm.spec-hash": bundle.container.spec_hash(spec)}
     env = dict(item.split("=", 1) for item in body["Env"])
     assert env == {
         "TZ": "Europe/Berlin",
@@ -773,8 +773,8 @@ def test_create_body_from_a_full_spec(bundle):
 
 
 def test_create_body_from_a_minimal_spec_sets_no_optional_limits(bundle):
-    spec = bundle.vm.container_spec("spec", minimal_spec())
-    host = bundle.vm.container_create_body(USER, spec, "/m", "/rt")["HostConfig"]
+    spec = bundle.spec.container_spec("spec", minimal_spec())
+    host = bundle.container.container_create_body(USER, spec, "/m", "/rt")["HostConfig"]
     assert set(host) == {"Init", "Runtime", "Binds", "Tmpfs", "LogConfig", "Memory", "MemorySwap", "PortBindings",
                          "RestartPolicy", "NetworkMode", "CapDrop"}
     # Every desktop sits on the walled-off network and lacks the capabilities a member could
@@ -782,17 +782,17 @@ def test_create_body_from_a_minimal_spec_sets_no_optional_limits(bundle):
     assert host["NetworkMode"] == "labvm"
     assert set(host["CapDrop"]) >= {"NET_RAW", "MKNOD", "SETFCAP", "AUDIT_WRITE"}
     assert host["PortBindings"] == {"5901/tcp": [{"HostIp": "127.0.0.1", "HostPort": "20000"}]}
-    env = dict(item.split("=", 1) for item in bundle.vm.container_create_body(USER, spec, "/m", "/rt")["Env"])
+    env = dict(item.split("=", 1) for item in bundle.container.container_create_body(USER, spec, "/m", "/rt")["Env"])
     assert env["NVIDIA_VISIBLE_DEVICES"] == "void" and env["LABVM_SSH"] == "0"
     assert env["LABVM_VNC_GEOMETRY"] == "1280x800"
 
 
 def test_spec_hash_ignores_spelled_out_defaults_and_follows_changes(bundle):
-    spec = bundle.vm.container_spec
-    base = bundle.vm.spec_hash(spec("spec", minimal_spec()))
+    spec = bundle.spec.container_spec
+    base = bundle.container.spec_hash(spec("spec", minimal_spec()))
     explicit = minimal_spec(env={}, labels={}, cpus=None, gpus=[], vnc_geometry="1280x800", ports={"vnc": 20000, "ssh": None})
-    assert bundle.vm.spec_hash(spec("spec", explicit)) == base
-    assert bundle.vm.spec_hash(spec("spec", minimal_spec(memory=2**31))) != base
+    assert bundle.container.spec_hash(spec("spec", explicit)) == base
+    assert bundle.container.spec_hash(spec("spec", minimal_spec(memory=2**31))) != base
     assert re.fullmatch(r"[0-9a-f]{64}", base)
 
 
@@ -823,7 +823,7 @@ def test_spec_hash_ignores_spelled_out_defaults_and_follows_changes(bundle):
 )
 def test_bad_specs_are_refused(bundle, override, fragment):
     with pytest.raises(bundle.contract.BadRequest) as raised:
-        bundle.vm.container_spec("spec", {**full_spec(), **override})
+        bundle.spec.container_spec("spec", {**full_spec(), **override})
     assert fragment in raised.value.msg
 
 
@@ -831,12 +831,12 @@ def test_bad_specs_are_refused(bundle, override, fragment):
 def test_static_elf_detection(bundle, tmp_path):
     script = tmp_path / "script"
     script.write_text("#!/bin/sh\n")
-    assert not bundle.vm.is_static_elf(str(script))
-    assert not bundle.vm.is_static_elf(sys.executable)  # dynamically linked
-    assert not bundle.vm.is_static_elf(str(tmp_path / "missing"))
+    assert not bundle.runtime_dir.is_static_elf(str(script))
+    assert not bundle.runtime_dir.is_static_elf(sys.executable)  # dynamically linked
+    assert not bundle.runtime_dir.is_static_elf(str(tmp_path / "missing"))
     static = [path for path in ("/usr/bin/tini-static", "/usr/bin/docker-init") if os.path.exists(path)]
     for path in static:
-        assert bundle.vm.is_static_elf(os.path.realpath(path))
+        assert bundle.runtime_dir.is_static_elf(os.path.realpath(path))
 
 
 def test_demultiplexing_docker_streams(bundle):
@@ -901,7 +901,7 @@ def test_container_is_created_started_and_the_secret_removed(run_helper, bundle,
     assert sorted(os.listdir(node.runtime)) == ["apply-password", "init", "tini"]
     for name in ("init", "apply-password", "tini"):
         assert stat.S_IMODE((node.runtime / name).stat().st_mode) == 0o700
-    assert bundle.vm.is_static_elf(str(node.runtime / "tini"))
+    assert bundle.runtime_dir.is_static_elf(str(node.runtime / "tini"))
     assert stat.S_IMODE(node.runtime.stat().st_mode) == 0o700
 
     again = vm(run_helper, "ensure_container", container_params(node, engine, spec))
@@ -1125,7 +1125,7 @@ def test_docker_not_answering_is_temporary(run_helper, node, tmp_path):
 
 
 def test_init_scripts_are_valid_posix_sh(bundle, tmp_path):
-    for name, text in (("init", bundle.vm.INIT_SCRIPT), ("apply-password", bundle.vm.APPLY_PASSWORD_SCRIPT)):
+    for name, text in (("init", bundle.runtime_dir.INIT_SCRIPT), ("apply-password", bundle.runtime_dir.APPLY_PASSWORD_SCRIPT)):
         path = tmp_path / name
         path.write_text(text)
         subprocess.run(["sh", "-n", str(path)], check=True)
@@ -1151,8 +1151,8 @@ def test_apply_password_feeds_the_secret_only_through_stdin(bundle, tmp_path, fa
     runtime, home, logs = tmp_path / "runtime", tmp_path / "home", tmp_path / "logs"
     for directory in (runtime, home, logs):
         directory.mkdir()
-    (runtime / "init").write_text(bundle.vm.INIT_SCRIPT)
-    (runtime / "apply-password").write_text(bundle.vm.APPLY_PASSWORD_SCRIPT)
+    (runtime / "init").write_text(bundle.runtime_dir.INIT_SCRIPT)
+    (runtime / "apply-password").write_text(bundle.runtime_dir.APPLY_PASSWORD_SCRIPT)
     for name in ("init", "apply-password"):
         (runtime / name).chmod(0o700)
     (runtime / "secret").write_text(PASSWORD + "\n")
@@ -1235,13 +1235,13 @@ def test_a_malformed_member_id_is_a_bad_request(run_helper, tmp_path, member):
 
 def test_a_released_record_is_claimed_by_the_next_node_keeping_its_member(bundle, tmp_path):
     mfs = str(tmp_path / "mfs")
-    bundle.vm.write_owner(mfs, USER, None, None, MEMBER)
-    bundle.vm.claim_or_refuse(mfs, USER, "n2", check=True)
-    assert bundle.vm.read_owner(mfs, USER)["node"] is None  # check mode changes nothing
-    bundle.vm.claim_or_refuse(mfs, USER, "n2", check=False)
-    assert {k: bundle.vm.read_owner(mfs, USER)[k] for k in ("node", "member")} == {"node": "n2", "member": MEMBER}
+    bundle.owner.write_owner(mfs, USER, None, None, MEMBER)
+    bundle.owner.claim_or_refuse(mfs, USER, "n2", check=True)
+    assert bundle.owner.read_owner(mfs, USER)["node"] is None  # check mode changes nothing
+    bundle.owner.claim_or_refuse(mfs, USER, "n2", check=False)
+    assert {k: bundle.owner.read_owner(mfs, USER)[k] for k in ("node", "member")} == {"node": "n2", "member": MEMBER}
     with pytest.raises(bundle.contract.PreconditionFailed, match="belongs to node 'n2'"):
-        bundle.vm.claim_or_refuse(mfs, USER, "n1", check=False)
+        bundle.owner.claim_or_refuse(mfs, USER, "n1", check=False)
 
 
 def test_init_never_takes_over_an_account_of_the_image(bundle, tmp_path, fake_bin):
@@ -1250,7 +1250,7 @@ def test_init_never_takes_over_an_account_of_the_image(bundle, tmp_path, fake_bi
     runtime, logs = tmp_path / "runtime", tmp_path / "logs"
     runtime.mkdir()
     logs.mkdir()
-    (runtime / "init").write_text(bundle.vm.INIT_SCRIPT)
+    (runtime / "init").write_text(bundle.runtime_dir.INIT_SCRIPT)
     (runtime / "init").chmod(0o700)
     tools = {
         "getent": 'case "$1" in passwd) echo "tcpdump:x:104:109::/nonexistent:/usr/sbin/nologin";; group) echo "tcpdump:x:109:";; esac\n',
@@ -1273,7 +1273,7 @@ def test_init_never_puts_a_member_into_a_system_group_of_the_same_name(bundle, t
     runtime, logs = tmp_path / "runtime", tmp_path / "logs"
     runtime.mkdir()
     logs.mkdir()
-    (runtime / "init").write_text(bundle.vm.INIT_SCRIPT)
+    (runtime / "init").write_text(bundle.runtime_dir.INIT_SCRIPT)
     (runtime / "init").chmod(0o700)
     fake_bin.install("getent", 'case "$1" in group) echo "staff:x:50:";; esac\n')
     for name in ("useradd", "usermod", "groupadd"):
@@ -1291,7 +1291,7 @@ def test_init_keeps_an_earlier_members_account_of_the_same_name(bundle, tmp_path
     runtime, logs = tmp_path / "runtime", tmp_path / "logs"
     runtime.mkdir()
     logs.mkdir()
-    (runtime / "init").write_text(bundle.vm.INIT_SCRIPT)
+    (runtime / "init").write_text(bundle.runtime_dir.INIT_SCRIPT)
     (runtime / "init").chmod(0o700)
     fake_bin.install("getent", 'case "$1" in passwd) echo "bob:x:2000:2000::/home/bob:/bin/bash";;\n'
                                'group) case "$2" in sudo) echo "sudo:x:27:bob";; *) echo "$2:x:2000:";; esac;; esac\n')
@@ -1329,5 +1329,5 @@ def test_the_desktop_session_is_the_one_the_node_image_names(run_helper, node, e
 ])
 def test_bad_image_sessions_are_refused(bundle, value, fragment):
     with pytest.raises(bundle.contract.BadRequest) as raised:
-        bundle.vm.image_sessions("image_sessions", value)
+        bundle.spec.image_sessions("image_sessions", value)
     assert fragment in raised.value.msg

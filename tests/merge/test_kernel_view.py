@@ -1,7 +1,7 @@
 """The merge against the kernel: whatever a member does to the desktop's files, publishing the
 upper layer must show exactly what their overlay showed.
 
-Each example builds layers, mounts them as the desktop's overlay (vm.py's options), runs a
+Each example builds layers, mounts them as the desktop's overlay (_stack.py's options), runs a
 generated sequence of file operations through it, and records the kernel's view. Then it
 merges a copy of the upper into a copy of the lower with labvm_merge and compares:
 

@@ -27,13 +27,13 @@ ESCAPED_PREFIX = b"trusted.overlay.overlay."
 
 
 def desktop_overlay_options() -> tuple[str, ...]:
-    """vm.py's OVERLAY_FIXED_OPTIONS, read from its source: importing the helper module here
+    """_stack.py's OVERLAY_FIXED_OPTIONS, read from its source: importing the helper module here
     would pull the whole bundle into the test process."""
-    tree = ast.parse((REPO / "scripts" / "node_helpers" / "vm.py").read_text())
+    tree = ast.parse((REPO / "scripts" / "node_helpers" / "_stack.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "OVERLAY_FIXED_OPTIONS" for t in node.targets):
             return tuple(ast.literal_eval(node.value))
-    raise AssertionError("vm.py defines no OVERLAY_FIXED_OPTIONS")
+    raise AssertionError("_stack.py defines no OVERLAY_FIXED_OPTIONS")
 
 
 OVERLAY_FIXED_OPTIONS = desktop_overlay_options()
@@ -174,7 +174,7 @@ MNT_DETACH = 2
 
 
 def mount_overlay(merged, lowers, upper=None, work=None) -> None:
-    """The desktop's overlay: lowerdir=lowers (top first), the fixed options of vm.py. Without
+    """The desktop's overlay: lowerdir=lowers (top first), the fixed options of _stack.py. Without
     an upper it is read-only and needs two lowers at least."""
     options = ["lowerdir=" + ":".join(str(lower) for lower in lowers)]
     if upper is not None:

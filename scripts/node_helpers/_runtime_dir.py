@@ -1,0 +1,253 @@
+"""What the desktop container runs from: <data_dir>/vms/<user>/runtime/, 0700 root, bound
+read-only at /run/labvm in the container. It holds the node's static tini (the entrypoint),
+init (the desktop's init, below), apply-password, and for a moment `secret`.
+
+The password reaches the container only as runtime/secret (0600 root). The helper writes it
+just before the container starts (or before `apply-password` runs), and deletes it as soon as
+it is used: for a start, once the VNC port answers with an RFB greeting, because init applies
+the password before it starts the VNC server; for set_password, once the exec has returned.
+The container cannot delete it itself: /run/labvm is read-only in there.
+
+(Not the OCI runtime: that is runtime.py and oci_shim.py.)
+"""
+
+import os
+import posixpath
+
+from _contract import PreconditionFailed
+from _system import find_tool, make_dirs, write_file_atomically
+
+RUNTIME_IN_CONTAINER = "/run/labvm"
+INIT_PATH = f"{RUNTIME_IN_CONTAINER}/init"
+TINI_PATH = f"{RUNTIME_IN_CONTAINER}/tini"
+# docker's own Init (HostConfig.Init) mounts tini at /sbin/docker-init, into the root docker
+# prepared, which is not the one the desktop runs on. So the node's static tini travels in the
+# runtime dir and is the entrypoint instead; it is the same binary docker would use.
+TINI_CANDIDATES = ("docker-init", "tini-static", "tini")
+APPLY_PASSWORD_PATH = f"{RUNTIME_IN_CONTAINER}/apply-password"
+SECRET_NAME = "secret"
+
+
+def ensure_runtime_files(runtime_dir: str) -> bool:
+    """tini, init and apply-password in the runtime dir; True if any was (re)written."""
+    if os.path.islink(runtime_dir):
+        raise PreconditionFailed(f"{runtime_dir} is a symlink; it must be a directory of root's", "runtime_is_symlink")
+    tini = find_static_tini()
+    created = not os.path.isdir(runtime_dir)
+    make_dirs(runtime_dir, 0o700)
+    with open(tini, "rb") as stream:
+        tini_content = stream.read()
+    changed = [
+        write_file_atomically(posixpath.join(runtime_dir, "tini"), tini_content, 0o700),
+        write_file_atomically(posixpath.join(runtime_dir, "init"), INIT_SCRIPT.encode(), 0o700),
+        write_file_atomically(posixpath.join(runtime_dir, "apply-password"), APPLY_PASSWORD_SCRIPT.encode(), 0o700),
+    ]
+    return created or any(changed)
+
+
+def find_static_tini() -> str:
+    """The node's tini, statically linked: it runs inside whatever rootfs the desktop has."""
+    for name in TINI_CANDIDATES:
+        path = find_tool(name)
+        if path is not None and is_static_elf(os.path.realpath(path)):
+            return os.path.realpath(path)
+    raise PreconditionFailed(
+        f"no statically linked tini on this node (looked for {', '.join(TINI_CANDIDATES)}); install docker.io or tini",
+        "tini_missing",
+    )
+
+
+PT_INTERP = 3
+
+
+def is_static_elf(path: str) -> bool:
+    """An ELF executable without a program interpreter (no PT_INTERP program header)."""
+    try:
+        with open(path, "rb") as stream:
+            header = stream.read(64)
+            if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] not in (1, 2):
+                return False
+            wide, order = header[4] == 2, "little" if header[5] == 1 else "big"
+            if wide:
+                table, entry_size, count = header[0x20:0x28], header[0x36:0x38], header[0x38:0x3A]
+            else:
+                table, entry_size, count = header[0x1C:0x20], header[0x2A:0x2C], header[0x2C:0x2E]
+            table, entry_size, count = (int.from_bytes(field, order) for field in (table, entry_size, count))
+            for index in range(count):
+                stream.seek(table + index * entry_size)
+                if int.from_bytes(stream.read(4), order) == PT_INTERP:
+                    return False
+            return count > 0
+    except OSError:
+        return False
+
+
+def write_secret(runtime_dir: str, password: str) -> str:
+    path = posixpath.join(runtime_dir, SECRET_NAME)
+    # One line: chpasswd gets "user:" + this line, `vncpasswd -f` reads one password per line.
+    write_file_atomically(path, (password + "\n").encode(), 0o600)
+    return path
+
+
+def remove_secret(runtime_dir: str) -> None:
+    try:
+        os.unlink(posixpath.join(runtime_dir, SECRET_NAME))
+    except FileNotFoundError:
+        pass
+
+
+# --- what runs in the container -----------------------------------------------------------
+
+# POSIX sh, run as root by tini (docker's --init) as PID 2. The password never appears in argv,
+# the environment or the log: chpasswd and vncpasswd read it from the secret file on stdin.
+INIT_SCRIPT = r"""#!/bin/sh
+# labvm desktop init. Written by the labvm vm helper into /run/labvm (read-only in here).
+#   init                   create the user, apply a waiting password, start sshd, VNC, the desktop
+#   init --apply-password  only apply /run/labvm/secret (labvm passwd, through docker exec)
+set -u
+RUNTIME=${LABVM_RUNTIME:-/run/labvm}
+SECRET="$RUNTIME/secret"
+USER_NAME=$LABVM_USER
+USER_ID=$LABVM_UID
+DISPLAY_NUMBER=1
+VNC_PORT=5901
+PIDS=""
+VNC_PID=""
+
+log() { echo "labvm-init: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+as_user() {
+    if command -v runuser >/dev/null 2>&1; then
+        runuser -u "$USER_NAME" -- "$@"
+    else
+        su -s /bin/sh -c 'exec "$0" "$@"' -- "$USER_NAME" "$@"
+    fi
+}
+
+home_of_user() { getent passwd "$USER_NAME" | cut -d: -f6; }
+
+# labvm refuses the image's account names, but an image built elsewhere may hold others: never
+# take over (and give sudo to) a system account or group. An account in the member's range with
+# another uid is an earlier desktop's under this name (adopted files): its files are owned by it.
+refuse_system_account() {
+    uid=$(getent passwd "$USER_NAME" | cut -d: -f3)
+    if [ -n "$uid" ] && { [ "$uid" -lt 1000 ] || [ "$uid" -ge 60000 ]; } 2>/dev/null; then
+        die "the image already has a system account $USER_NAME (uid $uid); pick another member name"
+    fi
+    gid=$(getent group "$USER_NAME" | cut -d: -f3)
+    if [ -n "$gid" ] && { [ "$gid" -lt 1000 ] || [ "$gid" -ge 60000 ]; } 2>/dev/null; then
+        die "the image already has a system group $USER_NAME (gid $gid); pick another member name"
+    fi
+}
+
+ensure_user() {
+    refuse_system_account
+    if ! getent group "$USER_NAME" >/dev/null; then
+        groupadd -g "$USER_ID" "$USER_NAME" || groupadd "$USER_NAME" || die "cannot create group $USER_NAME"
+    fi
+    if ! getent passwd "$USER_NAME" >/dev/null; then
+        shell=/bin/sh
+        [ -x /bin/bash ] && shell=/bin/bash
+        useradd -m -u "$USER_ID" -g "$USER_NAME" -s "$shell" "$USER_NAME" || die "cannot create user $USER_NAME"
+        log "created user $USER_NAME ($USER_ID)"
+    fi
+    if getent group sudo >/dev/null && ! id -nG "$USER_NAME" | tr ' ' '\n' | grep -qx sudo; then
+        usermod -aG sudo "$USER_NAME" || log "cannot add $USER_NAME to group sudo"
+    fi
+}
+
+# Returns 2 when no password is waiting.
+apply_password() {
+    [ -s "$SECRET" ] || return 2
+    { printf '%s:' "$USER_NAME"; cat "$SECRET"; } | chpasswd || { log "chpasswd failed"; return 1; }
+    home=$(home_of_user)
+    [ -n "$home" ] && [ -d "$home" ] || { log "user $USER_NAME has no home directory"; return 1; }
+    vncpasswd=$(command -v tigervncpasswd || command -v vncpasswd) || { log "vncpasswd not found (tigervnc-tools)"; return 1; }
+    mkdir -p "$home/.vnc" || return 1
+    (umask 077 && "$vncpasswd" -f <"$SECRET" >"$home/.vnc/passwd.new") || { log "vncpasswd failed"; return 1; }
+    mv -f "$home/.vnc/passwd.new" "$home/.vnc/passwd" || return 1
+    chown "$USER_NAME:" "$home/.vnc" "$home/.vnc/passwd" && chmod 700 "$home/.vnc" && chmod 600 "$home/.vnc/passwd" || return 1
+    log "password applied for $USER_NAME"
+}
+
+start_sshd() {
+    [ "${LABVM_SSH:-0}" = 1 ] || return 0
+    [ -x /usr/sbin/sshd ] || { log "sshd is not installed; the ssh port stays closed"; return 0; }
+    mkdir -p /run/sshd && chmod 755 /run/sshd
+    ssh-keygen -A >/dev/null 2>&1 || log "ssh-keygen -A failed"
+    /usr/sbin/sshd -D -e &
+    PIDS="$PIDS $!"
+}
+
+start_vnc() {
+    home=$(home_of_user)
+    [ -s "$home/.vnc/passwd" ] || die "no VNC password for $USER_NAME yet: set one with labvm passwd"
+    server=$(command -v Xtigervnc || command -v Xvnc) || die "Xtigervnc not found (tigervnc-standalone-server)"
+    # /tmp persists with the upper layer: a lock from an earlier start names a PID that may be
+    # alive again now, and the X server would refuse the display.
+    rm -f "/tmp/.X$DISPLAY_NUMBER-lock" "/tmp/.X11-unix/X$DISPLAY_NUMBER"
+    mkdir -p /tmp/.X11-unix && chmod 1777 /tmp/.X11-unix
+    as_user "$server" ":$DISPLAY_NUMBER" -rfbport "$VNC_PORT" -rfbauth "$home/.vnc/passwd" -SecurityTypes VncAuth \
+        -geometry "${LABVM_VNC_GEOMETRY:-1280x800}" -desktop "$USER_NAME" -nolisten tcp &
+    VNC_PID=$!
+    PIDS="$PIDS $VNC_PID"
+    tries=0
+    while [ ! -S "/tmp/.X11-unix/X$DISPLAY_NUMBER" ]; do
+        kill -0 "$VNC_PID" 2>/dev/null || die "the VNC server exited at start"
+        tries=$((tries + 1))
+        [ "$tries" -le 300 ] || die "the VNC server did not open display :$DISPLAY_NUMBER within 30 s"
+        sleep 0.1
+    done
+}
+
+start_desktop() {
+    [ -n "${LABVM_DESKTOP_CMD:-}" ] || return 0
+    (
+        export DISPLAY=":$DISPLAY_NUMBER"
+        cd "$home" 2>/dev/null || cd /
+        as_user /bin/sh -c "$LABVM_DESKTOP_CMD"
+    ) &
+    PIDS="$PIDS $!"
+}
+
+stop() {
+    trap - TERM INT
+    log "stopping"
+    for pid in $PIDS; do kill -TERM "$pid" 2>/dev/null; done
+    wait
+    exit "${1:-0}"
+}
+
+case "${1:-}" in
+--apply-password)
+    ensure_user
+    apply_password
+    status=$?
+    [ "$status" -ne 2 ] || die "no password waiting in $SECRET"
+    exit "$status"
+    ;;
+"") ;;
+*) die "unknown argument: $1" ;;
+esac
+
+trap stop TERM INT
+ensure_user
+if [ -s "$SECRET" ]; then
+    apply_password || die "could not apply the password"
+fi
+start_sshd
+start_vnc
+start_desktop
+log "desktop of $USER_NAME on display :$DISPLAY_NUMBER, VNC port $VNC_PORT"
+wait "$VNC_PID"
+status=$?
+log "the VNC server exited (status $status)"
+stop 1
+"""
+
+APPLY_PASSWORD_SCRIPT = r"""#!/bin/sh
+# Applies /run/labvm/secret as the login and VNC password; run by the labvm vm helper through
+# docker exec, which deletes the secret again afterwards.
+exec "${LABVM_RUNTIME:-/run/labvm}/init" --apply-password
+"""
