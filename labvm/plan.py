@@ -14,8 +14,10 @@ One runner (`Runner`) runs any kind. `--dry-run` runs the checks and prints the 
 with `--json`). A real run journals each step; when a step fails before the commit point, the
 runner undoes that step and every finished one, newest first, each journaled as `undo_NAME`,
 and the desktop is as it was. `labvm ops resume ID` builds the kind's steps again from the
-journal and runs those not finished; `labvm ops abort ID` undoes an interrupted one. Kinds are
-found by name in KINDS, so the journal never needs code of its own for an operation.
+journal and runs those not finished; `labvm ops abort ID` undoes an interrupted one: every step
+the journal shows begun, skipping undos that finished. A plan whose undo began is only ever
+aborted, never resumed. Kinds are found by name in KINDS, so the journal never needs code of
+its own for an operation.
 """
 
 from __future__ import annotations
@@ -177,6 +179,12 @@ class Kind:
         """Every step, the check step first, built from the params (and what a dry run found)."""
         raise NotImplementedError
 
+    def committed(self) -> bool:
+        """Whether the commit step's work took effect though the journal does not say the step
+        finished (it failed, or the process died, right after the work): the plan is past its
+        commit point all the same. A kind that can tell from its state says so."""
+        return False
+
     def result(self) -> Any:
         return None
 
@@ -273,32 +281,49 @@ class Runner:
         ctx = self._context(db, user, op.params, op)
         kind = kind_cls(ctx)
         try:
+            self._refuse_undone(kind)
             steps = self._steps_after_checks(kind, op)
             self._apply(kind, steps)
             return kind.result()
         finally:
             ctx.close()
 
+    @staticmethod
+    def _refuse_undone(kind: Kind) -> None:
+        """A plan whose undo began goes no further forward: its undos may have brought back
+        what its steps took away (a desktop running on its source again)."""
+        op = kind.ctx.op
+        if op.params.get("rolled_back"):
+            raise StateError(f"operation {op.id} ({kind.title()}) was rolled back; nothing to resume")
+        if any(row["name"].startswith("undo_") for row in op.db.operation_steps(op.id)):
+            raise StateError(f"operation {op.id} ({kind.title()}) stopped while it was being rolled back; "
+                             f"finish the rollback with `labvm ops abort {op.id}`")
+
     def _steps_after_checks(self, kind: Kind, op: Operation) -> list[Step]:
         """The checks run as the plan's first step (again under the lock, as what they saw
         may have changed since a dry run); a resumed plan has them done."""
         if kind.check_step and not op.done(kind.check_step):
             ctx = kind.ctx
+            claiming = False
             try:
                 with op.step(kind.check_step):
                     kind.checks(ctx.found)
+                    claiming = True
                     kind.claim()
-            except LabvmError as exc:
-                # Nothing has changed yet: the check's own error and exit code.
-                exc.op_state = "refused"
+            except BaseException as exc:
+                if claiming:
+                    # The claim may have taken something: the check step's undo gives it back.
+                    steps = kind.steps()
+                    self._fail(kind, steps, next(s for s in steps if s.name == kind.check_step), exc)
+                if isinstance(exc, LabvmError):
+                    # Nothing has changed yet: the check's own error and exit code.
+                    exc.op_state = "refused"
                 raise
         return kind.steps()
 
     def _apply(self, kind: Kind, steps: list[Step]) -> None:
         ctx, op = kind.ctx, kind.ctx.op
         todo = [s for s in steps if s.skip is None and not op.done(s.name) and s.name != kind.check_step]
-        if op.params.get("rolled_back"):
-            raise StateError(f"operation {op.id} ({kind.title()}) was rolled back; nothing to resume")
         number = {s.name: index for index, s in enumerate(steps, 1)}
         index = 0
         while index < len(todo):
@@ -346,8 +371,8 @@ class Runner:
 
     def _fail(self, kind: Kind, steps: list[Step], failed: Step, exc: BaseException) -> None:
         ctx, op = kind.ctx, kind.ctx.op
-        if kind.commit is not None and op.done(kind.commit):
-            self.say(f"{failed.name} failed after the commit point ({kind.commit}): {exc}. "
+        if self._past_commit(kind):
+            self.say(f"{failed.name} failed past the commit point ({kind.commit}): {exc}. "
                      f"Finish with `labvm ops resume {op.id}`")
             raise exc
         if not any(op.done(s.name) for s in steps if s.undo is not None) and failed.undo is None:
@@ -361,13 +386,20 @@ class Runner:
             rolled.exit_code = exc.exit_code
         raise rolled from exc
 
-    def undo(self, kind: Kind, steps: list[Step], upto: Step | None = None) -> list[str]:
-        """Take back the steps that ran (and upto, which stopped half-way), newest first, each
-        journaled as undo_NAME. An undo that fails is noted and the others still run."""
+    @staticmethod
+    def _past_commit(kind: Kind) -> bool:
+        return kind.commit is not None and (kind.ctx.op.done(kind.commit) or kind.committed())
+
+    def undo(self, kind: Kind, steps: list[Step], upto: Step | None = None, begun: frozenset[str] = frozenset()) -> list[str]:
+        """Take back the steps that ran (and upto, which stopped half-way, and those named in
+        begun, which may have), newest first, each journaled as undo_NAME. An undo that fails
+        is noted and the others still run."""
         op, notes = kind.ctx.op, []
-        ran = [s for s in steps if s.skip is None and (op.done(s.name) or s is upto)]
+        ran = [s for s in steps if s.skip is None and (op.done(s.name) or s is upto or s.name in begun)]
         for step in reversed(ran):
-            if step.undo is None:
+            # An undo that finished is not run again: what the operation's undos brought back
+            # since (a desktop running again, and what it wrote) stays.
+            if step.undo is None or op.done(f"undo_{step.name}"):
                 continue
             try:
                 with op.step(f"undo_{step.name}"):
@@ -387,7 +419,7 @@ class Runner:
             kind_cls = kind_named(op.kind)
             ctx = self._context(db, user, op.params, op)
             kind = kind_cls(ctx)
-            if kind.commit is not None and op.done(kind.commit):
+            if self._past_commit(kind):
                 raise StateError(f"{kind.title()} ({op_id}) is past its commit point ({kind.commit}); it can only "
                                  f"go forward: `labvm ops resume {op_id}`")
             from .journal import vm_lock
@@ -397,9 +429,10 @@ class Runner:
                     if op.params.get("rolled_back"):
                         return []
                     steps = kind.steps()
-                    interrupted = db.last_step_name(op_id)
-                    upto = next((s for s in steps if s.name == interrupted and not op.done(s.name)), None)
-                    notes = self.undo(kind, steps, upto=upto)
+                    # Every step the journal shows begun, not only the last row: a run killed in
+                    # a group of steps, or in its own undo, may have stopped in any of them.
+                    begun = frozenset(row["name"] for row in db.operation_steps(op_id))
+                    notes = self.undo(kind, steps, begun=begun)
                     ctx.remember(rolled_back=True)
                     return notes
             finally:

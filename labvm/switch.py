@@ -140,6 +140,11 @@ class SwitchKind(Kind):
     def _desktop(self) -> Desktop:
         return self.desktops.get(self.ctx.db, self.user)
 
+    def committed(self) -> bool:
+        """The commit moves the desktop's row to the target in one transaction: a row on the
+        target is a commit made, whatever the journal says of its step."""
+        return self._desktop().node == self.p["target"]
+
     # -- checks --------------------------------------------------------------------------------
     def checks(self, f: Findings) -> None:
         db, p = self.ctx.db, self.p
@@ -397,9 +402,11 @@ class SwitchKind(Kind):
         if self.p["from_lost"] or self._desktop().version == self.p["base"]:
             return
         # The merge published the upper: the source runs over that version with an empty upper.
+        # Its sync stopped in final_flush, so nothing is flushed: a full pass of the source's
+        # upper would be refused when it is empty and up_mfs holds what the target's sync sent.
         source = self.session(self.p["source"])
-        self.desktops.stop_on_node(source, self.ctx.op, self.user, 20)
-        source.run(self.desktops.calls(source.node, self.user).reset_upper())
+        calls = self.desktops.calls(source.node, self.user)
+        source.call_many([*calls.teardown(flush=False), calls.reset_upper()])
 
     def _undo_stop_source(self) -> str | None:
         p, db, user = self.p, self.ctx.db, self.user
