@@ -24,7 +24,7 @@ from .placement import GpuRequest, NodeCapacity, choose_node
 from .plan import Runner
 from .remote.helpers import HelperBundle, HelperCall
 from .remote.pool import run_on_nodes
-from .remote.recipes import DesktopCalls, mount_mfs
+from .remote.recipes import DesktopCalls, image_status, mount_mfs, node_facts
 from .remote.session import NodeSession
 from .state import StateDB, User
 
@@ -285,8 +285,8 @@ class Desktops:
 
     def probe(self, s: NodeSession) -> tuple[dict, dict]:
         """The node's facts and its desktop image's status, over an open session."""
-        facts = s.call("probe", "facts", {"data_dir": s.node.data_dir})["data"]
-        image = s.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]
+        facts = s.run(node_facts(s.node))
+        image = s.run(image_status(self.cfg))
         if facts.get("gpu_error"):
             raise LabvmError(f"{s.node.name}: GPUs: {facts['gpu_error']}")
         return facts, image
@@ -414,10 +414,9 @@ class Desktops:
     def files_on_mfs(self, s: NodeSession, user: str, check: bool = False) -> tuple[dict | None, list[dict]]:
         """The owner record and the versions MooseFS holds under a member name. With check, MooseFS
         is not mounted for it: where it is not mounted yet, nothing is read (no record, no versions)."""
-        params = {"user": user, "mfs_mount": self.cfg.storage.mfs_mount}
         if not s.run(mount_mfs(self.cfg), check=check).get("mounted") and check:
             return None, []
-        return s.call("vm", "owner", params)["data"]["owner"], self.versions_on_mfs(s, user)
+        return s.run(self.calls(s.node, user).owner())["owner"], self.versions_on_mfs(s, user)
 
     def _adopt_files(self, s: NodeSession, db: StateDB, account: User, files: PreviousFiles) -> None:
         """A new desktop continues from the newest version of the member's files, if an earlier
@@ -437,7 +436,7 @@ class Desktops:
     def purge_files(self, s: NodeSession, user: str) -> dict:
         """Delete every version of the files MooseFS holds under a member name."""
         s.run(mount_mfs(self.cfg))
-        return s.call("vm", "purge_mfs_data", {"user": user, "mfs_mount": self.cfg.storage.mfs_mount})["data"]
+        return s.run(self.calls(s.node, user).purge())
 
     def _reserve(self, db, user, node, cap, request, limits) -> None:
         """Record the desktop with its GPUs and ports in one transaction: no GPU or port is given twice."""
@@ -537,7 +536,7 @@ class Desktops:
 
         def work(db, op, desktop, node):
             with self.session(node) as s, op.step("set_password"):
-                s.call("vm", "set_password", {"user": user, "data_dir": node.data_dir, "secrets": {"password": db.vnc_secret(user)}})
+                s.run(self.calls(node, user).set_password(db.vnc_secret(user)))
 
         self._with_desktop(user, "passwd", work)
 

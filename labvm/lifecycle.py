@@ -16,7 +16,7 @@ from .desktops import Desktop, Desktops, Limits, PreviousFiles, build_spec, cont
 from .errors import StateError
 from .journal import check_lock
 from .plan import Context, Findings, Kind, Step
-from .remote.recipes import DesktopCalls
+from .remote.recipes import DesktopCalls, image_status
 
 
 class DesktopKind(Kind):
@@ -65,7 +65,7 @@ class DesktopKind(Kind):
             s.alive(15)
             c.detail = f"{self.node_name} answers over SSH"
         with f.check("image") as c:
-            image = s.call("image", "status", {"xfce_local": self.cfg.xfce_local})["data"]
+            image = s.run(image_status(self.cfg))
             if not image.get("present"):
                 raise StateError(f"{self.node_name}: the desktop image is not pushed there; run `labvm image push {self.node_name}`")
             c.detail = f"the desktop image is on {self.node_name}"
@@ -321,9 +321,7 @@ class ResizeKind(DesktopKind):
         ]
 
     def _grow(self) -> None:
-        node = self.cfg.node(self.node_name)
-        self.grown = self.session().call("vm", "resize_disk", {"user": self.user, "data_dir": node.data_dir,
-                                                              "size": self.p["size"]}, timeout=900)["data"]
+        self.grown = self.session().run(self.calls.resize_disk(self.p["size"]))
 
     def _record(self) -> None:
         self.ctx.db.set_desktop_limits(self.user, {**self.desktop().limits, "disk": self.p["size"]})

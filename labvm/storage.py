@@ -121,27 +121,26 @@ class Storage:
     def _frozen_upper(self, s: NodeSession, desktop: Desktop, node, target: int) -> str:
         """An instant's copy of up_mfs to merge from. A running desktop is flushed, frozen,
         flushed again and snapshotted, then thawed; a stopped one was flushed when it stopped."""
-        user, mfs_mount = desktop.user, self.cfg.storage.mfs_mount
-        snapshot = {"user": user, "mfs_mount": mfs_mount, "name": str(target)}
+        calls = self.desktops.calls(node, desktop.user)
+        snapshot = calls.snapshot_upper(str(target))
         if desktop.state != "running":
-            return s.call("merge", "snapshot_upper", snapshot, timeout=600)["data"]["path"]
-        flush = self.desktops.calls(node, user).flush(FLUSH_TIMEOUT_S)
+            return s.run(snapshot)["path"]
+        flush = calls.flush(FLUSH_TIMEOUT_S)
         # The first flush, while the desktop works, sends the bulk; the frozen one only the rest.
         s.run(flush)
-        s.call("vm", "freeze", {"user": user})
+        s.run(calls.freeze())
         try:
             s.run(flush)
-            return s.call("merge", "snapshot_upper", snapshot, timeout=600)["data"]["path"]
+            return s.run(snapshot)["path"]
         finally:
-            s.call("vm", "thaw", {"user": user})
+            s.run(calls.thaw())
 
     def _prune(self, s: NodeSession, user: str, in_use: int) -> list[int]:
         verdicts = plan(self._list(s, user), self.cfg.retention, in_use={in_use})
         pruned = []
         for verdict in verdicts:
             if not verdict.keep:
-                s.call("merge", "remove_version", {"user": user, "mfs_mount": self.cfg.storage.mfs_mount,
-                                                   "version": verdict.version.number}, timeout=600)
+                s.run(self.desktops.calls(s.node, user).remove_version(verdict.version.number))
                 pruned.append(verdict.version.number)
         return sorted(pruned)
 
@@ -252,7 +251,7 @@ class BackupKind(DesktopKind):
         self.ctx.remember(upper=storage._frozen_upper(s, desktop, s.node, self.p["target"]))
 
     def _thaw(self) -> None:
-        self.session().call("vm", "thaw", {"user": self.user})
+        self.session().run(self.calls.thaw())
 
     def _prune(self) -> None:
         self.pruned = Storage(self.ctx.home, self.ctx.say)._prune(self.session(), self.user, self.desktop().version)

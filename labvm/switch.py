@@ -188,7 +188,7 @@ class SwitchKind(Kind):
         if not p["from_lost"]:
             with f.check("source answering") as c:
                 source = self.session(p["source"])
-                status = source.call("vm", "status", {"user": user, "data_dir": source.node.data_dir})["data"]
+                status = source.run(self.desktops.calls(source.node, user).status())
                 running = bool((status.get("container") or {}).get("running"))
                 c.detail = f"{source.node.name} answers; the container there is {'running' if running else 'not running'}"
         self.cap = cap = self.desktops._capacity(target, self.desktops._usage(db, target), (facts, image))
@@ -540,7 +540,7 @@ class Switcher:
             try:
                 with desktops.session(node) as s:
                     s.run(mount_mfs(self.cfg))
-                    data = s.call("sync", "last_success", {"user": desktop.user, "mfs_mount": self.cfg.storage.mfs_mount})["data"]
+                    data = s.run(desktops.calls(node, desktop.user).last_success())
             except LabvmError:
                 continue
             if data.get("last_success"):

@@ -30,6 +30,19 @@ def isolation_params(cfg: ClusterConfig) -> dict:
     return {"deny": [cfg.storage.mfs_master, *(n.host for n in cfg.nodes), *cfg.network.deny]}
 
 
+def node_facts(node: Node, mfs_mount: str | None = None) -> HelperCall:
+    """The node's GPUs, memory, data disk and listening ports (and MooseFS's mount, if named)."""
+    params = {"data_dir": node.data_dir}
+    if mfs_mount is not None:
+        params["mfs_mount"] = mfs_mount
+    return HelperCall("probe", "facts", params)
+
+
+def image_status(cfg: ClusterConfig) -> HelperCall:
+    """Whether the node holds the desktop image (xfce_local), and which desktop it has."""
+    return HelperCall("image", "status", {"xfce_local": cfg.xfce_local})
+
+
 def mount_mfs(cfg: ClusterConfig) -> HelperCall:
     """MooseFS mounted on the node (nosuid, nodev, default_permissions; a root-only vms tree)."""
     return HelperCall("mfs", "ensure_mounted", mfs_params(cfg), timeout=MOUNT_TIMEOUT_S)
@@ -134,6 +147,34 @@ class DesktopCalls:
     def release_owner(self) -> HelperCall:
         return HelperCall("vm", "release_owner", self._on_mfs)
 
+    def owner(self) -> HelperCall:
+        """The owner record on MooseFS: the node, operation and member it names (or none)."""
+        return HelperCall("vm", "owner", self._on_mfs)
+
+    def purge(self) -> HelperCall:
+        """Every version and the upper of the member's files on MooseFS, deleted."""
+        return HelperCall("vm", "purge_mfs_data", self._on_mfs, timeout=MERGE_TIMEOUT_S)
+
+    # -- the running desktop
+    def status(self) -> HelperCall:
+        return HelperCall("vm", "status", self._local)
+
+    def set_password(self, password: str) -> HelperCall:
+        return HelperCall("vm", "set_password", {**self._local, "secrets": {"password": password}})
+
+    def resize_disk(self, size: int) -> HelperCall:
+        return HelperCall("vm", "resize_disk", {**self._local, "size": size}, timeout=900)
+
+    def freeze(self) -> HelperCall:
+        return HelperCall("vm", "freeze", {"user": self.user})
+
+    def thaw(self) -> HelperCall:
+        return HelperCall("vm", "thaw", {"user": self.user})
+
+    def last_success(self) -> HelperCall:
+        """When the desktop's sync last reported success on MooseFS (any node can read it)."""
+        return HelperCall("sync", "last_success", self._on_mfs)
+
     # -- versions
     def versions(self) -> HelperCall:
         return HelperCall("merge", "versions", self._on_mfs)
@@ -145,3 +186,10 @@ class DesktopCalls:
         if upper is not None:
             params["upper"] = upper
         return HelperCall("merge", "publish", params, timeout=MERGE_TIMEOUT_S)
+
+    def snapshot_upper(self, name: str) -> HelperCall:
+        """A copy of up_mfs as it is now, named name (replacing an earlier try's)."""
+        return HelperCall("merge", "snapshot_upper", {**self._on_mfs, "name": name}, timeout=600)
+
+    def remove_version(self, version: int) -> HelperCall:
+        return HelperCall("merge", "remove_version", {**self._on_mfs, "version": version}, timeout=600)

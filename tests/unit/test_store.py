@@ -173,3 +173,22 @@ def test_no_module_but_the_store_runs_sql():
                 found.append(f"{where} holds SQL: {node.value[:40]!r}")
     assert found == [], "SQL outside the store:\n" + "\n".join(found)
 
+
+
+# Modules that drive a helper of their own, outside a desktop's life: the node and image
+# commands, and `labvm files` (the files helper, whose requests are its paths).
+NODE_WIDE = {PACKAGE / "nodes.py", PACKAGE / "images.py", PACKAGE / "files.py"}
+
+
+def test_the_operations_ask_nodes_through_typed_calls_only():
+    """An operation never spells out a helper request by hand (`s.call("vm", "...", {...})`):
+    it builds it with labvm/remote/recipes.py, so a fake node sees every request the same way."""
+    found = []
+    for module in sorted(PACKAGE.glob("*.py")):
+        if module in NODE_WIDE:
+            continue
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "call" \
+                    and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                found.append(f"{module.relative_to(PACKAGE.parent)}:{node.lineno} calls {node.args[0].value!r} by hand")
+    assert found == [], "\n".join(found)
