@@ -60,7 +60,8 @@ def image_build(home: AdminHome, desktop, mirror, rebuild, cache_dir, as_json):
     if as_json:
         _emit_json(info.to_dict())
         return
-    say(f"image {info.path} ({info.size / 2**20:.0f} MiB, sha256 {info.sha256[:16]}...) in {info.seconds:.0f}s")
+    how = "cached build" if info.cached else f"built in {info.seconds:.0f}s"
+    say(f"image {info.sha256[:12]} ({info.desktop}): {info.path} ({info.size / 2**20:.0f} MiB, {how})")
 
 
 @image.command("push")
@@ -78,6 +79,7 @@ def image_push(home: AdminHome, nodes, image_path):
 
     path = Path(image_path) if image_path else _latest_image(home)
     sha = images.image_sha256(path)
+    say(f"pushing image {sha[:12]}: {path.name}")
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=out, transient=True) as bars:
         tasks = {}
 

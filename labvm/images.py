@@ -498,6 +498,9 @@ def _publish(info: ImageInfo, output_dir: Path, started: float, cached: bool) ->
             tmp.unlink(missing_ok=True)
     write_checksum_file(target, info.sha256)
     record_image_accounts(target)
+    # The image asked for last is the newest in output_dir, cached or not: `labvm image push`
+    # takes the newest.
+    os.utime(target)
     seconds = time.monotonic() - started if cached else info.seconds
     return ImageInfo(target, info.sha256, info.size, info.desktop, info.packages, seconds, info.mirror, info.built, cached)
 

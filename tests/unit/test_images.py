@@ -180,7 +180,7 @@ def test_cache_key_depends_on_what_goes_into_the_image_and_nothing_else(monkeypa
 def plant_cached_image(cache_dir: Path, desktop: str, content: bytes = b"fake image") -> Path:
     key = image_cache_key(desktop, images.desktop_packages(desktop), MIRROR)
     path = cache_dir / images.BUILT_CACHE / f"labvm-{desktop}-{key[:16]}.tar.gz"
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
     info = ImageInfo(path, hashlib.sha256(content).hexdigest(), len(content), desktop, images.desktop_packages(desktop),
                      61.5, MIRROR, "2025-05-20T10:11:12Z")  # fmt: skip
@@ -516,3 +516,18 @@ def test_file_capabilities_desktops_cannot_hold_are_stripped_and_others_kept(tmp
     with pytest.raises(OSError):
         os.getxattr(ping, "security.capability")
     assert os.getxattr(server, "security.capability") == _file_caps(1 << 10)
+
+
+def test_the_image_asked_for_last_is_the_newest_even_from_the_cache(tmp_path, no_real_build, monkeypatch):
+    """`labvm image push` takes the newest image: a cached build of minimal after a build of
+    xfce must make minimal the newest, not leave xfce's later mtime in front."""
+    from labvm.cli_images import _latest_image
+
+    plant_cached_image(tmp_path / "cache", "minimal")
+    plant_cached_image(tmp_path / "cache", "xfce", b"another fake image")
+    home = type("Home", (), {"images_dir": tmp_path / "out"})()
+    build_image("xfce", tmp_path / "out", cache_dir=tmp_path / "cache", mirror=MIRROR)
+    minimal = build_image("minimal", tmp_path / "out", cache_dir=tmp_path / "cache", mirror=MIRROR)
+    assert _latest_image(home) == minimal.path
+    xfce = build_image("xfce", tmp_path / "out", cache_dir=tmp_path / "cache", mirror=MIRROR)
+    assert _latest_image(home) == xfce.path
