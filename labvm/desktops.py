@@ -491,16 +491,6 @@ class Desktops:
 
         return self._plan(RemoveKind, user, dry_run, purge=purge)
 
-    def _keep_files(self, s: NodeSession, user: str, base: int) -> None:
-        """Fold the upper layer into a last version, so the files on MooseFS stand alone: a later
-        `labvm create` continues from that version."""
-        calls = self.calls(s.node, user)
-        s.run(calls.mount_mfs())
-        target = self.next_version(s, user, base)
-        self.publish(s, user, base, target, "remove")
-        s.run(calls.reset_upper())
-        self.say(f"{user}'s files are kept on MooseFS as v{target}")
-
     def resize(self, user: str, size_text: str, dry_run: bool = False) -> dict:
         """Grow USER's disk: the record, the image on its node (online, a running desktop sees
         the room at once) and the member's quota on MooseFS. Never shrinks."""

@@ -13,7 +13,7 @@ stopped: resuming it finishes the job.
 from __future__ import annotations
 
 from .desktops import Desktop, Desktops, Limits, PreviousFiles, build_spec, container_name, previous_files
-from .errors import StateError
+from .errors import LabvmError, StateError
 from .journal import check_lock
 from .plan import Context, Findings, Kind, Step
 from .remote.recipes import DesktopCalls, image_status
@@ -45,6 +45,19 @@ class DesktopKind(Kind):
 
     def session(self):
         return self.ctx.session(self.node_name)
+
+    def node_status(self) -> dict | None:
+        """The desktop's container, stack and disk on its node; None where the node does not answer."""
+        try:
+            return self.session().run(self.calls.status())
+        except LabvmError:
+            return None
+
+    def container_stopped(self) -> bool:
+        """Whether the desktop's container is stopped or gone on its node (False where the node,
+        or its docker, does not say)."""
+        status = self.node_status()
+        return status is not None and status["container"].get("error") is None and not status["container"].get("running")
 
     # -- checks shared by the kinds ---------------------------------------------------------
     def check_desktop(self, f: Findings, states: tuple[str, ...]) -> Desktop:
@@ -174,6 +187,10 @@ class StopKind(DesktopKind):
         return [Step("check", "check the desktop's state and its lock again, under the lock"),
                 *self.down_steps(int(self.p.get("timeout", 20)), undo_up=False)]
 
+    def committed(self) -> bool:
+        """The container is stopped: the stop took effect, whatever the journal says."""
+        return self.container_stopped()
+
 
 class RemoveKind(DesktopKind):
     """Remove a desktop: stop it, keep its files on MooseFS as a last version (or, with purge,
@@ -203,8 +220,7 @@ class RemoveKind(DesktopKind):
                            calls=lambda: [calls.stop_sync(flush=False)], node=node)
         steps = [Step("check", "check the desktop and its node again, under the lock"), *down]
         if not purge:
-            steps.append(Step("keep_files", "publish the upper layer as a last version on MooseFS",
-                              apply=lambda: self.desktops._keep_files(self.session(), user, self.desktop().version)))
+            steps.append(Step("keep_files", "publish the upper layer as a last version on MooseFS", apply=self._keep_files))
         steps.append(Step("remove_local_layers", f"delete the desktop's disk and layers on {node}",
                           calls=lambda: [calls.remove_local_layers()], node=node))
         if purge:
@@ -215,6 +231,23 @@ class RemoveKind(DesktopKind):
                               calls=lambda: [calls.mount_mfs(), calls.release_owner()], node=node))
         steps.append(Step("record", "delete the desktop's record, GPUs and ports", apply=lambda: db.remove_desktop(user)))
         return steps
+
+    def _keep_files(self) -> None:
+        """Fold the upper layer into a last version, so the files on MooseFS stand alone: a later
+        `labvm create` continues from that version. Its number is journaled before the publish:
+        a resumed keep_files publishes the same one (done: nothing changes), not a newer one
+        without the upper it emptied."""
+        s, base, calls = self.session(), self.desktop().version, self.calls
+        s.run(calls.mount_mfs())
+        if "target" not in self.p:
+            self.ctx.remember(target=self.desktops.next_version(s, self.user, base))
+        self.desktops.publish(s, self.user, base, self.p["target"], "remove")
+        s.run(calls.reset_upper())
+        self.ctx.say(f"{self.user}'s files are kept on MooseFS as v{self.p['target']}")
+
+    def committed(self) -> bool:
+        """The container is stopped: the removal took effect, whatever the journal says."""
+        return self.container_stopped()
 
 
 class CreateKind(DesktopKind):
@@ -319,6 +352,11 @@ class ResizeKind(DesktopKind):
             Step("member_quota", "grow the member's quota on MooseFS", calls=lambda: [calls.mount_mfs(), calls.quota(size)], node=node),
             Step("record", "record the new size", apply=self._record),
         ]
+
+    def committed(self) -> bool:
+        """The disk image on the node has the new size: the resize took effect."""
+        status = self.node_status()
+        return status is not None and (status["disk"].get("size") or 0) >= self.p["size"]
 
     def _grow(self) -> None:
         self.grown = self.session().run(self.calls.resize_disk(self.p["size"]))

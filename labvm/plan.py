@@ -182,7 +182,8 @@ class Kind:
     def committed(self) -> bool:
         """Whether the commit step's work took effect though the journal does not say the step
         finished (it failed, or the process died, right after the work): the plan is past its
-        commit point all the same. A kind that can tell from its state says so."""
+        commit point all the same. A kind that can tell from its state (or its node's) says so;
+        asked only once the commit step began, and False where it cannot tell."""
         return False
 
     def result(self) -> Any:
@@ -388,7 +389,13 @@ class Runner:
 
     @staticmethod
     def _past_commit(kind: Kind) -> bool:
-        return kind.commit is not None and (kind.ctx.op.done(kind.commit) or kind.committed())
+        op = kind.ctx.op
+        if kind.commit is None:
+            return False
+        if op.done(kind.commit):
+            return True
+        began = any(row["name"] == kind.commit for row in op.db.operation_steps(op.id))
+        return began and kind.committed()
 
     def undo(self, kind: Kind, steps: list[Step], upto: Step | None = None, begun: frozenset[str] = frozenset()) -> list[str]:
         """Take back the steps that ran (and upto, which stopped half-way, and those named in

@@ -250,6 +250,17 @@ class BackupKind(DesktopKind):
             self.ctx.remember(target=self.desktops.next_version(s, self.user, desktop.version))
         self.ctx.remember(upper=storage._frozen_upper(s, desktop, s.node, self.p["target"]))
 
+    def committed(self) -> bool:
+        """The version the publish makes is on MooseFS: the backup took effect."""
+        if "target" not in self.p:
+            return False
+        try:
+            s = self.session()
+            s.run(self.calls.mount_mfs())
+            return any(v["version"] == self.p["target"] for v in self.desktops.versions_on_mfs(s, self.user))
+        except LabvmError:
+            return False
+
     def _thaw(self) -> None:
         self.session().run(self.calls.thaw())
 
@@ -288,6 +299,10 @@ class SolidifyKind(DesktopKind):
 
     def after_solidify(self) -> list[Step]:
         return []
+
+    def committed(self) -> bool:
+        """The desktop's recorded base is the new version: solidify's first write took effect."""
+        return "target" in self.p and self.desktop().version == self.p["target"]
 
     def _solidify(self) -> None:
         """Each state between publish and here shows the same files: the new version holds the

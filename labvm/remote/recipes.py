@@ -76,6 +76,10 @@ class DesktopCalls:
     def unmount_stack(self) -> HelperCall:
         return HelperCall("vm", "ensure_stack_unmounted", self._local)
 
+    def status(self) -> HelperCall:
+        """The desktop's container, stack and disk on the node, as they are."""
+        return HelperCall("vm", "status", self._local)
+
     def reset_upper(self) -> HelperCall:
         """An empty upper layer here and on MooseFS: the new version holds what it held."""
         return HelperCall("vm", "reset_upper", {**self._local, "mfs_mount": self.cfg.storage.mfs_mount})
