@@ -160,9 +160,6 @@ class DesktopCalls:
         return HelperCall("vm", "purge_mfs_data", self._on_mfs, timeout=MERGE_TIMEOUT_S)
 
     # -- the running desktop
-    def status(self) -> HelperCall:
-        return HelperCall("vm", "status", self._local)
-
     def set_password(self, password: str) -> HelperCall:
         return HelperCall("vm", "set_password", {**self._local, "secrets": {"password": password}})
 
