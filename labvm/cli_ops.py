@@ -112,7 +112,12 @@ def switch(home: AdminHome, user, node, gpus, dry_run, from_lost, yes, no_precop
 
 @click.group()
 def ops():
-    """The journal of multi-step operations: list, show, resume, abort."""
+    """The journal of multi-step operations: list, show, resume, abort.
+
+    Every multi-step command (create, start, stop, rm, resize, backup, restore,
+    solidify, switch) is journaled step by step. One whose process died stays
+    `interrupted` and keeps its desktop locked until it is resumed or aborted.
+    """
 
 
 @ops.command("list")
@@ -177,7 +182,12 @@ def ops_show(home: AdminHome, op_id, as_json):
 @click.pass_obj
 @audited("op_id")
 def ops_resume(home: AdminHome, op_id):
-    """Finish an interrupted or failed operation from where it stopped."""
+    """Finish an interrupted or failed operation from where it stopped.
+
+    Its steps are built again from what the journal recorded, and those that
+    did not finish run. One that was rolled back, or whose rollback began,
+    is not resumed: `labvm ops abort ID` finishes the rollback.
+    """
     from .ops import resume
 
     resume(home, op_id, say=_say)
@@ -189,7 +199,13 @@ def ops_resume(home: AdminHome, op_id):
 @click.pass_obj
 @audited("op_id")
 def ops_abort(home: AdminHome, op_id):
-    """Give up an interrupted or failed operation. A switch that has not committed is rolled back."""
+    """Give up an interrupted or failed operation, undoing what it did.
+
+    Every step it began is undone, newest first, and the desktop is as it was
+    before the operation. One past its commit point (a stop's stopped
+    container, a backup's published version, a switch's commit) can only go
+    forward: `labvm ops resume ID`.
+    """
     from .ops import abort
 
     say(abort(home, op_id, say=_say))
