@@ -87,7 +87,7 @@ class DesktopKind(Kind):
             c.detail = (f"mounted on {self.node_name}" if mounted else f"not mounted on {self.node_name} yet; the first step mounts it")
 
     # -- the step lists ---------------------------------------------------------------------
-    def up_steps(self, undo: bool, remove_layers: bool = False) -> list[Step]:
+    def up_steps(self, undo: bool, remove_layers: bool = False, version: str | None = None) -> list[Step]:
         """Mount MooseFS and the desktop's layers, run its container, record it running. With
         undo, each step's undo takes it down again (remove_layers: and deletes its local layers)."""
         node, calls, db, user = self.node_name, self.calls, self.ctx.db, self.user
@@ -99,7 +99,8 @@ class DesktopKind(Kind):
             return self.desktops.container_calls(self.session(), db, user, spec)
 
         disk = lambda: self.desktops.disk_of(self.desktop().limits)  # noqa: E731
-        version = "the desktop's version"
+        if version is None:
+            version = f"version {self.desktop().version}" if self.ctx.db.has_desktop(user) else "its first version"
         steps = [
             Step("mount_mfs", f"mount MooseFS on {node}", calls=lambda: [calls.mount_mfs()], node=node),
             Step("mount_stack", f"mount the desktop's disk, {version} and its overlay on {node}",

@@ -294,11 +294,15 @@ class SolidifyKind(DesktopKind):
                   Step("solidify", "make the new version the desktop's base and empty its upper layer", apply=self._solidify),
                   *self.after_solidify()]
         if running:
-            steps += self.up_steps(undo=False)
+            steps += self.up_steps(undo=False, version=self.runs_over())
         return steps
 
     def after_solidify(self) -> list[Step]:
         return []
+
+    def runs_over(self) -> str:
+        """The version the desktop runs over when it starts again."""
+        return "the new version"
 
     def committed(self) -> bool:
         """The desktop's recorded base is the new version: solidify's first write took effect."""
@@ -328,6 +332,9 @@ class RestoreKind(SolidifyKind):
                 c.detail = f"version {version} is on MooseFS"
             else:
                 c.detail = f"MooseFS is not mounted on {self.node_name}: version {version} is looked for under the lock"
+
+    def runs_over(self) -> str:
+        return f"version {self.p['version']}"
 
     def after_solidify(self) -> list[Step]:
         version = self.p["version"]
