@@ -21,7 +21,7 @@ from .errors import AlreadyExists, BadInput, FilesOfAnotherMember, LabvmError, N
 from .images import base_image_tag, base_image_tar
 from .journal import journaled
 from .placement import GpuRequest, NodeCapacity, choose_node
-from .plan import Runner
+from .plan import Runner, run_steps
 from .remote.helpers import HelperBundle, HelperCall
 from .remote.pool import run_on_nodes
 from .remote.recipes import DesktopCalls, image_status, mount_mfs, node_facts
@@ -232,19 +232,6 @@ def build_spec(user: str, uid: int, node: Node, desktop: str, limits: Limits, gp
     }
 
 
-def run_steps(s: NodeSession, op, steps: list[tuple[str, list[HelperCall]]]) -> list[dict]:
-    """Journaled steps whose helper calls all go to the node in one round trip (the helpers'
-    batch); each step is marked done as the reply shows its last call succeeded."""
-    calls = [call for _, calls in steps for call in calls]
-    owners = [name for name, calls in steps for _ in calls]
-    with op.steps([name for name, _ in steps]) as done:
-        def call_done(index: int) -> None:
-            if index + 1 == len(owners) or owners[index + 1] != owners[index]:
-                done(owners[index])
-
-        return s.call_many(calls, done=call_done)
-
-
 class Desktops:
     def __init__(self, home: AdminHome, say: Say = lambda _msg: None):
         self.home = home
@@ -408,9 +395,6 @@ class Desktops:
         """The tiny docker image every desktop container starts from (its root comes from the layers)."""
         return HelperCall("image", "ensure_docker_base", {"tag": base_image_tag(), "tar_b64": base64.b64encode(base_image_tar()).decode()})
 
-    def ensure_base_image(self, s: NodeSession) -> None:
-        s.run(self.base_image_call())
-
     def files_on_mfs(self, s: NodeSession, user: str, check: bool = False) -> tuple[dict | None, list[dict]]:
         """The owner record and the versions MooseFS holds under a member name. With check, MooseFS
         is not mounted for it: where it is not mounted yet, nothing is read (no record, no versions)."""
@@ -441,19 +425,6 @@ class Desktops:
     def _reserve(self, db, user, node, cap, request, limits) -> None:
         """Record the desktop with its GPUs and ports in one transaction: no GPU or port is given twice."""
         db.reserve(user, node.name, cap.choice(request), new_limits=limits.as_dict())
-
-    def stop_on_node(self, s: NodeSession, op, user: str, timeout: int) -> None:
-        """Stop the container, send the last of its writes to MooseFS, unmount its layers."""
-        calls = self.calls(s.node, user)
-        with op.step("stop_container"):
-            s.run(calls.stop_container(timeout))
-        with op.step("flush_sync"):
-            # The container is stopped, so nothing writes any more: this flush is the last word.
-            s.run(calls.stop_sync(flush=True))
-        with op.step("remove_container"):
-            s.run(calls.remove_container())
-        with op.step("unmount_stack"):
-            s.run(calls.unmount_stack())
 
     # -- lifecycle -----------------------------------------------------------
     def _with_desktop(self, user: str, kind: str, work):

@@ -26,9 +26,6 @@ class DesktopKind(Kind):
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         self.desktops = Desktops(ctx.home, ctx.say)
-        self.cfg = ctx.cfg
-        self.user = ctx.user
-        self.p = ctx.params
 
     def desktop(self) -> Desktop:
         return self.desktops.get(self.ctx.db, self.user)
@@ -45,6 +42,20 @@ class DesktopKind(Kind):
 
     def session(self):
         return self.ctx.session(self.node_name)
+
+    def publish_target(self, s) -> int:
+        """The version the next publish makes, journaled before the work: a resumed publish
+        makes the same one, not a newer one."""
+        if "target" not in self.p:
+            self.ctx.remember(target=self.desktops.next_version(s, self.user, self.desktop().version))
+        return self.p["target"]
+
+    def mfs_to_read(self):
+        """The node's session, with MooseFS mounted to read versions from: mounted for it in a
+        real run; in a dry run, None unless it is mounted already."""
+        s = self.session()
+        mounted = s.run(self.calls.mount_mfs(), check=self.ctx.dry_run).get("mounted")
+        return s if mounted or not self.ctx.dry_run else None
 
     def node_status(self) -> dict | None:
         """The desktop's container, stack and disk on its node; None where the node does not answer."""
@@ -240,11 +251,10 @@ class RemoveKind(DesktopKind):
         without the upper it emptied."""
         s, base, calls = self.session(), self.desktop().version, self.calls
         s.run(calls.mount_mfs())
-        if "target" not in self.p:
-            self.ctx.remember(target=self.desktops.next_version(s, self.user, base))
-        self.desktops.publish(s, self.user, base, self.p["target"], "remove")
+        target = self.publish_target(s)
+        self.desktops.publish(s, self.user, base, target, "remove")
         s.run(calls.reset_upper())
-        self.ctx.say(f"{self.user}'s files are kept on MooseFS as v{self.p['target']}")
+        self.ctx.say(f"{self.user}'s files are kept on MooseFS as v{target}")
 
     def committed(self) -> bool:
         """The container is stopped: the removal took effect, whatever the journal says."""

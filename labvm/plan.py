@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import importlib
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import LabvmError, RolledBack, StateError
 from .journal import Operation, journaled
-from .remote.helpers import HelperCall
-from .text import safe
+from .remote.helpers import HelperBundle, HelperCall
+from .remote.session import NodeSession
 
 Say = Callable[[str], None]
 
@@ -67,11 +67,9 @@ class Check:
 
 @dataclass
 class Findings:
-    """What a plan's checks found: each check in the order it ran (a failed one last), and
-    the values the steps take from them (`values`, free-form per kind)."""
+    """What a plan's checks found: each check in the order it ran (a failed one last)."""
 
     checks: list[Check] = field(default_factory=list)
-    values: dict = field(default_factory=dict)
 
     @contextmanager
     def check(self, name: str):
@@ -113,28 +111,22 @@ class Context:
     database, the operation's journal entry (None in a dry run), its params, and one session per
     node for the whole operation."""
 
-    def __init__(self, home, db, user: str | None, params: dict, op: Operation | None, say: Say, progress: Say,
-                 sessions=None):
-        from .remote.helpers import HelperBundle
-
+    def __init__(self, home, db, user: str | None, params: dict, op: Operation | None, say: Say, progress: Say):
         self.home, self.cfg, self.db, self.user = home, home.config, db, user
         self.op, self.say, self.progress = op, say, progress
         self.params = op.params if op is not None else dict(params)
         self.dry_run = op is None
         self.found = Findings()
-        self._bundle = None if sessions is not None else HelperBundle.from_package()
-        self._open = sessions if sessions is not None else self._open_session
+        self._bundle = HelperBundle.from_package()
         self._sessions: dict[str, Any] = {}
 
     def _open_session(self, name: str):
-        from .remote.session import NodeSession
-
         return NodeSession(self.home, self.cfg.node(name), self._bundle)
 
     def session(self, name: str):
         """The node's session, opened once for the operation."""
         if name not in self._sessions:
-            self._sessions[name] = self._open(name)
+            self._sessions[name] = self._open_session(name)
         return self._sessions[name]
 
     def forget(self, name: str) -> None:
@@ -167,6 +159,7 @@ class Kind:
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
+        self.cfg, self.user, self.p = ctx.cfg, ctx.user, ctx.params
 
     def checks(self, f: Findings) -> None:
         """Run every check, recording each in f; raise at the first that fails."""
@@ -218,31 +211,30 @@ class PlanReport:
                 "checks": [dict(c.__dict__) for c in self.checks], "steps": [s.as_dict() for s in self.steps],
                 "exit_code": self.exit_code, "dry_run": True}
 
-    def lines(self) -> list[str]:
-        """The plan as text: one line per check, then per step (a skipped one says why)."""
-        outcome = "ready" if self.ok else f"refused: {self.error}"
-        out = [f"{self.kind} {self.user or ''}: {outcome} (dry run: nothing changed)".replace("  ", " ")]
-        if self.checks:
-            out.append("checks:")
-            out += [f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}" for c in self.checks]
-        if self.steps:
-            out.append("steps:" if self.ok else "steps (not run):")
-            for index, s in enumerate(self.steps, 1):
-                out.append(f"  {index:2}. {s.name}: {'skipped: ' + s.skip if s.skip else s.detail}")
-        return [safe(line) for line in out]
+
+def run_steps(s: NodeSession, op: Operation, steps: list[tuple[str, list[HelperCall]]]) -> list[dict]:
+    """Journaled steps whose helper calls all go to the node in one round trip (the helpers'
+    batch); each step is marked done as the reply shows its last call succeeded."""
+    calls = [call for _, calls in steps for call in calls]
+    owners = [name for name, calls in steps for _ in calls]
+    with op.steps([name for name, _ in steps]) as done:
+        def call_done(index: int) -> None:
+            if index + 1 == len(owners) or owners[index + 1] != owners[index]:
+                done(owners[index])
+
+        return s.call_many(calls, done=call_done)
 
 
 class Runner:
     """Runs a kind's plan: dry, for real, resumed from the journal, or undone."""
 
-    def __init__(self, home, say: Say = lambda _m: None, progress: Say | None = None, sessions=None):
+    def __init__(self, home, say: Say = lambda _m: None, progress: Say | None = None):
         self.home = home
         self.say = say
         self.progress = progress or (lambda _m: None)
-        self.sessions = sessions  # a test's fake nodes: name -> session
 
     def _context(self, db, user, params, op) -> Context:
-        return Context(self.home, db, user, params, op, self.say, self.progress, self.sessions)
+        return Context(self.home, db, user, params, op, self.say, self.progress)
 
     # -- planning ----------------------------------------------------------------------------
     def dry_run(self, kind_cls: "type[Kind]", user: str | None, params: dict, extra: dict | None = None) -> PlanReport:
@@ -359,16 +351,7 @@ class Runner:
             with op.step(group[0].name):
                 group[0].apply()
             return
-        s = ctx.session(group[0].node)
-        built = [(step.name, step.calls()) for step in group]
-        calls = [call for _, cs in built for call in cs]
-        owners = [name for name, cs in built for _ in cs]
-        with op.steps([name for name, _ in built]) as done:
-            def call_done(i: int) -> None:
-                if i + 1 == len(owners) or owners[i + 1] != owners[i]:
-                    done(owners[i])
-
-            s.call_many(calls, done=call_done)
+        run_steps(ctx.session(group[0].node), op, [(step.name, step.calls()) for step in group])
 
     def _fail(self, kind: Kind, steps: list[Step], failed: Step, exc: BaseException) -> None:
         ctx, op = kind.ctx, kind.ctx.op
@@ -432,7 +415,7 @@ class Runner:
             from .journal import vm_lock
 
             try:
-                with vm_lock(db, user, op_id) if user else _nothing():
+                with vm_lock(db, user, op_id) if user else nullcontext():
                     if op.params.get("rolled_back"):
                         return []
                     steps = kind.steps()
@@ -444,8 +427,3 @@ class Runner:
                     return notes
             finally:
                 ctx.close()
-
-
-@contextmanager
-def _nothing():
-    yield

@@ -195,9 +195,8 @@ def _next_version_check(kind, f, reason: str) -> None:
     """The version the publish will make, read from MooseFS: mounted for it in a real run, and
     only looked at in a dry run (where MooseFS may not be mounted yet)."""
     with f.check("versions") as c:
-        s = kind.session()
-        mounted = s.run(kind.calls.mount_mfs(), check=kind.ctx.dry_run).get("mounted") or not kind.ctx.dry_run
-        if mounted:
+        s = kind.mfs_to_read()
+        if s is not None:
             target = kind.desktops.next_version(s, kind.user, kind.desktop().version)
             kind.found_version = target
             c.detail = f"the {reason} publishes version {target}"
@@ -210,9 +209,8 @@ def _publish_step(kind, reason: str) -> Step:
     before the work, so a resumed publish makes the same one)."""
     def publish() -> None:
         s = kind.session()
-        if "target" not in kind.p:
-            kind.ctx.remember(target=kind.desktops.next_version(s, kind.user, kind.desktop().version))
-        kind.published = kind.desktops.publish(s, kind.user, kind.desktop().version, kind.p["target"], reason,
+        target = kind.publish_target(s)
+        kind.published = kind.desktops.publish(s, kind.user, kind.desktop().version, target, reason,
                                                upper=kind.p.get("upper"))
 
     shown = kind.p.get("target", getattr(kind, "found_version", None))
@@ -246,9 +244,7 @@ class BackupKind(DesktopKind):
 
     def _snapshot(self) -> None:
         storage, s, desktop = Storage(self.ctx.home, self.ctx.say), self.session(), self.desktop()
-        if "target" not in self.p:
-            self.ctx.remember(target=self.desktops.next_version(s, self.user, desktop.version))
-        self.ctx.remember(upper=storage._frozen_upper(s, desktop, s.node, self.p["target"]))
+        self.ctx.remember(upper=storage._frozen_upper(s, desktop, s.node, self.publish_target(s)))
 
     def committed(self) -> bool:
         """The version the publish makes is on MooseFS: the backup took effect."""
@@ -326,8 +322,8 @@ class RestoreKind(SolidifyKind):
         super().checks(f)
         version = self.p["version"]
         with f.check("version") as c:
-            s = self.session()
-            if s.run(self.calls.mount_mfs(), check=self.ctx.dry_run).get("mounted") or not self.ctx.dry_run:
+            s = self.mfs_to_read()
+            if s is not None:
                 Storage(self.ctx.home, self.ctx.say)._require_version(s, self.user, version)
                 c.detail = f"version {version} is on MooseFS"
             else:

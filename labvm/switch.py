@@ -26,8 +26,8 @@ from typing import Callable
 from .admin import AdminHome
 from .config import Node
 from .desktops import Desktop, Desktops, Limits, build_spec
-from .errors import BadInput, LabvmError, NoCapacity, NodeError, NodeUnreachable, NotFound, StateError
-from .journal import Operation, check_lock
+from .errors import BadInput, LabvmError, NoCapacity, NodeError, NodeUnreachable, StateError
+from .journal import check_lock
 from .placement import GpuRequest, NodeCapacity
 from .plan import Context, Findings, Kind, PlanReport, Runner, Step
 from .remote.connection import NodeConnection
@@ -116,9 +116,6 @@ class SwitchKind(Kind):
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         self.desktops = Desktops(ctx.home, ctx.say)
-        self.cfg = ctx.cfg
-        self.p = ctx.params
-        self.user = ctx.user
         self.cap = self.request = self.limits = None
         self.gpus = self.ports = self.version = None
 
@@ -485,11 +482,11 @@ def _target_limits(desktop: Desktop, target: Node, cap: NodeCapacity) -> dict:
 class Switcher:
     """`labvm switch`: checks run before journaling, then the SwitchKind plan through the runner."""
 
-    def __init__(self, home: AdminHome, say: Say = lambda _m: None, progress: Say | None = None, sessions=None):
+    def __init__(self, home: AdminHome, say: Say = lambda _m: None, progress: Say | None = None):
         self.home = home
         self.cfg = home.config
         self.say = say
-        self.runner = Runner(home, say, progress or say, sessions)
+        self.runner = Runner(home, say, progress or say)
 
     def params(self, desktop: Desktop, target: str, gpus: str | None, from_lost: bool, precopy: bool) -> dict:
         return {"source": desktop.node, "target": target, "gpus": gpus, "from_lost": from_lost,
@@ -547,13 +544,6 @@ class Switcher:
                 return max(0.0, time.time() - data["last_success"])
             return None
         return None
-
-
-def op_user(db, op: Operation) -> str:
-    row = db.operation(op.id)
-    if row is None or row["user"] is None:
-        raise NotFound(f"operation {op.id} names no desktop")
-    return row["user"]
 
 
 # -- cordon and drain -------------------------------------------------------------------------
