@@ -9,79 +9,52 @@ the nodes and MooseFS, and the tests compare that model with where it started.
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
-import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
-from labvm import plan as plan_mod
 from labvm.admin import AdminHome
 from labvm.cli import main
-from labvm.config import Node, add_node_to_file
-from labvm.desktops import LimitOverrides, resolve_limits
 from labvm.errors import HelperFailed, NodeError, NodeUnreachable, RolledBack
 from labvm.ops import show_op
 from labvm.switch import COMMIT, STEP_NAMES, Switcher, SwitchKind
 
 from .fake_cluster import Container, Desk, FakeCluster
+from .plan_faults import (
+    PW,
+    Interrupted,
+    admin_template,
+    as_if_killed,
+    copied_home,
+    fail_step,
+    never_undo,
+    seeded_cluster,
+    state_rows,
+)
 
-PW = "a good password"
-MIB = 1 << 20
-DEAD_PID = 999999999
-JOURNAL = ("operations", "operation_steps", "vm_locks", "sqlite_sequence")
 BEFORE_COMMIT = STEP_NAMES[:STEP_NAMES.index(COMMIT)]
 SKIPPED_WHEN_STOPPED = ("precopy", "stop_source", "start_target", "verify")
 UNDOABLE = ("preflight", "stop_source", "merge", "fence", "build_stack", "start_target")
 
 
-class Interrupted(BaseException):
-    """The process dies here (kill -9): nothing after it runs, not even the undo."""
-
-
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
-    """An admin home with nodes n1 and n2 and the desktops' rows, made once (labvm init makes
-    an SSH key) and copied for each test."""
-    config = tmp_path_factory.mktemp("template") / "admin" / "bkConfxml.xml"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LABVM_CONFIG", str(config))
-        assert main(["init"]) == 0
-    add_node_to_file(config, Node(name="n1", host="10.0.0.1"))
-    add_node_to_file(config, Node(name="n2", host="10.0.0.2"))
-    home = AdminHome(config)
-    limits = {**resolve_limits(home.config, LimitOverrides()).as_dict(), "memory": 512 * MIB}
-    with home.state() as db:
-        for user in ("alice", "bob"):
-            db.add_user(user, PW)
-        for user, node, version in (("alice", "n1", 3), ("bob", "n2", 1)):
-            db.conn.execute(
-                "INSERT INTO vms (user, node, state, vnc_port, ssh_port, limits, version, created_at, updated_at) "
-                "VALUES (?, ?, 'running', 20000, 20001, ?, ?, 0, 0)", (user, node, json.dumps(limits), version))
-        # alice holds two GPUs on n1; bob holds n2's GPU 0.
-        for uuid, node, index, user in (("GPU-n1-0", "n1", 0, "alice"), ("GPU-n1-1", "n1", 1, "alice"), ("GPU-n2-0", "n2", 0, "bob")):
-            db.conn.execute("INSERT INTO gpu_assignments VALUES (?, ?, ?, ?, 0)", (uuid, node, index, user))
-    return config.parent
+    # alice holds two GPUs on n1; bob holds n2's GPU 0.
+    return admin_template(tmp_path_factory, ("alice", "bob"), (("alice", "n1", 3), ("bob", "n2", 1)),
+                          (("GPU-n1-0", "n1", 0, "alice"), ("GPU-n1-1", "n1", 1, "alice"), ("GPU-n2-0", "n2", 0, "bob")))
 
 
 @pytest.fixture
 def home(template, tmp_path, monkeypatch) -> AdminHome:
-    admin = tmp_path / "admin"
-    shutil.copytree(template, admin)
-    monkeypatch.setenv("LABVM_CONFIG", str(admin / "bkConfxml.xml"))
-    return AdminHome(admin / "bkConfxml.xml")
+    return copied_home(template, tmp_path, monkeypatch)
 
 
 @pytest.fixture
 def cluster(home, monkeypatch) -> FakeCluster:
     """n1 and n2, with bob's desktop running on n2; alice's is made by `begin`."""
-    fake = FakeCluster(home.config)
-    fake.install(monkeypatch)
-    fake.seed(home, "bob")
-    return fake
+    return seeded_cluster(home, monkeypatch)
 
 
 @dataclass
@@ -105,23 +78,6 @@ def begin(home: AdminHome, cluster: FakeCluster, running: bool = True, empty_upp
     desk = cluster["n1"].desks["alice"]
     return Start(state_rows(home), 3, running, cluster.view("n1", "alice", 3), cluster.picture("alice"),
                  cluster.picture("bob"), desk.container.spec if running else None)
-
-
-def state_rows(home: AdminHome) -> dict[str, list[dict]]:
-    """Every row of the state database but the journal's (with its id sequence) and the locks',
-    without vms.updated_at."""
-    with home.state() as db:
-        tables = [r["name"] for r in db.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-        out = {}
-        for table in tables:
-            if table in JOURNAL:
-                continue
-            rows = [dict(r) for r in db.conn.execute(f"SELECT * FROM {table}")]
-            if table == "vms":
-                for row in rows:
-                    row.pop("updated_at")
-            out[table] = sorted(rows, key=repr)
-        return out
 
 
 def last_op(home: AdminHome) -> dict:
@@ -200,65 +156,8 @@ def expected_undo(failed: str, running: bool) -> list[str]:
 
 
 # -- making a step fail ----------------------------------------------------------------------------
-def fail_step(monkeypatch, name: str, when: str, exc: BaseException, kind=SwitchKind) -> None:
-    """The named step of the kind's next plan fails once with exc: before it does its work, or
-    after. The check step's work is its claim (a reservation); before it, its checks fail. A step
-    whose work is helper calls fails before them here; after them, with FakeNode.fail(after=True)
-    on its last call."""
-    left = [exc]
-
-    def failing(work):
-        def run(*args, **kwargs):
-            if not left:
-                return work(*args, **kwargs)
-            raised = left.pop()
-            if when == "before":
-                raise raised
-            work(*args, **kwargs)
-            raise raised
-
-        return run
-
-    if name == kind.check_step:
-        method = "checks" if when == "before" else "claim"
-        monkeypatch.setattr(kind, method, failing(getattr(kind, method)))
-        return
-    built = kind.steps
-
-    def steps(self):
-        out = []
-        for s in built(self):
-            if s.name == name and s.calls is not None:
-                assert when == "before", f"{name} sends helper calls: fail its last one with FakeNode.fail(after=True)"
-                s = replace(s, calls=failing(s.calls))
-            elif s.name == name:
-                s = replace(s, apply=failing(s.apply))
-            out.append(s)
-        return out
-
-    monkeypatch.setattr(kind, "steps", steps)
-
-
 def injected(step: str) -> NodeError:
     return NodeError(node="n2", msg=f"a failure injected in {step}")
-
-
-def never_undo(monkeypatch) -> None:
-    """The runner dies with the step: _fail raises on without undoing anything."""
-    def fail(self, kind, steps, failed, exc):
-        raise exc
-
-    monkeypatch.setattr(plan_mod.Runner, "_fail", fail)
-
-
-def as_if_killed(home: AdminHome, op_id: int) -> None:
-    """What kill -9 leaves: the operation running, its step running, its lock held by a dead pid."""
-    with home.state() as db:
-        db.conn.execute("UPDATE operations SET state = 'running', error = NULL WHERE id = ?", (op_id,))
-        db.conn.execute("UPDATE operation_steps SET state = 'running', detail = NULL, finished_at = NULL "
-                        "WHERE op_id = ? AND state = 'failed'", (op_id,))
-        db.conn.execute("INSERT INTO vm_locks (user, op_id, owner_host, owner_pid, acquired_at) VALUES ('alice', ?, ?, ?, 0)",
-                        (op_id, socket.gethostname(), DEAD_PID))
 
 
 def switch(home: AdminHome, notes: list[str] | None = None):
@@ -344,7 +243,7 @@ def test_the_fake_cluster_runs_the_other_operations_through_the_cli(home, cluste
 @pytest.mark.parametrize("step, when, running", CASES)
 def test_a_step_failing_before_the_commit_point_is_rolled_back(home, cluster, monkeypatch, step, when, running):
     start = begin(home, cluster, running)
-    fail_step(monkeypatch, step, when, injected(step))
+    fail_step(monkeypatch, cluster, SwitchKind, step, when, injected(step))
     if step == "preflight" and when == "before":
         # A check that fails: the check's own error, and nothing was reserved or changed.
         with pytest.raises(NodeError, match="injected") as raised:
@@ -468,7 +367,7 @@ def test_a_target_that_goes_away_mid_switch_leaves_the_desktop_on_its_source(hom
 @pytest.mark.parametrize("step, when", [("commit", "after"), ("cleanup_source", "before"), ("cleanup_source", "after")])
 def test_a_failure_at_or_after_the_commit_point_is_not_undone_and_is_finished_by_resume(home, cluster, monkeypatch, step, when):
     start = begin(home, cluster)
-    fail_step(monkeypatch, step, when, injected(step))
+    fail_step(monkeypatch, cluster, SwitchKind, step, when, injected(step))
     with pytest.raises(NodeError, match="injected") as raised:
         switch(home)
     assert not isinstance(raised.value, RolledBack)
@@ -487,22 +386,28 @@ def test_a_failure_at_or_after_the_commit_point_is_not_undone_and_is_finished_by
 
 def test_a_commit_that_fails_before_it_records_anything_is_rolled_back(home, cluster, monkeypatch):
     start = begin(home, cluster)
-    fail_step(monkeypatch, "commit", "before", injected("commit"))
+    fail_step(monkeypatch, cluster, SwitchKind, "commit", "before", injected("commit"))
     with pytest.raises(RolledBack, match="failed at commit"):
         switch(home)
     assert_back_at_start(home, cluster, start)
 
 
 # -- an interrupted switch, aborted ----------------------------------------------------------------
-@pytest.mark.parametrize("step, when, running", CASES)
-def test_aborting_a_switch_interrupted_before_the_commit_point_undoes_it(home, cluster, monkeypatch, step, when, running):
-    start = begin(home, cluster, running)
-    fail_step(monkeypatch, step, when, Interrupted())
+def killed_switch(home: AdminHome, cluster, monkeypatch, step: str, when: str) -> int:
+    """A switch that dies at step (before or after its work) as kill -9 leaves it: its operation's id."""
+    fail_step(monkeypatch, cluster, SwitchKind, step, when, Interrupted())
     never_undo(monkeypatch)
     with pytest.raises(Interrupted):
         switch(home)
     op_id = last_op(home)["id"]
-    as_if_killed(home, op_id)
+    as_if_killed(home, "alice", op_id)
+    return op_id
+
+
+@pytest.mark.parametrize("step, when, running", CASES)
+def test_aborting_a_switch_interrupted_before_the_commit_point_undoes_it(home, cluster, monkeypatch, step, when, running):
+    start = begin(home, cluster, running)
+    op_id = killed_switch(home, cluster, monkeypatch, step, when)
     assert show_op(home, op_id).state == "interrupted"
     assert main(["ops", "abort", str(op_id)]) == 0
     op = last_op(home)
@@ -516,12 +421,7 @@ def test_aborting_a_switch_interrupted_before_the_commit_point_undoes_it(home, c
 @pytest.mark.parametrize("step, when", [("commit", "after"), ("cleanup_source", "before"), ("cleanup_source", "after")])
 def test_a_switch_interrupted_at_or_after_the_commit_point_is_not_aborted_but_resumed(home, cluster, monkeypatch, step, when):
     start = begin(home, cluster)
-    fail_step(monkeypatch, step, when, Interrupted())
-    never_undo(monkeypatch)
-    with pytest.raises(Interrupted):
-        switch(home)
-    op_id = last_op(home)["id"]
-    as_if_killed(home, op_id)
+    op_id = killed_switch(home, cluster, monkeypatch, step, when)
     assert main(["ops", "abort", str(op_id)]) == 6
     assert undo_steps(last_op(home)["steps"]) == []
     assert main(["ops", "resume", str(op_id)]) == 0
@@ -533,12 +433,12 @@ def test_aborting_a_rollback_that_was_interrupted_finishes_it(home, cluster, mon
     """The rollback of a failed build_stack dies while it takes the target's stack down; the
     abort takes back everything again, the failed step included."""
     start = begin(home, cluster)
-    fail_step(monkeypatch, "build_stack", "after", injected("build_stack"))
+    fail_step(monkeypatch, cluster, SwitchKind, "build_stack", "after", injected("build_stack"))
     cluster["n2"].fail("sync", "ensure_stopped", exc=Interrupted())
     with pytest.raises(Interrupted):
         switch(home)
     op_id = last_op(home)["id"]
-    as_if_killed(home, op_id)
+    as_if_killed(home, "alice", op_id)
     assert main(["ops", "abort", str(op_id)]) == 0
     assert last_op(home)["state"] == "aborted"
     assert_back_at_start(home, cluster, start)
@@ -572,7 +472,7 @@ def test_a_rollback_interrupted_after_the_desktop_runs_again_is_neither_resumed_
     on. The operation is not resumed (that would start the desktop on n2 as well), and aborting
     it finishes the rollback without undoing again what it undid: the member's new files stay."""
     start = begin(home, cluster)
-    fail_step(monkeypatch, "start_target", "after", injected("start_target"))
+    fail_step(monkeypatch, cluster, SwitchKind, "start_target", "after", injected("start_target"))
     undo_preflight = SwitchKind._undo_preflight
     left = [Interrupted()]
 
@@ -585,7 +485,7 @@ def test_a_rollback_interrupted_after_the_desktop_runs_again_is_neither_resumed_
     with pytest.raises(Interrupted):
         switch(home)
     op_id = last_op(home)["id"]
-    as_if_killed(home, op_id)
+    as_if_killed(home, "alice", op_id)
     assert cluster["n1"].desks["alice"].container.running
     cluster.write("n1", "alice", "written after the rollback")
     assert main(["ops", "resume", str(op_id)]) == 6

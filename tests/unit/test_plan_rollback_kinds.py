@@ -13,8 +13,6 @@ the commit point, and resumed to the end at or after it.
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -23,8 +21,8 @@ import pytest
 
 from labvm.admin import AdminHome
 from labvm.cli import main
-from labvm.config import Node, add_node_to_file, member_quota_for
-from labvm.desktops import Desktops, LimitOverrides, resolve_limits
+from labvm.config import member_quota_for
+from labvm.desktops import Desktops
 from labvm.errors import NodeError, RolledBack
 from labvm.lifecycle import CreateKind, RemoveKind, ResizeKind, StartKind, StopKind, plan_on_desktop
 from labvm.ops import show_op
@@ -32,7 +30,16 @@ from labvm.plan import Kind
 from labvm.storage import BackupKind, RestoreKind, SolidifyKind, Storage
 
 from .fake_cluster import Desk, FakeCluster, Files, Version
-from .test_plan_rollback import DEAD_PID, MIB, PW, Interrupted, never_undo, state_rows
+from .plan_faults import (
+    Interrupted,
+    admin_template,
+    as_if_killed,
+    copied_home,
+    fail_step,
+    never_undo,
+    seeded_cluster,
+    state_rows,
+)
 
 UP = ("mount_mfs", "mount_stack", "member_quota", "start_sync", "start_container", "record_running")
 DOWN = ("stop_container", "flush_sync", "remove_container", "unmount_stack", "record_stopped")
@@ -43,42 +50,21 @@ RESTORED = 1
 # -- the cluster ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
-    """An admin home with nodes n1 and n2: alice's desktop on n1 (version 3), bob's on n2, and
-    carol and dave without one (dave's earlier desktop left its files on MooseFS)."""
-    config = tmp_path_factory.mktemp("template") / "admin" / "bkConfxml.xml"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LABVM_CONFIG", str(config))
-        assert main(["init"]) == 0
-    add_node_to_file(config, Node(name="n1", host="10.0.0.1"))
-    add_node_to_file(config, Node(name="n2", host="10.0.0.2"))
-    home = AdminHome(config)
-    limits = {**resolve_limits(home.config, LimitOverrides()).as_dict(), "memory": 512 * MIB}
-    with home.state() as db:
-        for user in ("alice", "bob", "carol", "dave"):
-            db.add_user(user, PW)
-        for user, node, version in (("alice", "n1", START_VERSION), ("bob", "n2", 1)):
-            db.conn.execute(
-                "INSERT INTO vms (user, node, state, vnc_port, ssh_port, limits, version, created_at, updated_at) "
-                "VALUES (?, ?, 'running', 20000, 20001, ?, ?, 0, 0)", (user, node, json.dumps(limits), version))
-        for uuid, node, index, user in (("GPU-n1-0", "n1", 0, "alice"), ("GPU-n2-0", "n2", 0, "bob")):
-            db.conn.execute("INSERT INTO gpu_assignments VALUES (?, ?, ?, ?, 0)", (uuid, node, index, user))
-    return config.parent
+    """alice's desktop on n1 (version 3), bob's on n2, and carol and dave without one (dave's
+    earlier desktop left its files on MooseFS)."""
+    return admin_template(tmp_path_factory, ("alice", "bob", "carol", "dave"),
+                          (("alice", "n1", START_VERSION), ("bob", "n2", 1)),
+                          (("GPU-n1-0", "n1", 0, "alice"), ("GPU-n2-0", "n2", 0, "bob")))
 
 
 @pytest.fixture
 def home(template, tmp_path, monkeypatch) -> AdminHome:
-    admin = tmp_path / "admin"
-    shutil.copytree(template, admin)
-    monkeypatch.setenv("LABVM_CONFIG", str(admin / "bkConfxml.xml"))
-    return AdminHome(admin / "bkConfxml.xml")
+    return copied_home(template, tmp_path, monkeypatch)
 
 
 @pytest.fixture
 def cluster(home, monkeypatch) -> FakeCluster:
-    fake = FakeCluster(home.config)
-    fake.install(monkeypatch)
-    fake.seed(home, "bob")
-    return fake
+    return seeded_cluster(home, monkeypatch)
 
 
 # -- the kinds, as variants ------------------------------------------------------------------------
@@ -197,64 +183,8 @@ def begin(home: AdminHome, cluster: FakeCluster, v: Variant) -> Start:
 
 
 # -- making a step fail ----------------------------------------------------------------------------
-def fail_step(monkeypatch, cluster: FakeCluster, kind, name: str, when: str, exc: BaseException) -> None:
-    """The named step of the kind's next plan fails once with exc, before its work or after it.
-    The check step's work is its claim: before it, its checks fail. A step whose work is helper
-    calls fails on its node: its first call before acting, or its last call after acting (the
-    node did the work, its reply was lost), so the steps before it in the same round trip are done."""
-    left = [exc]
-
-    def failing(work):
-        def run(*args, **kwargs):
-            if not left:
-                return work(*args, **kwargs)
-            raised = left.pop()
-            if when == "before":
-                raise raised
-            work(*args, **kwargs)
-            raise raised
-
-        return run
-
-    def failing_calls(step):
-        def calls():
-            made = step.calls()
-            if left:
-                call = made[0] if when == "before" else made[-1]
-                cluster[step.node].fail(call.helper, call.action, exc=left.pop(), after=when == "after", check=False)
-            return made
-
-        return calls
-
-    if name == kind.check_step:
-        method = "checks" if when == "before" else "claim"
-        monkeypatch.setattr(kind, method, failing(getattr(kind, method)))
-        return
-    built = kind.steps
-
-    def steps(self):
-        out = []
-        for s in built(self):
-            if s.name == name:
-                s = replace(s, calls=failing_calls(s)) if s.calls is not None else replace(s, apply=failing(s.apply))
-            out.append(s)
-        return out
-
-    monkeypatch.setattr(kind, "steps", steps)
-
-
 def injected(step: str) -> NodeError:
     return NodeError(node="n1", msg=f"a failure injected in {step}")
-
-
-def as_if_killed(home: AdminHome, user: str, op_id: int) -> None:
-    """What kill -9 leaves: the operation running, its step running, its lock held by a dead pid."""
-    with home.state() as db:
-        db.conn.execute("UPDATE operations SET state = 'running', error = NULL WHERE id = ?", (op_id,))
-        db.conn.execute("UPDATE operation_steps SET state = 'running', detail = NULL, finished_at = NULL "
-                        "WHERE op_id = ? AND state = 'failed'", (op_id,))
-        db.conn.execute("INSERT INTO vm_locks (user, op_id, owner_host, owner_pid, acquired_at) VALUES (?, ?, ?, ?, 0)",
-                        (user, op_id, socket.gethostname(), DEAD_PID))
 
 
 # -- the journal -----------------------------------------------------------------------------------
