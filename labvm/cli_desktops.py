@@ -75,12 +75,14 @@ def _show_connect(home: AdminHome, desktop) -> None:
               help="Continue from files an earlier member of the same name left on MooseFS (refused without it).")
 @click.option("--disk", metavar="SIZE",
               help="Disk size, e.g. 100g: all the desktop may hold, wherever in its root (default from <vm_defaults>).")
+@click.option("--image", "image_id", metavar="ID",
+              help="The desktop image (id or its first 4+ hex digits; default: the newest, see `labvm image list`).")
 @limit_options
 @dry_run_option
 @json_option
 @click.pass_obj
 @audited("user")
-def create(home: AdminHome, user, node, gpus, adopt, dry_run, as_json, disk, **limits):
+def create(home: AdminHome, user, node, gpus, adopt, dry_run, as_json, disk, image_id, **limits):
     """Create and start USER's desktop.
 
     A desktop continues from the newest version of USER's files on MooseFS,
@@ -93,13 +95,14 @@ def create(home: AdminHome, user, node, gpus, adopt, dry_run, as_json, disk, **l
     labvm create alice --node n2 --gpus 0,3 --memory 32g --disk 200g
     labvm create alice --dry-run       where it would go, and what it would do
 
-    Any failure undoes what the create did: no half-made desktop stays.
+    The desktop runs over the newest image on this admin host (or --image),
+    sent to its node first if the node lacks it. Any failure undoes what the create did: no half-made desktop stays.
     """
     from .desktops import LimitOverrides
 
     overrides = LimitOverrides(**limits, disk=disk)
     made = _desktops(home, quiet=as_json or dry_run).create(user, node=node, gpus=gpus, overrides=overrides, adopt=adopt,
-                                                           dry_run=dry_run)
+                                                           dry_run=dry_run, image=image_id)
     if dry_run:
         show_plan(made, as_json)
         return

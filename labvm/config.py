@@ -8,6 +8,7 @@ directory that holds the cluster file, so one path says everything.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -145,6 +146,12 @@ class ClusterConfig:
     def home(self) -> Path:
         """The admin state directory: the one holding the cluster file."""
         return self.path.parent
+
+    @property
+    def images_local(self) -> str:
+        """Where each node keeps its desktop images side by side, one tree per image id:
+        `images` beside xfce_local (which held the one image of older labvm versions)."""
+        return posixpath.join(posixpath.dirname(self.xfce_local.rstrip("/")) or "/", "images")
 
     def node(self, name: str) -> Node:
         for node in self.nodes:

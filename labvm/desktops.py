@@ -17,7 +17,7 @@ from typing import Callable
 
 from .admin import AdminHome
 from .config import ClusterConfig, Node, member_quota_for, parse_size
-from .errors import AlreadyExists, BadInput, FilesOfAnotherMember, LabvmError, NotFound
+from .errors import AlreadyExists, BadInput, FilesOfAnotherMember, LabvmError, NotFound, StateError
 from .images import base_image_tag, base_image_tar
 from .journal import journaled
 from .placement import GpuRequest, NodeCapacity, choose_node
@@ -148,6 +148,9 @@ class Desktop:
     limits: dict
     version: int
     gpus: list[dict] = field(default_factory=list)
+    # The id of the desktop image it runs over; None for a desktop made before images had ids,
+    # until it is adopted (adopt_image).
+    image: str | None = None
 
     def vnc_address(self, cfg: ClusterConfig) -> str:
         return f"{cfg.node(self.node).host}:{self.vnc_port}"
@@ -162,6 +165,7 @@ class Desktop:
             "gpus": self.gpus,
             "limits": self.limits,
             "version": self.version,
+            "image": self.image,
         }
 
 
@@ -246,7 +250,8 @@ class Desktops:
             db.get_user(user)
             raise NotFound(f"{user} has no desktop; create one with `labvm create {user}`")
         gpus = db.gpu_assignments(user, row["node"])
-        return Desktop(row["user"], row["node"], row["state"], row["vnc_port"], row["ssh_port"], json.loads(row["limits"]), row["version"], gpus)
+        return Desktop(row["user"], row["node"], row["state"], row["vnc_port"], row["ssh_port"], json.loads(row["limits"]),
+                       row["version"], gpus, row["image"])
 
     def list(self, db: StateDB) -> list[Desktop]:
         return [self.get(db, user) for user in db.desktop_users()]
@@ -266,30 +271,28 @@ class Desktops:
         promised = sum(limits.get("memory", 0) for limits in db.limits_on(node.name))
         return taken, promised
 
-    def _probe(self, node: Node) -> tuple[dict, dict]:
+    def _probe(self, node: Node) -> dict:
         with self.session(node) as s:
             return self.probe(s)
 
-    def probe(self, s: NodeSession) -> tuple[dict, dict]:
-        """The node's facts and its desktop image's status, over an open session."""
+    def probe(self, s: NodeSession) -> dict:
+        """The node's facts, over an open session."""
         facts = s.run(node_facts(s.node))
-        image = s.run(image_status(self.cfg))
         if facts.get("gpu_error"):
             raise LabvmError(f"{s.node.name}: GPUs: {facts['gpu_error']}")
-        return facts, image
+        return facts
 
     def capacities(self, db: StateDB, nodes: list[Node]) -> list[NodeCapacity]:
         """What each node can still give, all probed at once; a node that fails is one with an error."""
         usage = {n.name: self._usage(db, n) for n in nodes}
         outcomes = run_on_nodes(nodes, self._probe, timeout=60)
         return [
-            self._capacity(n, usage[n.name], o.value) if o.ok else NodeCapacity(n, [], set(), 0, 0, False, error=o.error)
+            self._capacity(n, usage[n.name], o.value) if o.ok else NodeCapacity(n, [], set(), 0, 0, error=o.error)
             for n, o in zip(nodes, outcomes, strict=True)
         ]
 
     @staticmethod
-    def _capacity(node: Node, usage: tuple[set[str], int], probed: tuple[dict, dict]) -> NodeCapacity:
-        facts, image = probed
+    def _capacity(node: Node, usage: tuple[set[str], int], facts: dict) -> NodeCapacity:
         taken, promised = usage
         return NodeCapacity(
             node=node,
@@ -297,7 +300,6 @@ class Desktops:
             taken_gpus=taken,
             memory_total=facts["memory"]["total_mib"] << 20,
             memory_promised=promised,
-            image_ready=bool(image.get("present")),
             disk_device=(facts.get("disk") or {}).get("device"),
             blkio_weight=bool(facts.get("blkio_weight")),
             ports_in_use=frozenset(facts.get("listening_ports") or ()),
@@ -311,8 +313,6 @@ class Desktops:
                 raise BadInput(f"{node.name} is cordoned ({cordoned[node.name] or 'no reason given'}); "
                                f"`labvm node uncordon {node.name}` first, or pick another node")
             cap = self._capacity(node, self._usage(db, node), self._probe(node))
-            if not cap.image_ready:
-                raise BadInput(f"{node.name}: the desktop image is not pushed there; run `labvm image push {node.name}`")
             return cap, f"on {node.name}, as asked"
         nodes = [n for n in self.cfg.nodes if n.name not in cordoned]
         if not nodes:
@@ -328,9 +328,11 @@ class Desktops:
         return Runner(self.home, self.say)
 
     def create(self, user: str, *, node: str = "auto", gpus: str | None = None, overrides: LimitOverrides | None = None,
-               adopt: bool = False, dry_run: bool = False):
+               adopt: bool = False, dry_run: bool = False, image: str | None = None):
         """With adopt, files an earlier member of the same name left on MooseFS become this
-        member's. With dry_run, the plan (plan.PlanReport): every check, nothing changed."""
+        member's. image: the id (or a prefix) of the image the desktop runs over; default, the
+        newest on the admin host. With dry_run, the plan (plan.PlanReport): every check, nothing changed."""
+        from .images import find_image
         from .lifecycle import CreateKind
 
         limits = resolve_limits(self.cfg, overrides or LimitOverrides())
@@ -339,7 +341,9 @@ class Desktops:
         with self.home.state() as db:
             db.get_user(user)
             self._refuse_existing(db, user)
-        params = {"node": node, "gpus_asked": gpus, "gpus": request.describe(), "limits": limits.as_dict(), "adopt": adopt}
+        chosen = find_image(self.home.images_dir, image)
+        params = {"node": node, "gpus_asked": gpus, "gpus": request.describe(), "limits": limits.as_dict(), "adopt": adopt,
+                  "image": chosen.id}
         if dry_run:
             return self._runner().dry_run(CreateKind, user, params)
         return self._runner().run(CreateKind, user, params, failed_state="rolled_back")
@@ -356,26 +360,26 @@ class Desktops:
         disk = self.disk_of(desktop.limits)
         spec = build_spec(user, uid, node, "minimal", Limits(**desktop.limits),
                           [g["uuid"] for g in desktop.gpus], (desktop.vnc_port, desktop.ssh_port))
-        calls = self.calls(node, user)
+        calls = self.calls(node, user, desktop.image)
         run_steps(s, op, [
             ("mount_mfs", [calls.mount_mfs()]),
             ("mount_stack", [calls.stack(desktop.version, disk)]),
             ("member_quota", [calls.quota(disk)]),
             ("start_sync", [calls.start_sync()]),
-            ("start_container", self.container_calls(s, db, user, spec)),
+            ("start_container", self.container_calls(s, db, user, spec, desktop.image)),
         ])
         db.set_desktop_state(user, "running")
 
     def disk_of(self, limits: dict) -> int:
         return limits.get("disk") or self.cfg.vm_defaults.disk
 
-    def calls(self, node: Node, user: str) -> DesktopCalls:
-        """The typed helper calls for USER's desktop on NODE."""
-        return DesktopCalls(self.cfg, node, user)
+    def calls(self, node: Node, user: str, image: str | None = None) -> DesktopCalls:
+        """The typed helper calls for USER's desktop on NODE, over image `image` (its id)."""
+        return DesktopCalls(self.cfg, node, user, image)
 
-    def container_calls(self, s: NodeSession, db: StateDB, user: str, spec: dict) -> list[HelperCall]:
+    def container_calls(self, s: NodeSession, db: StateDB, user: str, spec: dict, image: str) -> list[HelperCall]:
         """What starts the desktop's container (DesktopCalls.start_container), with its password."""
-        return self.calls(s.node, user).start_container(spec, db.vnc_secret(user), DESKTOP_SESSIONS)
+        return self.calls(s.node, user, image).start_container(spec, db.vnc_secret(user), DESKTOP_SESSIONS)
 
     # -- versions on MooseFS (the merge helper) ---------------------------------
     def versions_on_mfs(self, s: NodeSession, user: str) -> list[dict]:
@@ -385,10 +389,11 @@ class Desktops:
         """The number the next published version of the user's files gets."""
         return max([v["version"] for v in self.versions_on_mfs(s, user)] + [base]) + 1
 
-    def publish(self, s: NodeSession, user: str, base: int, target: int, reason: str, upper: str | None = None) -> dict:
-        """Publish base + upper (default: up_mfs as it is) as low_mfs.v<target>, over the desktop image.
-        reason, one of retention.REASONS, is recorded with the version."""
-        return s.run(self.calls(s.node, user).publish(base, target, reason, upper))
+    def publish(self, s: NodeSession, user: str, base: int, target: int, reason: str, image: str | None,
+                upper: str | None = None) -> dict:
+        """Publish base + upper (default: up_mfs as it is) as low_mfs.v<target>, over desktop image
+        `image`. reason, one of retention.REASONS, is recorded with the version."""
+        return s.run(self.calls(s.node, user, image).publish(base, target, reason, upper))
 
     @staticmethod
     def base_image_call() -> HelperCall:
@@ -422,9 +427,24 @@ class Desktops:
         s.run(mount_mfs(self.cfg))
         return s.run(self.calls(s.node, user).purge())
 
-    def _reserve(self, db, user, node, cap, request, limits) -> None:
-        """Record the desktop with its GPUs and ports in one transaction: no GPU or port is given twice."""
-        db.reserve(user, node.name, cap.choice(request), new_limits=limits.as_dict())
+    def _reserve(self, db, user, node, cap, request, limits, image: str) -> None:
+        """Record the desktop with its GPUs, ports and image in one transaction: no GPU or port is given twice."""
+        db.reserve(user, node.name, cap.choice(request), new_limits=limits.as_dict(), image=image)
+
+    def adopt_image(self, s: NodeSession, db: StateDB, desktop: Desktop, record: bool = True) -> str:
+        """The image of a desktop made before images had ids: the one its node held then, which
+        that labvm kept in xfce_local (it is never replaced now). Recorded unless record is False."""
+        held = s.run(image_status(self.cfg))["images"]
+        legacy = [image["id"] for image in held if image["legacy"]]
+        if not legacy:
+            raise StateError(f"{desktop.user}'s desktop has no image recorded, and {desktop.node} holds no image "
+                             f"from before images had ids ({self.cfg.xfce_local}); give it one with "
+                             f"`labvm rebase {desktop.user} --image ID`")
+        if record:
+            db.update_desktop(desktop.user, image=legacy[0])
+            self.say(f"{desktop.user}'s desktop runs over image {legacy[0][:12]}, the one {desktop.node} held "
+                     "before images had ids: recorded")
+        return legacy[0]
 
     # -- lifecycle -----------------------------------------------------------
     def _with_desktop(self, user: str, kind: str, work):

@@ -1,9 +1,13 @@
 """Desktop images: building the shared desktop rootfs, and putting it on the nodes.
 
-An image is a gzip tarball of a debootstrapped Debian rootfs, with a `.sha256` file beside it.
-Each node unpacks it into xfce_local, the lowest, read-only layer of every desktop's overlay,
-and imports a tiny docker base image (`docker import`; no registry is ever involved) that the
-desktop containers are created from; their real root is bind-mounted over its empty dirs.
+An image is a gzip tarball of a debootstrapped Debian rootfs, with a `.sha256` file beside it;
+its id is that sha256. The admin host keeps every image it built in the admin home's images/
+directory (the catalog below). Each node unpacks the images its desktops use side by side,
+one tree per id (the node helper's _images.py): the lowest, read-only layer of the overlay of
+every desktop on that image. Each desktop records its image's id, so a new image changes no
+desktop until it is rebased onto it (`labvm rebase`, `labvm image roll`). A node also imports a
+tiny docker base image (`docker import`; no registry is ever involved) that the desktop
+containers are created from; the labvm runtime gives them their overlay as root.
 
 Finished tarballs are cached under the cache dir, keyed by everything that goes into them, so
 building the same image again is instant unless asked to rebuild.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import gzip
 import hashlib
 import io
 import json
@@ -43,7 +48,7 @@ FALLBACK_MIRROR = "http://deb.debian.org/debian"
 APT_DIR = Path("/etc/apt")
 LOCALE = "en_US.UTF-8"
 # Bump when the configure steps change, so tarballs cached by an older recipe are not reused.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 # debootstrap resolves Depends of --include, never Recommends: what a desktop needs beyond
 # the Depends is listed here. xfonts-base and x11-xserver-utils are Xvnc's own Recommends
@@ -89,6 +94,7 @@ class ImageInfo:
     mirror: str = ""
     built: str = ""
     cached: bool = False
+    package_count: int | None = None
 
     def to_dict(self) -> dict:
         return {**asdict(self), "path": str(self.path), "packages": list(self.packages)}
@@ -190,9 +196,10 @@ def image_cache_key(desktop: str, packages: Iterable[str], mirror: str, suite: s
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
-def image_file_name(desktop: str, built: str) -> str:
-    """labvm-<desktop>-<YYYYMMDD>.tar.gz, dated by the build."""
-    return f"labvm-{desktop}-{built[:10].replace('-', '')}.tar.gz"
+def image_file_name(desktop: str, built: str, sha256: str) -> str:
+    """labvm-<desktop>-<YYYYMMDD>-<id, 12 hex>.tar.gz: dated by the build, and as many side by
+    side as there are builds."""
+    return f"labvm-{desktop}-{built[:10].replace('-', '')}-{sha256[:12]}.tar.gz"
 
 
 # --- checksums ----------------------------------------------------------------------------
@@ -284,7 +291,8 @@ def build_image(
             sha256, size = build.pack(rootfs, cached_image)
         finally:
             _remove_tree(workdir)
-        info = ImageInfo(cached_image, sha256, size, desktop, packages, time.monotonic() - started, mirror, built)
+        info = ImageInfo(cached_image, sha256, size, desktop, packages, time.monotonic() - started, mirror, built,
+                         package_count=build.package_count)
         atomic_write(_metadata_path(cached_image), json.dumps(info.to_dict(), indent=1).encode(), 0o644)
         write_checksum_file(cached_image, sha256)
         _prune_cache(cached_image.parent, desktop, keep=cached_image)
@@ -326,6 +334,7 @@ class _Build:
         self.desktop = desktop
         self.log = log
         self.say = say
+        self.package_count: int | None = None
         log.write_text("")
 
     def run(self, step: str, argv: list[str], echo: bool = False) -> None:
@@ -404,7 +413,9 @@ class _Build:
             leftover.unlink()
         for program in strip_dropped_file_capabilities(rootfs):
             self.say(f"removed file capabilities desktops cannot have from {program}")
+        metadata = {**metadata, "package_count": installed_package_count(rootfs)}
         _write_file(rootfs / IMAGE_METADATA, json.dumps(metadata, indent=1, sort_keys=True) + "\n")
+        self.package_count = metadata["package_count"]
 
     def pack(self, rootfs: Path, target: Path) -> tuple[str, int]:
         mounted = _mounts_below(rootfs)
@@ -421,6 +432,15 @@ class _Build:
             tmp.unlink(missing_ok=True)
             raise
         return sha256, target.stat().st_size
+
+
+def installed_package_count(rootfs: Path) -> int | None:
+    """How many packages dpkg has installed in the rootfs (None: it has no package database)."""
+    try:
+        text = (rootfs / "var/lib/dpkg/status").read_text(errors="replace")
+    except OSError:
+        return None
+    return sum(1 for stanza in text.split("\n\n") if "\nStatus: install ok installed" in "\n" + stanza)
 
 
 # Capabilities desktops run without (the node helper's vm.DROPPED_CAPABILITIES), by number:
@@ -476,6 +496,7 @@ def _cached(image: Path) -> ImageInfo | None:
             meta["seconds"],
             meta.get("mirror", ""),
             meta.get("built", ""),
+            package_count=meta.get("package_count"),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -484,7 +505,7 @@ def _cached(image: Path) -> ImageInfo | None:
 def _publish(info: ImageInfo, output_dir: Path, started: float, cached: bool) -> ImageInfo:
     """Put the image into output_dir under its dated name: a hard link when possible."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    target = output_dir / image_file_name(info.desktop, info.built)
+    target = output_dir / image_file_name(info.desktop, info.built, info.sha256)
     if not (target.exists() and os.path.samefile(target, info.path)):
         tmp = output_dir / f".{target.name}.{secrets.token_hex(4)}"
         try:
@@ -497,12 +518,15 @@ def _publish(info: ImageInfo, output_dir: Path, started: float, cached: bool) ->
         finally:
             tmp.unlink(missing_ok=True)
     write_checksum_file(target, info.sha256)
+    atomic_write(_metadata_path(target), json.dumps({key: value for key, value in info.to_dict().items()
+                                                     if key not in ("path", "seconds", "cached")}, indent=1).encode(), 0o644)
     record_image_accounts(target)
     # The image asked for last is the newest in output_dir, cached or not: `labvm image push`
     # takes the newest.
     os.utime(target)
     seconds = time.monotonic() - started if cached else info.seconds
-    return ImageInfo(target, info.sha256, info.size, info.desktop, info.packages, seconds, info.mirror, info.built, cached)
+    return ImageInfo(target, info.sha256, info.size, info.desktop, info.packages, seconds, info.mirror, info.built, cached,
+                     info.package_count)
 
 
 # --- the image's own accounts: never a member's name ---------------------------------------
@@ -620,6 +644,108 @@ def base_image_tag(tar: bytes | None = None) -> str:
     return f"{BASE_REPOSITORY}:{hashlib.sha256(tar).hexdigest()[:12]}"
 
 
+# --- the admin host's catalog -------------------------------------------------------------
+
+ID_PREFIX_RE = re.compile(r"[0-9a-f]{4,64}")
+SHORT = 12
+
+
+@dataclass(frozen=True)
+class CatalogImage:
+    """An image on the admin host: its id (sha256), tarball and what its build recorded."""
+
+    id: str
+    path: Path
+    desktop: str
+    built: str
+    package_count: int | None
+    size: int
+
+    @property
+    def short(self) -> str:
+        return self.id[:SHORT]
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "kind": self.desktop, "built": self.built or None, "packages": self.package_count,
+                "size": self.size, "path": str(self.path)}
+
+
+def catalog(images_dir: Path) -> list[CatalogImage]:
+    """Every image tarball in images_dir, oldest first (by when it was built or asked for last:
+    `labvm image build` touches the one it gives)."""
+    found = []
+    for path in sorted(Path(images_dir).glob("labvm-*.tar.gz"), key=lambda p: p.stat().st_mtime):
+        try:
+            meta = json.loads(_metadata_path(path).read_text())
+        except (OSError, ValueError):
+            meta = {}
+        meta = meta if isinstance(meta, dict) else {}
+        desktop = meta.get("desktop") or path.name.removeprefix("labvm-").split("-", 1)[0]
+        found.append(CatalogImage(image_sha256(path), path, str(desktop), str(meta.get("built") or ""),
+                                  meta.get("package_count"), path.stat().st_size))
+    return found
+
+
+def find_image(images_dir: Path, wanted: str | None) -> CatalogImage:
+    """The image whose id starts with `wanted` (at least 4 hex), or the newest one for None."""
+    images = catalog(images_dir)
+    if wanted is None:
+        if not images:
+            raise NotFound(f"no desktop image in {images_dir}; build one with `labvm image build`")
+        return images[-1]
+    if not ID_PREFIX_RE.fullmatch(wanted):
+        raise BadInput(f"image {wanted!r}: give an image id, or its first 4 or more hex digits (see `labvm image list`)")
+    matches = {image.id: image for image in images if image.id.startswith(wanted)}
+    if not matches:
+        raise NotFound(f"no image {wanted} on this admin host; `labvm image list` shows them")
+    if len(matches) > 1:
+        raise BadInput(f"image {wanted} is ambiguous: {', '.join(sorted(i[:SHORT] for i in matches))}; give more digits")
+    return next(iter(matches.values()))
+
+
+def image_in_catalog(images_dir: Path, image: str) -> CatalogImage:
+    """The admin host's tarball of image `image` (a full id): what a push to a node sends."""
+    for found in catalog(images_dir):
+        if found.id == image:
+            return found
+    raise ImageError(f"image {image[:SHORT]} is not on this admin host any more ({images_dir}); "
+                     "a node that lacks it cannot get it: rebase the desktops on it onto another image")
+
+
+def remove_from_catalog(image: CatalogImage) -> None:
+    for path in (image.path, checksum_path(image.path), _metadata_path(image.path), accounts_path(image.path),
+                 manifest_path(image.path)):
+        path.unlink(missing_ok=True)
+
+
+def manifest_path(image: Path) -> Path:
+    return image.with_name(image.name + ".manifest.gz")
+
+
+def image_manifest(image: CatalogImage) -> dict[str, list]:
+    """Every entry of the image: path (no leading /) -> [type, size, mode, mtime, link target],
+    read from its tarball once and kept beside it. Two images hold a path alike when these
+    agree (debootstrap keeps each package file's own mtime, so a file that differs between two
+    builds differs here)."""
+    cache = manifest_path(image.path)
+    try:
+        return json.loads(gzip.decompress(cache.read_bytes()))
+    except (OSError, ValueError, EOFError):
+        pass
+    entries: dict[str, list] = {}
+    try:
+        with tarfile.open(image.path, "r|gz") as tar:
+            for member in tar:
+                name = member.name.removeprefix("./").strip("/")
+                if name and name != ".":
+                    entries[name] = [member.type.decode("ascii", "replace"), member.size, member.mode, int(member.mtime),
+                                     member.linkname]
+    except (OSError, EOFError, tarfile.TarError) as error:
+        raise ImageError(f"cannot read image {image.short} ({image.path}): {error}") from None
+    atomic_write(cache, gzip.compress(json.dumps(entries).encode(), 6), 0o600)
+    return entries
+
+
 # --- pushing to nodes ---------------------------------------------------------------------
 
 
@@ -627,8 +753,6 @@ def base_image_tag(tar: bytes | None = None) -> str:
 class PushResult:
     sha256: str
     uploaded: bool
-    unpacked: bool
-    previous_sha256: str | None
     base_tag: str
     base_created: bool
 
@@ -643,11 +767,9 @@ def push_image(
     docker_socket: str | None = None,
     timeout: float = PUSH_TIMEOUT_S,
 ) -> list[NodeOutcome[PushResult]]:
-    """Put the image into xfce_local and the docker base image on every node, in parallel.
-
-    A node that already holds this image gets no upload. `nodes` are Node objects or names;
-    None means every node in the cluster file.
-    """
+    """Put the image into each node's store, beside the images it holds, and the docker base
+    image, on every node in parallel. A node that holds this image gets no upload, and no image
+    a desktop uses is touched. `nodes` are Node objects or names; None means every node."""
     image_path = Path(image_path)
     if not image_path.is_file():
         raise NotFound(f"{image_path}: no such image file; build one with `labvm image build`")
@@ -660,60 +782,81 @@ def push_image(
     return run_on_nodes(targets, push, timeout=timeout)
 
 
+def _base_params(docker_socket: str | None = None) -> dict:
+    base = base_image_tar()
+    params = {"tag": base_image_tag(base), "tar_b64": base64.b64encode(base).decode()}
+    if docker_socket:
+        params["docker_socket"] = docker_socket
+    return params
+
+
 class _NodePush:
     def __init__(self, cfg, image_path: Path, sha256: str, bundle: HelperBundle, progress, docker_socket):
         self.cfg = cfg
         self.image_path = image_path
         self.sha256 = sha256
-        self.size = image_path.stat().st_size
         self.bundle = bundle
         self.progress = progress or (lambda node, done, total: None)
-        base = base_image_tar()
-        self.base = {"tag": base_image_tag(base), "tar_b64": base64.b64encode(base).decode()}
-        if docker_socket:
-            self.base["docker_socket"] = docker_socket
+        self.base = _base_params(docker_socket)
 
     def __call__(self, node: Node) -> PushResult:
         with NodeConnection(node, self.cfg.home) as conn:
             runner = HelperRunner(conn, self.bundle)
-            where = {"xfce_local": self.cfg.xfce_local}
-            status = runner.call("image", "status", where)["data"]
-            unpacked = False
-            if status.get("sha256") != self.sha256:
-                if status.get("in_use_by"):
-                    # Refused before sending hundreds of MB, not after; the helper checks again.
-                    raise NodeError(
-                        node=node.name,
-                        msg=f"{self.cfg.xfce_local} is in use by {len(status['in_use_by'])} "
-                        "desktop overlay(s); stop them before replacing the image",
-                    )
-                remote = f"{INCOMING_DIR}/{self.sha256[:16]}.{secrets.token_hex(4)}.tar.gz"
-                try:
-                    self.upload(conn, remote)
-                    reply = runner.call(
-                        "image", "ensure_unpacked", {**where, "tarball": remote, "sha256": self.sha256}, timeout=UNPACK_TIMEOUT_S
-                    )
-                    unpacked = reply["changed"]
-                finally:
-                    self.remove_remote(conn, remote)
-            else:
-                self.progress(node.name, self.size, self.size)
+            uploaded = send_image(self.cfg, conn, runner, self.image_path, self.sha256,
+                                  lambda done, total: self.progress(node.name, done, total))
             base = runner.call("image", "ensure_docker_base", self.base, timeout=DOCKER_BASE_TIMEOUT_S)
-        return PushResult(
-            self.sha256, status.get("sha256") != self.sha256, unpacked, status.get("sha256"), self.base["tag"], base["changed"]
-        )
+        return PushResult(self.sha256, uploaded, self.base["tag"], base["changed"])
 
-    def upload(self, conn: NodeConnection, remote: str) -> None:
-        node = conn.node
-        # Owned by the login user, so SFTP can write there without root; 0700 keeps others out.
-        made = conn.run(conn.as_root + ["install", "-d", "-m", "0700", "-o", node.user, INCOMING_DIR], timeout=30)
-        if made.exited != 0:
-            raise NodeError(node=node.name, msg=f"cannot create {INCOMING_DIR}: {made.stderr.strip() or made.exited}")
-        conn.put(self.image_path, remote, lambda done, total: self.progress(node.name, done, total), mode=0o600)
 
-    @staticmethod
-    def remove_remote(conn: NodeConnection, remote: str) -> None:
-        try:
-            conn.run(conn.as_root + ["rm", "-f", "--", remote], timeout=30)
-        except NodeError:
-            pass  # the node went away; what failed before this is what the admin needs to see
+def send_image(cfg: ClusterConfig, conn: NodeConnection, runner, image_path: Path, sha256: str,
+               progress: Callable[[int, int], None]) -> bool:
+    """Image `sha256` (the tarball image_path) unpacked into the node's store unless the node
+    holds it. True if it was sent."""
+    from .remote.recipes import image_status, unpack_image
+
+    status = image_status(cfg)
+    held = runner.call(status.helper, status.action, status.params)["data"]["images"]
+    size = image_path.stat().st_size
+    if sha256 in {image["id"] for image in held}:
+        progress(size, size)
+        return False
+    remote = f"{INCOMING_DIR}/{sha256[:16]}.{secrets.token_hex(4)}.tar.gz"
+    try:
+        _upload(conn, image_path, remote, progress)
+        unpack = unpack_image(cfg, remote, sha256)
+        runner.call(unpack.helper, unpack.action, unpack.params, timeout=unpack.timeout)
+    finally:
+        _remove_remote(conn, remote)
+    return True
+
+
+def ensure_image_on(home, s, image: str, progress: Callable[[str], None] = lambda _m: None) -> bool:
+    """Image `image` on the node of session `s`, sent from the admin host if the node lacks it
+    (with the docker base image). True if it was sent."""
+    from .remote.recipes import image_status
+
+    if image in {i["id"] for i in s.run(image_status(home.config))["images"]}:
+        return False
+    from .remote.helpers import HelperCall
+
+    found = image_in_catalog(home.images_dir, image)
+    progress(f"  sending image {found.short} ({found.size / 2**20:.0f} MiB) to {s.node.name}")
+    s.send_image(home.config, found.path, image)
+    s.run(HelperCall("image", "ensure_docker_base", _base_params(), timeout=DOCKER_BASE_TIMEOUT_S))
+    return True
+
+
+def _upload(conn: NodeConnection, image_path: Path, remote: str, progress: Callable[[int, int], None]) -> None:
+    node = conn.node
+    # Owned by the login user, so SFTP can write there without root; 0700 keeps others out.
+    made = conn.run(conn.as_root + ["install", "-d", "-m", "0700", "-o", node.user, INCOMING_DIR], timeout=30)
+    if made.exited != 0:
+        raise NodeError(node=node.name, msg=f"cannot create {INCOMING_DIR}: {made.stderr.strip() or made.exited}")
+    conn.put(image_path, remote, progress, mode=0o600)
+
+
+def _remove_remote(conn: NodeConnection, remote: str) -> None:
+    try:
+        conn.run(conn.as_root + ["rm", "-f", "--", remote], timeout=30)
+    except NodeError:
+        pass  # the node went away; what failed before this is what the admin needs to see

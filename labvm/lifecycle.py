@@ -1,7 +1,7 @@
 """A desktop's life as plans (plan.py): create, start, stop and rm, and the step lists that
 bring a desktop up and down, which restore, solidify and switch use too.
 
-    up:    mount_mfs  mount_stack  member_quota  start_sync  start_container  record_running
+    up:    image  mount_mfs  mount_stack  member_quota  start_sync  start_container  record_running
     down:  stop_container  flush_sync  remove_container  unmount_stack  record_stopped
 
 The node steps of each list go to the node in one round trip. Undo: a start that fails takes
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .desktops import Desktop, Desktops, Limits, PreviousFiles, build_spec, container_name, previous_files
 from .errors import LabvmError, StateError
+from .images import ensure_image_on, image_in_catalog
 from .journal import check_lock
 from .plan import Context, Findings, Kind, Step
 from .remote.recipes import DesktopCalls, image_status
@@ -28,7 +29,12 @@ class DesktopKind(Kind):
         self.desktops = Desktops(ctx.home, ctx.say)
 
     def desktop(self) -> Desktop:
-        return self.desktops.get(self.ctx.db, self.user)
+        desktop = self.desktops.get(self.ctx.db, self.user)
+        if desktop.image is None:  # made before images had ids: its node's image is its own
+            if getattr(self, "_adopted", None) is None:
+                self._adopted = self.desktops.adopt_image(self.session(), self.ctx.db, desktop, record=not self.ctx.dry_run)
+            desktop.image = self._adopted
+        return desktop
 
     @property
     def node_name(self) -> str:
@@ -38,7 +44,9 @@ class DesktopKind(Kind):
 
     @property
     def calls(self) -> DesktopCalls:
-        return self.desktops.calls(self.cfg.node(self.node_name), self.user)
+        """The desktop's helper calls, over the image its record names now."""
+        image = self.desktop().image if self.ctx.db.has_desktop(self.user) else None
+        return self.desktops.calls(self.cfg.node(self.node_name), self.user, image)
 
     def session(self):
         return self.ctx.session(self.node_name)
@@ -89,13 +97,27 @@ class DesktopKind(Kind):
             s.alive(15)
             c.detail = f"{self.node_name} answers over SSH"
         with f.check("image") as c:
-            image = s.run(image_status(self.cfg))
-            if not image.get("present"):
-                raise StateError(f"{self.node_name}: the desktop image is not pushed there; run `labvm image push {self.node_name}`")
-            c.detail = f"the desktop image is on {self.node_name}"
+            c.detail = self.image_detail(s, self.desktop().image)
         with f.check("MooseFS") as c:
             mounted = s.run(self.calls.mount_mfs(), check=True).get("mounted")
             c.detail = (f"mounted on {self.node_name}" if mounted else f"not mounted on {self.node_name} yet; the first step mounts it")
+
+    def image_detail(self, s, image: str) -> str:
+        """Whether the node holds image `image`; where it does not, the admin host must (the
+        image step sends it)."""
+        if image in {i["id"] for i in s.run(image_status(self.cfg))["images"]}:
+            return f"image {image[:12]} is on {s.node.name}"
+        found = image_in_catalog(self.ctx.home.images_dir, image)
+        return f"image {found.short} is not on {s.node.name}: the image step sends it ({found.size / 2**20:.0f} MiB)"
+
+    def image_step(self, image=None) -> Step:
+        """The desktop's image (or `image`, a callable giving an id) on its node, sent there if
+        the node lacks it."""
+        def ensure() -> None:
+            wanted = image() if image is not None else self.desktop().image
+            ensure_image_on(self.ctx.home, self.session(), wanted, self.ctx.progress)
+
+        return Step("image", f"the desktop's image on {self.node_name} (sent there if it lacks it)", apply=ensure)
 
     # -- the step lists ---------------------------------------------------------------------
     def up_steps(self, undo: bool, remove_layers: bool = False, version: str | None = None) -> list[Step]:
@@ -107,15 +129,16 @@ class DesktopKind(Kind):
             desktop = self.desktop()
             spec = build_spec(user, db.get_user(user).uid, self.cfg.node(node), "minimal", _limits(desktop),
                               [g["uuid"] for g in desktop.gpus], (desktop.vnc_port, desktop.ssh_port))
-            return self.desktops.container_calls(self.session(), db, user, spec)
+            return self.desktops.container_calls(self.session(), db, user, spec, desktop.image)
 
         disk = lambda: self.desktops.disk_of(self.desktop().limits)  # noqa: E731
         if version is None:
             version = f"version {self.desktop().version}" if self.ctx.db.has_desktop(user) else "its first version"
         steps = [
+            self.image_step(),
             Step("mount_mfs", f"mount MooseFS on {node}", calls=lambda: [calls.mount_mfs()], node=node),
             Step("mount_stack", f"mount the desktop's disk, {version} and its overlay on {node}",
-                 calls=lambda: [calls.stack(self.desktop().version, disk())], node=node,
+                 calls=lambda: [self.calls.stack(self.desktop().version, disk())], node=node,
                  undo=self._undo_stack(remove_layers) if undo else None),
             Step("member_quota", "set the member's quota on MooseFS to the disk's size, with room for versions",
                  calls=lambda: [calls.quota(disk())], node=node),
@@ -252,7 +275,7 @@ class RemoveKind(DesktopKind):
         s, base, calls = self.session(), self.desktop().version, self.calls
         s.run(calls.mount_mfs())
         target = self.publish_target(s)
-        self.desktops.publish(s, self.user, base, target, "remove")
+        self.desktops.publish(s, self.user, base, target, "remove", self.desktop().image)
         s.run(calls.reset_upper())
         self.ctx.say(f"{self.user}'s files are kept on MooseFS as v{target}")
 
@@ -306,6 +329,8 @@ class CreateKind(DesktopKind):
             gpus, ports = self.cap.pick_gpus(self.request, taken), self.cap.pick_ports(used)
             shown = ", ".join(str(g["index"]) for g in gpus) or "none"
             c.detail = f"GPUs {shown} and VNC port {ports[0]} free on {node.name}"
+        with f.check("image") as c:
+            c.detail = self.image_detail(self.ctx.session(node.name), p["image"])
         with f.check("files") as c:
             account = db.get_user(user)
             record, versions = self.desktops.files_on_mfs(self.ctx.session(node.name), user, check=self.ctx.dry_run)
@@ -315,7 +340,7 @@ class CreateKind(DesktopKind):
                 else f"no earlier files of {user} on MooseFS"
 
     def claim(self) -> None:
-        self.desktops._reserve(self.ctx.db, self.user, self.cap.node, self.cap, self.request, self.limits)
+        self.desktops._reserve(self.ctx.db, self.user, self.cap.node, self.cap, self.request, self.limits, self.p.get("image"))
 
     def steps(self) -> list[Step]:
         db, user = self.ctx.db, self.user

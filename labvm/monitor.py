@@ -30,6 +30,7 @@ from .errors import HelperCrashed, HelperFailed, NodeError
 from .remote.connection import NodeConnection
 from .remote.helpers import ENTRY, HelperBundle, HelperRunner, parse_reply
 from .remote.pool import NodeOutcome, run_on_nodes
+from .remote.recipes import image_store
 from .state import StateDB
 
 SCHEMA_ID = "labvm.status/1"
@@ -38,6 +39,7 @@ SAMPLE_INTERVAL_S = 0.5
 Say = Callable[[str], None]
 
 NODE_FIGURES = ("cpu_percent", "cpus", "load", "memory", "swap", "disk", "mfs", "gpus", "gpu_error", "docker_error")
+# What status shows of a node beyond its figures: the ids of the images it holds.
 DESKTOP_FIGURES = ("container", "started_at", "uptime_s", "cpu_percent", "memory", "blkio", "net", "gpu_memory",
                    "gpu_processes", "sync", "last_version")
 UNKNOWN_FIGURES = {
@@ -110,6 +112,7 @@ class NodeSessions:
             "mfs_mount": self.home.config.storage.mfs_mount,
             "interval_s": SAMPLE_INTERVAL_S,
             "users": users,
+            "image_store": image_store(self.home.config),
         }
         try:
             return session.sample(params, self.timeout)
@@ -250,10 +253,10 @@ def node_entry(node: Node, outcome: NodeOutcome[dict], assigned: dict[str, str])
         "seconds": round(outcome.seconds, 3),
     }
     if not outcome.ok:
-        return {**entry, **{key: None for key in NODE_FIGURES}}
+        return {**entry, **{key: None for key in NODE_FIGURES}, "image": None}
     figures = outcome.value["node"]
     gpus = [{**gpu, "assigned_to": assigned.get(gpu["uuid"])} for gpu in figures.get("gpus") or []]
-    return {**entry, **{key: figures.get(key) for key in NODE_FIGURES}, "gpus": gpus}
+    return {**entry, **{key: figures.get(key) for key in NODE_FIGURES}, "gpus": gpus, "image": figures.get("images")}
 
 
 def desktop_entry(cfg: ClusterConfig, desktop, node_sample: dict | None, activity: Activity | None, now: float) -> dict:

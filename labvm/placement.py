@@ -79,7 +79,6 @@ class NodeCapacity:
     taken_gpus: set[str]
     memory_total: int
     memory_promised: int
-    image_ready: bool
     error: str | None = None
     disk_device: str | None = None
     blkio_weight: bool = True
@@ -119,8 +118,6 @@ def choose_node(capacities: list[NodeCapacity], request: GpuRequest, memory: int
         name = cap.node.name
         if cap.error:
             passed.append(f"{name}: {cap.error}")
-        elif not cap.image_ready:
-            passed.append(f"{name}: desktop image not pushed")
         elif request.indexes is None and cap.free_gpus < request.count:
             passed.append(f"{name}: {cap.free_gpus} free GPU(s)")
         elif cap.free_memory < memory:

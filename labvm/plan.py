@@ -47,6 +47,7 @@ KINDS = {
     "restore": "labvm.storage:RestoreKind",
     "solidify": "labvm.storage:SolidifyKind",
     "switch": "labvm.switch:SwitchKind",
+    "rebase": "labvm.rebase:RebaseKind",
 }
 
 

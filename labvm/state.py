@@ -125,12 +125,21 @@ MIGRATIONS: list[tuple[str, str]] = [
         UPDATE users SET owns_unmarked_files = 1;
         """,
     ),
+    (
+        # The desktop image (its id, the sha256 of its tarball) each desktop runs over. NULL for
+        # a desktop made before nodes held several images: it is adopted with the image its
+        # node held then (Desktops.adopt_image).
+        "0005_desktop_images",
+        """
+        ALTER TABLE vms ADD COLUMN image TEXT;
+        """,
+    ),
 ]
 
 
 USER_COLUMNS = "name, uid, member_id, owns_unmarked_files, created_at, updated_at"
 # The columns of a desktop's row that update_desktop may set.
-DESKTOP_FIELDS = ("node", "state", "vnc_port", "ssh_port", "limits", "version")
+DESKTOP_FIELDS = ("node", "state", "vnc_port", "ssh_port", "limits", "version", "image")
 
 # What a reservation takes from what is free: given the GPUs taken on the node and the ports used
 # there, the GPUs ({"uuid", "index"}) and the (VNC, SSH) ports the desktop gets.
@@ -400,6 +409,20 @@ class StateDB:
         """The version of the member's files a desktop being created continues from."""
         self.conn.execute("UPDATE vms SET version = ? WHERE user = ?", (version, user))
 
+    def images_in_use(self) -> dict[str, list[str]]:
+        """Each image id a desktop is recorded on, with those desktops' users."""
+        used: dict[str, list[str]] = {}
+        for row in self.conn.execute("SELECT user, image FROM vms WHERE image IS NOT NULL ORDER BY user"):
+            used.setdefault(row["image"], []).append(row["user"])
+        return used
+
+    def images_by_node(self) -> dict[str, set[str | None]]:
+        """The images the desktops on each node are recorded on (None: one not adopted yet)."""
+        found: dict[str, set[str | None]] = {}
+        for row in self.conn.execute("SELECT node, image FROM vms"):
+            found.setdefault(row["node"], set()).add(row["image"])
+        return found
+
     def remove_desktop(self, user: str) -> None:
         """Forget the desktop; its GPU assignments and activity record go with it."""
         self.conn.execute("DELETE FROM vms WHERE user = ?", (user,))
@@ -427,7 +450,7 @@ class StateDB:
             self.conn.execute("INSERT INTO gpu_assignments VALUES (?, ?, ?, ?, ?)", (g["uuid"], node, g["index"], user, now))
 
     # -- reservations: create and switch -------------------------------------
-    def reserve(self, user: str, node: str, choose: Choice, *, new_limits: dict | None = None,
+    def reserve(self, user: str, node: str, choose: Choice, *, new_limits: dict | None = None, image: str | None = None,
                 switch_op: int | None = None, then: Callable[[list[dict], tuple[int, int | None]], None] | None = None,
                 ) -> tuple[list[dict], tuple[int, int | None]]:
         """Reserve GPUs and ports on `node` for the user's desktop in one transaction, so no GPU
@@ -435,7 +458,7 @@ class StateDB:
         a pick of a GPU or port taken there is refused (NoCapacity) with nothing written.
 
         new_limits: a create; the desktop's row is made, `creating` on `node`, with these
-        limits and the ports. Without it the desktop has its row (a switch's target): its GPUs
+        limits, the ports and `image`. Without it the desktop has its row (a switch's target): its GPUs
         already on `node` are free to it and replaced. switch_op: the reserving switch's
         operation, whose own earlier pick is free to it. The ports running switches to `node`
         hold until they commit count as used, for a create too. then(gpus, ports) runs inside the
@@ -449,8 +472,9 @@ class StateDB:
             now = time.time()
             if new_limits is not None:
                 self.conn.execute(
-                    "INSERT INTO vms (user, node, state, vnc_port, ssh_port, limits, version, created_at, updated_at) VALUES (?, ?, 'creating', ?, ?, ?, 0, ?, ?)",
-                    (user, node, ports[0], ports[1], json.dumps(new_limits), now, now),
+                    "INSERT INTO vms (user, node, state, vnc_port, ssh_port, limits, version, image, created_at, updated_at) "
+                    "VALUES (?, ?, 'creating', ?, ?, ?, 0, ?, ?, ?)",
+                    (user, node, ports[0], ports[1], json.dumps(new_limits), image, now, now),
                 )
             else:
                 self.release_gpus(user, node)

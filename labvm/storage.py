@@ -210,7 +210,8 @@ def _publish_step(kind, reason: str) -> Step:
     def publish() -> None:
         s = kind.session()
         target = kind.publish_target(s)
-        kind.published = kind.desktops.publish(s, kind.user, kind.desktop().version, target, reason,
+        desktop = kind.desktop()
+        kind.published = kind.desktops.publish(s, kind.user, desktop.version, target, reason, desktop.image,
                                                upper=kind.p.get("upper"))
 
     shown = kind.p.get("target", getattr(kind, "found_version", None))
@@ -326,6 +327,11 @@ class RestoreKind(SolidifyKind):
             if s is not None:
                 Storage(self.ctx.home, self.ctx.say)._require_version(s, self.user, version)
                 c.detail = f"version {version} is on MooseFS"
+                image = next((v.get("image") for v in self.desktops.versions_on_mfs(s, self.user) if v["version"] == version), None)
+                if image and image != self.desktop().image and "version_image" not in self.p:
+                    self.ctx.remember(version_image=image)
+                if self.p.get("version_image"):
+                    c.detail += f", over image {self.p['version_image'][:12]}: the desktop goes back to that image too"
             else:
                 c.detail = f"MooseFS is not mounted on {self.node_name}: version {version} is looked for under the lock"
 
@@ -333,9 +339,13 @@ class RestoreKind(SolidifyKind):
         return f"version {self.p['version']}"
 
     def after_solidify(self) -> list[Step]:
-        version = self.p["version"]
-        return [Step("rebase", f"make version {version} the desktop's base",
-                     apply=lambda: _set(self.ctx.db, self.user, version=version))]
+        """The version's base, and the image it was published over where that is another."""
+        version, image = self.p["version"], self.p.get("version_image")
+        if image is None:
+            return [Step("rebase", f"make version {version} the desktop's base",
+                         apply=lambda: _set(self.ctx.db, self.user, version=version))]
+        return [Step("rebase", f"make version {version} the desktop's base, over image {image[:12]}",
+                     apply=lambda: _set(self.ctx.db, self.user, version=version, image=image))]
 
     def result(self) -> dict:
         return {"user": self.user, "running": bool(self.p.get("was_running")), "restored": self.p["version"],

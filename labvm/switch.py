@@ -27,15 +27,17 @@ from .admin import AdminHome
 from .config import Node
 from .desktops import Desktop, Desktops, Limits, build_spec
 from .errors import BadInput, LabvmError, NoCapacity, NodeError, NodeUnreachable, StateError
+from .images import ensure_image_on, image_in_catalog
 from .journal import check_lock
 from .placement import GpuRequest, NodeCapacity
 from .plan import Context, Findings, Kind, PlanReport, Runner, Step
 from .remote.connection import NodeConnection
-from .remote.recipes import mount_mfs
+from .remote.recipes import image_status, mount_mfs
 from .text import safe
 
 STEPS = (
     ("preflight", "check the target: reachable, image pushed, MooseFS mounted, free GPUs, memory and ports; reserve them"),
+    ("push_image", "send the desktop's image to the target if it lacks it"),
     ("precopy", "flush the sync while the desktop still runs, so little is left for the stop"),
     ("stop_source", "stop the desktop's container on the source (downtime starts)"),
     ("final_flush", "send the last writes to MooseFS, stop the sync, unmount the layers on the source"),
@@ -118,6 +120,7 @@ class SwitchKind(Kind):
         self.desktops = Desktops(ctx.home, ctx.say)
         self.cap = self.request = self.limits = None
         self.gpus = self.ports = self.version = None
+        self.image_there = False
 
     def title(self) -> str:
         return f"switch of {self.user} to {self.p['target']}"
@@ -136,6 +139,28 @@ class SwitchKind(Kind):
 
     def _desktop(self) -> Desktop:
         return self.desktops.get(self.ctx.db, self.user)
+
+    def _image(self, desktop: Desktop) -> str:
+        """The desktop's image; one made before images had ids is adopted with its source's."""
+        if desktop.image is None:
+            if self.p["from_lost"]:
+                raise StateError(f"{self.user}'s desktop has no image recorded and its node is lost; give it one "
+                                 f"first with `labvm rebase {self.user} --image ID` once it answers")
+            desktop.image = self.desktops.adopt_image(self.session(self.p["source"]), self.ctx.db, desktop,
+                                                      record=not self.ctx.dry_run)
+        return desktop.image
+
+    def _image_detail(self, s, image: str) -> str:
+        if image in {i["id"] for i in s.run(image_status(self.cfg))["images"]}:
+            self.image_there = True
+            return f"image {image[:12]} is on {s.node.name}"
+        self.image_there = False
+        found = image_in_catalog(self.ctx.home.images_dir, image)
+        return f"image {found.short} is not on {s.node.name}: the push_image step sends it ({found.size / 2**20:.0f} MiB)"
+
+    def _push_image(self) -> None:
+        target = self.session(self.p["target"])
+        ensure_image_on(self.ctx.home, target, self._image(self._desktop()), self.ctx.progress)
 
     def committed(self) -> bool:
         """The commit moves the desktop's row to the target in one transaction: a row on the
@@ -177,10 +202,8 @@ class SwitchKind(Kind):
             c.detail = (f"mounted at {self.cfg.storage.mfs_mount} on {target.name}" if mounted
                         else f"not mounted on {target.name} yet; the preflight mounts it")
         with f.check("image") as c:
-            facts, image = self.desktops.probe(s)
-            if not image.get("present"):
-                raise BadInput(f"{target.name}: the desktop image is not pushed there; run `labvm image push {target.name}`")
-            c.detail = f"the desktop image is on {target.name}"
+            facts = self.desktops.probe(s)
+            c.detail = self._image_detail(s, self._image(desktop))
         source = None
         if not p["from_lost"]:
             with f.check("source answering") as c:
@@ -188,7 +211,7 @@ class SwitchKind(Kind):
                 status = source.run(self.desktops.calls(source.node, user).status())
                 running = bool((status.get("container") or {}).get("running"))
                 c.detail = f"{source.node.name} answers; the container there is {'running' if running else 'not running'}"
-        self.cap = cap = self.desktops._capacity(target, self.desktops._usage(db, target), (facts, image))
+        self.cap = cap = self.desktops._capacity(target, self.desktops._usage(db, target), facts)
         # What the reservation will see as taken (its own pick of a resumed switch is free to it).
         taken, used = db.taken_on(target.name, user, op_id)
         with f.check("gpus") as c:
@@ -239,6 +262,7 @@ class SwitchKind(Kind):
         details = self._details()
         work = {
             "preflight": (None, self._undo_preflight),
+            "push_image": (self._push_image, None),
             "precopy": (self._precopy, None),
             "stop_source": (self._stop_source, self._undo_stop_source),
             "final_flush": (self._final_flush, None),
@@ -263,8 +287,11 @@ class SwitchKind(Kind):
         version = f"version {number}" if number is not None else "the next version"
         vnc = f"{host}:{ports[0]}" if ports else f"{host}'s VNC port"
         gpus_short = _gpus_text(gpus, uuids=False)
+        image = (self._desktop().image or "of its source")[:12]
         return {
             "preflight": f"reserve on {target}: {_gpus_text(gpus)}, {_ports_text(ports)}",
+            "push_image": (f"image {image} is on {target} already: nothing to send" if self.image_there
+                           else f"send image {image} to {target} if it lacks it"),
             "precopy": f"flush the sync on {source} while the desktop still runs",
             "stop_source": f"stop the desktop's container on {source} (downtime starts)",
             "final_flush": f"send the last writes to MooseFS, stop the sync, unmount the layers on {source}",
@@ -314,7 +341,7 @@ class SwitchKind(Kind):
         if "new_version" not in self.p:
             self.ctx.remember(new_version=self.desktops.next_version(target, self.user, self.p["base"]))
         new = self.p["new_version"]
-        self.desktops.publish(target, self.user, self.p["base"], new, "switch")
+        self.desktops.publish(target, self.user, self.p["base"], new, "switch", self._image(self._desktop()))
         # The new version holds everything the upper held: it is the desktop's base from now on,
         # wherever it runs (an undone switch runs the source over it too, with an emptied upper).
         self.ctx.db.set_desktop_version(self.user, new)
@@ -325,7 +352,7 @@ class SwitchKind(Kind):
 
     def _build_stack(self) -> None:
         target = self.session(self.p["target"])
-        calls = self.desktops.calls(target.node, self.user)
+        calls = self.desktops.calls(target.node, self.user, self._image(self._desktop()))
         disk = self.desktops.disk_of(self.p["target_limits"])
         # Whatever an earlier life of this desktop left on the target (a container, mounts) is
         # stale: the fence already says the desktop belongs here now, starting from the new version.
@@ -340,7 +367,7 @@ class SwitchKind(Kind):
                           [g["uuid"] for g in p["target_gpus"]], tuple(p["target_ports"]))
         # One round trip: the downtime runs while this step does.
         target.call_many([self.desktops.base_image_call(), self.desktops.calls(node, user).start_sync(),
-                          *self.desktops.container_calls(target, db, user, spec)])
+                          *self.desktops.container_calls(target, db, user, spec, self._image(self._desktop()))])
 
     def _verify(self) -> None:
         p = self.p

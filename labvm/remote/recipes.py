@@ -12,6 +12,7 @@ from __future__ import annotations
 from ..config import ClusterConfig, Node, member_quota_for
 from .helpers import HelperCall
 
+UNPACK_TIMEOUT_S = 3600
 MERGE_TIMEOUT_S = 3600
 MOUNT_TIMEOUT_S = 90
 STACK_TIMEOUT_S = 3600
@@ -38,9 +39,31 @@ def node_facts(node: Node, mfs_mount: str | None = None) -> HelperCall:
     return HelperCall("probe", "facts", params)
 
 
+def image_store(cfg: ClusterConfig) -> dict:
+    """Where a node keeps its desktop images (the store), and the one image of older labvm
+    versions (xfce_local)."""
+    return {"images": cfg.images_local, "legacy": cfg.xfce_local}
+
+
+def image_ref(cfg: ClusterConfig, image: str) -> dict:
+    """Image `image` (its id), for the node to find in its store."""
+    return {"id": image, **image_store(cfg)}
+
+
 def image_status(cfg: ClusterConfig) -> HelperCall:
-    """Whether the node holds the desktop image (xfce_local), and which desktop it has."""
-    return HelperCall("image", "status", {"xfce_local": cfg.xfce_local})
+    """Every desktop image the node holds: id, desktop kind, build date, which overlays use it."""
+    return HelperCall("image", "status", {"store": image_store(cfg)})
+
+
+def unpack_image(cfg: ClusterConfig, tarball: str, image: str) -> HelperCall:
+    """The uploaded tarball `tarball` unpacked into the node's store as image `image` (its sha256)."""
+    return HelperCall("image", "ensure_unpacked", {"store": image_store(cfg), "tarball": tarball, "sha256": image},
+                      timeout=UNPACK_TIMEOUT_S)
+
+
+def remove_image(cfg: ClusterConfig, image: str) -> HelperCall:
+    """Image `image` deleted from the node; refused while an overlay there uses it."""
+    return HelperCall("image", "remove", {"store": image_store(cfg), "id": image}, timeout=UNPACK_TIMEOUT_S)
 
 
 def mount_mfs(cfg: ClusterConfig) -> HelperCall:
@@ -51,8 +74,14 @@ def mount_mfs(cfg: ClusterConfig) -> HelperCall:
 class DesktopCalls:
     """The helper calls for USER's desktop on NODE."""
 
-    def __init__(self, cfg: ClusterConfig, node: Node, user: str):
-        self.cfg, self.node, self.user = cfg, node, user
+    def __init__(self, cfg: ClusterConfig, node: Node, user: str, image: str | None = None):
+        self.cfg, self.node, self.user, self.image = cfg, node, user, image
+
+    @property
+    def _image(self) -> dict:
+        if self.image is None:
+            raise ValueError(f"{self.user}'s desktop has no image recorded")
+        return image_ref(self.cfg, self.image)
 
     @property
     def _local(self) -> dict:
@@ -70,7 +99,7 @@ class DesktopCalls:
         """The disk image, the version's bind and the overlay, mounted."""
         return HelperCall("vm", "ensure_stack", {
             **self._local, "mfs_mount": self.cfg.storage.mfs_mount, "version": version,
-            "xfce_local": self.cfg.xfce_local, "disk": disk, "node": self.node.name,
+            "image": self._image, "disk": disk, "node": self.node.name,
         }, timeout=STACK_TIMEOUT_S)
 
     def unmount_stack(self) -> HelperCall:
@@ -129,7 +158,7 @@ class DesktopCalls:
             HelperCall("vm", "ensure_container", {
                 **self._local, "spec": spec, "secrets": {"password": password},
                 "node": self.node.name, "mfs_mount": self.cfg.storage.mfs_mount,
-                "image_sessions": {"xfce_local": self.cfg.xfce_local, "by_desktop": sessions},
+                "image_sessions": {"image": self._image, "by_desktop": sessions},
             }, timeout=240),
         ]
 
@@ -180,10 +209,16 @@ class DesktopCalls:
     def versions(self) -> HelperCall:
         return HelperCall("merge", "versions", self._on_mfs)
 
+    def changed_paths(self, version: int) -> HelperCall:
+        """The paths the member changed over the image: version `version` and up_mfs."""
+        return HelperCall("merge", "changed_paths", {**self._on_mfs, "version": version}, timeout=600)
+
     def publish(self, base: int, target: int, reason: str, upper: str | None = None) -> HelperCall:
         """base + upper (default: up_mfs as it is) as low_mfs.v<target>, over the desktop image;
         reason (one of retention.REASONS) is recorded with the version."""
-        params = {**self._on_mfs, "base": base, "target": target, "reason": reason, "image": self.cfg.xfce_local}
+        params = {**self._on_mfs, "base": base, "target": target, "reason": reason}
+        if self.image is not None:  # None: a desktop whose image is unknown keeps every whiteout
+            params["image"] = self._image
         if upper is not None:
             params["upper"] = upper
         return HelperCall("merge", "publish", params, timeout=MERGE_TIMEOUT_S)

@@ -27,6 +27,13 @@ class NodeSession:
         """Several calls in one round trip; see HelperRunner.call_many."""
         return self.runner.call_many(calls, done=done, check=check)
 
+    def send_image(self, cfg, path, image: str, progress=lambda _done, _total: None) -> bool:
+        """Desktop image `image` (its tarball at path, here) into the node's store unless the
+        node holds it; True if it was sent."""
+        from ..images import send_image
+
+        return send_image(cfg, self.conn, self.runner, path, image, progress)
+
     def alive(self, timeout: float) -> None:
         """Raise unless the node answers over this connection within timeout seconds."""
         self.conn.run(["true"], timeout=timeout)

@@ -29,6 +29,8 @@ from _docker import (
     quoted,
     unexpected,
 )
+from _images import read_marker
+from _images import resolve as resolve_image
 from _layout import VMS_DIR, VmPaths
 from _owner import claim_or_refuse
 from _runtime_dir import (
@@ -251,7 +253,7 @@ def require_stack_mounted(paths: VmPaths) -> None:
 def ensure_container(params: dict, check: bool) -> Result:
     user, spec, socket_path = params["user"], params["spec"], params["docker_socket"]
     if params["image_sessions"] is not None:
-        chosen = params["image_sessions"]["by_desktop"].get(image_desktop(params["image_sessions"]["xfce_local"]) or "")
+        chosen = params["image_sessions"]["by_desktop"].get(image_desktop(params["image_sessions"]["image"]) or "")
         spec = {**spec, "desktop_cmd": chosen or spec["desktop_cmd"]}
     if spec["name"] != container_name(user):
         raise BadRequest(f"param 'spec': 'name' must be {container_name(user)!r} for user {user!r}", "bad_param")
@@ -309,11 +311,10 @@ def ensure_container(params: dict, check: bool) -> Result:
     return Result(changed=True, data={**data, "started": True, "container": public_state(state), "vnc": vnc})
 
 
-def image_desktop(xfce_local: str) -> str | None:
+def image_desktop(ref: dict) -> str | None:
     """The desktop kind the image's marker names, or None (no image, or an unreadable marker)."""
-    from image import read_marker  # only a start asks, and image.py is large
-
-    kind = (read_marker(xfce_local) or {}).get("desktop")
+    tree = resolve_image(ref)
+    kind = (read_marker(tree) or {}).get("desktop") if tree is not None else None
     return kind if isinstance(kind, str) else None
 
 

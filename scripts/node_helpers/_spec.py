@@ -10,7 +10,8 @@ import json
 import re
 from typing import Any
 
-from _contract import USER_PATTERN, BadRequest, absolute_path, shorten
+from _contract import USER_PATTERN, BadRequest, shorten
+from _images import image_ref
 
 # The container's name is CONTAINER_PREFIX + the user; LABEL_USER and LABEL_SPEC_HASH are set
 # by the helper itself, so a spec may not set the hash.
@@ -127,11 +128,11 @@ def _command(value):
 
 
 def image_sessions(name: str, value: Any) -> dict:
-    """{"xfce_local": the desktop image's tree, "by_desktop": {kind: session command}}: the
-    session the image's own marker asks for replaces the spec's desktop_cmd, so a start needs
-    no round trip to learn which desktop the node's image is."""
-    if not isinstance(value, dict) or set(value) != {"xfce_local", "by_desktop"}:
-        raise BadRequest(f"param {name!r} must be an object with 'xfce_local' and 'by_desktop'", "bad_param")
+    """{"image": the desktop's image (_images.image_ref), "by_desktop": {kind: session command}}:
+    the session the image's own marker asks for replaces the spec's desktop_cmd, so a start needs
+    no round trip to learn which desktop the image is."""
+    if not isinstance(value, dict) or set(value) != {"image", "by_desktop"}:
+        raise BadRequest(f"param {name!r} must be an object with 'image' and 'by_desktop'", "bad_param")
     by_desktop = value["by_desktop"]
     if not isinstance(by_desktop, dict) or not 1 <= len(by_desktop) <= 16:
         raise BadRequest(f"param {name!r}: 'by_desktop' must map 1 to 16 desktop kinds to commands", "bad_param")
@@ -143,7 +144,7 @@ def image_sessions(name: str, value: Any) -> dict:
             sessions[kind] = _command(command)
         except ValueError as reason:
             raise BadRequest(f"param {name!r}: the command for {kind!r} must be {reason}", "bad_param") from None
-    return {"xfce_local": absolute_path(f"{name}.xfce_local", value["xfce_local"]), "by_desktop": sessions}
+    return {"image": image_ref(f"{name}.image", value["image"]), "by_desktop": sessions}
 
 
 _IMAGE_REFERENCE = r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"

@@ -1,5 +1,5 @@
 """One desktop's layer stack on the node: its disk mounted (_disk.py), the current version
-bound read-only at low_local, and the overlay merge_local = low_local : xfce_local with the
+bound read-only at low_local, and the overlay merge_local = low_local : image with the
 upper up_local, work dir work_local (both on the disk).
 
 Here are the vm helper's actions ensure_stack, ensure_stack_unmounted, remove_local_layers,
@@ -26,6 +26,7 @@ from _disk import (
     refuse_symlinks,
     unmount_disk,
 )
+from _images import require as require_image
 from _layout import UP_MFS, VERSION_DIR_PATTERN, VMS_DIR, VmPaths, mfs_user_dir, up_mfs_path, version_path
 from _owner import claim_or_refuse
 from _system import (
@@ -45,9 +46,6 @@ from _system import (
     unmount,
 )
 from _tree import remove_tree
-
-IMAGE_MARKER = ".labvm-image.json"
-
 
 # Why these overlay options: the upper dir is not only read through this mount. The sync copies
 # up_local to MooseFS as plain files and an offline merge applies it onto the next version, on
@@ -77,14 +75,14 @@ def bind_version(entry: MountEntry | None, user: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def overlay_differences(entry: MountEntry, paths: VmPaths, xfce_local: str) -> list[str]:
+def overlay_differences(entry: MountEntry, paths: VmPaths, image_tree: str) -> list[str]:
     """How a mount at merge_local differs from the stack we would mount; empty when it is ours."""
     if entry.fstype != "overlay":
         return [f"it is a {entry.fstype} mount from {entry.source}, not an overlay"]
     differences = []
     lowers = [posixpath.normpath(lower) for lower in overlay_lowerdirs(entry.super_options)]
-    if lowers != [paths.low_local, xfce_local]:
-        differences.append(f"lowerdir {':'.join(lowers)} (wanted {paths.low_local}:{xfce_local})")
+    if lowers != [paths.low_local, image_tree]:
+        differences.append(f"lowerdir {':'.join(lowers)} (wanted {paths.low_local}:{image_tree})")
     for key in ("upperdir", "workdir"):
         wanted = getattr(paths, "up_local" if key == "upperdir" else "work_local")
         actual = mount_option_value(entry.super_options, key)
@@ -116,7 +114,7 @@ class StackPlan:
 
 
 def ensure_stack(params: dict, check: bool) -> Result:
-    user, version, xfce_local = params["user"], params["version"], params["xfce_local"]
+    user, version = params["user"], params["version"]
     paths = VmPaths.of(params["data_dir"], user)
     refuse_symlinks(paths)
     entries = read_mountinfo()
@@ -125,10 +123,7 @@ def ensure_stack(params: dict, check: bool) -> Result:
         raise PreconditionFailed(
             f"MooseFS is not mounted at {params['mfs_mount']}; run the mfs helper's ensure_mounted first", "mfs_not_mounted"
         )
-    if not os.path.isfile(posixpath.join(xfce_local, IMAGE_MARKER)):
-        raise PreconditionFailed(
-            f"desktop image not on this node ({xfce_local} has no {IMAGE_MARKER}); run labvm image push", "image_missing"
-        )
+    image_tree = require_image(params["image"])
     user_dir = mfs_user_dir(params["mfs_mount"], user)
     version_dir = version_path(user_dir, version)
     wanted_low_root = posixpath.normpath(posixpath.join(mfs_entry.root, posixpath.relpath(version_dir, params["mfs_mount"])))
@@ -136,7 +131,7 @@ def ensure_stack(params: dict, check: bool) -> Result:
     low_is_wanted = low_entry is not None and is_bind_of(low_entry, mfs_entry, wanted_low_root)
 
     if merge_entry is not None:
-        refuse_live_stack_mismatch(merge_entry, low_entry, low_is_wanted, paths, xfce_local, user, version)
+        refuse_live_stack_mismatch(merge_entry, low_entry, low_is_wanted, paths, image_tree, user, version)
     require_mfs_answers(params["mfs_mount"])
     if params["node"] is not None:
         claim_or_refuse(params["mfs_mount"], user, params["node"], check)
@@ -152,8 +147,8 @@ def ensure_stack(params: dict, check: bool) -> Result:
     data = stack_data(paths, version, version_dir, mounted=merge_entry is not None)
     if check or not plan.changes:
         return Result(changed=plan.changes, data={**data, "disk": {**disk_figures(paths), "plan": asdict(plan.disk)}})
-    apply_stack_plan(plan, paths, user_dir, version_dir, xfce_local, params["disk"])
-    verify_stack_mounted(paths, xfce_local, mfs_entry, wanted_low_root)
+    apply_stack_plan(plan, paths, user_dir, version_dir, image_tree, params["disk"])
+    verify_stack_mounted(paths, image_tree, mfs_entry, wanted_low_root)
     return Result(changed=True, data={**data, "mounted": True, "disk": disk_figures(paths)})
 
 
@@ -161,8 +156,8 @@ def is_bind_of(entry: MountEntry, mfs_entry: MountEntry, wanted_root: str) -> bo
     return entry.fstype == mfs_entry.fstype and entry.source == mfs_entry.source and entry.root == wanted_root
 
 
-def refuse_live_stack_mismatch(merge_entry, low_entry, low_is_wanted, paths, xfce_local, user, version) -> None:
-    differences = overlay_differences(merge_entry, paths, xfce_local)
+def refuse_live_stack_mismatch(merge_entry, low_entry, low_is_wanted, paths, image_tree, user, version) -> None:
+    differences = overlay_differences(merge_entry, paths, image_tree)
     if not low_is_wanted:
         shown = "not mounted" if low_entry is None else f"version {bind_version(low_entry, user)} ({low_entry.root})"
         differences.append(f"low_local is {shown} (wanted version {version})")
@@ -201,7 +196,7 @@ def seed_upper(up_mfs: str, up_local: str) -> None:
         raise Failed(f"copying {up_mfs} to {up_local} failed: {result.output_tail()}", "seed_failed")
 
 
-def apply_stack_plan(plan: StackPlan, paths: VmPaths, user_dir: str, version_dir: str, xfce_local: str, disk: int) -> None:
+def apply_stack_plan(plan: StackPlan, paths: VmPaths, user_dir: str, version_dir: str, image_tree: str, disk: int) -> None:
     if plan.create_version_dir:
         make_dirs(version_dir, 0o755)
     if plan.create_up_mfs:
@@ -222,7 +217,7 @@ def apply_stack_plan(plan: StackPlan, paths: VmPaths, user_dir: str, version_dir
     if plan.bind_low:
         bind_read_only(version_dir, paths.low_local)
     if plan.mount_overlay:
-        mount_overlay(paths, xfce_local)
+        mount_overlay(paths, image_tree)
 
 
 def bind_read_only(source: str, target: str) -> None:
@@ -234,22 +229,22 @@ def bind_read_only(source: str, target: str) -> None:
         run_mount([mount, "-o", "remount,bind,ro", target], f"making {target} read-only")
 
 
-def overlay_options(paths: VmPaths, xfce_local: str) -> str:
-    layers = [f"lowerdir={paths.low_local}:{xfce_local}", f"upperdir={paths.up_local}", f"workdir={paths.work_local}"]
+def overlay_options(paths: VmPaths, image_tree: str) -> str:
+    layers = [f"lowerdir={paths.low_local}:{image_tree}", f"upperdir={paths.up_local}", f"workdir={paths.work_local}"]
     return ",".join(layers + list(OVERLAY_FIXED_OPTIONS))
 
 
-def mount_overlay(paths: VmPaths, xfce_local: str) -> None:
-    argv = [mount_tool(), "-t", "overlay", "overlay", "-o", overlay_options(paths, xfce_local), paths.merge_local]
+def mount_overlay(paths: VmPaths, image_tree: str) -> None:
+    argv = [mount_tool(), "-t", "overlay", "overlay", "-o", overlay_options(paths, image_tree), paths.merge_local]
     run_mount(argv, f"mounting the overlay at {paths.merge_local}")
 
 
-def verify_stack_mounted(paths: VmPaths, xfce_local: str, mfs_entry: MountEntry, wanted_low_root: str) -> None:
+def verify_stack_mounted(paths: VmPaths, image_tree: str, mfs_entry: MountEntry, wanted_low_root: str) -> None:
     entries = read_mountinfo()
     low_entry, merge_entry = mount_at(entries, paths.low_local), mount_at(entries, paths.merge_local)
     if low_entry is None or not is_bind_of(low_entry, mfs_entry, wanted_low_root) or "ro" not in low_entry.mount_options:
         raise Failed(f"{paths.low_local} is not the read-only bind of {wanted_low_root} after mounting", "stack_not_mounted")
-    if merge_entry is None or overlay_differences(merge_entry, paths, xfce_local):
+    if merge_entry is None or overlay_differences(merge_entry, paths, image_tree):
         raise Failed(f"{paths.merge_local} does not show the wanted overlay after mounting", "stack_not_mounted")
 
 

@@ -1,18 +1,19 @@
-"""image: the shared desktop rootfs (xfce_local) and the docker base image on a node.
+"""image: the desktop images a node holds (_images.py) and the docker base image.
 
 Actions:
-  status              which image xfce_local holds, from its marker file (changes nothing)
-  ensure_unpacked     unpack a desktop image tarball into xfce_local unless it already holds it
+  status              every image the node holds: id, desktop kind, build date, packages and
+                      which overlays use it (changes nothing)
+  ensure_unpacked     unpack a desktop image tarball into the store as <images>/<id> unless
+                      the node holds that image already
+  remove              delete an image from the node; refused while any overlay uses it
   ensure_docker_base  `docker import` the tiny base image unless dockerd already has its tag
 
-xfce_local is the lowest layer of every desktop's overlay. It is never changed in place: a new
-image is unpacked beside it and swapped in with one rename, and a tree some overlay still uses
-as a lower layer is never replaced (overlayfs forbids changing a lower under a live mount).
+An image is never changed in place: a new one is unpacked beside the others under a temporary
+name and renamed to its id when complete, so a desktop never sees half an image, and a tree an
+overlay uses as a lower layer is never touched.
 """
 
 import base64
-import ctypes
-import errno
 import fcntl
 import hashlib
 import io
@@ -36,29 +37,27 @@ from _contract import (
     string_matching,
 )
 from _docker import docker_call, docker_message
-from _system import (
-    CommandTimedOut,
-    fsync_directory,
-    overlay_lowerdirs,
-    read_mountinfo,
-    require_tool,
-    run_command,
-    write_atomically,
+from _images import (
+    INCOMING_PREFIX,
+    MARKER,
+    OLD_PREFIX,
+    held,
+    image_id,
+    image_store,
+    overlays_using,
+    resolve,
+    trees_of,
 )
+from _system import CommandTimedOut, fsync_directory, require_tool, run_command, write_atomically
 from _tree import remove_tree
 
-MARKER = ".labvm-image.json"
 # Written into the image by `labvm image build`: what desktop it is and when it was built.
 IMAGE_METADATA = "etc/labvm-image"
 IMAGE_METADATA_MAX_BYTES = 64 * 1024
 IMAGE_METADATA_KEYS = ("desktop", "built", "suite", "packages")
-INCOMING_INFIX = ".incoming-"
-OLD_INFIX = ".old-"
-LOCK_SUFFIX = ".lock"
+LOCK_NAME = ".lock"
 UNPACK_TIMEOUT_S = 3600.0
 HASH_CHUNK = 1 << 20
-# Unpacking into a shallow path would swap a system directory away; real ones are deeper.
-MIN_ROOTFS_DEPTH = 2
 
 DEFAULT_DOCKER_SOCKET = "/run/docker.sock"
 MAX_BASE_TAR_BYTES = 512 * 1024
@@ -71,14 +70,6 @@ IMAGE_TAG_PATTERN = rf"(?=.{{1,255}}$){_NAME_COMPONENT}(?:/{_NAME_COMPONENT})*:[
 # --- parameters ---------------------------------------------------------------------------
 
 
-def rootfs_path(name: str, value) -> str:
-    path = absolute_path(name, value)
-    if len([part for part in path.split("/") if part]) < MIN_ROOTFS_DEPTH:
-        raise BadRequest(f"param {name!r} must be at least {MIN_ROOTFS_DEPTH} directories deep, got {path!r}", "bad_param")
-    return path
-
-
-sha256_hex = string_matching(r"[0-9a-f]{64}", "a sha256 in lowercase hex (64 characters)")
 image_tag = string_matching(IMAGE_TAG_PATTERN, "a docker image name with a tag, such as labvm/base:0123456789ab")
 
 
@@ -100,12 +91,13 @@ def base_tar(name: str, value) -> bytes:
     return data
 
 
-XFCE_LOCAL_PARAM = {"xfce_local": Param(rootfs_path, required=True)}
+STORE_PARAM = {"store": Param(image_store, required=True)}
 ENSURE_UNPACKED_PARAMS = {
-    **XFCE_LOCAL_PARAM,
+    **STORE_PARAM,
     "tarball": Param(absolute_path, required=True),
-    "sha256": Param(sha256_hex, required=True),
+    "sha256": Param(image_id, required=True),
 }
+REMOVE_PARAMS = {**STORE_PARAM, "id": Param(image_id, required=True)}
 ENSURE_DOCKER_BASE_PARAMS = {
     "tag": Param(image_tag, required=True),
     "tar_b64": Param(base_tar, required=True),
@@ -116,136 +108,76 @@ ENSURE_DOCKER_BASE_PARAMS = {
 # --- status -------------------------------------------------------------------------------
 
 
-def read_marker(xfce_local: str) -> dict | None:
-    try:
-        with open(os.path.join(xfce_local, MARKER), encoding="utf-8") as stream:
-            marker = json.load(stream)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as error:
-        log(f"ignoring unreadable marker in {xfce_local}: {error}")
-        return None
-    return marker if isinstance(marker, dict) else None
-
-
-def image_status(xfce_local: str) -> dict:
-    marker = read_marker(xfce_local) or {}
-    return {
-        "xfce_local": xfce_local,
-        "exists": os.path.isdir(xfce_local),
-        "present": bool(marker.get("sha256")),
-        "sha256": marker.get("sha256"),
-        "desktop": marker.get("desktop"),
-        "built": marker.get("built"),
-        "unpacked_at": marker.get("unpacked_at"),
-        "in_use_by": overlays_using(xfce_local),
-    }
-
-
 def status(params: dict, check: bool) -> Result:
-    return Result(changed=False, data=image_status(params["xfce_local"]))
-
-
-# --- which overlays use a tree ------------------------------------------------------------
-
-
-def is_same_or_under(path: str, tree: str) -> bool:
-    return path == tree or path.startswith(tree.rstrip("/") + "/")
-
-
-def overlays_using(tree: str) -> list[str]:
-    """Mount points of overlays that have `tree`, or a directory in it, as a lower layer."""
-    trees = {tree, os.path.realpath(tree)}
-    users = []
-    for entry in read_mountinfo():
-        if entry.fstype != "overlay":
-            continue
-        lowers = [os.path.normpath(lower) for lower in overlay_lowerdirs(entry.super_options)]
-        if any(is_same_or_under(lower, each) for lower in lowers for each in trees):
-            users.append(entry.mount_point)
-    return users
+    return Result(changed=False, data={"images": held(params["store"])})
 
 
 # --- ensure_unpacked ----------------------------------------------------------------------
 
 
 def ensure_unpacked(params: dict, check: bool) -> Result:
-    xfce_local, tarball, wanted = params["xfce_local"], params["tarball"], params["sha256"]
-    before = image_status(xfce_local)
-    if before["sha256"] == wanted:
-        return Result(changed=False, data=before)
-    refuse_unsafe_target(xfce_local, before)
+    store, tarball, wanted = params["store"], params["tarball"], params["sha256"]
+    ref = {"id": wanted, **store}
+    if resolve(ref) is not None:
+        return Result(changed=False, data={"id": wanted, "path": resolve(ref)})
+    refuse_unsafe_store(store["images"])
     if check:
-        return Result(changed=True, data={**before, "wanted_sha256": wanted})
+        return Result(changed=True, data={"id": wanted, "path": None})
     if not os.path.isfile(tarball):
         raise PreconditionFailed(f"image tarball {tarball} does not exist on this node; upload it first", "tarball_missing")
-    parent = os.path.dirname(xfce_local)
-    os.makedirs(parent, mode=0o755, exist_ok=True)
-    with exclusive_lock(xfce_local + LOCK_SUFFIX):
-        before = image_status(xfce_local)  # another unpack may have finished while we waited
-        if before["sha256"] == wanted:
-            return Result(changed=False, data=before)
-        remove_leftovers(xfce_local)
+    os.makedirs(store["images"], mode=0o755, exist_ok=True)
+    refuse_unsafe_store(store["images"])
+    with exclusive_lock(os.path.join(store["images"], LOCK_NAME)):
+        if resolve(ref) is not None:  # another unpack of it finished while we waited
+            return Result(changed=False, data={"id": wanted, "path": resolve(ref)})
+        remove_leftovers(store["images"])
         verify_sha256(tarball, wanted)
-        incoming = unpack_beside(xfce_local, tarball)
+        incoming = unpack_beside(store["images"], tarball)
+        target = os.path.join(store["images"], wanted)
         try:
             write_marker(incoming, wanted)
-            # Checked again right before the swap: a desktop may have started while we unpacked.
-            refuse_unsafe_target(xfce_local, image_status(xfce_local))
-            old = swap_into_place(incoming, xfce_local)
+            if os.path.lexists(target):  # a tree of that name that is not that image
+                remove_quietly(set_aside(target))
+            os.rename(incoming, target)
+            fsync_directory(store["images"])
         except BaseException:
             remove_quietly(incoming)
             raise
-        if old is not None:
-            remove_quietly(old)
-    return Result(changed=True, data={**image_status(xfce_local), "previous_sha256": before["sha256"]})
+    return Result(changed=True, data={"id": wanted, "path": target})
 
 
-def refuse_unsafe_target(xfce_local: str, current: dict) -> None:
-    if current["in_use_by"]:
-        shown = ", ".join(current["in_use_by"][:5]) + (" ..." if len(current["in_use_by"]) > 5 else "")
-        raise PreconditionFailed(
-            f"{xfce_local} is in use as an overlay lower layer by {shown}; stop those desktops before replacing the image",
-            "image_in_use",
-        )
-    if os.path.islink(xfce_local):
-        raise PreconditionFailed(f"{xfce_local} is a symlink; point xfce_local at the real directory", "xfce_local_is_symlink")
-    if os.path.lexists(xfce_local) and not os.path.isdir(xfce_local):
-        raise PreconditionFailed(f"{xfce_local} exists and is not a directory", "xfce_local_not_a_directory")
-    # A tree without our marker is not ours to swap away, unless it is empty.
-    if current["exists"] and not current["present"] and os.listdir(xfce_local):
-        raise PreconditionFailed(
-            f"{xfce_local} is not empty and holds no labvm image ({MARKER} missing); move it away or choose another xfce_local",
-            "xfce_local_not_an_image",
-        )
+def refuse_unsafe_store(images: str) -> None:
+    if os.path.islink(images):
+        raise PreconditionFailed(f"{images} is a symlink; the image store must be a real directory", "store_is_symlink")
+    if os.path.lexists(images) and not os.path.isdir(images):
+        raise PreconditionFailed(f"{images} exists and is not a directory", "store_not_a_directory")
 
 
 class exclusive_lock:
-    """flock on a file beside xfce_local: two unpacks of the same tree must not interleave."""
+    """flock on a file in the store: two unpacks or removals there must not interleave."""
 
     def __init__(self, path: str):
         self.path = path
         self.fd = -1
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise TemporaryFailure(f"another image unpack holds {self.path}; try again when it is done", "image_busy") from None
+            raise TemporaryFailure(f"another image unpack or removal holds {self.path}; try again when it is done", "image_busy") from None
         return self
 
     def __exit__(self, *exc):
         os.close(self.fd)
 
 
-def remove_leftovers(xfce_local: str) -> None:
-    """Trees left by an unpack that crashed; only called with the lock held."""
-    parent, base = os.path.split(xfce_local)
-    for name in os.listdir(parent):
-        if name.startswith(base + INCOMING_INFIX) or name.startswith(base + OLD_INFIX):
-            path = os.path.join(parent, name)
+def remove_leftovers(images: str) -> None:
+    """Trees left by an unpack or a removal that crashed; only called with the lock held."""
+    for name in os.listdir(images):
+        if name.startswith(INCOMING_PREFIX) or name.startswith(OLD_PREFIX):
+            path = os.path.join(images, name)
             if os.path.isdir(path) and not os.path.islink(path):
                 log(f"removing leftover {path}")
                 remove_quietly(path)
@@ -271,9 +203,8 @@ def verify_sha256(tarball: str, wanted: str) -> None:
         )
 
 
-def unpack_beside(xfce_local: str, tarball: str) -> str:
-    parent, base = os.path.split(xfce_local)
-    incoming = os.path.join(parent, base + INCOMING_INFIX + secrets.token_hex(4))
+def unpack_beside(images: str, tarball: str) -> str:
+    incoming = os.path.join(images, INCOMING_PREFIX + secrets.token_hex(4))
     tar = require_tool("tar", "install the tar package", "tar_missing")
     os.mkdir(incoming, 0o700)
     argv = [tar, "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "-xzf", tarball, "-C", incoming]
@@ -319,44 +250,39 @@ def write_marker(root: str, sha256: str) -> None:
     write_atomically(os.path.join(root, MARKER), content, 0o644, temporary=MARKER + ".tmp")
 
 
-RENAME_EXCHANGE = 2
-AT_FDCWD = -100
-
-
-def rename_exchange(first: str, second: str) -> None:
-    """Swap two paths in one step (renameat2 RENAME_EXCHANGE): nobody sees xfce_local missing."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    function = getattr(libc, "renameat2", None)
-    if function is None:
-        raise OSError(errno.ENOSYS, "renameat2 not available")
-    if function(AT_FDCWD, os.fsencode(first), AT_FDCWD, os.fsencode(second), RENAME_EXCHANGE) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error), second)
-
-
-def swap_into_place(incoming: str, xfce_local: str) -> str | None:
-    """Put `incoming` at xfce_local; returns the path the old tree now has, or None."""
-    parent, base = os.path.split(xfce_local)
-    if not os.path.lexists(xfce_local):
-        os.rename(incoming, xfce_local)
-        fsync_directory(parent)
-        return None
-    old = os.path.join(parent, base + OLD_INFIX + secrets.token_hex(4))
-    try:
-        rename_exchange(incoming, xfce_local)
-        os.rename(incoming, old)  # incoming now holds the old tree; name it for what it is
-    except OSError as error:
-        if error.errno not in (errno.ENOSYS, errno.EINVAL):
-            raise
-        # No RENAME_EXCHANGE here: two renames, with the old tree put back if the second fails.
-        os.rename(xfce_local, old)
-        try:
-            os.rename(incoming, xfce_local)
-        except BaseException:
-            os.rename(old, xfce_local)
-            raise
+def set_aside(tree: str) -> str:
+    """Rename a tree out of the way (in its own directory), to be deleted: nothing can start
+    on it any more from this moment."""
+    parent, base = os.path.split(tree)
+    aside = os.path.join(parent, f"{OLD_PREFIX}{base}-{secrets.token_hex(4)}")
+    os.rename(tree, aside)
     fsync_directory(parent)
-    return old
+    return aside
+
+
+# --- remove -------------------------------------------------------------------------------
+
+
+def remove(params: dict, check: bool) -> Result:
+    """Delete image `id` from this node (its store tree, and the legacy tree if it holds it).
+    Refused while an overlay uses it: a desktop runs on it."""
+    store, wanted = params["store"], params["id"]
+    trees = trees_of(store, wanted)
+    users = [user for tree in trees for user in overlays_using(tree)]
+    if users:
+        shown = ", ".join(users[:5]) + (" ..." if len(users) > 5 else "")
+        raise PreconditionFailed(f"image {wanted[:12]} is in use as an overlay lower layer by {shown}", "image_in_use")
+    if check or not trees:
+        return Result(changed=bool(trees), data={"id": wanted, "removed": trees})
+    os.makedirs(store["images"], mode=0o755, exist_ok=True)
+    with exclusive_lock(os.path.join(store["images"], LOCK_NAME)):
+        trees = trees_of(store, wanted)
+        users = [user for tree in trees for user in overlays_using(tree)]
+        if users:
+            raise PreconditionFailed(f"image {wanted[:12]} came into use while it was being removed", "image_in_use")
+        for tree in trees:
+            remove_tree(set_aside(tree))
+    return Result(changed=True, data={"id": wanted, "removed": trees})
 
 
 # --- ensure_docker_base -------------------------------------------------------------------
@@ -405,7 +331,8 @@ def docker_import(socket_path: str, tag: str, tar: bytes) -> None:
 
 
 ACTIONS = {
-    "status": Action(run=status, params=XFCE_LOCAL_PARAM),
+    "status": Action(run=status, params=STORE_PARAM),
     "ensure_unpacked": Action(run=ensure_unpacked, params=ENSURE_UNPACKED_PARAMS),
+    "remove": Action(run=remove, params=REMOVE_PARAMS),
     "ensure_docker_base": Action(run=ensure_docker_base, params=ENSURE_DOCKER_BASE_PARAMS),
 }

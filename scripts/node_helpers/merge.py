@@ -7,12 +7,13 @@ Actions:
   snapshot_upper  an instant's copy of up_mfs, <user dir>/.upper-<name>, for a later publish
   versions        the published versions and their metadata
   remove_version  delete one version; never the newest, never one mounted on this node
+  changed_paths   what the member changed over the image: the paths in a version and up_mfs
 
 Layout on MooseFS, per user:
 
     <mfs_mount>/vms/<user>/
         low_mfs.v<N>/         a version: the desktop's lower layer, its / as of that version
-        low_mfs.v<N>.json     {"version", "base", "created", "files", "bytes", "reason"}; beside
+        low_mfs.v<N>.json     {"version", "base", "created", "files", "bytes", "reason", "image"}; beside
                               the tree, never in it: the tree is the desktop's /
         up_mfs/               the sync's copy of the desktop's upper layer
         .upper-<name>/        a snapshot_upper copy; the publish that names it uses it up
@@ -25,9 +26,10 @@ lets labvm_merge (from this bundle) move the upper copy's entries into the lower
 the metadata, and publishes with one rename(2). A crash at any point leaves the base, up_mfs
 and every published version as they were, and the next publish starts clean.
 
-A version is a layer over the desktop image (xfce_local), not a whole root: where the member
+A version is a layer over the desktop's image (_images.py), not a whole root: where the member
 deleted or replaced something of the image, it keeps the whiteout or opaque directory that
-hides it. Given `image`, the image dir on this node, the merge keeps exactly those; without
+hides it. Given `image`, the desktop's image (found on this node), the merge keeps exactly
+those, and the version records that image's id; without
 it, every whiteout stays, and one in a directory the image lacks shows in listings as a name
 that cannot be opened.
 
@@ -61,6 +63,8 @@ from _contract import (
     string_matching,
     user_name,
 )
+from _images import image_ref
+from _images import require as require_image
 from _layout import UP_MFS, VERSION_DIR_PATTERN, metadata_path, mfs_user_dir, version_path
 from _system import (
     CommandTimedOut,
@@ -111,11 +115,13 @@ PUBLISH_PARAMS = {
     "reason": Param(publish_reason, required=True),
     "upper": Param(absolute_path),
     "target": Param(integer_between(1, VERSION_MAX)),
-    "image": Param(absolute_path),
+    "image": Param(image_ref),
     "jobs": Param(integer_between(1, 64), default=DEFAULT_JOBS),
 }
 SNAPSHOT_PARAMS = {**USER_PARAMS, "name": Param(snapshot_name, required=True)}
 REMOVE_PARAMS = {**USER_PARAMS, "version": Param(VERSION, required=True)}
+CHANGED_PARAMS = {**USER_PARAMS, "version": Param(VERSION, required=True),
+                  "limit": Param(integer_between(1, 1_000_000), default=200_000)}
 
 
 # --- where things are ---------------------------------------------------------------------
@@ -199,6 +205,7 @@ def published_versions(user_dir: str) -> list[dict]:
                 "bytes": metadata.get("bytes"),
                 "base": metadata.get("base"),
                 "reason": CREATE_REASON if made_at_create else metadata.get("reason"),
+                "image": metadata.get("image"),
             }
         )
     return sorted(versions, key=lambda version: version["version"])
@@ -323,14 +330,15 @@ def publish(params: dict, check: bool) -> Result:
             remove_used_upper(user_dir, params["upper"], moosefs)
         return Result(changed=False, data={**done, "path": version_path(user_dir, target), "stats": None, "seconds": 0.0})
     base_dir = version_path(user_dir, base)
-    require_sources(user_dir, base_dir, upper, params["image"])
+    require_sources(user_dir, base_dir, upper)
+    image_tree = require_image(params["image"]) if params["image"] is not None else None
     planned = {"version": target, "base": base, "reason": params["reason"], "path": version_path(user_dir, target)}
     if check:
         return Result(changed=True, data=planned)
     started = time.monotonic()
     moosefs = on_moosefs(user_dir)
     remove_leftovers(user_dir, moosefs)
-    metadata, stats = build_version(user_dir, base_dir, upper, target, base, moosefs, params)
+    metadata, stats = build_version(user_dir, base_dir, upper, target, base, moosefs, params, image_tree)
     os.rename(work_path(user_dir, target, "low"), version_path(user_dir, target))
     crash_point("published")
     remove_tree(work_path(user_dir, target, "up"), moosefs)
@@ -358,7 +366,7 @@ def already_published(user_dir: str, base: int, target: int) -> dict | None:
     )
 
 
-def require_sources(user_dir: str, base_dir: str, upper: str, image: str | None) -> None:
+def require_sources(user_dir: str, base_dir: str, upper: str) -> None:
     if not is_real_dir(base_dir):
         raise PreconditionFailed(f"base version {base_dir} does not exist", "version_missing")
     refuse_symlinked_path(upper)
@@ -366,8 +374,6 @@ def require_sources(user_dir: str, base_dir: str, upper: str, image: str | None)
         raise PreconditionFailed(f"upper layer {upper} does not exist or is not a directory", "upper_missing")
     if os.lstat(upper).st_dev != os.lstat(user_dir).st_dev:
         raise BadRequest(f"upper layer {upper} is not on the filesystem of {user_dir}", "bad_param")
-    if image is not None and not is_real_dir(image):
-        raise PreconditionFailed(f"the desktop image {image} is not on this node", "image_missing")
     if not os.access(ENGINE, os.X_OK):
         raise PreconditionFailed(f"the merge engine {ENGINE} is missing from the helper bundle", "merge_engine_missing")
 
@@ -376,18 +382,21 @@ def work_path(user_dir: str, target: int, part: str) -> str:
     return posixpath.join(user_dir, f"{WORK_PREFIX}{target}.{part}")
 
 
-def build_version(user_dir: str, base_dir: str, upper: str, target: int, base: int, moosefs: bool, params: dict):
+def build_version(user_dir: str, base_dir: str, upper: str, target: int, base: int, moosefs: bool, params: dict,
+                  image_tree: str | None):
     """.merge-<target>.low: the new version, complete with its metadata file, not yet published."""
     lower_copy, upper_copy = work_path(user_dir, target, "low"), work_path(user_dir, target, "up")
     copy_tree(base_dir, lower_copy, moosefs)
     crash_point("copied_lower")
     copy_tree(upper, upper_copy, moosefs)
     crash_point("copied_upper")
-    stats = run_engine(upper_copy, lower_copy, params["jobs"], params["image"])
+    stats = run_engine(upper_copy, lower_copy, params["jobs"], image_tree)
     crash_point("merged")
     files, size = tree_size(lower_copy, moosefs)
     created, reason = time.time(), params["reason"]
     metadata = {"version": target, "base": base, "created": created, "files": files, "bytes": size, "reason": reason}
+    if params["image"] is not None:  # the image the version is a layer over
+        metadata["image"] = params["image"]["id"]
     content = json.dumps(metadata, sort_keys=True).encode() + b"\n"
     temporary = posixpath.basename(work_path(user_dir, target, "json"))
     write_atomically(metadata_path(user_dir, target), content, 0o644, temporary=temporary)
@@ -447,6 +456,29 @@ def list_versions(params: dict, check: bool) -> Result:
     return Result(changed=False, data={"versions": versions})
 
 
+def changed_paths(params: dict, check: bool) -> Result:
+    """The paths the member changed over the image: every entry but a directory in the version
+    `version` and in up_mfs (whiteouts too: a deletion is a change). Read only, without
+    following any symlink; at most `limit` of them, sorted."""
+    user_dir = user_directory(params, must_exist=False)
+    found: set[str] = set()
+    truncated = False
+    for tree in (version_path(user_dir, params["version"]), posixpath.join(user_dir, UP_MFS)):
+        try:
+            root = open_dir(tree)
+        except OSError:
+            continue
+        try:
+            for cursor, entry in walk_tree(root):
+                if len(found) >= params["limit"]:
+                    truncated = True
+                    break
+                found.add(os.fsdecode(cursor.rel(entry.name)))
+        finally:
+            os.close(root)
+    return Result(changed=False, data={"paths": sorted(found), "truncated": truncated})
+
+
 def remove_version(params: dict, check: bool) -> Result:
     user_dir = user_directory(params, must_exist=False)
     version = params["version"]
@@ -489,4 +521,5 @@ ACTIONS = {
     "snapshot_upper": Action(run=snapshot_upper, params=SNAPSHOT_PARAMS),
     "versions": Action(run=list_versions, params=USER_PARAMS),
     "remove_version": Action(run=remove_version, params=REMOVE_PARAMS),
+    "changed_paths": Action(run=changed_paths, params=CHANGED_PARAMS),
 }

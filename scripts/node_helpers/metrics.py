@@ -28,6 +28,7 @@ from typing import Any, Callable
 from _contract import USER_PATTERN, Action, BadRequest, Failed, Param, PreconditionFailed, Result, TemporaryFailure, absolute_path
 from _disk import disk_figures
 from _docker import DEFAULT_DOCKER_SOCKET, api_url, docker_json_call, docker_message
+from _images import held, image_store
 from _layout import SYNC_STATUS_FILE, VERSION_DIR_PATTERN, VmPaths
 from _system import CommandTimedOut, MountEntry, find_tool, mount_at, parse_mountinfo, run_command
 
@@ -81,6 +82,8 @@ SAMPLE_PARAMS = {
     "users": Param(user_list, default=[]),
     # Where /proc is: tests point it at a tree of sample files.
     "proc_root": Param(absolute_path, default=DEFAULT_PROC_ROOT),
+    # Where the node keeps its desktop images: their ids are reported.
+    "image_store": Param(image_store),
 }
 
 
@@ -762,6 +765,7 @@ def sample(params: dict, check: bool) -> Result:
         "swap": swap,
         "disk": disk_usage(params["data_dir"]),
         "docker_error": docker_error,
+        "images": sorted({image["id"] for image in held(params["image_store"])}) if params["image_store"] else None,
     }
     now = time.time()
     entries = {user: desktop_entry(user, desktops.get(user), now) for user in users}

@@ -3,7 +3,7 @@
 Actions:
   ensure_stack            mount the desktop's disk (made, grown or filled from an older layout
                           first if need be), bind the current version read-only at low_local
-                          and mount the overlay merge_local = low_local : xfce_local, upper up_local
+                          and mount the overlay merge_local = low_local : image, upper up_local
   ensure_stack_unmounted  unmount merge_local, low_local, then the disk; busy is refused, never lazy
   ensure_container        create and start the desktop container from a spec built by labvm; its
                           root filesystem is merge_local (through the labvm OCI runtime, runtime.py)
@@ -72,6 +72,7 @@ from _contract import (
 )
 from _disk import MIN_DISK_BYTES, disk_figures, resize_disk
 from _docker import DEFAULT_DOCKER_SOCKET
+from _images import image_ref
 from _layout import VmPaths
 from _owner import MEMBER_ID_PATTERN, get_owner, release_owner, set_owner
 from _spec import container_spec, image_sessions, password_secrets
@@ -95,7 +96,7 @@ ENSURE_STACK_PARAMS = {
     **DATA_DIR_PARAM,
     "mfs_mount": Param(layer_path, required=True),
     "version": Param(integer_between(0, 2**31 - 1), required=True),
-    "xfce_local": Param(layer_path, required=True),
+    "image": Param(image_ref, required=True),
     "disk": Param(integer_between(MIN_DISK_BYTES, 2**50), required=True),
     **NODE_PARAM,
 }

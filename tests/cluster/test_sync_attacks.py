@@ -103,7 +103,10 @@ def test_symlink_swap_race_copies_no_node_file(lab):
     assert flushed.returncode == 0, flushed.stdout + flushed.stderr
     after = sync_counters(lab, "mallory")
     batches = after["batches"] - before["batches"]
-    assert batches >= RACE_BATCHES, f"only {batches} batches ran during {elapsed:.0f} s of attack: it proves too little"
+    if batches < RACE_BATCHES:
+        log = node_sh("tail -n 40 /var/lib/labvm/data/vms/mallory/sync/syncd.log", check=False).stdout
+        pytest.fail(f"only {batches} batches ran during {elapsed:.0f} s of attack: it proves too little.\n"
+                    f"sync status before: {before}\nafter: {after}\nthe daemon's log:\n{log}")
     up_mfs = UP_MFS.format(user="mallory")
     leaked = node_sh(f"grep -rlF -e {node_key[:40]!r} -e {secret} {up_mfs} || true").stdout.strip()
     assert leaked == "", f"node or victim files reached mallory's up_mfs: {leaked}"

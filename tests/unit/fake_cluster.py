@@ -40,14 +40,50 @@ from __future__ import annotations
 import itertools
 import posixpath
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 
 from labvm.config import ClusterConfig, Node
 from labvm.errors import HelperFailed, NodeUnreachable
+from labvm.remote.helpers import HelperCall
 
 from .fake_node import TypedCalls
 
 SNAPSHOT_PREFIX = ".upper-"
+# The desktop images of the tests: A, which every node holds and the seeded desktops run over,
+# and B, a newer one that only the admin host has.
+IMAGE = "a" * 64
+IMAGE_B = "b" * 64
+IMAGE_FILES = {
+    IMAGE: {"etc/os-release": b"A\n", "etc/motd": b"A motd\n", "var/lib/dpkg/status": b"Package: a\n"},
+    IMAGE_B: {"etc/os-release": b"B\n", "etc/motd": b"B motd\n", "usr/bin/only-in-b": b"b\n",
+              "var/lib/dpkg/status": b"Package: b\n"},
+}
+
+
+def plant_image(home, image: str, desktop: str = "minimal", files: dict[str, bytes] | None = None, built: str = "") -> Path:
+    """A small real image tarball in the admin home's images/ as `labvm image build` leaves it,
+    with `image` as its recorded id."""
+    import io
+    import json
+    import os
+    import tarfile
+
+    from labvm.images import checksum_path, image_file_name
+
+    home.images_dir.mkdir(parents=True, exist_ok=True)
+    built = built or ("2025-01-01T00:00:00Z" if image == IMAGE else "2025-02-01T00:00:00Z")
+    path = home.images_dir / image_file_name(desktop, built, image)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in sorted((files if files is not None else IMAGE_FILES.get(image, {})).items()):
+            info = tarfile.TarInfo("./" + name)
+            info.size, info.mtime = len(data), 1000
+            tar.addfile(info, io.BytesIO(data))
+    checksum_path(path).write_text(f"{image}  {path.name}\n")
+    path.with_name(path.name + ".json").write_text(json.dumps({"desktop": desktop, "built": built, "package_count": 1}))
+    stamp = 1_000_000 if image == IMAGE else 2_000_000
+    os.utime(path, (stamp, stamp))
+    return path
 
 
 @dataclass
@@ -68,6 +104,7 @@ class Desk:
     synced: bool = False  # a daemon ran here (its config names up_mfs): a flush without one is a full pass
     container: Container | None = None
     disk: int | None = None
+    image: str | None = None  # the image under the mounted overlay
 
     @property
     def empty(self) -> bool:
@@ -77,7 +114,7 @@ class Desk:
         if self.empty:
             return None
         c = self.container
-        return {"layers": self.layers, "upper": frozenset(self.upper), "stack": self.stack, "sync": self.sync,
+        return {"layers": self.layers, "upper": frozenset(self.upper), "stack": self.stack, "image": self.image, "sync": self.sync,
                 "container": None if c is None else {"running": c.running, "paused": c.paused, "spec": c.spec}}
 
 
@@ -87,6 +124,7 @@ class Version:
     reason: str | None
     files: frozenset[str]
     created: float = 0.0
+    image: str | None = None  # the image it was published over
 
 
 @dataclass
@@ -198,7 +236,7 @@ class FakeCluster:
         files.owner = {"node": desktop.node, "op": None, "member": account.member_id, "since": 0.0}
         fake = self[desktop.node]
         fake.docker_images.add(base_image_tag())
-        calls = Desktops(home).calls(fake.node, user)
+        calls = Desktops(home).calls(fake.node, user, desktop.image)
         disk = desktop.limits.get("disk") or home.config.vm_defaults.disk
         spec = build_spec(user, account.uid, fake.node, "minimal", Limits(**desktop.limits), [g["uuid"] for g in desktop.gpus],
                           (desktop.vnc_port, desktop.ssh_port))
@@ -262,7 +300,7 @@ class _VncSocket:
         return b"RFB 003.008\n"
 
 
-READS = {("probe", "facts"), ("image", "status"), ("vm", "status"), ("vm", "owner"), ("merge", "versions"),
+READS = {("probe", "facts"), ("image", "status"), ("vm", "status"), ("vm", "owner"), ("merge", "versions"), ("merge", "changed_paths"),
          ("sync", "status"), ("sync", "last_success"), ("mfs", "status"), ("net", "isolation_status"),
          ("runtime", "runtime_status")}
 
@@ -274,7 +312,7 @@ class FakeNode(TypedCalls):
         self.cluster, self.node, self.name = cluster, node, node.name
         self.reachable = True
         self.mfs_mounted = False
-        self.image = True  # the desktop image (xfce_local) is pushed here
+        self.images = {IMAGE}  # the ids of the desktop images pushed here
         self.docker_images: set[str] = set()
         self.isolated = self.runtime = False
         self.facts = {"gpus": [{"index": i, "uuid": f"GPU-{node.name}-{i}", "name": "Fake GPU"} for i in range(gpus)],
@@ -473,16 +511,22 @@ class FakeNode(TypedCalls):
 
     @action("image", "status")
     def _image_status(self, p: dict, check: bool):
-        in_use = [f"{self.node.data_dir}/vms/{user}/merge_local" for user, d in self.desks.items() if d.stack is not None]
-        return False, {"xfce_local": p["xfce_local"], "exists": self.image, "present": self.image,
-                       "desktop": "minimal" if self.image else None, "in_use_by": in_use}
+        def users(image):
+            return [f"{self.node.data_dir}/vms/{user}/merge_local" for user, d in self.desks.items()
+                    if d.stack is not None and d.image == image]
+        return False, {"images": [{"id": image, "legacy": False, "desktop": "minimal", "in_use_by": users(image)}
+                                  for image in sorted(self.images)]}
 
     @action("image", "ensure_unpacked")
     def _image_ensure_unpacked(self, p: dict, check: bool):
-        changed = not self.image
+        changed = p["sha256"] not in self.images
         if not check:
-            self.image = True
-        return changed, {"present": self.image}
+            self.images.add(p["sha256"])
+        return changed, {"id": p["sha256"]}
+
+    def send_image(self, cfg, path, image: str, progress=lambda _done, _total: None) -> bool:
+        """NodeSession.send_image: the upload and the unpack, as one call."""
+        return bool(self.run(HelperCall("image", "ensure_unpacked", {"store": {}, "tarball": str(path), "sha256": image})))
 
     @action("image", "ensure_docker_base")
     def _image_ensure_docker_base(self, p: dict, check: bool):
@@ -528,8 +572,8 @@ class FakeNode(TypedCalls):
         user, version = p["user"], p["version"]
         self._mine(p)
         self._require_mfs()
-        if not self.image:
-            self._refuse("image_missing", "desktop image not on this node; run labvm image push")
+        if p["image"]["id"] not in self.images:
+            self._refuse("image_missing", f"desktop image {p['image']['id'][:12]} is not on this node")
         desk = self.desks.get(user) or Desk()
         if desk.stack is not None and desk.stack != version:
             self._refuse("stack_mismatch", f"{user}'s stack is mounted over version {desk.stack} (wanted version {version}); "
@@ -558,7 +602,7 @@ class FakeNode(TypedCalls):
             # A new up_local starts as the sync left up_mfs.
             desk.layers, desk.upper = True, set(files.up_mfs)
         desk.disk = max(desk.disk or 0, p["disk"])
-        desk.stack = version
+        desk.stack, desk.image = version, p["image"]["id"]
         return True, {**data, "mounted": True}
 
     @action("vm", "ensure_stack_unmounted")
@@ -569,7 +613,7 @@ class FakeNode(TypedCalls):
         if self._running(p["user"]):
             self._refuse("container_running", f"container labvm-{p['user']} is running on this stack; stop it first")
         if not check:
-            desk.stack = None
+            desk.stack = desk.image = None
         return True, {"merge_local_mounted": check}
 
     @action("vm", "reset_upper")
@@ -815,8 +859,16 @@ class FakeNode(TypedCalls):
 
     # -- merge ---------------------------------------------------------------------------------
     def _listed(self, files: Files) -> list[dict]:
-        return [{"version": n, "base": v.base, "reason": v.reason, "created": v.created, "files": len(v.files), "bytes": 0}
-                for n, v in sorted(files.versions.items())]
+        return [{"version": n, "base": v.base, "reason": v.reason, "created": v.created, "files": len(v.files), "bytes": 0,
+                 "image": v.image} for n, v in sorted(files.versions.items())]
+
+    @action("merge", "changed_paths")
+    def _merge_changed_paths(self, p: dict, check: bool):
+        """What the member changed: the files of the version and of up_mfs (their names are paths)."""
+        self._require_mfs()
+        files = self._user_files(p["user"])
+        names = set(files.versions[p["version"]].files) | set(files.up_mfs or ())
+        return False, {"paths": sorted(names), "truncated": False}
 
     @action("merge", "versions")
     def _merge_versions(self, p: dict, check: bool):
@@ -848,7 +900,8 @@ class FakeNode(TypedCalls):
         if check:
             return True, {**done, "reason": p["reason"]}
         created = float(next(self.cluster.clock))
-        files.versions[target] = Version(base, p["reason"], files.versions[base].files | frozenset(upper), created)
+        files.versions[target] = Version(base, p["reason"], files.versions[base].files | frozenset(upper), created,
+                                         (p.get("image") or {}).get("id"))
         if snapshot is not None:
             files.snapshots.pop(snapshot, None)
         return True, {**done, "reason": p["reason"], "created": created, "files": len(files.versions[target].files),

@@ -18,7 +18,7 @@ from labvm.cli import main
 from labvm.config import Node, add_node_to_file
 from labvm.desktops import LimitOverrides, resolve_limits
 
-from .fake_cluster import FakeCluster
+from .fake_cluster import IMAGE, IMAGE_B, FakeCluster, plant_image
 
 PW = "a good password"
 MIB = 1 << 20
@@ -48,10 +48,12 @@ def admin_template(tmp_path_factory, users: tuple[str, ...], desktops: tuple[tup
             db.add_user(user, PW)
         for user, node, version in desktops:
             db.conn.execute(
-                "INSERT INTO vms (user, node, state, vnc_port, ssh_port, limits, version, created_at, updated_at) "
-                "VALUES (?, ?, 'running', 20000, 20001, ?, ?, 0, 0)", (user, node, json.dumps(limits), version))
+                "INSERT INTO vms (user, node, state, vnc_port, ssh_port, limits, version, image, created_at, updated_at) "
+                "VALUES (?, ?, 'running', 20000, 20001, ?, ?, ?, 0, 0)", (user, node, json.dumps(limits), version, IMAGE))
         for row in gpus:
             db.conn.execute("INSERT INTO gpu_assignments VALUES (?, ?, ?, ?, 0)", row)
+    plant_image(home, IMAGE)
+    plant_image(home, IMAGE_B)
     return config.parent
 
 

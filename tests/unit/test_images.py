@@ -204,11 +204,11 @@ def test_a_cached_image_is_returned_without_building(tmp_path, no_real_build):
     cached = plant_cached_image(tmp_path / "cache", "minimal")
     info = build_image("minimal", tmp_path / "out", cache_dir=tmp_path / "cache", mirror=MIRROR)
     assert info.cached is True
-    assert info.path == tmp_path / "out" / "labvm-minimal-20250520.tar.gz"
+    assert info.path == tmp_path / "out" / f"labvm-minimal-20250520-{info.sha256[:12]}.tar.gz"
     assert os.path.samefile(info.path, cached)  # a hard link, not a copy of hundreds of MB
     assert info.sha256 == hashlib.sha256(b"fake image").hexdigest() and info.size == len(b"fake image")
     assert info.packages == images.DESKTOP_PACKAGES["minimal"] and info.built == "2025-05-20T10:11:12Z"
-    assert (tmp_path / "out" / "labvm-minimal-20250520.tar.gz.sha256").read_text() == f"{info.sha256}  {info.path.name}\n"
+    assert info.path.with_name(info.path.name + ".sha256").read_text() == f"{info.sha256}  {info.path.name}\n"
     assert image_sha256(info.path) == info.sha256
     # Asking again, or into the cache dir itself, is fine too.
     assert build_image("minimal", tmp_path / "out", cache_dir=tmp_path / "cache", mirror=MIRROR).path == info.path
@@ -300,12 +300,13 @@ def test_pack_then_unpack_keeps_owners_modes_xattrs_and_hard_links(tmp_path):
     sha256, size = pack_rootfs(rootfs, tarball)
     assert size == tarball.stat().st_size and sha256 == hashlib.sha256(tarball.read_bytes()).hexdigest()
 
-    xfce_local = tmp_path / "node" / "xfce_local"
+    store = {"images": str(tmp_path / "node" / "images"), "legacy": str(tmp_path / "node" / "xfce_local")}
+    xfce_local = tmp_path / "node" / "images" / sha256
     reply = helper(
         "image",
-        {"action": "ensure_unpacked", "params": {"xfce_local": str(xfce_local), "tarball": str(tarball), "sha256": sha256}},
+        {"action": "ensure_unpacked", "params": {"store": store, "tarball": str(tarball), "sha256": sha256}},
     )
-    assert reply["changed"] is True and reply["data"]["sha256"] == sha256
+    assert reply["changed"] is True and reply["data"]["id"] == sha256
     unpacked_tool = os.lstat(xfce_local / "usr/bin/tool")
     assert stat.S_IMODE(unpacked_tool.st_mode) == 0o4755
     assert unpacked_tool.st_ino == os.lstat(xfce_local / "usr/bin/tool-again").st_ino
@@ -363,12 +364,13 @@ class FakeRunner:
         assert helper == "image"
         node = self.conn.node.name
         self.conn.calls.append(("call", action, {k: v for k, v in (params or {}).items() if k != "tar_b64"}))
-        held = FakeRunner.state.setdefault(node, {"sha256": None, "in_use_by": [], "base": False})
+        held = FakeRunner.state.setdefault(node, {"images": [], "base": False})
         if action == "status":
-            return {"ok": True, "changed": False, "data": dict(held)}
+            return {"ok": True, "changed": False, "data": {"images": [{"id": i, "legacy": False, "in_use_by": []}
+                                                                      for i in held["images"]]}}
         if action == "ensure_unpacked":
-            held["sha256"] = params["sha256"]
-            return {"ok": True, "changed": True, "data": dict(held)}
+            held["images"].append(params["sha256"])
+            return {"ok": True, "changed": True, "data": {"id": params["sha256"]}}
         created = not held["base"]
         held["base"] = True
         return {"ok": True, "changed": created, "data": {"tag": params["tag"], "id": "sha256:x"}}
@@ -389,7 +391,7 @@ def cluster(tmp_path, monkeypatch):
 
 def test_push_uploads_only_where_the_image_is_missing_and_cleans_up(cluster):
     cfg, image, sha256 = cluster
-    FakeRunner.state["n2"] = {"sha256": sha256, "in_use_by": [], "base": True}
+    FakeRunner.state["n2"] = {"images": [sha256], "base": True}
     seen, lock = [], threading.Lock()
 
     def progress(node, done, total):
@@ -399,8 +401,9 @@ def test_push_uploads_only_where_the_image_is_missing_and_cleans_up(cluster):
     outcomes = push_image(cfg, image, sha256, None, progress=progress)
     assert [o.node for o in outcomes] == ["n1", "n2", "n3"] and all(o.ok for o in outcomes)
     n1, n2 = outcomes[0].value, outcomes[1].value
-    assert (n1.uploaded, n1.unpacked, n1.previous_sha256, n1.base_created) == (True, True, None, True)
-    assert (n2.uploaded, n2.unpacked, n2.previous_sha256, n2.base_created) == (False, False, sha256, False)
+    assert (n1.uploaded, n1.base_created) == (True, True)
+    assert (n2.uploaded, n2.base_created) == (False, False)
+    assert FakeRunner.state["n1"]["images"] == [sha256]
     assert n1.base_tag == base_image_tag()
 
     calls = FakeConnection.log["n1"]
@@ -408,7 +411,8 @@ def test_push_uploads_only_where_the_image_is_missing_and_cleans_up(cluster):
     remote = put[1]
     assert remote.startswith(f"{images.INCOMING_DIR}/{sha256[:16]}.") and put[2] == 0o600
     [unpack] = [c for c in calls if c[:2] == ("call", "ensure_unpacked")]
-    assert unpack[2] == {"xfce_local": cfg.xfce_local, "tarball": remote, "sha256": sha256}
+    assert unpack[2] == {"store": {"images": cfg.images_local, "legacy": cfg.xfce_local}, "tarball": remote, "sha256": sha256}
+    assert cfg.images_local == "/var/lib/labvm/images"
     assert calls.index(unpack) < calls.index(("run", ["rm", "-f", "--", remote]))
     assert not [c for c in FakeConnection.log["n2"] if c[0] == "put"]
     assert ("n1", 1000, 1000) in seen and ("n2", 1000, 1000) in seen and ("n1", 500, 1000) in seen
@@ -417,17 +421,17 @@ def test_push_uploads_only_where_the_image_is_missing_and_cleans_up(cluster):
 def test_push_to_named_nodes_keeps_each_nodes_failure_to_itself(cluster):
     cfg, image, sha256 = cluster
     FakeConnection.fail_upload = {"n1"}
-    FakeRunner.state["n3"] = {"sha256": "f" * 64, "in_use_by": ["/var/lib/labvm/data/alice/merge_local"], "base": True}
+    # n3 holds another image that a desktop runs over: the push adds beside it, never replaces it.
+    FakeRunner.state["n3"] = {"images": ["f" * 64], "base": True}
     outcomes = push_image(cfg, image, sha256, ["n1", "n2", "n3"])
-    assert [o.ok for o in outcomes] == [False, True, False]
+    assert [o.ok for o in outcomes] == [False, True, True]
     assert outcomes[0].error == "upload to " + [c for c in FakeConnection.log["n1"] if c[0] == "put"][0][1] + (
         " failed: No space left on device"
     )
     # The partial upload is removed even so, and nothing is unpacked from it.
     assert any(c[0] == "run" and c[1][:2] == ["rm", "-f"] for c in FakeConnection.log["n1"])
     assert not [c for c in FakeConnection.log["n1"] if c[:2] == ("call", "ensure_unpacked")]
-    assert "in use by 1 desktop overlay(s)" in outcomes[2].error
-    assert not [c for c in FakeConnection.log["n3"] if c[0] == "put"]
+    assert FakeRunner.state["n3"]["images"] == ["f" * 64, sha256]
 
 
 def test_push_refuses_bad_input_before_touching_a_node(cluster):

@@ -18,6 +18,7 @@ from labvm.errors import BadInput, FilesOfAnotherMember, NotFound, StateError
 from labvm.members import Members
 from labvm.state import StateDB, User
 
+from .fake_cluster import IMAGE, plant_image
 from .fake_node import TypedCalls
 
 PW = "a good password"
@@ -38,7 +39,7 @@ class FakeMooseFS:
         if (helper, action) == ("probe", "facts"):
             return {"gpus": [], "memory": {"total_mib": 65536}, "disk": {}, "listening_ports": []}
         if (helper, action) == ("image", "status"):
-            return {"present": True, "desktop": "minimal"}
+            return {"images": [{"id": IMAGE, "legacy": False, "desktop": "minimal", "in_use_by": []}]}
         if (helper, action) == ("merge", "versions"):
             return {"versions": [{"version": n, "created": 0} for n in self.versions.get(user, [])]}
         if (helper, action) == ("vm", "owner"):
@@ -84,7 +85,9 @@ def home(tmp_path, monkeypatch) -> AdminHome:
     monkeypatch.setenv("LABVM_CONFIG", str(config))
     assert main(["init"]) == 0
     add_node_to_file(config, Node(name="n1", host="10.0.0.1"))
-    return AdminHome(config)
+    home = AdminHome(config)
+    plant_image(home, IMAGE)
+    return home
 
 
 def add_user(home: AdminHome, name: str) -> User:
@@ -257,7 +260,7 @@ def test_user_rm_cli_without_a_choice_exits_2_and_names_both(home, mfs, capsys):
 
 
 def test_user_add_refuses_the_accounts_of_a_built_image(home, capsys):
-    home.images_dir.mkdir()
+    home.images_dir.mkdir(exist_ok=True)
     (home.images_dir / "labvm-xfce-20250101.tar.gz.accounts").write_text("root\ngamesd\n")
     sys.stdin = io.StringIO(PW + "\n")
     try:

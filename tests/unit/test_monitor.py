@@ -160,7 +160,7 @@ def helper_sample(desktops, gpus=()):
             "memory": {"total": 64 * GIB, "used": 16 * GIB, "available": 48 * GIB}, "swap": {"total": 0, "used": 0},
             "disk": {"path": "/var/lib/labvm/data", "total": 500 * GIB, "used": 100 * GIB, "free": 400 * GIB},
             "mfs": {"mounted": True, "healthy": True, "total": 10 * GIB, "free": 5 * GIB, "error": None},
-            "gpus": list(gpus), "gpu_error": None, "docker_error": None,
+            "gpus": list(gpus), "gpu_error": None, "docker_error": None, "images": None,
         },
         "desktops": list(desktops),
     }

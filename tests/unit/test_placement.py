@@ -52,10 +52,10 @@ def test_ports_come_in_slots_and_run_out():
         allocate_ports(node, set(range(20000, 20006)))
 
 
-def cap(name, free_gpus, free_gib, image=True, error=None):
+def cap(name, free_gpus, free_gib, error=None):
     gpus = [{"index": i, "uuid": f"{name}-{i}"} for i in range(4)]
     taken = {g["uuid"] for g in gpus[free_gpus:]}
-    return NodeCapacity(Node(name=name, host=name), gpus, taken, 64 << 30, (64 - free_gib) << 30, image, error)
+    return NodeCapacity(Node(name=name, host=name), gpus, taken, 64 << 30, (64 - free_gib) << 30, error)
 
 
 def test_choose_node_prefers_room_and_explains():
@@ -64,8 +64,8 @@ def test_choose_node_prefers_room_and_explains():
     assert reason.startswith("chose n2: 3 free GPU(s)") and "n3: 0 free GPU(s)" in reason
 
 
-def test_choose_node_skips_unreachable_and_imageless_and_says_why():
+def test_choose_node_skips_unreachable_and_full_nodes_and_says_why():
     with pytest.raises(NoCapacity) as err:
-        choose_node([cap("n1", 4, 60, error="unreachable: refused"), cap("n2", 4, 60, image=False), cap("n3", 4, 1)], GpuRequest(count=1), 8 << 30)
+        choose_node([cap("n1", 4, 60, error="unreachable: refused"), cap("n2", 0, 60), cap("n3", 4, 1)], GpuRequest(count=1), 8 << 30)
     message = str(err.value)
-    assert "n1: unreachable: refused" in message and "n2: desktop image not pushed" in message and "n3: 1024 MiB" in message
+    assert "n1: unreachable: refused" in message and "n2: 0 free GPU(s)" in message and "n3: 1024 MiB" in message

@@ -21,7 +21,7 @@ from labvm.errors import HelperFailed, NodeError, NodeUnreachable, RolledBack
 from labvm.ops import show_op
 from labvm.switch import COMMIT, STEP_NAMES, Switcher, SwitchKind
 
-from .fake_cluster import Container, Desk, FakeCluster
+from .fake_cluster import IMAGE, Container, Desk, FakeCluster
 from .plan_faults import (
     PW,
     Interrupted,
@@ -188,7 +188,7 @@ def test_the_fake_cluster_refuses_what_the_helpers_refuse(home, cluster):
         n1.call("vm", "ensure_stack_unmounted", {"user": "alice", "data_dir": n1.node.data_dir})
     with pytest.raises(HelperFailed, match="fenced"):
         cluster["n2"].call("vm", "ensure_stack", {"user": "alice", "data_dir": "/d", "mfs_mount": cluster.mfs_mount, "version": 3,
-                                                  "xfce_local": "/x", "disk": 1 << 30, "node": "n2"})
+                                                  "image": {"id": IMAGE, "images": "/x/images", "legacy": "/x/xfce"}, "disk": 1 << 30, "node": "n2"})
     with pytest.raises(AssertionError, match="does not model vm.explode"):
         n1.call("vm", "explode", {})
     with pytest.raises(AssertionError, match="for n1 was sent to n2"):
@@ -276,6 +276,7 @@ CALLS = [
     ("preflight", "n2", "image", "status", 0),
     ("preflight", "n1", "vm", "status", 0),
     ("preflight", "n2", "merge", "versions", 0),
+    ("push_image", "n2", "image", "status", 1),
     ("precopy", "n1", "sync", "status", 0),
     ("precopy", "n1", "sync", "flush", 0),
     ("stop_source", "n1", "vm", "stop_container", 0),

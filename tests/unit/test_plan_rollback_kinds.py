@@ -41,7 +41,7 @@ from .plan_faults import (
     state_rows,
 )
 
-UP = ("mount_mfs", "mount_stack", "member_quota", "start_sync", "start_container", "record_running")
+UP = ("image", "mount_mfs", "mount_stack", "member_quota", "start_sync", "start_container", "record_running")
 DOWN = ("stop_container", "flush_sync", "remove_container", "unmount_stack", "record_stopped")
 START_VERSION = 3  # alice's version; restore goes back to RESTORED
 RESTORED = 1

@@ -24,7 +24,7 @@ def names(items: list[dict]) -> list[str]:
     return [i["name"] for i in items]
 
 
-UP = ["mount_mfs", "mount_stack", "member_quota", "start_sync", "start_container", "record_running"]
+UP = ["image", "mount_mfs", "mount_stack", "member_quota", "start_sync", "start_container", "record_running"]
 DOWN = ["stop_container", "flush_sync", "remove_container", "unmount_stack", "record_stopped"]
 CASES = {
     "start": (["start", "alice"], ["desktop", "lock", "node", "image", "MooseFS"], ["check", *UP]),
@@ -98,6 +98,10 @@ def test_a_desktop_held_by_an_interrupted_operation_fails_every_plans_lock_check
 def test_create_plans_the_node_room_and_files(home, nodes, capsys, monkeypatch):  # noqa: F811
     from contextlib import contextmanager
 
+    from .fake_cluster import IMAGE, plant_image
+
+    plant_image(home, IMAGE)
+
     from labvm.desktops import Desktops
 
     @contextmanager
@@ -112,7 +116,7 @@ def test_create_plans_the_node_room_and_files(home, nodes, capsys, monkeypatch):
     before = dump(home)
     code, plan = plan_of(capsys, "create", "carol", "--node", "n2", "--gpus", "1")
     assert code == 0, plan
-    assert names(plan["checks"]) == ["desktop", "lock", "placement", "room", "files"]
+    assert names(plan["checks"]) == ["desktop", "lock", "placement", "room", "image", "files"]
     assert names(plan["steps"]) == ["check", "base_image", "adopt_files", *UP]
     assert "GPUs 1 and VNC port 20004 free on n2" in plan["checks"][3]["detail"]
     assert dump(home) == before

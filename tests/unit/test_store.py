@@ -33,7 +33,7 @@ def gpus(node: str, count: int = 2) -> list[dict]:
 
 
 def capacity(node: Node, count: int = 2, listening=()) -> NodeCapacity:
-    return NodeCapacity(node, gpus(node.name, count), set(), 16 << 30, 0, True, ports_in_use=frozenset(listening))
+    return NodeCapacity(node, gpus(node.name, count), set(), 16 << 30, 0, ports_in_use=frozenset(listening))
 
 
 @pytest.fixture
@@ -76,7 +76,8 @@ def reservations(monkeypatch) -> list[dict]:
 
 def test_create_and_switch_reserve_through_the_one_store_method(home, reservations):
     with home.state() as db:
-        Desktops(home)._reserve(db, "bob", N1, capacity(N1), GpuRequest(count=1), SimpleNamespace(as_dict=lambda: {"memory": 2}))
+        Desktops(home)._reserve(db, "bob", N1, capacity(N1), GpuRequest(count=1), SimpleNamespace(as_dict=lambda: {"memory": 2}),
+                                "a" * 64)
         op = Operation.begin(db, "switch", "alice", {"source": "n1", "target": "n2"})
         kind = SwitchKind(plan_mod.Context(home, db, "alice", op.params, op, say=lambda _m: None, progress=lambda _m: None))
         kind.cap, kind.request, kind.limits = capacity(N2), GpuRequest(count=2), {"memory": 1}

@@ -17,6 +17,7 @@ from labvm.errors import NoCapacity, NodeUnreachable
 from labvm.journal import Operation
 from labvm.switch import SwitchKind
 
+from .fake_cluster import IMAGE, plant_image
 from .fake_node import TypedCalls
 
 PW = "a good password"
@@ -53,7 +54,7 @@ def answers(node: str, gpu_count: int = 4, versions=(3, 5), ports=()) -> dict:
         ("mfs", "ensure_mounted"): {"mounted": True},
         ("probe", "facts"): {"gpus": gpus(node, gpu_count), "memory": {"total_mib": 16384}, "disk": {},
                              "listening_ports": list(ports)},
-        ("image", "status"): {"present": True, "desktop": "minimal"},
+        ("image", "status"): {"images": [{"id": IMAGE, "legacy": False, "desktop": "minimal", "in_use_by": []}]},
         ("vm", "status"): {"container": {"running": True}},
         ("merge", "versions"): {"versions": [{"version": v} for v in versions]},
     }
@@ -73,8 +74,9 @@ def home(tmp_path, monkeypatch) -> AdminHome:
         rows = (("alice", "n1", 20000, 20001, 3), ("bob", "n2", 20000, 20001, 1))
         for user, node, vnc, ssh, version in rows:
             db.conn.execute(
-                "INSERT INTO vms (user, node, state, vnc_port, ssh_port, limits, version, created_at, updated_at) "
-                "VALUES (?, ?, 'running', ?, ?, ?, ?, 0, 0)", (user, node, vnc, ssh, json.dumps({"memory": 512 * MIB}), version))
+                "INSERT INTO vms (user, node, state, vnc_port, ssh_port, limits, version, image, created_at, updated_at) "
+                "VALUES (?, ?, 'running', ?, ?, ?, ?, ?, 0, 0)",
+                (user, node, vnc, ssh, json.dumps({"memory": 512 * MIB}), version, IMAGE))
         # alice holds two GPUs on n1; bob holds n2's GPU 0.
         for uuid, node, index, user in (("GPU-n1-0", "n1", 0, "alice"), ("GPU-n1-1", "n1", 1, "alice"), ("GPU-n2-0", "n2", 0, "bob")):
             db.conn.execute("INSERT INTO gpu_assignments VALUES (?, ?, ?, ?, 0)", (uuid, node, index, user))
@@ -133,7 +135,7 @@ def test_a_fitting_plan_names_the_gpus_ports_and_version_and_changes_nothing(hom
     assert "VNC port 20004, SSH port 20005" in check(plan, "ports")["detail"]
     assert "version 6" in check(plan, "versions")["detail"]
     steps = {s["name"]: s for s in plan["steps"]}
-    assert list(steps) == ["preflight", "precopy", "stop_source", "final_flush", "merge", "fence", "build_stack",
+    assert list(steps) == ["preflight", "push_image", "precopy", "stop_source", "final_flush", "merge", "fence", "build_stack",
                            "start_target", "verify", "commit", "cleanup_source"]
     assert not any(s["skipped"] for s in plan["steps"])
     assert steps["preflight"]["detail"] == "reserve on n2: GPUs 1,2 (GPU-n2-1, GPU-n2-2), VNC port 20004, SSH port 20005"
@@ -252,10 +254,20 @@ def test_a_stopped_desktop_skips_the_steps_that_need_it_running(home, nodes, cap
     assert "no GPUs" in check(plan, "gpus")["detail"]
 
 
-def test_a_missing_image_fails_the_image_check(home, nodes, capsys):
-    nodes["n2"].answers[("image", "status")] = {"present": False}
+def test_a_target_without_the_image_gets_it_as_a_step(home, nodes, capsys):
+    nodes["n2"].answers[("image", "status")] = {"images": []}
+    plant_image(home, IMAGE)
     code, out, _err = dry_run(capsys, "alice", "n2")
-    assert code == 2 and "FAILED image" in out and "image push n2" in out
+    assert code == 0, out
+    text = " ".join(out.split())
+    assert "image aaaaaaaaaaaa is not on n2: the push_image step sends it" in text
+    assert "send image aaaaaaaaaaaa to n2 if it lacks it" in text
+
+
+def test_an_image_neither_the_target_nor_the_admin_host_has_fails_the_check(home, nodes, capsys):
+    nodes["n2"].answers[("image", "status")] = {"images": []}
+    code, out, _err = dry_run(capsys, "alice", "n2")
+    assert code == 9 and "FAILED image" in out and "not on this admin host" in out
 
 
 def test_node_text_in_the_plan_is_escaped(home, nodes, capsys):

@@ -50,7 +50,7 @@ def node(name: str, index: int) -> dict:
     if name == "n3":
         return {**entry, "reachable": False, "error": "unreachable: 10.20.30.3:22: Connection refused",
                 **{key: None for key in ("cpu_percent", "cpus", "load", "memory", "swap", "disk", "mfs", "gpus", "gpu_error",
-                                         "docker_error")}}
+                                         "docker_error", "image")}}
     owners = {g: user for user, where, _s, _c, gpus, _r in DESKTOPS if where == name for g, _u in gpus}
     utils = {g: u for _user, where, _s, _c, gpus, _r in DESKTOPS if where == name for g, u in gpus}
     gpus = [{"index": i, "uuid": f"GPU-{name}-{i}", "name": "NVIDIA H200", "utilization": utils.get(i, 0),
@@ -61,7 +61,7 @@ def node(name: str, index: int) -> dict:
             "memory": {"total": 512 * GIB, "used": 300 * GIB, "available": 212 * GIB}, "swap": {"total": 8 * GIB, "used": GIB},
             "disk": {"path": "/var/lib/labvm/data", "total": 4096 * GIB, "used": 1000 * GIB, "free": 3096 * GIB},
             "mfs": {"mounted": True, "healthy": True, "total": 100 << 40, "free": 40 << 40, "error": None},
-            "gpus": gpus, "gpu_error": None, "docker_error": None}
+            "gpus": gpus, "gpu_error": None, "docker_error": None, "image": ["a" * 64]}
 
 
 def desktop(user, where, state, container, gpus, running_on) -> dict:
@@ -70,7 +70,7 @@ def desktop(user, where, state, container, gpus, running_on) -> dict:
     entry = {
         "user": user, "node": where, "state": state, "vnc": f"10.20.30.{node_index + 1}:{20000 + 2 * len(user)}",
         "ssh_port": 20001, "limits": {"cpus": 8.0, "cpuset": None, "memory": 64 * GIB, "shm": GIB, "pids": 4096},
-        "version": 3,
+        "version": 3, "image": "a" * 64,
         "gpus": [{"index": i, "uuid": f"GPU-{where}-{i}", "utilization": u, "memory_used": 20 * GIB if u is not None else None,
                   "memory_total": 143771 * MIB} for i, u in gpus],
         "container_state": container, "container": f"labvm-{user}" if container not in (None, "absent") else None,
