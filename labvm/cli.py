@@ -109,7 +109,7 @@ _register_commands()
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
     try:
         cli.main(args=args, prog_name="labvm", complete_var=COMPLETE_VAR, standalone_mode=False)
     except click.exceptions.Abort:
