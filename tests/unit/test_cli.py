@@ -203,6 +203,7 @@ def test_a_password_of_raw_bytes_on_stdin_is_refused_without_showing_it(home):
         ("secret.key", 0o604, "chmod 600"),
         ("state.db", 0o640, "chmod 600"),
         ("known_hosts", 0o644, "chmod 600"),
+        ("ca.key", 0o640, "chmod 600"),
         ("audit.log", 0o620, "chmod 600"),
         ("bkConfxml.xml", 0o666, "chmod go-w"),
         ("bkConfxml.xml", 0o620, "chmod go-w"),
