@@ -12,6 +12,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .audit import AUDIT_LOG
+from .ca import CA, CA_KEY
+from .ca import init as create_or_load_ca
+from .ca import load as load_ca
 from .config import ClusterConfig, parse_config, resolve_config_path
 from .fsutil import atomic_write, create_private, ensure_private_dir, require_safe
 from .names import validate_user_name
@@ -21,7 +24,8 @@ from .state import DB_NAME, KEY_NAME, StateDB
 
 # Readable by root alone; everything else in the admin directory, and the directory itself,
 # must not be writable by group or others. All of it must belong to whoever runs labvm.
-SECRET_FILES = frozenset({DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", KEY_NAME, IDENTITY, KNOWN_HOSTS, AUDIT_LOG})
+SECRET_FILES = frozenset({DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", KEY_NAME, IDENTITY, KNOWN_HOSTS, AUDIT_LOG,
+                          CA_KEY})
 
 
 @dataclass
@@ -59,6 +63,16 @@ class AdminHome:
         db = StateDB.open(self.home)
         db.require_current_schema()
         return db
+
+    def ca(self) -> CA:
+        """labvm's certificate authority, which signs the nodes' HTTPS certificates (`labvm ca init`)."""
+        self.check_safe()
+        return load_ca(self.home)
+
+    def init_ca(self) -> tuple[CA, bool]:
+        """The certificate authority, created if missing; True if this call created it."""
+        self.check_safe()
+        return create_or_load_ca(self.home)
 
     def init(self) -> list[str]:
         """Create whatever is missing: the starter cluster file, state database, key, SSH identity."""

@@ -86,6 +86,7 @@ def completion(shell):
 
 
 def _register_commands() -> None:
+    from .cli_ca import COMMANDS as ca_commands
     from .cli_desktops import COMMANDS as desktop_commands
     from .cli_images import COMMANDS as image_commands
     from .cli_members import COMMANDS as member_commands
@@ -96,7 +97,7 @@ def _register_commands() -> None:
     from .cli_storage import COMMANDS as storage_commands
 
     for command in (*member_commands, node, *image_commands, *desktop_commands, *monitor_commands, *storage_commands,
-                    *ops_commands):
+                    *ops_commands, *ca_commands):
         cli.add_command(command)
     for command in NODE_COMMANDS:
         node.add_command(command)
@@ -109,7 +110,7 @@ _register_commands()
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
     try:
         cli.main(args=args, prog_name="labvm", complete_var=COMPLETE_VAR, standalone_mode=False)
     except click.exceptions.Abort:

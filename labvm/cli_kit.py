@@ -22,7 +22,7 @@ from .text import safe
 
 COMPLETE_VAR = "_LABVM_COMPLETE"
 
-out = Console(highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, emoji=False)
 
 
 def say(message: str) -> None:
@@ -32,7 +32,7 @@ def say(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    Console(stderr=True, highlight=False, soft_wrap=True).print("labvm: warning: " + safe(message), markup=False)
+    Console(stderr=True, highlight=False, soft_wrap=True, emoji=False).print("labvm: warning: " + safe(message), markup=False)
 
 
 # -- completion ------------------------------------------------------------

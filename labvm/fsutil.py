@@ -75,10 +75,20 @@ def _user_name(uid: int) -> str:
 
 
 def create_private(path: Path, data: bytes) -> None:
-    """Create a 0600 file that must not exist yet (O_EXCL: never clobber a key)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    """Create a 0600 file that must not exist yet (FileExistsError: never clobber a key).
+
+    The data goes to a temp file made 0600 by os.open itself (O_EXCL), so no one else can
+    read it even for a moment, and is linked into place whole: a crash leaves either no file
+    or the complete one under its name, never half a key."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.urandom(8).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # unlike a rename, refuses a path that exists
+    finally:
+        os.unlink(tmp)
     fsync_dir(path.parent)

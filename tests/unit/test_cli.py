@@ -99,6 +99,18 @@ def test_node_list_json_empty_and_unknown_node(home, capsys):
     assert "unknown node 'nope'" in capsys.readouterr().err
 
 
+def test_text_that_reads_like_an_emoji_code_is_printed_as_it_is(home, capsys):
+    """A fingerprint (`F1:AB:F3`) or a name like `:smile:` must not turn into a picture."""
+    from labvm.cli_kit import say, warn
+
+    say("F1:AB:F3 :smile:")
+    warn(":ab:")
+    assert main(["node", "check", ":ab:"]) == 4
+    captured = capsys.readouterr()
+    assert captured.out == "F1:AB:F3 :smile:\n"
+    assert captured.err == "labvm: warning: :ab:\nlabvm: error: unknown node ':ab:' (known: none configured)\n"
+
+
 def test_node_add_rejects_bad_input_before_connecting(home, capsys):
     before = (home / "bkConfxml.xml").read_bytes()
     assert main(["node", "add", "n1", "host;rm -rf /", "--yes"]) == 2
@@ -191,6 +203,7 @@ def test_a_password_of_raw_bytes_on_stdin_is_refused_without_showing_it(home):
         ("secret.key", 0o604, "chmod 600"),
         ("state.db", 0o640, "chmod 600"),
         ("known_hosts", 0o644, "chmod 600"),
+        ("ca.key", 0o640, "chmod 600"),
         ("audit.log", 0o620, "chmod 600"),
         ("bkConfxml.xml", 0o666, "chmod go-w"),
         ("bkConfxml.xml", 0o620, "chmod go-w"),
