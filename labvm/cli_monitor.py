@@ -63,9 +63,10 @@ def status(home: AdminHome, node_filter, user_filter, timeout, as_json, html_to)
     desktops, and graphs of the last 24 hours of each node's CPU and memory
     and each GPU's use. It needs nothing else (no script, no file or site it
     links to) and holds no password or VNC secret: it is written mode 0644,
-    replacing the old page in one step, for a web server's directory.
-    Nothing else is printed, but a node that does not answer still exits 7.
-    --html and --json are refused together.
+    replacing the old page in one step, for a web server's directory. `labvm
+    cron install --status-html FILE` refreshes it every 5 minutes. Nothing
+    else is printed, but a node that does not answer still exits 7. --html
+    and --json are refused together.
 
     Each run records a sample of every node and GPU that answered, kept 48
     hours, for those graphs. A state database too busy to take it costs that

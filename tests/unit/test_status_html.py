@@ -1,7 +1,7 @@
 """`labvm status --html`: the members' page from a fixed snapshot and a day of samples (tables,
 one graph per node and GPU, escaping, no external asset, no secret), the usage samples in the
 state database (recorded per run, pruned after 48 hours, a busy database costing only the
-sample), the migration, and the page as headless chromium draws it."""
+sample), the migration, the cron entry, and the page as headless chromium draws it."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import sqlite3
 import stat
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,7 @@ from labvm.config import Node, add_node_to_file
 from labvm.errors import NodeUnreachable
 from labvm.state import StateDB
 from labvm.status_page import DAY_S, render_page, segments
+from labvm.storage import cron_text
 from tests.unit.test_monitor import FakeSessions, n1_sample, n2_sample
 from tests.unit.test_view import document
 
@@ -280,6 +282,29 @@ def test_the_usage_migration_applies_to_an_existing_database(tmp_path, monkeypat
         assert "usage_samples_at" in indexes
         db.record_usage([("n1", None, 100.0, 5.0, 6.0), ("n1", "GPU-a", 100.0, None, 1.5)], keep_after=0, wait_s=1)
         assert [tuple(r) for r in db.usage_since(50)] == [("n1", None, 100.0, 5.0, 6.0), ("n1", "GPU-a", 100.0, None, 1.5)]
+
+
+# -- cron -----------------------------------------------------------------------------------------
+def test_cron_refreshes_the_page_every_5_minutes():
+    text = cron_text(Path("/etc/labvm/bkConfxml.xml"), "17 3 * * *", None, Path("/var/log/l"), command=["labvm"],
+                     status_page=Path("/var/www/html/lab status.html"))
+    assert text.splitlines()[-1] == ("*/5 * * * * root labvm --config /etc/labvm/bkConfxml.xml status --html "
+                                     "'/var/www/html/lab status.html' >> /var/log/l 2>&1")
+    assert "status" not in cron_text(Path("/c.xml"), "17 3 * * *", None, Path("/l"), command=["labvm"])
+
+
+def test_cron_install_status_html(home, tmp_path, capsys):
+    cron_file = tmp_path / "cron.d" / "labvm"
+    cron_file.parent.mkdir()
+    www = tmp_path / "www"
+    assert main(["cron", "install", "--file", str(cron_file), "--status-html", str(www / "s.html")]) == 2
+    assert "is not a directory; create it first" in capsys.readouterr().err and not cron_file.exists()
+    www.mkdir()
+    assert main(["cron", "install", "--file", str(cron_file), "--status-html", str(www / "s.html")]) == 0
+    out = capsys.readouterr().out
+    assert "backup --all" in out and f"status --html {www / 's.html'}" in out
+    assert stat.S_IMODE(os.stat(cron_file).st_mode) == 0o644
+    assert cron_file.read_text().splitlines()[-1].startswith("*/5 * * * * root ")
 
 
 # -- the page in a real browser -------------------------------------------------------------------------
