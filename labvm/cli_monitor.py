@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import click
 from rich.console import Console
 
 from .admin import AdminHome
 from .cli_kit import _audit, _emit_json, complete_nodes, complete_users, json_option, out, say, warn
-from .errors import LabvmError, PartlyDone
-from .monitor import IdleRule, NodeSessions, collect_status, find_idle, require_reachable, stop_idle, unreachable_nodes
+from .errors import BadInput, LabvmError, PartlyDone
+from .fsutil import atomic_write
+from .monitor import (
+    IdleRule,
+    NodeSessions,
+    collect_status,
+    document_time,
+    find_idle,
+    record_usage,
+    require_reachable,
+    stop_idle,
+    unreachable_nodes,
+    usage_history,
+)
+from .status_page import DAY_S, render_page
 from .view import SORT_KEYS, human_duration, status_lines, status_view, top_view
 
 node_filter_option = click.option("--node", "node_filter", shell_complete=complete_nodes, help="Only this node and its desktops.")
@@ -26,8 +40,10 @@ def _timeout(home: AdminHome, given: float | None) -> float:
 @click.option("--timeout", type=click.FloatRange(0.5, 600), metavar="SECONDS",
               help="How long to wait for each node (default: <monitoring><status_timeout>, 5).")
 @json_option
+@click.option("--html", "html_to", metavar="FILE",
+              help="Write the web page for members to FILE instead (- for standard output); see below.")
 @click.pass_obj
-def status(home: AdminHome, node_filter, user_filter, timeout, as_json):
+def status(home: AdminHome, node_filter, user_filter, timeout, as_json, html_to):
     """Every node's CPU, memory, disk, MooseFS and GPUs, then every desktop's.
 
     All nodes are asked at once; one that does not answer in time is a red
@@ -41,10 +57,32 @@ def status(home: AdminHome, node_filter, user_filter, timeout, as_json):
     --json prints one document: {"schema": "labvm.status/1", "generated",
     "nodes": [...], "desktops": [...]}, described field by field in
     labvm/schema/status.schema.json.
+
+    --html FILE writes one self-contained web page instead, for the lab's
+    members: the nodes with each GPU's use and desktop, the free GPUs, the
+    desktops, and graphs of the last 24 hours of each node's CPU and memory
+    and each GPU's use. It needs nothing else (no script, no file or site it
+    links to) and holds no password or VNC secret: it is written mode 0644,
+    replacing the old page in one step, for a web server's directory. `labvm
+    cron install --status-html FILE` refreshes it every 5 minutes. Nothing
+    else is printed, but a node that does not answer still exits 7. --html
+    and --json are refused together.
+
+    Each run records a sample of every node and GPU that answered, kept 48
+    hours, for those graphs. A state database too busy to take it costs that
+    sample (with a warning), never the status.
     """
+    if as_json and html_to:
+        raise BadInput("--html and --json both choose what status writes; give one of them")
     with NodeSessions(home, _timeout(home, timeout)) as sessions:
         document = collect_status(home, sessions, node_filter, user_filter)
-    if as_json:
+    problem = record_usage(home, document)
+    if problem:
+        warn(f"this run's usage sample was not recorded ({problem}); the status page's graphs will miss it")
+    if html_to:
+        history = usage_history(home, document_time(document) - DAY_S)
+        _write_page(render_page(document, history), html_to)
+    elif as_json:
         _emit_json(document)
     elif out.is_terminal:
         out.print(status_view(document, width=out.width))
@@ -52,6 +90,17 @@ def status(home: AdminHome, node_filter, user_filter, timeout, as_json):
         for line in status_lines(document):
             click.echo(line)
     require_reachable(document)
+
+
+def _write_page(page: str, target: str) -> None:
+    """The page to standard output (-), or to a temp file renamed over `target` (0644)."""
+    if target == "-":
+        click.echo(page, nl=False)
+        return
+    try:
+        atomic_write(Path(target), page.encode(), 0o644)
+    except OSError as exc:
+        raise BadInput(f"cannot write the status page to {target}: {exc.strerror or exc}") from None
 
 
 @click.command()

@@ -26,6 +26,7 @@ from .storage import (
     CRON_FILE,
     DEFAULT_IDLE_SCHEDULE,
     DEFAULT_SCHEDULE,
+    STATUS_PAGE_SCHEDULE,
     Storage,
     _size,
     cron_text,
@@ -270,23 +271,43 @@ def solidify(home: AdminHome, user, dry_run, as_json):
 
 @click.group()
 def cron():
-    """The cron entry that backs up every desktop."""
+    """The cron file: backups of every desktop, and idle stops and the status page if asked."""
 
 
 @cron.command("install")
 @click.option("--schedule", default=DEFAULT_SCHEDULE, show_default=True, help="When `labvm backup --all` runs (cron fields).")
 @click.option("--idle-schedule", default=None, help=f"Also run `labvm idle --stop` then, e.g. '{DEFAULT_IDLE_SCHEDULE}'.")
+@click.option("--status-html", "status_page", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help=f"Also write the `labvm status --html` page to FILE every 5 minutes ({STATUS_PAGE_SCHEDULE}), "
+                   "e.g. /var/www/html/labvm.html.")
 @click.option("--file", "path", type=click.Path(dir_okay=False, path_type=Path), default=CRON_FILE, show_default=True)
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("/var/log/labvm-backup.log"),
-              show_default=True, help="Where the runs' one-line summaries go.")
+              show_default=True, help="Where the runs' one-line summaries and errors go.")
 @click.pass_obj
 @audited()
-def cron_install(home: AdminHome, schedule, idle_schedule, path, log_path):
-    """Write the cron file that runs `labvm backup --all` (as root, with this cluster file)."""
-    text = cron_text(home.config.path.resolve(), schedule, idle_schedule, log_path)
+def cron_install(home: AdminHome, schedule, idle_schedule, status_page, path, log_path):
+    """Write the cron file that runs `labvm backup --all` (as root, with this cluster file).
+
+    \b
+    labvm cron install                                   nightly backups
+    labvm cron install --idle-schedule '47 * * * *'      and hourly idle stops
+    labvm cron install --status-html /var/www/html/labvm.html
+                                                         and the members' page
+
+    Each install rewrites the whole file: give every option you want each time.
+    The status page is the one `labvm status --html` writes: 0644, swapped in
+    whole, so a web server never serves half of it; its directory must exist.
+    """
+    if status_page is not None:
+        status_page = status_page.resolve()
+        if not status_page.parent.is_dir():
+            raise BadInput(f"--status-html {status_page}: {status_page.parent} is not a directory; create it first")
+    text = cron_text(home.config.path.resolve(), schedule, idle_schedule, log_path, status_page=status_page)
     changed = install_cron(text, path)
     say(("wrote " if changed else "unchanged: ") + str(path))
-    say(text.rstrip().splitlines()[-1])
+    for line in text.splitlines():
+        if " root " in line and not line.startswith("#"):
+            say(line)
 
 
 @cron.command("show")

@@ -12,12 +12,16 @@ is idle once nothing was seen busy (CPU over the threshold, a GPU busy or holdin
 it) for longer than <monitoring><idle_after>. A desktop seen for the first time, or again after
 a restart or a gap in observation longer than idle_after, counts as busy at that moment: labvm
 never stops what it has not watched.
+
+Usage samples: each `labvm status` also records every node's CPU and memory and each GPU's
+use and memory in `usage_samples`, kept 48 hours, for the graphs of `labvm status --html`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -26,7 +30,7 @@ from typing import Callable
 
 from .admin import AdminHome
 from .config import ClusterConfig, Monitoring, Node
-from .errors import HelperCrashed, HelperFailed, NodeError
+from .errors import HelperCrashed, HelperFailed, NodeError, StateError
 from .remote.connection import NodeConnection
 from .remote.helpers import ENTRY, HelperBundle, HelperRunner, parse_reply
 from .remote.pool import NodeOutcome, run_on_nodes
@@ -244,6 +248,11 @@ def utc_iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def document_time(document: dict) -> float:
+    """When the document was generated, as a Unix time."""
+    return dt.datetime.fromisoformat(document["generated"]).timestamp()
+
+
 def node_entry(node: Node, outcome: NodeOutcome[dict], assigned: dict[str, str]) -> dict:
     entry = {
         "name": node.name,
@@ -398,3 +407,54 @@ def require_reachable(document: dict) -> None:
     down = unreachable_nodes(document)
     if down:
         raise NodeError(node=", ".join(down), msg="did not answer (its row says why)")
+
+
+# -- usage samples: the graphs of `labvm status --html` ------------------------------------------
+KEEP_USAGE_S = 48 * 3600
+USAGE_WAIT_S = 2.0  # a status run waits no longer than this for another writer
+
+# A node's or a GPU's samples: (at, compute %, memory %), oldest first, keyed (node, GPU UUID or None).
+History = dict[tuple[str, str | None], list[tuple[float, float | None, float | None]]]
+
+
+def percent(used, total) -> float | None:
+    return round(100.0 * used / total, 1) if used is not None and total else None
+
+
+def usage_rows(document: dict) -> list[tuple]:
+    """One sample of every node that answered and one of each of its GPUs."""
+    at = document_time(document)
+    rows = []
+    for node in document["nodes"]:
+        if not node["reachable"]:
+            continue
+        memory = node["memory"] or {}
+        rows.append((node["name"], None, at, node["cpu_percent"], percent(memory.get("used"), memory.get("total"))))
+        for gpu in node["gpus"] or []:
+            rows.append((node["name"], gpu["uuid"], at, gpu.get("utilization"),
+                         percent(gpu.get("memory_used"), gpu.get("memory_total"))))
+    return rows
+
+
+def record_usage(home: AdminHome, document: dict) -> str | None:
+    """Record the document's samples in one transaction and drop those older than 48 hours.
+    A database that stays busy (or cannot be written) costs this sample, never the status run:
+    returns why it was not recorded, None when it was (or no node answered)."""
+    rows = usage_rows(document)
+    if not rows:
+        return None
+    try:
+        with home.state() as db:
+            db.record_usage(rows, keep_after=rows[0][2] - KEEP_USAGE_S, wait_s=USAGE_WAIT_S)
+    except (sqlite3.Error, OSError, StateError) as exc:
+        return str(exc)
+    return None
+
+
+def usage_history(home: AdminHome, since: float) -> History:
+    with home.state() as db:
+        rows = db.usage_since(since)
+    history: History = {}
+    for r in rows:
+        history.setdefault((r["node"], r["gpu"]), []).append((r["at"], r["compute"], r["memory"]))
+    return history

@@ -27,6 +27,7 @@ from .secrets import SecretBox, hash_password, verify_password
 DB_NAME = "state.db"
 KEY_NAME = "secret.key"
 FIRST_UID = 2000
+BUSY_TIMEOUT_S = 30  # how long a statement waits for another writer before "database is locked"
 
 MIGRATIONS: list[tuple[str, str]] = [
     (
@@ -134,6 +135,23 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE vms ADD COLUMN image TEXT;
         """,
     ),
+    (
+        # What the graphs of `labvm status --html` are drawn from: each status run's figures for
+        # every node that answered (gpu NULL) and each of its GPUs (gpu: its UUID). compute is the
+        # node's CPU % or the GPU's utilization %, memory the % of its memory in use; NULL when
+        # unknown. Kept 48 hours.
+        "0006_usage_samples",
+        """
+        CREATE TABLE usage_samples (
+            node        TEXT NOT NULL,
+            gpu         TEXT,
+            at          REAL NOT NULL,
+            compute     REAL,
+            memory      REAL
+        );
+        CREATE INDEX usage_samples_at ON usage_samples(at);
+        """,
+    ),
 ]
 
 
@@ -206,7 +224,7 @@ class StateDB:
             raise StateError(f"{db}: no state database; run `labvm init`")
         require_private(db)
         box = SecretBox.from_file(home / KEY_NAME)
-        conn = sqlite3.connect(db, timeout=30, isolation_level=None)
+        conn = sqlite3.connect(db, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         conn.row_factory = sqlite3.Row
         # A row holding bytes that are not UTF-8 must still read: its text keeps them as escapes.
         conn.text_factory = _text_of
@@ -515,6 +533,24 @@ class StateDB:
 
     def forget_activity(self, user: str) -> None:
         self.conn.execute("DELETE FROM desktop_activity WHERE user = ?", (user,))
+
+    # -- usage samples (`labvm status --html`) -----------------------------------
+    def record_usage(self, rows: list[tuple], keep_after: float, wait_s: float) -> None:
+        """Add samples (node, gpu UUID or None, at, compute %, memory %) and drop those older
+        than keep_after, in one transaction. Waits at most wait_s for another writer, not the
+        usual 30 s: then sqlite3.OperationalError (database is locked)."""
+        self.conn.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
+        try:
+            with self.transaction():
+                self.conn.executemany("INSERT INTO usage_samples (node, gpu, at, compute, memory) VALUES (?, ?, ?, ?, ?)", rows)
+                self.conn.execute("DELETE FROM usage_samples WHERE at < ?", (keep_after,))
+        finally:
+            self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
+
+    def usage_since(self, since: float) -> list[sqlite3.Row]:
+        """Every sample taken at or after `since`, oldest first."""
+        return list(self.conn.execute(
+            "SELECT node, gpu, at, compute, memory FROM usage_samples WHERE at >= ? ORDER BY at", (since,)))
 
     # -- the operations journal ----------------------------------------------
     def begin_operation(self, kind: str, user: str | None, params: dict) -> int:

@@ -395,6 +395,7 @@ CRON_FILE = Path("/etc/cron.d/labvm")
 CRON_FIELD = re.compile(r"[0-9A-Za-z*/,-]+")
 DEFAULT_SCHEDULE = "17 3 * * *"
 DEFAULT_IDLE_SCHEDULE = "47 * * * *"
+STATUS_PAGE_SCHEDULE = "*/5 * * * *"
 
 
 def check_schedule(schedule: str) -> str:
@@ -422,7 +423,10 @@ def cron_word(word: str) -> str:
     return shlex.quote(word).replace("%", "\\%")
 
 
-def cron_text(config: Path, schedule: str, idle_schedule: str | None, log: Path, command: list[str] | None = None) -> str:
+def cron_text(config: Path, schedule: str, idle_schedule: str | None, log: Path, command: list[str] | None = None,
+              status_page: Path | None = None) -> str:
+    """The cron file: `backup --all` on `schedule`; `idle --stop` on idle_schedule if given;
+    `status --html status_page` every 5 minutes if given. Every run appends to `log`."""
     words = [*(command or labvm_command()), "--config", str(config)]
     base = " ".join(cron_word(word) for word in words)
     redirect = f">> {cron_word(str(log))} 2>&1"
@@ -434,6 +438,8 @@ def cron_text(config: Path, schedule: str, idle_schedule: str | None, log: Path,
     ]
     if idle_schedule:
         lines.append(f"{check_schedule(idle_schedule)} root {base} idle --stop {redirect}")
+    if status_page:
+        lines.append(f"{STATUS_PAGE_SCHEDULE} root {base} status --html {cron_word(str(status_page))} {redirect}")
     return "\n".join(lines) + "\n"
 
 

@@ -97,9 +97,8 @@ def used_of(figures: dict | None, total_key: str = "total", width: int = BAR_WID
     return bar(fraction(used, total), label, width=width, stacked=True)
 
 
-def node_health(node: dict) -> Text:
-    if not node["reachable"]:
-        return cell(node["error"] or "unreachable", style="bold red")
+def node_problems_of(node: dict) -> list[str]:
+    """What is wrong with a node that answered, as the node said it (outside text, not made safe)."""
     problems = []
     if node["docker_error"]:
         problems.append(f"docker: {node['docker_error']}")
@@ -108,6 +107,13 @@ def node_health(node: dict) -> Text:
     mfs = node["mfs"] or {}
     if not mfs.get("healthy"):
         problems.append(f"MooseFS: {mfs.get('error') or 'not healthy'}")
+    return problems
+
+
+def node_health(node: dict) -> Text:
+    if not node["reachable"]:
+        return cell(node["error"] or "unreachable", style="bold red")
+    problems = node_problems_of(node)
     return Text("\n".join(map(safe, problems)), style="yellow") if problems else Text("ok", style="green")
 
 
