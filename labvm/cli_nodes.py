@@ -86,23 +86,41 @@ def node_check(home: AdminHome, names, no_mount, timeout, as_json):
     --no-mount; every desktop start adds it too). An unreachable node is
     reported on its own row. Exits 7 if any node has a problem.
     """
+    from .desktops import Desktops
+
     cfg = home.config
     outcomes = check_nodes(cfg, list(names) or None, mount_mfs=not no_mount, timeout=timeout)
-    problems = {o.node: node_problems(o) for o in outcomes}
+    with home.state() as db:
+        recorded = Desktops(home).list(db)
+    images = {o.node: {d.user: d.image for d in recorded if d.node == o.node} for o in outcomes}
+    problems = {o.node: node_problems(o, images[o.node]) for o in outcomes}
     if as_json:
         _emit_json([
             {"node": o.node, "ok": not problems[o.node], "reachable": o.ok, "error": o.error,
-             "problems": problems[o.node], "seconds": round(o.seconds, 3), "facts": o.value}
+             "problems": problems[o.node], "seconds": round(o.seconds, 3), "facts": o.value,
+             "desktop_images": images[o.node]}
             for o in outcomes
         ])
     else:
         out.print(_check_table(outcomes, problems))
+        for o in outcomes:
+            if o.ok:
+                say(_images_line(o.node, o.value.get("images") or [], images[o.node]))
         for o in outcomes:
             for problem in problems[o.node]:
                 out.print(Text.assemble((safe(o.node), "red"), ": ", safe(problem)))
     failed = [node for node, found in problems.items() if found]
     if failed:
         raise NodeError(node=", ".join(failed), msg="node check found problems (listed above)")
+
+
+def _images_line(node: str, held: list[dict], desktops: dict[str, str | None]) -> str:
+    """NODE images: ID (users), ID (unused), ...: what the node holds and who runs over it."""
+    shown = []
+    for image_id in dict.fromkeys(image["id"] for image in held):
+        users = sorted(user for user, image in desktops.items() if image == image_id)
+        shown.append(f"{image_id[:12]} ({', '.join(users) or 'unused'})")
+    return f"{node} images: {', '.join(shown) or 'none'}"
 
 
 def _check_table(outcomes, problems: dict[str, list[str]]) -> Table:

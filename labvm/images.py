@@ -719,14 +719,13 @@ def remove_from_catalog(image: CatalogImage) -> None:
 
 
 def manifest_path(image: Path) -> Path:
-    return image.with_name(image.name + ".manifest.gz")
+    return image.with_name(image.name + ".manifest-v2.gz")
 
 
 def image_manifest(image: CatalogImage) -> dict[str, list]:
-    """Every entry of the image: path (no leading /) -> [type, size, mode, mtime, link target],
-    read from its tarball once and kept beside it. Two images hold a path alike when these
-    agree (debootstrap keeps each package file's own mtime, so a file that differs between two
-    builds differs here)."""
+    """Every entry of the image: path (no leading /) -> [type, size, mode, mtime, link target,
+    content hash of a regular file], read from its tarball once and kept beside it. Two images
+    hold a path alike when these agree."""
     cache = manifest_path(image.path)
     try:
         return json.loads(gzip.decompress(cache.read_bytes()))
@@ -738,8 +737,15 @@ def image_manifest(image: CatalogImage) -> dict[str, list]:
             for member in tar:
                 name = member.name.removeprefix("./").strip("/")
                 if name and name != ".":
+                    digest = ""
+                    if member.isreg():
+                        content = hashlib.blake2b(digest_size=16)
+                        stream = tar.extractfile(member)
+                        while chunk := stream.read(HASH_CHUNK):
+                            content.update(chunk)
+                        digest = content.hexdigest()
                     entries[name] = [member.type.decode("ascii", "replace"), member.size, member.mode, int(member.mtime),
-                                     member.linkname]
+                                     member.linkname, digest]
     except (OSError, EOFError, tarfile.TarError) as error:
         raise ImageError(f"cannot read image {image.short} ({image.path}): {error}") from None
     atomic_write(cache, gzip.compress(json.dumps(entries).encode(), 6), 0o600)

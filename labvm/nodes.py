@@ -11,7 +11,7 @@ from .remote.connection import NodeConnection
 from .remote.helpers import HelperBundle, HelperRunner
 from .remote.hostkeys import PinnedHostKeys, fetch_host_key, fingerprint
 from .remote.pool import NodeOutcome, run_on_nodes
-from .remote.recipes import isolation_params, mfs_params
+from .remote.recipes import image_status, isolation_params, mfs_params
 
 # confirm(question) -> bool; the CLI asks the admin, tests answer for them.
 Confirm = Callable[[str], bool]
@@ -120,6 +120,8 @@ def check_node(cfg: ClusterConfig, node: Node, *, mount_mfs: bool, bundle: Helpe
                                  "can read members' files; it is mounted again by the first `labvm node check` "
                                  f"after the node's desktops stop (`labvm node drain {node.name}`)")
         facts = runner.call("probe", "facts", {"data_dir": node.data_dir, "mfs_mount": cfg.storage.mfs_mount})["data"]
+        status = image_status(cfg)
+        facts["images"] = runner.call(status.helper, status.action, status.params)["data"]["images"]
         try:
             # Like the mount above, what check may set right it sets right: the rules that keep
             # desktops off MooseFS and the nodes. Without mount_mfs it only reports.
@@ -152,12 +154,17 @@ def check_nodes(cfg: ClusterConfig, names: list[str] | None = None, *, mount_mfs
     return run_on_nodes(nodes, lambda n: check_node(cfg, n, mount_mfs=mount_mfs, bundle=bundle), timeout=timeout)
 
 
-def node_problems(outcome: NodeOutcome[dict]) -> list[str]:
-    """What a person should fix on this node, in words; empty when the node is ready."""
+def node_problems(outcome: NodeOutcome[dict], desktop_images: dict[str, str | None] | None = None) -> list[str]:
+    """What a person should fix on this node, in words; empty when the node is ready.
+    desktop_images: the image each desktop recorded on the node runs over."""
     if not outcome.ok:
         return [outcome.error or "failed"]
     facts = outcome.value or {}
     problems = []
+    held = {image["id"] for image in facts.get("images") or []}
+    for user, image in sorted((desktop_images or {}).items()):
+        if image is not None and image not in held:
+            problems.append(f"{user}'s image {image[:12]} is not here (its next start sends it from the admin host)")
     if not facts.get("overlayfs"):
         problems.append("no overlayfs")
     if not facts.get("fuse"):

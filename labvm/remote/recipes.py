@@ -210,8 +210,10 @@ class DesktopCalls:
         return HelperCall("merge", "versions", self._on_mfs)
 
     def changed_paths(self, version: int) -> HelperCall:
-        """The paths the member changed over the image: version `version` and up_mfs."""
-        return HelperCall("merge", "changed_paths", {**self._on_mfs, "version": version}, timeout=600)
+        """The paths the member changed over the image: version `version`, up_mfs and the
+        desktop's up_local on this node (what its sync has not sent yet)."""
+        return HelperCall("merge", "changed_paths", {**self._on_mfs, "version": version, "data_dir": self.node.data_dir},
+                          timeout=600)
 
     def publish(self, base: int, target: int, reason: str, upper: str | None = None) -> HelperCall:
         """base + upper (default: up_mfs as it is) as low_mfs.v<target>, over the desktop image;

@@ -65,7 +65,7 @@ from _contract import (
 )
 from _images import image_ref
 from _images import require as require_image
-from _layout import UP_MFS, VERSION_DIR_PATTERN, metadata_path, mfs_user_dir, version_path
+from _layout import UP_MFS, VERSION_DIR_PATTERN, VmPaths, metadata_path, mfs_user_dir, version_path
 from _system import (
     CommandTimedOut,
     MountEntry,
@@ -120,7 +120,7 @@ PUBLISH_PARAMS = {
 }
 SNAPSHOT_PARAMS = {**USER_PARAMS, "name": Param(snapshot_name, required=True)}
 REMOVE_PARAMS = {**USER_PARAMS, "version": Param(VERSION, required=True)}
-CHANGED_PARAMS = {**USER_PARAMS, "version": Param(VERSION, required=True),
+CHANGED_PARAMS = {**USER_PARAMS, "version": Param(VERSION, required=True), "data_dir": Param(layer_path),
                   "limit": Param(integer_between(1, 1_000_000), default=200_000)}
 
 
@@ -458,12 +458,16 @@ def list_versions(params: dict, check: bool) -> Result:
 
 def changed_paths(params: dict, check: bool) -> Result:
     """The paths the member changed over the image: every entry but a directory in the version
-    `version` and in up_mfs (whiteouts too: a deletion is a change). Read only, without
+    `version`, in up_mfs and, given the node's data_dir, in the desktop's up_local here (what
+    the sync has not sent yet). Whiteouts too: a deletion is a change. Read only, without
     following any symlink; at most `limit` of them, sorted."""
     user_dir = user_directory(params, must_exist=False)
     found: set[str] = set()
     truncated = False
-    for tree in (version_path(user_dir, params["version"]), posixpath.join(user_dir, UP_MFS)):
+    trees = [version_path(user_dir, params["version"]), posixpath.join(user_dir, UP_MFS)]
+    if params["data_dir"] is not None:
+        trees.append(VmPaths.of(params["data_dir"], params["user"]).up_local)
+    for tree in trees:
         try:
             root = open_dir(tree)
         except OSError:

@@ -196,11 +196,12 @@ class FakeCluster:
     def install(self, monkeypatch) -> None:
         """Every node session labvm opens (a plan's, Desktops') is this cluster's node, with no
         helper bundle; a VNC probe (switch's verify) answers where a container of the port runs."""
-        from labvm import desktops, plan, switch
+        from labvm import desktops, imagestore, plan, switch
         from labvm.remote.helpers import HelperBundle
 
         monkeypatch.setattr(plan.Context, "_open_session", lambda _ctx, name: self.session(name))
         monkeypatch.setattr(desktops, "NodeSession", lambda _home, node, _bundle: self.session(node.name))
+        monkeypatch.setattr(imagestore, "NodeSession", lambda _home, node, _bundle: self.session(node.name))
         monkeypatch.setattr(HelperBundle, "from_package", classmethod(lambda cls: None))
         monkeypatch.setattr(switch, "socket", SimpleNamespace(create_connection=self.connect))
         monkeypatch.setattr(switch, "VERIFY_TIMEOUT_S", 0.2)
@@ -523,6 +524,16 @@ class FakeNode(TypedCalls):
         if not check:
             self.images.add(p["sha256"])
         return changed, {"id": p["sha256"]}
+
+    @action("image", "remove")
+    def _image_remove(self, p: dict, check: bool):
+        used = [user for user, d in self.desks.items() if d.stack is not None and d.image == p["id"]]
+        if used:
+            self._refuse("image_in_use", f"image {p['id'][:12]} is in use as an overlay lower layer by {used}")
+        changed = p["id"] in self.images
+        if changed and not check:
+            self.images.discard(p["id"])
+        return changed, {"id": p["id"], "removed": [p["id"]] if changed else []}
 
     def send_image(self, cfg, path, image: str, progress=lambda _done, _total: None) -> bool:
         """NodeSession.send_image: the upload and the unpack, as one call."""
@@ -868,6 +879,9 @@ class FakeNode(TypedCalls):
         self._require_mfs()
         files = self._user_files(p["user"])
         names = set(files.versions[p["version"]].files) | set(files.up_mfs or ())
+        desk = self.desks.get(p["user"])
+        if p.get("data_dir") is not None and desk is not None and desk.layers:
+            names |= desk.upper
         return False, {"paths": sorted(names), "truncated": False}
 
     @action("merge", "versions")
