@@ -13,7 +13,7 @@ stopped: resuming it finishes the job.
 from __future__ import annotations
 
 from .desktops import Desktop, Desktops, Limits, PreviousFiles, build_spec, container_name, previous_files
-from .errors import LabvmError, StateError
+from .errors import ImageError, LabvmError, StateError
 from .images import ensure_image_on, image_in_catalog
 from .journal import check_lock
 from .plan import Context, Findings, Kind, Step
@@ -90,14 +90,20 @@ class DesktopKind(Kind):
                 c.detail = check_lock(self.ctx.db, self.user)
         return desktop
 
-    def check_node(self, f: Findings) -> None:
-        """The node answers, has the desktop image, and can mount MooseFS (in check mode)."""
+    def check_node(self, f: Findings, image_needed: bool = True) -> None:
+        """The node answers, has the desktop's image (or this admin host has it to send), and
+        can mount MooseFS (in check mode)."""
         with f.check("node") as c:
             s = self.session()
             s.alive(15)
             c.detail = f"{self.node_name} answers over SSH"
         with f.check("image") as c:
-            c.detail = self.image_detail(s, self.desktop().image)
+            try:
+                c.detail = self.image_detail(s, self.desktop().image)
+            except ImageError as exc:
+                if image_needed:
+                    raise
+                c.detail = f"{exc}; not needed to remove the desktop"
         with f.check("MooseFS") as c:
             mounted = s.run(self.calls.mount_mfs(), check=True).get("mounted")
             c.detail = (f"mounted on {self.node_name}" if mounted else f"not mounted on {self.node_name} yet; the first step mounts it")
@@ -236,7 +242,7 @@ class RemoveKind(DesktopKind):
 
     def checks(self, f: Findings) -> None:
         desktop = self.check_desktop(f, ("running", "stopped", "creating", "error"))
-        self.check_node(f)
+        self.check_node(f, image_needed=False)
         if not self.p.get("purge"):
             with f.check("versions") as c:
                 s = self.session()
@@ -275,7 +281,10 @@ class RemoveKind(DesktopKind):
         s, base, calls = self.session(), self.desktop().version, self.calls
         s.run(calls.mount_mfs())
         target = self.publish_target(s)
-        self.desktops.publish(s, self.user, base, target, "remove", self.desktop().image)
+        # Over its image where the node holds it; without, the version keeps every whiteout.
+        image = self.desktop().image
+        held = {i["id"] for i in s.run(image_status(self.cfg))["images"]}
+        self.desktops.publish(s, self.user, base, target, "remove", image if image in held else None)
         s.run(calls.reset_upper())
         self.ctx.say(f"{self.user}'s files are kept on MooseFS as v{target}")
 

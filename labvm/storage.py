@@ -332,6 +332,8 @@ class RestoreKind(SolidifyKind):
                     self.ctx.remember(version_image=image)
                 if self.p.get("version_image"):
                     c.detail += f", over image {self.p['version_image'][:12]}: the desktop goes back to that image too"
+                    with f.check("version's image") as c2:
+                        c2.detail = self.image_detail(s, self.p["version_image"])
             else:
                 c.detail = f"MooseFS is not mounted on {self.node_name}: version {version} is looked for under the lock"
 

@@ -242,6 +242,7 @@ def times(desktop: dict) -> Text:
 
 def storage_cell(desktop: dict) -> Text:
     text = Text(f"v{desktop['last_version']}" if desktop["last_version"] is not None else "v?")
+    text.append(f" img {image_short(desktop.get('image'))}", style="dim")
     text.append("\nsync ").append_text(sync_cell(desktop["sync"]))
     disk = desktop.get("disk") or {}
     if disk.get("size"):
@@ -249,6 +250,11 @@ def storage_cell(desktop: dict) -> Text:
         style = level_style(disk["used"] / disk["size"]) if disk.get("used") is not None else ""
         text.append("\ndisk ").append(f"{used}/{human_size(disk['size'])}", style=style)
     return text
+
+
+def image_short(image: str | None) -> str:
+    """An image id as status shows it: its first 8 hex digits (`labvm image list` has more)."""
+    return image[:8] if image else "?"
 
 
 def desktops_table(document: dict, sort: str = "user") -> Table:
@@ -558,7 +564,7 @@ def aligned(rows: list[list[str]]) -> list[str]:
 
 NODE_HEADER = ["NODE", "HOST", "STATUS", "CPU", "CPUS", "LOAD", "MEM", "SWAP", "DISK", "MFS_FREE", "GPUS", "PROBLEMS"]
 DESKTOP_HEADER = ["DESKTOP", "NODE", "STATE", "CONTAINER", "RUNS_ON", "OPERATION", "CPU", "MEM", "GPUS", "GPU_MEM",
-                  "GPU_PROCS", "IO_R/W", "NET_RX/TX", "UP", "IDLE", "VERSION", "SYNC", "DISK", "VNC", "NOTE"]
+                  "GPU_PROCS", "IO_R/W", "NET_RX/TX", "UP", "IDLE", "VERSION", "IMAGE", "SYNC", "DISK", "VNC", "NOTE"]
 
 
 def size_pair(figures: dict | None, first: str, second: str) -> str:
@@ -627,6 +633,7 @@ def desktop_words(d: dict) -> list[str]:
         figure(human_duration(d["uptime_s"])),
         human_duration(d["idle_s"]) if d["idle_s"] is not None else "-",
         f"v{d['last_version']}" if d["last_version"] is not None else "v?",
+        word(d["image"][:12]) if d.get("image") else "-",
         lag + ("" if not sync or sync.get("running") else "(stopped)"),
         f"{human_size(disk['used']) if disk.get('used') is not None else '-'}/{human_size(disk.get('size'))}" if disk else "-",
         word(d["vnc"]) if d["vnc"] else "-",
