@@ -22,6 +22,7 @@ Target: labvm / plain <= 2. Run as root, holding the testbed lock:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -42,7 +43,7 @@ USERS = ("benchs", "benchc")
 PASSWORD = "bench-Pw-5120"
 NODE, NODE_IP = "n1", "10.213.0.11"
 PLAIN_IMAGE, PLAIN_NAME, PLAIN_PORT = "labvm-bench/plain:1", "labvm-bench-plain", 29901
-XFCE_LOCAL = "/var/lib/labvm/xfce_local"
+IMAGES = "/var/lib/labvm/images"  # one tree per image id on the node
 
 
 def run(argv, env=None, timeout=3600, stdin="", check=True) -> subprocess.CompletedProcess:
@@ -91,9 +92,9 @@ def plain_start(over_ssh: bool = False) -> float:
     return time.monotonic() - started
 
 
-def make_plain_container() -> None:
+def make_plain_container(image: str) -> None:
     on_node("docker", "rm", "-f", PLAIN_NAME, check=False)
-    on_node("sh", "-c", f"tar -C {XFCE_LOCAL} -c . | docker import - {PLAIN_IMAGE}")
+    on_node("sh", "-c", f"tar -C {IMAGES}/{image} -c . | docker import - {PLAIN_IMAGE}")
     on_node("docker", "create", "--name", PLAIN_NAME, "-p", f"{NODE_IP}:{PLAIN_PORT}:5901", "--memory", "1g",
             PLAIN_IMAGE, "Xtigervnc", ":1", "-rfbport", "5901", "-SecurityTypes", "None", "-geometry", "1280x800")
 
@@ -112,15 +113,15 @@ def main() -> int:
             shutil.copy2(TESTBED_DIR / "admin" / name, admin / name)
         env = {**os.environ, "LABVM_CONFIG": str(admin / "bkConfxml.xml"), "COLUMNS": "200"}
         labvm(env, "init")
-        labvm(env, "image", "build", "--desktop", "minimal")
-        labvm(env, "image", "push")
+        image = json.loads(labvm(env, "image", "build", "--desktop", "minimal", "--json"))["sha256"]
+        labvm(env, "image", "push", image)
         labvm(env, "node", "check", NODE)  # mounts MooseFS there, for the wipe below
         for user in USERS:
             labvm(env, "user", "add", user, "--password-stdin", stdin=PASSWORD + "\n")
             on_node("rm", "-rf", f"/mnt/labvm-mfs/vms/{user}", f"/var/lib/labvm/data/vms/{user}", check=False)
         user, fresh = USERS
         labvm(env, "create", user, "--node", NODE, "--memory", "1g")
-        make_plain_container()
+        make_plain_container(image)
 
         create_s = timed(lambda: labvm(env, "create", fresh, "--node", NODE, "--memory", "1g"))
         labvm_s, plain_s, ssh_s = [], [], []
