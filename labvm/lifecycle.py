@@ -111,6 +111,8 @@ class DesktopKind(Kind):
     def image_detail(self, s, image: str) -> str:
         """Whether the node holds image `image`; where it does not, the admin host must (the
         image step sends it)."""
+        if image is None:
+            return "the desktop has no image recorded (one from before images had ids)"
         if image in {i["id"] for i in s.run(image_status(self.cfg))["images"]}:
             return f"image {image[:12]} is on {s.node.name}"
         found = image_in_catalog(self.ctx.home.images_dir, image)

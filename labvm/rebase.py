@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .errors import BadInput, LabvmError
+from .errors import BadInput, LabvmError, StateError
 from .images import SHORT, find_image, image_in_catalog, image_manifest
 from .lifecycle import plan_on_desktop
 from .plan import Findings, Step
@@ -66,6 +66,14 @@ class RebaseKind(SolidifyKind):
     reason = "rebase"
     commit = None
 
+    def desktop(self):
+        """A desktop with no image recorded and none its node could be adopted with is rebased
+        from an unknown image: its version keeps every whiteout."""
+        try:
+            return super().desktop()
+        except StateError:
+            return self.desktops.get(self.ctx.db, self.user)
+
     def checks(self, f: Findings) -> None:
         desktop = self.check_desktop(f, ("running", "stopped"))
         new = self.p["image"]
@@ -75,7 +83,8 @@ class RebaseKind(SolidifyKind):
             if desktop.image == new:
                 raise BadInput(f"{self.user}'s desktop runs over image {new[:SHORT]} already")
             found = image_in_catalog(self.ctx.home.images_dir, new)
-            c.detail = f"{desktop.image[:SHORT]} ({self._kind_of(desktop.image)}) to {found.short} ({found.desktop})"
+            old = f"{desktop.image[:SHORT]} ({self._kind_of(desktop.image)})" if desktop.image else "an unknown image"
+            c.detail = f"{old} to {found.short} ({found.desktop})"
         self.check_node(f)
         with f.check("node's image") as c:
             c.detail = self.image_detail(self.session(), new)
@@ -93,6 +102,8 @@ class RebaseKind(SolidifyKind):
 
     def _conflicts(self, desktop) -> str:
         """Read on the node (the member's paths) and here (what each image holds)."""
+        if desktop.image is None:
+            return "not known: the desktop's image is not known to compare with"
         try:
             old = image_in_catalog(self.ctx.home.images_dir, desktop.image)
         except LabvmError:

@@ -314,6 +314,7 @@ class FakeNode(TypedCalls):
         self.reachable = True
         self.mfs_mounted = False
         self.images = {IMAGE}  # the ids of the desktop images pushed here
+        self.legacy: str | None = None  # the id of the image in xfce_local, from before images had ids
         self.docker_images: set[str] = set()
         self.isolated = self.runtime = False
         self.facts = {"gpus": [{"index": i, "uuid": f"GPU-{node.name}-{i}", "name": "Fake GPU"} for i in range(gpus)],
@@ -515,13 +516,15 @@ class FakeNode(TypedCalls):
         def users(image):
             return [f"{self.node.data_dir}/vms/{user}/merge_local" for user, d in self.desks.items()
                     if d.stack is not None and d.image == image]
-        return False, {"images": [{"id": image, "legacy": False, "desktop": "minimal", "in_use_by": users(image)}
-                                  for image in sorted(self.images)]}
+        held = [{"id": image, "legacy": False, "desktop": "minimal", "in_use_by": users(image)} for image in sorted(self.images)]
+        if self.legacy is not None:
+            held.append({"id": self.legacy, "legacy": True, "desktop": "minimal", "in_use_by": users(self.legacy)})
+        return False, {"images": held}
 
     @action("image", "ensure_unpacked")
     def _image_ensure_unpacked(self, p: dict, check: bool):
-        changed = p["sha256"] not in self.images
-        if not check:
+        changed = p["sha256"] not in self.images | {self.legacy}
+        if changed and not check:
             self.images.add(p["sha256"])
         return changed, {"id": p["sha256"]}
 
@@ -583,7 +586,7 @@ class FakeNode(TypedCalls):
         user, version = p["user"], p["version"]
         self._mine(p)
         self._require_mfs()
-        if p["image"]["id"] not in self.images:
+        if p["image"]["id"] not in self.images | {self.legacy}:
             self._refuse("image_missing", f"desktop image {p['image']['id'][:12]} is not on this node")
         desk = self.desks.get(user) or Desk()
         if desk.stack is not None and desk.stack != version:

@@ -255,3 +255,41 @@ def test_image_gc_removes_only_what_no_desktop_on_that_node_uses(home, cluster, 
     assert main(["image", "gc"]) == 0
     assert cluster["n1"].images == {IMAGE_B} and cluster["n2"].images == {IMAGE}
     assert runs_over(cluster, IMAGE_B) and runs_over(cluster, IMAGE, node="n2", user="bob")
+
+
+# -- desktops from before images had ids -----------------------------------------------------------
+@pytest.mark.parametrize("how", ["start", "switch"])
+def test_a_desktop_without_an_image_is_adopted_with_its_nodes_legacy_image(home, cluster, how):
+    """A desktop made when nodes held one image (in xfce_local) has no image recorded: its
+    next start (or switch) records the one its node holds there, and runs over it."""
+    from labvm.desktops import Desktops
+    from labvm.switch import Switcher
+
+    stop_alice(home)
+    with home.state() as db:
+        db.update_desktop("alice", image=None)
+    cluster["n1"].images.discard(IMAGE)
+    cluster["n1"].legacy = IMAGE
+    if how == "start":
+        Desktops(home).start("alice")
+        assert row(home)["image"] == IMAGE and runs_over(cluster, IMAGE)
+        assert cluster["n1"].images == set()  # nothing pushed: the legacy tree is that image
+    else:
+        Switcher(home).switch("alice", "n2")
+        assert (row(home)["image"], row(home)["node"]) == (IMAGE, "n2")
+
+
+def test_a_desktop_without_an_image_on_a_node_without_a_legacy_one_is_refused_with_the_way_out(home, cluster):
+    from labvm.desktops import Desktops
+
+    stop_alice(home)
+    with home.state() as db:
+        db.update_desktop("alice", image=None)
+    with pytest.raises(LabvmError, match="rebase alice --image ID"):
+        Desktops(home).start("alice")
+    assert row(home)["image"] is None and row(home)["state"] == "stopped"
+    # The way out the message names: a rebase from the unknown image.
+    done = rebase(home, lambda _m: None, "alice", IMAGE_B[:12])
+    assert (done["image"], done["previous_image"]) == (IMAGE_B, None)
+    Desktops(home).start("alice")
+    assert row(home)["image"] == IMAGE_B and runs_over(cluster, IMAGE_B)
