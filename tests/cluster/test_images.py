@@ -162,3 +162,25 @@ def test_image_roll_stops_at_the_first_failure_and_leaves_that_desktop_as_it_was
         assert inside(lab, "bob", f"test -e {B_ONLY} || echo on-a").stdout == "on-a\n"
     finally:
         node_sh("n1", f"rm -rf {IMAGES}/{b}", check=False)
+
+
+def test_a_desktop_from_before_images_had_ids_is_adopted_at_its_next_start(lab):
+    """The layout of a labvm with one image per node: the image in xfce_local, the desktop's
+    record without an image. Its next start records that image and runs over it."""
+    import sqlite3
+
+    alice = status_of(lab, "alice")
+    image, node = alice["image"], alice["node"]
+    assert lab.labvm("stop", "alice", timeout=600).returncode == 0
+    node_sh(node, f"rm -rf /var/lib/labvm/xfce_local && mv {IMAGES}/{image} /var/lib/labvm/xfce_local")
+    with sqlite3.connect(lab.home / "state.db") as db:
+        db.execute("UPDATE vms SET image = NULL WHERE user = 'alice'")
+    assert status_of(lab, "alice")["image"] is None
+    started = lab.labvm("start", "alice", timeout=600)
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert f"runs over image {image[:12]}" in " ".join(started.stdout.split())
+    alice = status_of(lab, "alice")
+    assert (alice["image"], alice["state"]) == (image, "running")
+    assert image_list(lab)[image]["desktops"] == ["alice"]
+    assert alice_files(lab).startswith("marker\nmine\n")
+    assert node_sh(node, f"test -e {IMAGES}/{image}", check=False).returncode != 0  # nothing pushed: xfce_local is it
