@@ -141,7 +141,7 @@ def held(store: dict) -> list[dict]:
     images = []
     try:
         names = sorted(os.listdir(store["images"]))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         names = []
     for name in names:
         tree = os.path.join(store["images"], name)

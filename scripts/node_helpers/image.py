@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import secrets
 import tarfile
 import time
@@ -54,7 +55,7 @@ from _tree import remove_tree
 # Written into the image by `labvm image build`: what desktop it is and when it was built.
 IMAGE_METADATA = "etc/labvm-image"
 IMAGE_METADATA_MAX_BYTES = 64 * 1024
-IMAGE_METADATA_KEYS = ("desktop", "built", "suite", "packages")
+IMAGE_METADATA_KEYS = ("desktop", "built", "suite", "packages", "package_count")
 LOCK_NAME = ".lock"
 UNPACK_TIMEOUT_S = 3600.0
 HASH_CHUNK = 1 << 20
@@ -121,6 +122,7 @@ def ensure_unpacked(params: dict, check: bool) -> Result:
     if resolve(ref) is not None:
         return Result(changed=False, data={"id": wanted, "path": resolve(ref)})
     refuse_unsafe_store(store["images"])
+    refuse_replacing_a_tree_in_use(os.path.join(store["images"], wanted))
     if check:
         return Result(changed=True, data={"id": wanted, "path": None})
     if not os.path.isfile(tarball):
@@ -130,10 +132,11 @@ def ensure_unpacked(params: dict, check: bool) -> Result:
     with exclusive_lock(os.path.join(store["images"], LOCK_NAME)):
         if resolve(ref) is not None:  # another unpack of it finished while we waited
             return Result(changed=False, data={"id": wanted, "path": resolve(ref)})
-        remove_leftovers(store["images"])
+        remove_leftovers(store)
+        target = os.path.join(store["images"], wanted)
+        refuse_replacing_a_tree_in_use(target)
         verify_sha256(tarball, wanted)
         incoming = unpack_beside(store["images"], tarball)
-        target = os.path.join(store["images"], wanted)
         try:
             write_marker(incoming, wanted)
             if os.path.lexists(target):  # a tree of that name that is not that image
@@ -144,6 +147,19 @@ def ensure_unpacked(params: dict, check: bool) -> Result:
             remove_quietly(incoming)
             raise
     return Result(changed=True, data={"id": wanted, "path": target})
+
+
+def refuse_replacing_a_tree_in_use(target: str) -> None:
+    """A tree at the image's name that is not that image (its marker lost or damaged) is
+    replaced, unless an overlay still has it as a lower layer: a desktop runs on it."""
+    users = overlays_using(target) if os.path.lexists(target) else []
+    if users:
+        shown = ", ".join(users[:5]) + (" ..." if len(users) > 5 else "")
+        raise PreconditionFailed(
+            f"{target} is not a complete image (no valid {MARKER}) but is in use as an overlay lower layer by {shown}; "
+            "stop those desktops, then push the image again",
+            "image_in_use",
+        )
 
 
 def refuse_unsafe_store(images: str) -> None:
@@ -173,14 +189,28 @@ class exclusive_lock:
         os.close(self.fd)
 
 
-def remove_leftovers(images: str) -> None:
-    """Trees left by an unpack or a removal that crashed; only called with the lock held."""
+def remove_leftovers(store: dict) -> None:
+    """Trees left by an unpack or a removal that crashed: in the store, and beside the legacy
+    tree (a removal sets it aside there); only called with the lock held."""
+    images = store["images"]
     for name in os.listdir(images):
         if name.startswith(INCOMING_PREFIX) or name.startswith(OLD_PREFIX):
-            path = os.path.join(images, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                log(f"removing leftover {path}")
-                remove_quietly(path)
+            remove_leftover(os.path.join(images, name))
+    parent, base = os.path.split(store["legacy"])
+    legacy_aside = re.compile(re.escape(f"{OLD_PREFIX}{base}-") + "[0-9a-f]{8}")
+    try:
+        names = os.listdir(parent)
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    for name in names:
+        if legacy_aside.fullmatch(name):
+            remove_leftover(os.path.join(parent, name))
+
+
+def remove_leftover(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        log(f"removing leftover {path}")
+        remove_quietly(path)
 
 
 def remove_quietly(path: str) -> None:
@@ -280,6 +310,7 @@ def remove(params: dict, check: bool) -> Result:
         users = [user for tree in trees for user in overlays_using(tree)]
         if users:
             raise PreconditionFailed(f"image {wanted[:12]} came into use while it was being removed", "image_in_use")
+        remove_leftovers(store)
         for tree in trees:
             remove_tree(set_aside(tree))
     return Result(changed=True, data={"id": wanted, "removed": trees})

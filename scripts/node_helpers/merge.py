@@ -474,12 +474,17 @@ def changed_paths(params: dict, check: bool) -> Result:
             continue
         try:
             for cursor, entry in walk_tree(root):
+                path = os.fsdecode(cursor.rel(entry.name))
+                if path in found:  # changed in the version and again since: one path
+                    continue
                 if len(found) >= params["limit"]:
                     truncated = True
                     break
-                found.add(os.fsdecode(cursor.rel(entry.name)))
+                found.add(path)
         finally:
             os.close(root)
+        if truncated:
+            break
     return Result(changed=False, data={"paths": sorted(found), "truncated": truncated})
 
 

@@ -3,11 +3,13 @@ subprocess, JSON on stdin, as root, against a tmpfs standing in for MooseFS (the
 back to cp -a there). A desktop session on a real overlay makes the upper layer, and a crash
 at any point of a publish must leave the base version and up_mfs as they were."""
 
+import hashlib
 import io
 import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -32,6 +34,8 @@ from .conftest import assert_reply_shape, only_json_object
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts tmpfs and overlays: needs root")
 
 USER = "alice"
+IMAGE_ID = hashlib.sha256(b"the test desktop image").hexdigest()
+IMAGE_MARKER = ".labvm-image.json"
 HELPER_STEPS = ("copied_lower", "copied_upper", "merged", "described", "published")
 
 
@@ -89,6 +93,8 @@ def write(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 def build_image(image: Path) -> None:
+    """The desktop image as the image helper leaves it in the store: <images>/<id>, with its marker."""
+    write(image / IMAGE_MARKER, json.dumps({"sha256": IMAGE_ID, "desktop": "minimal"}))
     for index in range(3):
         write(image / "usr/share/doc" / f"pkg{index}" / "README", f"image doc {index}")
     write(image / "etc/motd", "image motd")
@@ -150,8 +156,8 @@ def desktop_session(mfs_mount: Path, image: Path, user_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def pristine(mfs):
     """A user dir (v0 empty, v1, up_mfs after a session) to copy fresh for each test, the
-    image, and the view the session ended with."""
-    image = mfs / "image"
+    image (in an image store on the node), and the view the session ended with."""
+    image = mfs / "images" / IMAGE_ID
     build_image(image)
     source = mfs / "pristine"
     (source / "low_mfs.v0").mkdir(parents=True)
@@ -176,14 +182,16 @@ def desk(mfs, pristine):
 class Desk:
     def __init__(self, mfs_mount, user_dir, image, view, params):
         self.mfs_mount, self.user_dir, self.image, self.view, self.params = mfs_mount, user_dir, image, view, params
+        # The image as a helper is told of it: its id, the node's store and legacy tree.
+        self.image_ref = {"id": IMAGE_ID, "images": str(image.parent), "legacy": str(mfs_mount / "xfce_local")}
 
     def publish(self, bundle_dir, env=None, **extra):
-        params = {**self.params, "base": 1, "reason": "backup", "image": str(self.image), **extra}
+        params = {**self.params, "base": 1, "reason": "backup", "image": self.image_ref, **extra}
         return call(bundle_dir, "publish", params, env=env)
 
     def publish_raw(self, bundle_dir, env):
         """A publish that may be killed: no reply is expected, only how it ended."""
-        params = {**self.params, "base": 1, "reason": "backup", "image": str(self.image)}
+        params = {**self.params, "base": 1, "reason": "backup", "image": self.image_ref}
         request = json.dumps({"action": "publish", "params": params})
         return subprocess.run(
             [sys.executable, "-I", str(bundle_dir / ENTRY), "merge"], input=request.encode(), capture_output=True,
@@ -230,8 +238,8 @@ def test_publish_makes_the_next_version_show_what_the_desktop_showed(installed_b
     assert desk.leftovers() == []
     metadata = json.loads((desk.user_dir / "low_mfs.v2.json").read_text())
     expected_files = sum(1 for p in (desk.user_dir / "low_mfs.v2").rglob("*") if p.is_file() and not p.is_symlink())
-    assert metadata == {key: data[key] for key in ("version", "base", "created", "files", "bytes", "reason")}
-    assert metadata["reason"] == "backup"
+    assert metadata == {key: data[key] for key in ("version", "base", "created", "files", "bytes", "reason", "image")}
+    assert metadata["reason"] == "backup" and metadata["image"] == IMAGE_ID
     assert metadata["files"] == expected_files and metadata["bytes"] > 8 << 20
 
 
@@ -275,8 +283,54 @@ def test_publish_refuses_a_reason_it_does_not_know(installed_bundle, desk, reaso
 
 
 def test_publish_needs_a_reason(installed_bundle, desk):
-    code, reply, _ = call(installed_bundle, "publish", {**desk.params, "base": 1, "image": str(desk.image)})
+    code, reply, _ = call(installed_bundle, "publish", {**desk.params, "base": 1, "image": desk.image_ref})
     assert code == 2 and reply["error"]["code"] == "missing_param"
+
+
+def test_publish_over_an_image_the_node_lacks_is_refused(installed_bundle, desk):
+    before = desk.layers()
+    other = hashlib.sha256(b"an image this node never had").hexdigest()
+    for check in (True, False):
+        code, reply, _ = call(installed_bundle, "publish", {**desk.params, "base": 1, "reason": "backup",
+                                                            "image": {**desk.image_ref, "id": other}}, check=check)
+        assert code == 3 and reply["error"]["code"] == "image_missing"
+        assert other[:12] in reply["error"]["msg"]
+    assert not (desk.user_dir / "low_mfs.v2").exists() and not (desk.user_dir / "low_mfs.v2.json").exists()
+    assert desk.layers() == before and desk.leftovers() == []
+
+
+@pytest.mark.parametrize("image, fragment", [
+    ("/var/lib/labvm/xfce_local", "must be an object with 'id', 'images' and 'legacy'"),
+    ({"id": IMAGE_ID, "images": "/var/lib/labvm/images"}, "must be an object with 'id', 'images' and 'legacy'"),
+    ({"id": "abc", "images": "/var/lib/labvm/images", "legacy": "/var/lib/labvm/xfce_local"}, "must be an image id"),
+    ({"id": IMAGE_ID, "images": "/var/lib/a,b", "legacy": "/var/lib/labvm/xfce_local"}, "must not contain ','"),
+])
+def test_publish_refuses_a_malformed_image_reference(installed_bundle, desk, image, fragment):
+    code, reply, _ = desk.publish(installed_bundle, image=image)
+    assert code == 2 and reply["error"]["code"] == "bad_param" and fragment in reply["error"]["msg"]
+    assert not (desk.user_dir / "low_mfs.v2").exists()
+
+
+def test_publish_over_an_image_held_in_the_legacy_tree_records_its_id(installed_bundle, desk):
+    in_store, legacy = desk.image, Path(desk.image_ref["legacy"])
+    in_store.rename(legacy)  # the store lacks it: only the tree of the labvm of one image per node has it
+    try:
+        code, reply, stderr = desk.publish(installed_bundle)
+        assert code == 0, stderr
+        assert reply["data"]["image"] == IMAGE_ID
+        assert json.loads((desk.user_dir / "low_mfs.v2.json").read_text())["image"] == IMAGE_ID
+        desk.image = legacy
+        desk.shows_the_session(2)
+    finally:
+        legacy.rename(in_store)
+
+
+def test_publish_without_an_image_records_none(installed_bundle, desk):
+    code, reply, stderr = desk.publish(installed_bundle, image=None)
+    assert code == 0, stderr
+    assert "image" not in json.loads((desk.user_dir / "low_mfs.v2.json").read_text())
+    code, reply, _ = call(installed_bundle, "versions", desk.params)
+    assert code == 0 and [v["image"] for v in reply["data"]["versions"]] == [None, None, None]
 
 
 def test_the_helper_publishes_with_the_reasons_retention_knows(bundle):
@@ -376,7 +430,9 @@ def test_versions_lists_every_version_with_its_metadata(installed_bundle, desk):
     versions = reply["data"]["versions"]
     assert [v["version"] for v in versions] == [0, 1, 2]
     v0, v2 = versions[0], versions[2]
-    assert v0["files"] is None and v0["base"] is None
+    assert v0["files"] is None and v0["base"] is None and v0["image"] is None
+    assert versions[1]["image"] is None  # no metadata: published before versions named their image
+    assert v2["image"] == IMAGE_ID
     assert v0["created"] == pytest.approx(os.lstat(desk.user_dir / "low_mfs.v0").st_mtime)
     assert v2["base"] == 1 and v2["files"] > 0
 
@@ -434,6 +490,112 @@ def test_remove_version_refuses_a_version_mounted_here(installed_bundle, desk, t
     finally:
         detach(tmp_path)
     assert code == 3 and reply["error"]["code"] == "version_in_use"
+
+
+# --- changed_paths --------------------------------------------------------------------------
+
+
+def changed_paths(bundle_dir, params, **extra):
+    return call(bundle_dir, "changed_paths", {**params, "version": 1, **extra})
+
+
+def non_directories(root: Path) -> set[str]:
+    """Every entry below root that is not a directory, relative, by lstat: os.walk names a
+    symlink to a directory among the directories and, not following links, never enters it."""
+    found = set()
+    for directory, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(directory) / name
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                found.add(str(path.relative_to(root)))
+    return found
+
+
+def test_changed_paths_lists_files_and_whiteouts_of_the_version_and_up_mfs(installed_bundle, desk):
+    before = desk.layers()
+    code, reply, stderr = changed_paths(installed_bundle, desk.params)
+    assert code == 0 and reply["changed"] is False, stderr
+    paths, up_mfs = reply["data"]["paths"], desk.user_dir / "up_mfs"
+    assert reply["data"]["truncated"] is False
+    assert paths == sorted(set(paths))
+    assert set(paths) == non_directories(desk.user_dir / "low_mfs.v1") | non_directories(up_mfs)
+    # Deletions are changes: the whiteouts of the session, of the version's files and of the image's.
+    for whiteout in ("home/alice/project0", "home/alice/project10", "etc/motd", "usr/share/doc/pkg1"):
+        assert stat.S_ISCHR(os.lstat(up_mfs / whiteout).st_mode) and whiteout in paths
+    for member in ("home/alice/project4/file3.txt", "home/alice/project1/file0.txt", "home/alice/.bashrc.link",
+                   "home/alice/project2/fresh", "home/alice/new/n0/hard", "home/alice/link", "home/alice/fifo",
+                   "opt/tool/mine", "home/alice/.labvm-merge-trash/inside"):
+        assert member in paths
+    # Directories are not changes, an opaque one neither: what it hides is in the image.
+    for directory in ("home", "home/alice", "usr/share/doc", "home/alice/project2", "opt/tool", "home/alice/new/n0"):
+        assert directory not in paths
+    assert not any(path.startswith("/") or path.startswith("low_mfs") or path.startswith("up_mfs") for path in paths)
+    assert desk.layers() == before and desk.leftovers() == []
+
+
+def test_changed_paths_of_another_version_reads_that_version(installed_bundle, desk):
+    code, reply, _ = changed_paths(installed_bundle, desk.params, version=0)
+    assert code == 0 and set(reply["data"]["paths"]) == non_directories(desk.user_dir / "up_mfs")
+    assert "home/alice/project4/file3.txt" not in reply["data"]["paths"]
+
+
+def test_changed_paths_never_follow_a_symlink(installed_bundle, desk, tmp_path):
+    outside = tmp_path / "outside"
+    write(outside / "secret", "a file of the node")
+    (desk.user_dir / "up_mfs/home/alice/door").symlink_to(outside)
+    (desk.user_dir / "low_mfs.v1/srv").symlink_to(outside)
+    (desk.user_dir / "up_mfs/home/alice/dangling").symlink_to("/nowhere/at/all")
+    code, reply, stderr = changed_paths(installed_bundle, desk.params)
+    assert code == 0, stderr
+    paths = reply["data"]["paths"]
+    assert {"home/alice/door", "srv", "home/alice/dangling"} <= set(paths)
+    assert not any(path.startswith(("home/alice/door/", "srv/")) or path.endswith("secret") for path in paths)
+    # A version that is a symlink (to another version) is not read through either.
+    (desk.user_dir / "low_mfs.v3").symlink_to("low_mfs.v1")
+    code, reply, _ = changed_paths(installed_bundle, desk.params, version=3)
+    assert code == 0 and set(reply["data"]["paths"]) == non_directories(desk.user_dir / "up_mfs")
+
+
+def test_changed_paths_stop_at_the_limit(installed_bundle, desk):
+    every = changed_paths(installed_bundle, desk.params)[1]["data"]["paths"]
+    assert len(every) > 60
+    for limit in (1, 5, len(every) - 1):
+        code, reply, _ = changed_paths(installed_bundle, desk.params, limit=limit)
+        assert code == 0 and reply["data"]["truncated"] is True
+        assert len(reply["data"]["paths"]) == limit and set(reply["data"]["paths"]) <= set(every)
+    code, reply, _ = changed_paths(installed_bundle, desk.params, limit=len(every))
+    assert code == 0 and reply["data"] == {"paths": every, "truncated": False}
+
+
+def test_a_path_changed_in_the_version_and_again_in_up_mfs_counts_once(installed_bundle, mfs):
+    user_dir = mfs / "vms" / "bob"
+    try:
+        write(user_dir / "low_mfs.v1/notes.txt", "in the version")
+        write(user_dir / "up_mfs/notes.txt", "changed again since")
+        params = {"user": "bob", "mfs_mount": str(mfs)}
+        for limit in (1, 2):
+            code, reply, _ = changed_paths(installed_bundle, params, limit=limit)
+            assert code == 0 and reply["data"] == {"paths": ["notes.txt"], "truncated": False}
+    finally:
+        shutil.rmtree(user_dir)
+
+
+def test_changed_paths_of_a_user_without_files_is_empty(installed_bundle, desk):
+    code, reply, _ = changed_paths(installed_bundle, {**desk.params, "user": "nobody"})
+    assert code == 0 and reply["data"] == {"paths": [], "truncated": False}
+
+
+@pytest.mark.parametrize("params, code_name", [
+    ({"version": None}, "missing_param"),
+    ({"limit": 0}, "bad_param"),
+    ({"limit": True}, "bad_param"),
+    ({"version": -1}, "bad_param"),
+    ({"depth": 3}, "unknown_param"),
+])
+def test_bad_changed_paths_params_are_refused(installed_bundle, desk, params, code_name):
+    request = {key: value for key, value in {**desk.params, "version": 1, **params}.items() if value is not None}
+    code, reply, _ = call(installed_bundle, "changed_paths", request)
+    assert code == 2 and reply["error"]["code"] == code_name
 
 
 # --- crashes --------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ MIB = 1 << 20
 ALICE_ID = "a" * 63 + "1"
 BOB_ID = "b" * 63 + "2"
 STRAY_ID = "c" * 63 + "3"
-NODE_KEYS = {"cpu_percent", "cpus", "load", "memory", "swap", "disk", "mfs", "gpus", "gpu_error", "docker_error"}
+NODE_KEYS = {"cpu_percent", "cpus", "load", "memory", "swap", "disk", "mfs", "gpus", "gpu_error", "docker_error", "images"}
 DESKTOP_KEYS = {"user", "container", "state", "started_at", "uptime_s", "gpus", "cpu_percent", "memory", "blkio", "net", "gpu_memory",
                 "gpu_processes", "sync", "last_version", "disk"}
 
@@ -518,6 +518,7 @@ def test_desktops_from_cgroups_with_gpu_processes_mapped_by_cgroup(run_helper, t
     assert sorted(desktops) == ["alice", "bob", "carol"]
     assert all(set(d) == DESKTOP_KEYS for d in data["desktops"])
     assert set(data["node"]) == NODE_KEYS
+    assert data["node"]["images"] is None  # not asked: no image store given
     alice, bob, carol = desktops["alice"], desktops["bob"], desktops["carol"]
     assert 150 <= alice["cpu_percent"] <= 250, alice["cpu_percent"]
     assert bob["cpu_percent"] == 0.0
@@ -544,6 +545,19 @@ def test_desktops_from_cgroups_with_gpu_processes_mapped_by_cgroup(run_helper, t
         {"pid": 4500, "used_memory": 30 * MIB, "user": None, "container": None},
         {"pid": 9999, "used_memory": 40 * MIB, "user": None, "container": None},
     ]
+
+
+def test_the_images_the_node_holds_are_reported_by_id(run_helper, tmp_path):
+    store = {"images": str(tmp_path / "images"), "legacy": str(tmp_path / "xfce_local")}
+    first, second = "1" * 64, "2" * 64
+    for tree, image_id in ((tmp_path / "images" / first, first), (tmp_path / "images" / second, second),
+                           (tmp_path / "xfce_local", first)):
+        write(tree / ".labvm-image.json", json.dumps({"sha256": image_id, "desktop": "xfce"}))
+    (tmp_path / "images" / ("3" * 64) / "etc").mkdir(parents=True)  # no marker: not an image
+    data = sample(run_helper, data_dir=str(tmp_path), mfs_mount=str(tmp_path), image_store=store)
+    assert data["node"]["images"] == [first, second]
+    data = sample(run_helper, data_dir=str(tmp_path), mfs_mount=str(tmp_path), image_store={**store, "images": str(tmp_path / "none")})
+    assert data["node"]["images"] == [first]
 
 
 def test_a_silent_dockerd_leaves_the_node_figures(run_helper, tmp_path, fake_docker):

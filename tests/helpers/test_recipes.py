@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from labvm.config import Node, add_node_to_file, parse_config
-from labvm.remote.recipes import DesktopCalls, isolation_params, mount_mfs
+from labvm.remote.recipes import DesktopCalls, image_status, isolation_params, mount_mfs, remove_image, unpack_image
 
 REPO = Path(__file__).resolve().parents[2]
+IMAGE = "0123456789abcdef" * 4
 
 
 @pytest.fixture
@@ -18,7 +19,7 @@ def calls(tmp_path):
     shutil.copy(REPO / "labvm" / "schema" / "bkConfxml.xml", path)
     add_node_to_file(path, Node(name="n1", host="10.0.0.11"))
     cfg = parse_config(path)
-    return DesktopCalls(cfg, cfg.node("n1"), "alice")
+    return DesktopCalls(cfg, cfg.node("n1"), "alice", image=IMAGE)
 
 
 def every_call(calls: DesktopCalls):
@@ -40,19 +41,24 @@ def every_call(calls: DesktopCalls):
     yield calls.set_owner(op=7, member="0" * 32)
     yield calls.release_owner()
     yield calls.versions()
+    yield calls.changed_paths(3)
     yield calls.publish(3, 4, "switch", upper="/mnt/labvm-mfs/vms/alice/up_mfs.snap-4")
+    yield image_status(calls.cfg)
+    yield unpack_image(calls.cfg, "/var/lib/labvm/incoming/labvm-xfce.tar.gz", IMAGE)
+    yield remove_image(calls.cfg, IMAGE)
 
 
 def test_every_typed_call_is_one_its_helper_accepts(bundle, calls):
     modules = {"mfs": bundle.mfs, "vm": bundle.vm, "sync": bundle.sync, "net": bundle.net, "runtime": bundle.runtime,
-               "merge": bundle.merge}
+               "merge": bundle.merge, "image": bundle.image}
     seen = set()
     for call in every_call(calls):
         action = modules[call.helper].ACTIONS[call.action]
         bundle.contract.validate_params(action.params, call.params)  # raises BadRequest if not
         seen.add(f"{call.helper}.{call.action}")
         assert call.timeout > 0
-    assert len(seen) == 19
+    assert len(seen) == 23
+    assert calls.publish(3, 4, "switch").params["image"] == {"id": IMAGE, **image_status(calls.cfg).params["store"]}
 
 
 def test_teardown_removes_the_container_before_the_sync_stops_and_the_layers_go():

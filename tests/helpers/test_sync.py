@@ -23,6 +23,7 @@ import pytest
 from .conftest import ENTRY, detach_everything_under, only_json_object
 
 USER = "alice"
+IMAGE_ID = hashlib.sha256(b"the test desktop image").hexdigest()
 WAIT_S = 20.0
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts overlays and keeps owners: needs root")
@@ -98,7 +99,7 @@ def write(path: Path, text: str) -> None:
 @pytest.fixture
 def node(tmp_path, bundle):
     """data/vms/alice/{disk/up_local,disk/work_local,low_local,merge_local} with low_local and a desktop
-    rootfs as lowers; mfs/vms/alice/up_mfs as the destination. Teardown kills every daemon
+    image from the image store (images/<id>, with its marker) as lowers; mfs/vms/alice/up_mfs as the destination. Teardown kills every daemon
     this test started (by the pids it wrote) and unmounts the overlay."""
     vm_dir = tmp_path / "data" / "vms" / USER
     layers = {name: vm_dir / name for name in ("low_local", "merge_local")}
@@ -106,9 +107,10 @@ def node(tmp_path, bundle):
     for path in layers.values():
         path.mkdir(parents=True)
     vm_dir.chmod(0o700)
-    xfce = tmp_path / "xfce_local"
-    for rel, text in {"etc/os-release": "desktop\n", "usr/bin/xterm": "#!/bin/sh\n"}.items():
-        write(xfce / rel, text)
+    image_tree = tmp_path / "images" / IMAGE_ID
+    marker = json.dumps({"sha256": IMAGE_ID, "desktop": "minimal"})
+    for rel, text in {"etc/os-release": "desktop\n", "usr/bin/xterm": "#!/bin/sh\n", ".labvm-image.json": marker}.items():
+        write(image_tree / rel, text)
     for rel, text in {
         "home/alice/notes.txt": "from the version\n",
         "home/alice/.profile": "export A=1\n",
@@ -122,7 +124,7 @@ def node(tmp_path, bundle):
     up_mfs.mkdir(parents=True)
     options = ",".join(
         [
-            f"lowerdir={layers['low_local']}:{xfce}",
+            f"lowerdir={layers['low_local']}:{image_tree}",
             f"upperdir={layers['up_local']}",
             f"workdir={layers['work_local']}",
             *bundle.stack.OVERLAY_FIXED_OPTIONS,

@@ -28,6 +28,10 @@ DISK = 64 << 20
 PASSWORD = "Pa55:word with spaces"
 GPU_A = "GPU-0c6a1f2e-1111-2222-3333-444444444444"
 GPU_B = "GPU-0c6a1f2e-5555-6666-7777-888888888888"
+IMAGE_ID = hashlib.sha256(b"the test desktop image").hexdigest()
+MARKER = ".labvm-image.json"
+# A well-formed image reference, for the requests refused before anything is looked at.
+SOME_REF = {"id": "a" * 64, "images": "/var/lib/labvm/images", "legacy": "/var/lib/labvm/xfce_local"}
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts overlays: needs root")
 # Starting a container copies the node's static tini into the runtime dir.
@@ -49,25 +53,29 @@ def mounted(path) -> bool:
 
 @pytest.fixture
 def node(tmp_path):
-    """A node with a tmpfs at mfs_mount (so it is a mount point), a desktop rootfs with the
-    image marker, and a data dir. Every mount under tmp_path and every process registered in
+    """A node with a tmpfs at mfs_mount (so it is a mount point), a desktop image in the
+    image store (images/<id>, with its marker), and a data dir. Every mount under tmp_path and every process registered in
     node.processes is cleaned up, whatever the test did."""
     mfs = tmp_path / "mfs"
     mfs.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "labvm-test-mfs", str(mfs)], check=True)
-    xfce = tmp_path / "xfce_local"
-    for path, text in {"etc/os-release": "desktop\n", "usr/bin/xterm": "#!/bin/sh\n", ".labvm-image.json": "{}\n"}.items():
-        (xfce / path).parent.mkdir(parents=True, exist_ok=True)
-        (xfce / path).write_text(text)
-    (xfce / "bin").symlink_to("usr/bin")
+    images = tmp_path / "images"
+    tree = images / IMAGE_ID
+    marker = json.dumps({"sha256": IMAGE_ID, "desktop": "minimal"})
+    for path, text in {"etc/os-release": "desktop\n", "usr/bin/xterm": "#!/bin/sh\n", MARKER: marker}.items():
+        (tree / path).parent.mkdir(parents=True, exist_ok=True)
+        (tree / path).write_text(text)
+    (tree / "bin").symlink_to("usr/bin")
     for name in ("proc", "sys", "dev", "run", "home", "tmp"):
-        (xfce / name).mkdir()
+        (tree / name).mkdir()
+    image_ref = {"id": IMAGE_ID, "images": str(images), "legacy": str(tmp_path / "xfce_local")}
     data = tmp_path / "data"
     data.mkdir()
     state = SimpleNamespace(
         root=tmp_path,
         mfs=mfs,
-        xfce=xfce,
+        image_tree=tree,
+        image_ref=image_ref,
         data=data,
         vm_dir=data / "vms" / USER,
         user_mfs=mfs / "vms" / USER,
@@ -85,7 +93,7 @@ def node(tmp_path):
         "data_dir": str(data),
         "mfs_mount": str(mfs),
         "version": version,
-        "xfce_local": str(xfce),
+        "image": image_ref,
         "disk": DISK,
         **extra,
     }
@@ -142,8 +150,8 @@ def test_stack_shows_both_lowers_and_writes_go_to_the_upper(run_helper, node):
     }
     assert disk["size"] == DISK and disk["mounted"] is True and 0 < disk["used"] < DISK
     assert (node.merge / "home/alice/notes.txt").read_text() == "from v0\n"
-    assert (node.merge / "usr/bin/xterm").exists()  # from xfce_local, the lowest layer
-    assert (node.merge / "etc/os-release").read_text() == "v0 wins\n"  # the version sits above xfce_local
+    assert (node.merge / "usr/bin/xterm").exists()  # from the image, the lowest layer
+    assert (node.merge / "etc/os-release").read_text() == "v0 wins\n"  # the version sits above the image
 
     (node.merge / "home/alice/new.txt").write_text("written\n")
     assert (node.up / "home/alice/new.txt").read_text() == "written\n"
@@ -197,10 +205,32 @@ def test_a_missing_later_version_is_a_precondition(run_helper, node):
 
 
 def test_no_desktop_image_is_a_precondition(run_helper, node):
-    (node.xfce / ".labvm-image.json").unlink()
+    (node.image_tree / MARKER).unlink()
     run = vm(run_helper, "ensure_stack", node.params())
     assert run.exit_code == 3 and run.error["code"] == "image_missing"
-    assert "labvm image push" in run.error["msg"]
+    assert "labvm image push" in run.error["msg"] and IMAGE_ID[:12] in run.error["msg"]
+    assert mount_points_under(node.data) == []
+
+
+def test_an_image_the_node_lacks_is_a_precondition(run_helper, node):
+    other = hashlib.sha256(b"another image").hexdigest()
+    run = vm(run_helper, "ensure_stack", node.params(image={**node.image_ref, "id": other}))
+    assert run.exit_code == 3 and run.error["code"] == "image_missing" and other[:12] in run.error["msg"]
+    # A tree under the store named like the id whose marker names another image is not that image.
+    shutil.copytree(node.image_tree, node.image_tree.parent / other, symlinks=True)
+    run = vm(run_helper, "ensure_stack", node.params(image={**node.image_ref, "id": other}))
+    assert run.exit_code == 3 and run.error["code"] == "image_missing"
+    assert mount_points_under(node.data) == []
+
+
+def test_an_image_held_in_the_legacy_tree_is_the_lowest_layer(run_helper, node):
+    legacy = Path(node.image_ref["legacy"])
+    node.image_tree.rename(legacy)
+    (legacy / "usr/bin/legacy-only").write_text("#!/bin/sh\n")
+    stack_up(run_helper, node)
+    assert (node.merge / "usr/bin/legacy-only").exists()
+    overlay = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if f" {node.merge} " in line]
+    assert len(overlay) == 1 and f"lowerdir={node.low}:{legacy}," in overlay[0]
 
 
 def test_mfs_must_be_mounted(run_helper, node, tmp_path):
@@ -235,7 +265,7 @@ def test_a_stale_low_bind_without_overlay_is_rebound(run_helper, node):
 def test_an_overlay_with_other_options_is_a_mismatch(run_helper, node):
     stack_up(run_helper, node)
     subprocess.run(["umount", str(node.merge)], check=True)
-    options = f"lowerdir={node.low}:{node.xfce},upperdir={node.up},workdir={node.work},redirect_dir=on"
+    options = f"lowerdir={node.low}:{node.image_tree},upperdir={node.up},workdir={node.work},redirect_dir=on"
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(node.merge)], check=True)
     run = vm(run_helper, "ensure_stack", node.params())
     assert run.exit_code == 3 and run.error["code"] == "stack_mismatch"
@@ -494,7 +524,15 @@ def test_purge_is_refused_while_mounted_then_deletes_only_that_user(run_helper, 
         ({"user": "../etc"}, "'user' must be a user name"),
         ({"data_dir": "srv/labvm"}, "must be an absolute path"),
         ({"data_dir": "/srv/lab:vm"}, "must not contain ','"),
-        ({"xfce_local": "/srv/a,b"}, "must not contain ','"),
+        ({"image": {**SOME_REF, "images": "/srv/a,b"}}, "must not contain ','"),
+        ({"image": {**SOME_REF, "legacy": "/srv/a:b"}}, "must not contain ','"),
+        ({"image": {**SOME_REF, "images": "srv/images"}}, "must be an absolute path"),
+        ({"image": {**SOME_REF, "legacy": "/srv"}}, "at least 2 directories deep"),
+        ({"image": {**SOME_REF, "id": "ab"}}, "'image.id' must be an image id"),
+        ({"image": {**SOME_REF, "id": "A" * 64}}, "'image.id' must be an image id"),
+        ({"image": "/var/lib/labvm/xfce_local"}, "must be an object with 'id', 'images' and 'legacy'"),
+        ({"image": {"id": "a" * 64, "images": "/var/lib/labvm/images"}}, "must be an object with 'id', 'images' and 'legacy'"),
+        ({"xfce_local": "/var/lib/labvm/xfce_local"}, "unknown param(s) 'xfce_local'"),
         ({"data_dir": "/"}, "must not be /"),
         ({"version": -1}, "between 0 and"),
         ({"version": True}, "must be an integer"),
@@ -1306,13 +1344,16 @@ def test_init_keeps_an_earlier_members_account_of_the_same_name(bundle, tmp_path
 
 
 @needs_tini
-@pytest.mark.parametrize("marker, session", [({"sha256": "ab", "desktop": "xfce"}, "startxfce4"),
-                                             ({"sha256": "ab", "desktop": "kde"}, "xterm"), ({}, "xterm")])
+@pytest.mark.parametrize("marker, session", [({"sha256": IMAGE_ID, "desktop": "xfce"}, "startxfce4"),
+                                             ({"sha256": IMAGE_ID, "desktop": "kde"}, "xterm"),
+                                             ({"sha256": IMAGE_ID}, "xterm"),
+                                             # a marker of another image: not the image asked for
+                                             ({"sha256": "b" * 64, "desktop": "xfce"}, "xterm")])
 def test_the_desktop_session_is_the_one_the_node_image_names(run_helper, node, engine, vnc, marker, session):
     stack_up(run_helper, node)
     vnc.greet.set()
-    (node.xfce / ".labvm-image.json").write_text(json.dumps(marker))
-    sessions = {"xfce_local": str(node.xfce), "by_desktop": {"minimal": "exec xterm", "xfce": "exec startxfce4"}}
+    (node.image_tree / MARKER).write_text(json.dumps(marker))
+    sessions = {"image": node.image_ref, "by_desktop": {"minimal": "exec xterm", "xfce": "exec startxfce4"}}
     spec = minimal_spec(ports={"vnc": vnc.port}, desktop_cmd="exec xterm")
     run = vm(run_helper, "ensure_container", container_params(node, engine, spec, image_sessions=sessions))
     assert run.exit_code == 0, run.reply
@@ -1321,11 +1362,16 @@ def test_the_desktop_session_is_the_one_the_node_image_names(run_helper, node, e
 
 
 @pytest.mark.parametrize("value, fragment", [
-    ({"xfce_local": "/x"}, "with 'xfce_local' and 'by_desktop'"),
-    ({"xfce_local": "/x", "by_desktop": {}}, "1 to 16 desktop kinds"),
-    ({"xfce_local": "/x", "by_desktop": {"X; rm": "sh"}}, "is not a-z"),
-    ({"xfce_local": "/x", "by_desktop": {"xfce": " "}}, "non-empty shell command"),
-    ({"xfce_local": "x", "by_desktop": {"xfce": "sh"}}, "absolute path"),
+    ({"image": SOME_REF}, "with 'image' and 'by_desktop'"),
+    ({"by_desktop": {"xfce": "sh"}}, "with 'image' and 'by_desktop'"),
+    ({"xfce_local": "/var/lib/labvm/xfce_local", "by_desktop": {"xfce": "sh"}}, "with 'image' and 'by_desktop'"),
+    ({"image": SOME_REF, "by_desktop": {}}, "1 to 16 desktop kinds"),
+    ({"image": SOME_REF, "by_desktop": {"X; rm": "sh"}}, "is not a-z"),
+    ({"image": SOME_REF, "by_desktop": {"xfce": " "}}, "non-empty shell command"),
+    ({"image": {**SOME_REF, "images": "x"}, "by_desktop": {"xfce": "sh"}}, "absolute path"),
+    ({"image": {**SOME_REF, "legacy": "/srv/a,b"}, "by_desktop": {"xfce": "sh"}}, "must not contain ','"),
+    ({"image": {**SOME_REF, "id": "ab"}, "by_desktop": {"xfce": "sh"}}, "must be an image id"),
+    ({"image": "/var/lib/labvm/xfce_local", "by_desktop": {"xfce": "sh"}}, "with 'id', 'images' and 'legacy'"),
 ])
 def test_bad_image_sessions_are_refused(bundle, value, fragment):
     with pytest.raises(bundle.contract.BadRequest) as raised:
