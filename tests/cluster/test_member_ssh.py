@@ -240,9 +240,14 @@ def test_refused_commands(lab, command):
 
 
 def test_no_login_shell_and_no_pty(lab):
-    result = lab.ssh(None, extra=("-tt",), timeout=60)
-    assert result.returncode != 0 and b"no command given" in result.stdout + result.stderr, text(result)
-    assert b"PTY allocation request failed" in result.stderr
+    login = lab.ssh(None, timeout=60)
+    assert login.returncode == 2 and b"no command given" in login.stderr and login.stdout == b"", text(login)
+    # A forced terminal is refused by `restrict`; the client gives up, and no shell ever ran.
+    forced = lab.ssh(None, extra=("-tt",), timeout=60)
+    assert forced.returncode != 0 and b"PTY allocation request failed" in forced.stderr, text(forced)
+    assert b"$ " not in forced.stdout and b"# " not in forced.stdout
+    with_command = lab.ssh("status", extra=("-tt",), timeout=60)
+    assert b"PTY allocation request failed" in with_command.stderr
 
 
 def test_another_member_sees_only_their_own(lab):
