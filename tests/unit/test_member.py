@@ -524,3 +524,49 @@ def test_the_member_command_runs_help_and_logs_it(home, monkeypatch, capsys):
 def test_old_audit_lines_still_read(home):
     (home.home / "audit.log").write_text('{"time": 1.0, "who": "root", "command": "labvm stop", "target": "alice", "result": "ok"}\n')
     assert read_audit(home.home)[0].who == "root"
+
+
+# -- members' commands share the admin's locks, and the ports follow the state database ----------
+@pytest.fixture
+def with_desktop(home, monkeypatch):
+    from labvm import desktops as desktops_mod
+
+    monkeypatch.setattr(desktops_mod.HelperBundle, "from_package", classmethod(lambda cls: None))
+    with home.state() as db:
+        db.conn.execute(
+            "INSERT INTO vms (user, node, state, vnc_port, ssh_port, limits, version, image, created_at, updated_at) "
+            "VALUES ('alice', 'n1', 'running', 20004, 20005, '{}', 1, NULL, 0, 0)")
+    return home
+
+
+def test_a_members_command_waits_for_no_one_while_the_desktop_is_locked(with_desktop, monkeypatch):
+    import socket
+
+    from labvm import plan
+    from labvm.errors import Busy
+    from labvm.member_ops import LabOps
+
+    def no_node(*_a, **_k):
+        raise AssertionError("a locked desktop's node was asked")
+
+    monkeypatch.setattr(plan.Context, "_open_session", no_node)
+    with with_desktop.state() as db:
+        db.add_lock("alice", None, socket.gethostname(), os.getppid())  # another labvm, alive, holds it
+    for action in (lambda ops: ops.stop("alice"), lambda ops: ops.start("alice"), lambda ops: ops.restore("alice", 1)):
+        with pytest.raises(Busy):
+            action(LabOps(with_desktop))
+
+
+def test_the_ports_are_the_desktops_vnc_port_on_its_nodes_host(with_desktop):
+    ports_of = member_account.desktop_ports(with_desktop)
+    assert ports_of("alice") == [("10.0.0.1", 20004)] and ports_of("bob") == []
+
+
+def test_tunnel_prints_the_ssh_line_the_permitopen_allows(with_desktop):
+    from labvm.member_ops import LabOps
+
+    member_account.save_account(with_desktop.home, Account(account="lab", home="/home/lab", labvm="/usr/local/bin/labvm",
+                                                           config=str(with_desktop.config_path), ssh_host="admin.lab",
+                                                           ssh_port=2222))
+    text = LabOps(with_desktop).tunnel("alice")
+    assert text.splitlines()[0] == "ssh -N -L 5901:10.0.0.1:20004 -p 2222 lab@admin.lab"
