@@ -570,3 +570,23 @@ def test_tunnel_prints_the_ssh_line_the_permitopen_allows(with_desktop):
                                                            ssh_port=2222))
     text = LabOps(with_desktop).tunnel("alice")
     assert text.splitlines()[0] == "ssh -N -L 5901:10.0.0.1:20004 -p 2222 lab@admin.lab"
+
+
+def test_install_sudoers_checks_with_visudo_and_writes_0440(tmp_path, monkeypatch):
+    if shutil.which("visudo") is None:
+        pytest.skip("no visudo")
+    account = Account(**{**ACCOUNT.__dict__, "sudoers": str(tmp_path / "labvm-members")})
+    path = member_account.install_sudoers(account)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o440 and path.read_text() == sudoers_text(account)
+    monkeypatch.setattr(member_account, "sudoers_text", lambda _a: "lab ALL=(root) NOPASSWD: this is not sudoers\n")
+    with pytest.raises(member_account.StateError, match="visudo refused"):
+        member_account.install_sudoers(account)
+    assert sorted(os.listdir(tmp_path)) == ["labvm-members"] and path.read_text() == sudoers_text(account)
+
+
+def test_an_account_with_nologin_gets_a_real_shell(monkeypatch):
+    entry = pwd.struct_passwd(("lab", "x", 1500, 1500, "", "/home/lab", "/usr/sbin/nologin"))
+    monkeypatch.setattr(member_account.pwd, "getpwnam", lambda _n: entry)
+    ran = []
+    member_account.ensure_account("lab", None, run=lambda argv, **_k: ran.append(argv))
+    assert ran == [["usermod", "--shell", "/bin/sh", "lab"]]
