@@ -11,7 +11,7 @@ import click
 from .admin import AdminHome
 from .audit import member_actor
 from .cli_kit import _audit_as, say
-from .errors import LabvmError
+from .errors import BadInput, LabvmError
 
 # Subcommands of `labvm member`; a member of one of these names cannot use the account.
 RESERVED = ("setup", "refresh")
@@ -68,6 +68,7 @@ def member_setup(home: AdminHome, account, home_dir, ssh_host, ssh_port, sudoers
     """
     from .member_account import setup
 
+    _refuse_through_the_members_rule(home)
     try:
         _account, done = setup(home, account, home_dir, ssh_host, ssh_port, sudoers)
     except LabvmError as exc:
@@ -84,8 +85,21 @@ def member_refresh(home: AdminHome):
     """Rewrite the account's authorized_keys from the keys and desktops now."""
     from .member_account import refresh_authorized_keys
 
+    _refuse_through_the_members_rule(home)
     written = refresh_authorized_keys(home)
     say(f"wrote {written}" if written else "no account set up: run `labvm member setup` first")
+
+
+def _refuse_through_the_members_rule(home: AdminHome) -> None:
+    """The sudoers rule lets the members' account run `labvm ... member *` as root: of that,
+    only `member USER` is meant for it. Its forced commands never name setup or refresh; this
+    holds even if something else ran as that account."""
+    from .member_account import load_account
+
+    account = load_account(home.home)
+    caller = os.environ.get("SUDO_USER")
+    if caller and account is not None and caller == account.account:
+        raise BadInput(f"`labvm member setup` and `refresh` are the admin's: not for the members' account {caller}")
 
 
 def _as_member(user: str) -> click.Command:

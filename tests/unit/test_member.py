@@ -590,3 +590,11 @@ def test_an_account_with_nologin_gets_a_real_shell(monkeypatch):
     ran = []
     member_account.ensure_account("lab", None, run=lambda argv, **_k: ran.append(argv))
     assert ran == [["usermod", "--shell", "/bin/sh", "lab"]]
+
+
+def test_the_members_account_cannot_run_setup_through_its_sudo_rule(home, monkeypatch):
+    member_account.save_account(home.home, Account(**{**ACCOUNT.__dict__, "config": str(home.config_path)}))
+    monkeypatch.setenv("SUDO_USER", "lab")
+    assert main(["member", "setup", "--account", "lab", "--sudoers", "/tmp/nothing-here"]) == 2
+    assert main(["member", "refresh"]) == 2
+    assert not Path("/tmp/nothing-here").exists()
