@@ -58,11 +58,19 @@ def operator() -> str:
     return os.environ.get("SUDO_USER") or getpass.getuser()
 
 
-def append(home: Path, command: str, target, result: str) -> None:
-    """One line; a target that is not text (an operation's id) is written as text."""
+def member_actor(user: str) -> str:
+    """Who a member's own command (over SSH, `labvm member USER`) is logged as: the member, not
+    the account sshd and sudo ran it under. Old lines keep their operator's name."""
+    return f"member:{user}"
+
+
+def append(home: Path, command: str, target, result: str, who: str | None = None) -> None:
+    """One line; a target that is not text (an operation's id) is written as text. who: the
+    operator (sudo's caller) unless given, as member_actor gives it for a member's command."""
     path = home / AUDIT_LOG
     target = None if target is None else str(target)
-    line = json.dumps({"time": round(time.time(), 3), "who": operator(), "command": command, "target": target, "result": result})
+    line = json.dumps({"time": round(time.time(), 3), "who": who or operator(), "command": command, "target": target,
+                       "result": result})
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         require_private(path)

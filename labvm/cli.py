@@ -89,6 +89,7 @@ def _register_commands() -> None:
     from .cli_ca import COMMANDS as ca_commands
     from .cli_desktops import COMMANDS as desktop_commands
     from .cli_images import COMMANDS as image_commands
+    from .cli_member import COMMANDS as self_service_commands
     from .cli_members import COMMANDS as member_commands
     from .cli_monitor import COMMANDS as monitor_commands
     from .cli_nodes import node
@@ -97,7 +98,7 @@ def _register_commands() -> None:
     from .cli_storage import COMMANDS as storage_commands
 
     for command in (*member_commands, node, *image_commands, *desktop_commands, *monitor_commands, *storage_commands,
-                    *ops_commands, *ca_commands):
+                    *ops_commands, *ca_commands, *self_service_commands):
         cli.add_command(command)
     for command in NODE_COMMANDS:
         node.add_command(command)

@@ -118,11 +118,16 @@ FINGERPRINT_HINT = "--fingerprint SHA256:..."
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 def _audit(home: AdminHome | None, command: str, target: str | None, result: str) -> None:
+    _audit_as(home, command, target, result)
+
+
+def _audit_as(home: AdminHome | None, command: str, target: str | None, result: str, who: str | None = None) -> None:
+    """One audit line; who: the operator unless given (a member's own command: member:NAME)."""
     if home is None or not home.home.is_dir():
         return
     try:
         home.check_safe()
-        audit.append(home.home, command, target, result)
+        audit.append(home.home, command, target, result, who=who)
     except InsecureFile:
         return  # nothing is written into an unsafe admin directory; the command has said why
     except (OSError, LabvmError) as exc:  # the command's own outcome matters more than its log line

@@ -18,8 +18,9 @@ from .cli_kit import (
     out,
     password_stdin_option,
     say,
+    warn,
 )
-from .errors import Aborted, AlreadyExists
+from .errors import Aborted, AlreadyExists, BadInput, NotFound
 from .text import cell
 
 
@@ -115,6 +116,80 @@ def user_rm(home: AdminHome, name, purge, keep_files, dry_run, yes):
     plan = members.remove(name, purge=purge, keep_files=keep_files, dry_run=dry_run)
     for line in plan.lines:
         say(line)
+    if not dry_run:
+        _refresh_keys(home)
+
+
+# -- members' SSH keys ---------------------------------------------------------
+def _refresh_keys(home: AdminHome) -> None:
+    from .member_account import refresh_quietly
+
+    refresh_quietly(home, warn)
+
+
+@user.group("key")
+def user_key():
+    """Members' SSH public keys: what logs into the members' account (`labvm member setup`)."""
+
+
+@user_key.command("add")
+@click.argument("name", shell_complete=complete_users)
+@click.argument("key_file", metavar="FILE", type=click.File("r", encoding="utf-8", errors="strict", lazy=False))
+@click.pass_obj
+@audited("name")
+def user_key_add(home: AdminHome, name, key_file):
+    """Register NAME's SSH public key from FILE (their .pub file; - reads standard input).
+
+    One key, on one line: ssh-ed25519, ecdsa-sha2-nistp256/384/521, ssh-rsa of
+    3072 bits or more, or a security key (sk-...). Options before the key are
+    refused, and only the key and a cleaned-up comment are kept: NAME gets
+    exactly the forced command and forwarding labvm writes for them.
+    """
+    from .cli_member import RESERVED
+    from .member_keys import MAX_KEY_TEXT, parse_public_key
+
+    if name in RESERVED:
+        raise BadInput(f"{name!r} is a `labvm member` subcommand: a member of that name cannot use the members' account")
+    try:
+        key = parse_public_key(key_file.read(MAX_KEY_TEXT + 1))
+    except UnicodeError:
+        raise BadInput("the key file is not UTF-8 text: give the .pub file") from None
+    with home.state() as db:
+        db.add_member_key(name, key.type, key.blob_b64, key.comment, key.fingerprint)
+    _refresh_keys(home)
+    say(f"added {key.type} key {key.fingerprint} for {name}" + (f" ({key.comment})" if key.comment else ""))
+
+
+@user_key.command("list")
+@click.argument("name", shell_complete=complete_users)
+@json_option
+@click.pass_obj
+def user_key_list(home: AdminHome, name, as_json):
+    """List NAME's SSH keys."""
+    with home.state() as db:
+        db.get_user(name)
+        keys = db.member_keys(name)
+    if as_json:
+        _emit_json([{k: key[k] for k in ("user", "fingerprint", "key_type", "comment", "added_at")} for key in keys])
+        return
+    table = Table("fingerprint", "type", "comment", "added")
+    for key in keys:
+        table.add_row(cell(key["fingerprint"]), cell(key["key_type"]), cell(key["comment"]), _when(key["added_at"]))
+    out.print(table)
+
+
+@user_key.command("rm")
+@click.argument("name", shell_complete=complete_users)
+@click.argument("fingerprint")
+@click.pass_obj
+@audited("name")
+def user_key_rm(home: AdminHome, name, fingerprint):
+    """Remove NAME's key with this FINGERPRINT (SHA256:..., as `labvm user key list` shows it)."""
+    with home.state() as db:
+        if not db.remove_member_key(name, fingerprint):
+            raise NotFound(f"{name} has no key {fingerprint}; see `labvm user key list {name}`")
+    _refresh_keys(home)
+    say(f"removed key {fingerprint} of {name}")
 
 
 COMMANDS = (user,)

@@ -131,6 +131,12 @@ class Network:
 
 
 @dataclass(frozen=True)
+class MemberSettings:
+    # Whether a member may move their own desktop (`ssh lab@ADMIN switch NODE`).
+    may_switch: bool = False
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     path: Path
     storage: Storage
@@ -141,6 +147,7 @@ class ClusterConfig:
     sync: SyncSettings = field(default_factory=SyncSettings)
     monitoring: Monitoring = field(default_factory=Monitoring)
     network: Network = field(default_factory=Network)
+    members: MemberSettings = field(default_factory=MemberSettings)
 
     @property
     def home(self) -> Path:
@@ -333,6 +340,14 @@ def _parse_network(root) -> Network:
     return Network(deny=tuple((d.text or "").strip() for d in el.findall("deny")))
 
 
+def _parse_members(root) -> MemberSettings:
+    el = root.find("members")
+    if el is None:
+        return MemberSettings()
+    # xs:boolean: true, false, 1 or 0 (the schema has checked it).
+    return MemberSettings(may_switch=_typed(el, "may_switch", False, lambda text: text.strip() in ("true", "1")))
+
+
 def _parse_monitoring(root) -> Monitoring:
     d = Monitoring()
     el = root.find("monitoring")
@@ -391,6 +406,7 @@ def parse_config(path: Path, tree=None) -> ClusterConfig:
         sync=_parse_sync(root),
         monitoring=_parse_monitoring(root),
         network=_parse_network(root),
+        members=_parse_members(root),
     )
 
 

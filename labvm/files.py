@@ -92,6 +92,17 @@ def get_file(home: AdminHome, user: str, path: str, dest: Path, *, force: bool =
     if version is not None:
         check_version(version)
     dest = local_destination(Path(dest), PurePosixPath(path).name, force)
+    content = read_file(home, user, path, max_bytes=max_bytes, version=version)
+    atomic_write(dest, content, DEST_MODE)
+    return len(content)
+
+
+def read_file(home: AdminHome, user: str, path: str, *, max_bytes: int = MAX_GET_BYTES, version: int | None = None) -> bytes:
+    """The content of a regular file in the desktop (or in one of its versions); a symlink, FIFO
+    or device there is refused by the node's helper, which never follows a member's link."""
+    user, path = validate_user_name(user), desktop_file_path(path)
+    if version is not None:
+        check_version(version)
     with desktop_session(home, user) as (node, session):
         params = {**stack_params(node, user, path), "max_bytes": max_bytes}
         if version is not None:
@@ -103,9 +114,7 @@ def get_file(home: AdminHome, user: str, path: str, dest: Path, *, force: bool =
             if exc.code in ("not_found", "no_such_version"):
                 raise NotFound(exc.fields["msg"] + (f" (version {version})" if version is not None else "")) from None
             raise
-    content = base64.b64decode(data["content_b64"])
-    atomic_write(dest, content, DEST_MODE)
-    return len(content)
+    return base64.b64decode(data["content_b64"])
 
 
 def local_destination(dest: Path, name: str, force: bool) -> Path:
@@ -138,7 +147,15 @@ def put_file(home: AdminHome, user: str, src: Path, path: str, mode: int | None 
     as they are (a new file: 0644, owned like its directory) unless mode is given. Returns
     whether anything changed (with check: would change)."""
     user, path, mode = validate_user_name(user), desktop_file_path(path), file_mode(mode)
-    content = read_source(Path(src))
+    return write_content(home, user, read_source(Path(src)), path, mode, check=check)
+
+
+def write_content(home: AdminHome, user: str, content: bytes, path: str, mode: int | None = None, *,
+                  check: bool = False) -> bool:
+    """put_file with the content itself (at most MAX_PUT_BYTES)."""
+    user, path, mode = validate_user_name(user), desktop_file_path(path), file_mode(mode)
+    if len(content) > MAX_PUT_BYTES:
+        raise BadInput(f"the content is larger than {MAX_PUT_BYTES} bytes, the most a put takes")
     with desktop_session(home, user) as (node, session):
         params = {**stack_params(node, user, path), "content_b64": base64.b64encode(content).decode("ascii"), "mode": mode}
         reply = session.runner.call("files", "write", params, check=check)

@@ -51,6 +51,10 @@ KINDS = {
 }
 
 
+# Kinds after which a desktop may have another node or port, or none (member_account).
+MOVES_DESKTOPS = frozenset({"create", "switch", "rm"})
+
+
 def kind_named(name: str) -> "type[Kind]":
     where = KINDS.get(name)
     if where is None:
@@ -259,17 +263,34 @@ class Runner:
 
     # -- running -----------------------------------------------------------------------------
     def run(self, kind_cls: "type[Kind]", user: str | None, params: dict, failed_state: str = "failed") -> Any:
-        with self.home.state() as db:
-            with journaled(db, kind_cls.name, user, params, failed_state=failed_state) as op:
-                return self._run(db, kind_cls, user, op)
+        try:
+            with self.home.state() as db:
+                with journaled(db, kind_cls.name, user, params, failed_state=failed_state) as op:
+                    return self._run(db, kind_cls, user, op)
+        finally:
+            self._follow_desktops(kind_cls.name)
 
     def resume(self, op_id: int) -> Any:
-        with self.home.state() as db:
-            op = Operation.load(db, op_id)
-            user = db.operation(op_id)["user"]
-            kind_cls = kind_named(op.kind)
-            with journaled(db, op.kind, user, op.params, existing=op) as op:
-                return self._run(db, kind_cls, user, op)
+        kind_name = None
+        try:
+            with self.home.state() as db:
+                op = Operation.load(db, op_id)
+                user = db.operation(op_id)["user"]
+                kind_cls = kind_named(op.kind)
+                kind_name = op.kind
+                with journaled(db, op.kind, user, op.params, existing=op) as op:
+                    return self._run(db, kind_cls, user, op)
+        finally:
+            self._follow_desktops(kind_name)
+
+    def _follow_desktops(self, kind_name: str | None) -> None:
+        """After a plan that creates, moves or removes a desktop (done, undone or not), the
+        members' authorized_keys names each desktop's node and port as they are now (a no-op
+        where no members' account is set up)."""
+        if kind_name in MOVES_DESKTOPS:
+            from .member_account import refresh_quietly
+
+            refresh_quietly(self.home)
 
     def _run(self, db, kind_cls, user, op: Operation) -> Any:
         ctx = self._context(db, user, op.params, op)
@@ -404,6 +425,12 @@ class Runner:
 
     def abort(self, op_id: int) -> list[str]:
         """Undo an interrupted or failed plan that has not passed its commit point."""
+        try:
+            return self._abort(op_id)
+        finally:
+            self._follow_desktops("rm")  # an undone create or switch leaves its desktop elsewhere or nowhere
+
+    def _abort(self, op_id: int) -> list[str]:
         with self.home.state() as db:
             op = Operation.load(db, op_id)
             user = db.operation(op_id)["user"]

@@ -152,6 +152,23 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX usage_samples_at ON usage_samples(at);
         """,
     ),
+    (
+        # Members' SSH public keys, for the self-service account (`labvm member setup`): each
+        # key is checked (labvm/member_keys.py) and kept as type, base64 and a cleaned comment.
+        # A fingerprint belongs to one member only: sshd takes the first line a key matches.
+        "0007_member_keys",
+        """
+        CREATE TABLE member_keys (
+            user        TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+            fingerprint TEXT NOT NULL UNIQUE,
+            key_type    TEXT NOT NULL,
+            key_b64     TEXT NOT NULL,
+            comment     TEXT NOT NULL,
+            added_at    REAL NOT NULL,
+            PRIMARY KEY (user, fingerprint)
+        );
+        """,
+    ),
 ]
 
 
@@ -367,7 +384,34 @@ class StateDB:
         self.get_user(name)
         if self.has_desktop(name):
             raise StateError(f"user {name!r} still has a desktop; remove it first with `labvm rm {name}`")
+        # The keys go too (ON DELETE CASCADE says the same; this holds without foreign keys on).
+        self.conn.execute("DELETE FROM member_keys WHERE user = ?", (name,))
         self.conn.execute("DELETE FROM users WHERE name = ?", (name,))
+
+    # -- members' SSH keys -----------------------------------------------------
+    def add_member_key(self, user: str, key_type: str, key_b64: str, comment: str, fingerprint: str) -> None:
+        self.get_user(user)
+        row = self.conn.execute("SELECT user FROM member_keys WHERE fingerprint = ?", (fingerprint,)).fetchone()
+        if row is not None:
+            owner = "this member" if row["user"] == user else "another member"
+            raise AlreadyExists(f"key {fingerprint} is already registered for {owner}")
+        self.conn.execute(
+            "INSERT INTO member_keys (user, fingerprint, key_type, key_b64, comment, added_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (user, fingerprint, key_type, key_b64, comment, time.time()),
+        )
+
+    def member_keys(self, user: str | None = None) -> list[dict]:
+        """Keys as dicts (user, fingerprint, key_type, key_b64, comment, added_at), by user then age."""
+        if user is None:
+            rows = self.conn.execute("SELECT * FROM member_keys ORDER BY user, added_at, fingerprint")
+        else:
+            rows = self.conn.execute("SELECT * FROM member_keys WHERE user = ? ORDER BY added_at, fingerprint", (user,))
+        return [dict(r) for r in rows]
+
+    def remove_member_key(self, user: str, fingerprint: str) -> bool:
+        self.get_user(user)
+        cur = self.conn.execute("DELETE FROM member_keys WHERE user = ? AND fingerprint = ?", (user, fingerprint))
+        return cur.rowcount > 0
 
     # -- desktops (vms) ------------------------------------------------------
     def desktop_row(self, user: str) -> sqlite3.Row | None:

@@ -275,7 +275,7 @@ def test_the_usage_migration_applies_to_an_existing_database(tmp_path, monkeypat
         db.add_user("alice", PASSWORD)
     monkeypatch.undo()
     with StateDB.open(home) as db:
-        assert db.pending_migrations() == ["0006_usage_samples"]
+        assert db.pending_migrations()[0] == "0006_usage_samples"
         db.migrate()
         assert db.pending_migrations() == [] and db.check_password("alice", PASSWORD)
         indexes = [r["name"] for r in db.conn.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'usage_samples'")]
