@@ -21,7 +21,7 @@ import pytest
 
 from labvm.state import StateDB
 
-from .conftest import GPUS_PER_NODE, NODES, TESTBED_DIR, invoke_testbed, make_admin, wipe_mfs_files
+from .conftest import make_admin, wipe_mfs_files
 from .test_secrets import ProcWatcher
 
 ACCOUNT = "labvm-test-lab"
@@ -34,14 +34,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def shared_testbed():
-    """The testbed as it is: other people use it too, so it is never taken down here."""
-    if invoke_testbed("status", check=False).returncode != 0:
-        invoke_testbed("up", "--nodes", str(len(NODES)), "--gpus", str(GPUS_PER_NODE))
-    return TESTBED_DIR
 
 
 def _remove_account() -> None:
@@ -69,9 +61,9 @@ class Lab:
 
 
 @pytest.fixture(scope="module")
-def lab(shared_testbed, tmp_path_factory):
+def lab(testbed, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("member-ssh")
-    admin = make_admin(shared_testbed, tmp / "admin")
+    admin = make_admin(testbed, tmp / "admin")
     assert admin.labvm("image", "build", "--desktop", "minimal", timeout=1800).returncode == 0
     pushed = admin.labvm("image", "push", timeout=900)
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
