@@ -12,7 +12,7 @@ from .test_switch import labvm_with, running_on, snapshot, where
 
 HANK_PW = "hank-Pw-6610"
 DOWN = ("stop_container", "flush_sync", "remove_container", "unmount_stack", "record_stopped")
-UP = ("mount_mfs", "mount_stack", "member_quota", "start_sync", "start_container", "record_running")
+UP = ("image", "mount_mfs", "mount_stack", "member_quota", "start_sync", "start_container", "record_running")
 SOLIDIFY = ("check", *DOWN, "publish", "solidify", *UP)
 BEFORE_COMMIT = ("check", "stop_container", "unmount_stack", "record_stopped", "publish")
 

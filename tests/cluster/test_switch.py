@@ -20,7 +20,7 @@ ERIN_PW = "erin-Pw-3318"
 FRANK_PW = "frank-Pw-2207"
 GRACE_PW = "grace-Pw-8842"
 LABVM = REPO / ".venv" / "bin" / "labvm"
-STEPS = ("preflight", "precopy", "stop_source", "final_flush", "merge", "fence", "build_stack", "start_target",
+STEPS = ("preflight", "push_image", "precopy", "stop_source", "final_flush", "merge", "fence", "build_stack", "start_target",
          "verify", "commit", "cleanup_source")
 
 
