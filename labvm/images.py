@@ -691,13 +691,13 @@ def find_image(images_dir: Path, wanted: str | None) -> CatalogImage:
     images = catalog(images_dir)
     if wanted is None:
         if not images:
-            raise NotFound(f"no desktop image in {images_dir}; build one with `labvm image build`")
+            raise ImageError(f"no desktop image on this admin host ({images_dir}); build one with `labvm image build`")
         return images[-1]
     if not ID_PREFIX_RE.fullmatch(wanted):
         raise BadInput(f"image {wanted!r}: give an image id, or its first 4 or more hex digits (see `labvm image list`)")
     matches = {image.id: image for image in images if image.id.startswith(wanted)}
     if not matches:
-        raise NotFound(f"no image {wanted} on this admin host; `labvm image list` shows them")
+        raise ImageError(f"no image {wanted} on this admin host; `labvm image list` shows them")
     if len(matches) > 1:
         raise BadInput(f"image {wanted} is ambiguous: {', '.join(sorted(i[:SHORT] for i in matches))}; give more digits")
     return next(iter(matches.values()))

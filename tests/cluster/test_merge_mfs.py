@@ -12,7 +12,7 @@ import pytest
 
 from labvm.config import parse_config
 
-from ..helpers.test_merge import build_base, build_image, call, installed_bundle  # noqa: F401  (fixture)
+from ..helpers.test_merge import IMAGE_ID, build_base, build_image, call, installed_bundle  # noqa: F401  (fixture)
 from ..merge.trees import assert_same_tree, detach, mount_overlay, tree_state, unmount, view_of
 
 SECOND_NS = 1_000_000_000  # MooseFS keeps times in whole seconds
@@ -68,7 +68,7 @@ def member_session(local, base, image) -> tuple[dict, object]:
 def test_publish_on_moosefs_uses_snapshots_and_shows_what_the_desktop_showed(installed_bundle, mfs_mount, local):  # noqa: F811
     user = "mt" + uuid.uuid4().hex[:8]
     user_dir = mfs_mount / "vms" / user
-    image = local / "image"
+    image = local / "images" / IMAGE_ID  # as the image helper leaves it in a node's store
     build_image(image)
     build_base(local / "v1")
     view, upper = member_session(local, local / "v1", image)
@@ -78,7 +78,9 @@ def test_publish_on_moosefs_uses_snapshots_and_shows_what_the_desktop_showed(ins
             subprocess.run(["cp", "-a", str(source), str(user_dir / name)], check=True)
         params = {"user": user, "mfs_mount": str(mfs_mount)}
 
-        code, reply, stderr = call(installed_bundle, "publish", {**params, "base": 1, "image": str(image), "reason": "backup"})
+        code, reply, stderr = call(installed_bundle, "publish", {**params, "base": 1, "reason": "backup",
+                                                        "image": {"id": IMAGE_ID, "images": str(image.parent),
+                                                                  "legacy": str(local / "xfce_local")}})
 
         assert code == 0, stderr
         data = reply["data"]
