@@ -703,11 +703,16 @@ def find_image(images_dir: Path, wanted: str | None) -> CatalogImage:
     return next(iter(matches.values()))
 
 
+def catalog_entry(images_dir: Path, image: str) -> CatalogImage | None:
+    """The admin host's tarball of image `image` (a full id), or None."""
+    return next((found for found in catalog(images_dir) if found.id == image), None)
+
+
 def image_in_catalog(images_dir: Path, image: str) -> CatalogImage:
     """The admin host's tarball of image `image` (a full id): what a push to a node sends."""
-    for found in catalog(images_dir):
-        if found.id == image:
-            return found
+    found = catalog_entry(images_dir, image)
+    if found is not None:
+        return found
     raise ImageError(f"image {image[:SHORT]} is not on this admin host any more ({images_dir}); "
                      "a node that lacks it cannot get it: rebase the desktops on it onto another image")
 
@@ -836,14 +841,29 @@ def send_image(cfg: ClusterConfig, conn: NodeConnection, runner, image_path: Pat
     return True
 
 
+def images_held(cfg: ClusterConfig, s) -> set[str]:
+    """The ids of the images the node of session `s` holds."""
+    from .remote.recipes import image_status
+
+    return {held["id"] for held in s.run(image_status(cfg))["images"]}
+
+
+def image_on_node_detail(home, s, image: str, step: str) -> tuple[bool, str]:
+    """Whether the node of `s` holds image `image`, and a plan's line saying so; where it does
+    not, the admin host must have it, for the step named `step` to send it."""
+    if image in images_held(home.config, s):
+        return True, f"image {image[:SHORT]} is on {s.node.name}"
+    found = image_in_catalog(home.images_dir, image)
+    return False, f"image {found.short} is not on {s.node.name}: the {step} step sends it ({found.size / 2**20:.0f} MiB)"
+
+
 def ensure_image_on(home, s, image: str, progress: Callable[[str], None] = lambda _m: None) -> bool:
     """Image `image` on the node of session `s`, sent from the admin host if the node lacks it
     (with the docker base image). True if it was sent."""
-    from .remote.recipes import image_status
-
-    if image in {i["id"] for i in s.run(image_status(home.config))["images"]}:
-        return False
     from .remote.helpers import HelperCall
+
+    if image in images_held(home.config, s):
+        return False
 
     found = image_in_catalog(home.images_dir, image)
     progress(f"  sending image {found.short} ({found.size / 2**20:.0f} MiB) to {s.node.name}")

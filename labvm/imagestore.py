@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import ImageError, LabvmError, NodeError
-from .images import SHORT, CatalogImage, catalog, find_image, remove_from_catalog
+from .images import SHORT, CatalogImage, catalog, catalog_entry, find_image, remove_from_catalog
 from .remote.helpers import HelperBundle
 from .remote.pool import run_on_nodes
 from .remote.recipes import image_status, remove_image
@@ -99,7 +99,7 @@ def remove(home, wanted: str, dry_run: bool = False, say=lambda _m: None) -> dic
         shown = "; ".join(f"{node}: {', '.join(points[:3])}" for node, points in sorted(busy.items()))
         raise ImageInUse(f"image {image_id[:SHORT]} is mounted as a lower layer ({shown}), by desktops labvm has no "
                          "record of; nothing was removed")
-    plan = {"id": image_id, "nodes": where, "admin_host": _on_admin(home, image_id) is not None, "dry_run": dry_run}
+    plan = {"id": image_id, "nodes": where, "admin_host": catalog_entry(home.images_dir, image_id) is not None, "dry_run": dry_run}
     if dry_run:
         return plan
     bundle = HelperBundle.from_package()
@@ -112,7 +112,7 @@ def remove(home, wanted: str, dry_run: bool = False, say=lambda _m: None) -> dic
         finally:
             s.close()
         say(f"{name}: image {image_id[:SHORT]} removed")
-    entry = _on_admin(home, image_id)
+    entry = catalog_entry(home.images_dir, image_id)
     if entry is not None:
         remove_from_catalog(entry)
         say(f"admin host: image {image_id[:SHORT]} removed ({entry.path.name})")
@@ -157,10 +157,6 @@ def _resolve(home, db, wanted: str) -> str:
         if len(matches) == 1:
             return matches[0]
         raise
-
-
-def _on_admin(home, image_id: str) -> CatalogImage | None:
-    return next((entry for entry in catalog(home.images_dir) if entry.id == image_id), None)
 
 
 def _names(users: list[str]) -> str:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from .desktops import Desktop, Desktops, Limits, PreviousFiles, build_spec, container_name, previous_files
 from .errors import ImageError, LabvmError, StateError
-from .images import ensure_image_on, image_in_catalog
+from .images import ensure_image_on, image_on_node_detail, images_held
 from .journal import check_lock
 from .plan import Context, Findings, Kind, Step
-from .remote.recipes import DesktopCalls, image_status
+from .remote.recipes import DesktopCalls
 
 
 class DesktopKind(Kind):
@@ -113,10 +113,7 @@ class DesktopKind(Kind):
         image step sends it)."""
         if image is None:
             return "the desktop has no image recorded (one from before images had ids)"
-        if image in {i["id"] for i in s.run(image_status(self.cfg))["images"]}:
-            return f"image {image[:12]} is on {s.node.name}"
-        found = image_in_catalog(self.ctx.home.images_dir, image)
-        return f"image {found.short} is not on {s.node.name}: the image step sends it ({found.size / 2**20:.0f} MiB)"
+        return image_on_node_detail(self.ctx.home, s, image, "image")[1]
 
     def image_step(self, image=None) -> Step:
         """The desktop's image (or `image`, a callable giving an id) on its node, sent there if
@@ -285,8 +282,7 @@ class RemoveKind(DesktopKind):
         target = self.publish_target(s)
         # Over its image where the node holds it; without, the version keeps every whiteout.
         image = self.desktop().image
-        held = {i["id"] for i in s.run(image_status(self.cfg))["images"]}
-        self.desktops.publish(s, self.user, base, target, "remove", image if image in held else None)
+        self.desktops.publish(s, self.user, base, target, "remove", image if image in images_held(self.cfg, s) else None)
         s.run(calls.reset_upper())
         self.ctx.say(f"{self.user}'s files are kept on MooseFS as v{target}")
 

@@ -27,12 +27,12 @@ from .admin import AdminHome
 from .config import Node
 from .desktops import Desktop, Desktops, Limits, build_spec
 from .errors import BadInput, LabvmError, NoCapacity, NodeError, NodeUnreachable, StateError
-from .images import ensure_image_on, image_in_catalog
+from .images import ensure_image_on, image_on_node_detail
 from .journal import check_lock
 from .placement import GpuRequest, NodeCapacity
 from .plan import Context, Findings, Kind, PlanReport, Runner, Step
 from .remote.connection import NodeConnection
-from .remote.recipes import image_status, mount_mfs
+from .remote.recipes import mount_mfs
 from .text import safe
 
 STEPS = (
@@ -151,12 +151,8 @@ class SwitchKind(Kind):
         return desktop.image
 
     def _image_detail(self, s, image: str) -> str:
-        if image in {i["id"] for i in s.run(image_status(self.cfg))["images"]}:
-            self.image_there = True
-            return f"image {image[:12]} is on {s.node.name}"
-        self.image_there = False
-        found = image_in_catalog(self.ctx.home.images_dir, image)
-        return f"image {found.short} is not on {s.node.name}: the push_image step sends it ({found.size / 2**20:.0f} MiB)"
+        self.image_there, detail = image_on_node_detail(self.ctx.home, s, image, "push_image")
+        return detail
 
     def _push_image(self) -> None:
         target = self.session(self.p["target"])
