@@ -274,7 +274,7 @@ def desktops_table(document: dict, sort: str = "user") -> Table:
             traffic(d) if running else "",
             times(d) if running else "",
             storage_cell(d),
-            cell(d["vnc"]),
+            lines_of(cell(https_page(d)), cell(d["vnc"])),
         )
     return table
 
@@ -287,6 +287,11 @@ def compact_table(*headers: str, leading: int = 0) -> Table:
     for header in headers:
         table.add_column(header, overflow="fold")
     return table
+
+
+def https_page(d: dict) -> str | None:
+    """The desktop's noVNC page without its query (autoconnect...), short enough for a table."""
+    return d["https"].split("?", 1)[0] if d.get("https") else None
 
 
 def lines_of(*parts: Text | str | None) -> Text:
@@ -532,6 +537,7 @@ def line_desktops_table(desktops: list[dict], width: int) -> Table:
         column("idle", lambda d: Text(human_duration(d["idle_s"]) if d["idle_s"] is not None else "-"), drop=1,
                justify="right"),
         column("up", lambda d: Text(human_duration(d["uptime_s"])), drop=3, justify="right"),
+        column("HTTPS", lambda d: cell(https_page(d)), drop=2, running_only=False),
         column("VNC", lambda d: cell(d["vnc"]), drop=2, running_only=False),
         column("sync", lambda d: sync_cell(d["sync"]), drop=4, running_only=False),
         column("disk", lambda d: ratio_text(d.get("disk")), drop=5, running_only=False, justify="right"),
