@@ -26,7 +26,7 @@ BUNDLE_DIR = Path(__file__).resolve().parents[2] / "scripts" / "node_helpers"
 ENTRY = BUNDLE_DIR / "labvm_helper.py"
 # In import order: a module comes after every sibling it imports at its top.
 BUNDLE_MODULES = (
-    "_contract", "_system", "_layout", "_tree", "_docker", "net", "oci_shim", "runtime", "probe", "mfs", "image",
+    "_contract", "_system", "_layout", "_tree", "_docker", "net", "oci_shim", "runtime", "probe", "mfs", "_images", "image",
     "_spec", "_owner", "_disk", "_runtime_dir", "_container", "_stack", "vm", "files", "merge", "metrics", "syncd", "sync",
 )
 EXIT_CODES = {0, 1, 2, 3, 75}

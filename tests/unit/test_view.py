@@ -69,6 +69,7 @@ def desktop(user, where, state, container, gpus, running_on) -> dict:
     node_index = NODES.index(where)
     entry = {
         "user": user, "node": where, "state": state, "vnc": f"10.20.30.{node_index + 1}:{20000 + 2 * len(user)}",
+        "https": f"https://10.20.30.{node_index + 1}:{20100 + len(user)}/vnc.html?autoconnect=1&resize=remote",
         "ssh_port": 20001, "limits": {"cpus": 8.0, "cpuset": None, "memory": 64 * GIB, "shm": GIB, "pids": 4096},
         "version": 3, "image": "a" * 64,
         "gpus": [{"index": i, "uuid": f"GPU-{where}-{i}", "utilization": u, "memory_used": 20 * GIB if u is not None else None,
