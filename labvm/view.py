@@ -259,7 +259,7 @@ def desktops_table(document: dict, sort: str = "user") -> Table:
         table.add_column(name, no_wrap=True, min_width=8)
     for name in ("GPUs", "IO / net", "time", "version"):
         table.add_column(name)
-    table.add_column("VNC", no_wrap=True)
+    table.add_column("HTTPS / VNC", no_wrap=True)
     for d in sort_desktops(document["desktops"], sort):
         cpu, limit = d["cpu_percent"], cpu_limit(d)
         running = d["container_state"] == "running"
@@ -564,7 +564,7 @@ def aligned(rows: list[list[str]]) -> list[str]:
 
 NODE_HEADER = ["NODE", "HOST", "STATUS", "CPU", "CPUS", "LOAD", "MEM", "SWAP", "DISK", "MFS_FREE", "GPUS", "PROBLEMS"]
 DESKTOP_HEADER = ["DESKTOP", "NODE", "STATE", "CONTAINER", "RUNS_ON", "OPERATION", "CPU", "MEM", "GPUS", "GPU_MEM",
-                  "GPU_PROCS", "IO_R/W", "NET_RX/TX", "UP", "IDLE", "VERSION", "SYNC", "DISK", "VNC", "NOTE"]
+                  "GPU_PROCS", "IO_R/W", "NET_RX/TX", "UP", "IDLE", "VERSION", "SYNC", "DISK", "VNC", "HTTPS", "NOTE"]
 
 
 def size_pair(figures: dict | None, first: str, second: str) -> str:
@@ -636,6 +636,7 @@ def desktop_words(d: dict) -> list[str]:
         lag + ("" if not sync or sync.get("running") else "(stopped)"),
         f"{human_size(disk['used']) if disk.get('used') is not None else '-'}/{human_size(disk.get('size'))}" if disk else "-",
         word(d["vnc"]) if d["vnc"] else "-",
+        word(https_page(d)) if d.get("https") else "-",
         safe(f"sync: {sync['last_error']}") if sync.get("last_error") else "",
     ]
 
