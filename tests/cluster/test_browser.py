@@ -204,3 +204,40 @@ def test_chromium_shows_the_desktop_over_https_with_the_whole_password(web, tmp_
         assert driver.execute_script("return window.isSecureContext") is True
     finally:
         driver.quit()
+
+
+@pytest.mark.skipif(not (shutil.which("chromedriver") and os.path.exists(CHROMIUM)), reason="chromium-driver missing")
+def test_with_raw_vnc_off_the_browser_is_the_only_way_in_and_asks_once(web, tmp_path):
+    old = desktop_of(web, "dora")
+    host, vnc_port = old["vnc"].rsplit(":", 1)
+    text = web.config.read_text()
+    web.config.write_text(text.replace("</labvm>", "  <vnc><listen>off</listen></vnc>\n</labvm>"))
+    try:
+        assert web.labvm("stop", "dora").returncode == 0
+        started = web.labvm("start", "dora")
+        assert started.returncode == 0, started.stdout + started.stderr
+        desk = desktop_of(web, "dora")
+        assert desk["vnc"] is None and desk["https"] == old["https"]
+        with pytest.raises(OSError):
+            socket.create_connection((host, int(vnc_port)), timeout=5).close()  # nothing publishes it
+        url = desk["https"]
+        wait_https(web, url)
+        assert https_get(web, url, "dora", DORA_PW[:8] + "yyyyyyyyy").status == 401
+        parts = urllib.parse.urlsplit(url)
+        quoted = urllib.parse.quote(DORA_PW, safe="")
+        # No VNC password in the page: the server behind websockify asks for none.
+        page = f"https://dora:{quoted}@{parts.hostname}:{parts.port}{parts.path}?{parts.query}"
+        driver = browser(web, tmp_path)
+        try:
+            driver.get(page)
+            end, colors = time.monotonic() + 60, 0
+            while time.monotonic() < end:
+                colors = canvas_colors(driver)
+                if colors > 1:
+                    break
+                time.sleep(1)
+            assert colors > 1, f"the noVNC canvas stayed blank ({colors} colors)"
+        finally:
+            driver.quit()
+    finally:
+        web.config.write_text(text)
