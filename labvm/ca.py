@@ -153,6 +153,45 @@ def issue(ca: CA, names: list[str], ips: list[str], days: int = LEAF_DAYS) -> tu
     return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
 
 
+DESKTOP_CERTS_DIR = "desktop-certs"  # in the admin home: USER.key (0600) and USER.pem of each desktop
+
+
+@dataclass(frozen=True)
+class Leaf:
+    key_pem: bytes
+    cert_pem: bytes
+    reason: str | None  # why it was issued now; None: the one on file is still good
+
+
+def ensure_leaf(ca: CA, directory: Path, stem: str, names: list[str], ips: list[str],
+                days: int = LEAF_DAYS) -> Leaf:
+    """The key and certificate kept as directory/STEM.key and STEM.pem, issued (again) when
+    there is none, its key is not the certificate's, or needs_renewal gives a reason."""
+    key_path, cert_path = directory / f"{stem}.key", directory / f"{stem}.pem"
+    reason = "there was none"
+    if key_path.exists() and cert_path.exists():
+        require_private(key_path)
+        key_pem, cert_pem = key_path.read_bytes(), cert_path.read_bytes()
+        reason = needs_renewal(cert_pem, ca, names, ips)
+        if reason is None and not _key_matches(key_pem, cert_pem):
+            reason = "its key is not the certificate's"
+        if reason is None:
+            return Leaf(key_pem, cert_pem, None)
+    key_pem, cert_pem = issue(ca, names, ips, days)
+    ensure_private_dir(directory)
+    atomic_write(key_path, key_pem, 0o600)
+    atomic_write(cert_path, cert_pem, 0o644)
+    return Leaf(key_pem, cert_pem, reason)
+
+
+def _key_matches(key_pem: bytes, cert_pem: bytes) -> bool:
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        return key.public_key() == x509.load_pem_x509_certificate(cert_pem).public_key()
+    except (ValueError, TypeError):
+        return False
+
+
 def needs_renewal(cert_pem: bytes, ca: CA, names: list[str], ips: list[str],
                   within_days: int = RENEW_WITHIN_DAYS) -> str | None:
     """Why a node's certificate must be issued again, or None while it is good for more than

@@ -60,10 +60,17 @@ def _desktops(home: AdminHome, quiet: bool = False):
 
 def _show_connect(home: AdminHome, desktop) -> None:
     cfg = home.config
-    out.print(Text.assemble(safe(f"{desktop.user}'s desktop runs on {desktop.node}: VNC at "), (safe(desktop.vnc_address(cfg)), "bold")))
+    out.print(Text.assemble(safe(f"{desktop.user}'s desktop runs on {desktop.node}: in a browser at "),
+                            (safe(desktop.https_url(cfg) or "-"), "bold")))
     gpus = ", ".join(f"{g['index']} ({g['uuid']})" for g in desktop.gpus) or "none"
     say(f"  GPUs: {gpus}")
-    say(f"  connect with a VNC client, e.g.: vncviewer {desktop.vnc_address(cfg)}  (password: {desktop.user}'s labvm password)")
+    say(f"  log in as {desktop.user} with {desktop.user}'s labvm password; the browser must trust labvm's CA "
+        "(`labvm ca export`, once)")
+    if cfg.vnc.listen == "published":
+        say(f"  or with a VNC client, e.g.: vncviewer {desktop.vnc_address(cfg)}  "
+            "(VNC checks only the password's first 8 characters)")
+    elif cfg.vnc.listen == "loopback":
+        say(f"  or with a VNC client through SSH to the node: its 127.0.0.1:{desktop.vnc_port}")
 
 
 @click.command()

@@ -74,6 +74,12 @@ class Node:
     def address(self) -> str:
         return f"{self.user}@{self.host}:{self.port}"
 
+    def https_port(self, vnc_port: int) -> int:
+        """The HTTPS (noVNC) port of the desktop whose slot starts at vnc_port: one per slot,
+        just past the slots' ranges, so it needs no reservation of its own."""
+        slot = (vnc_port - self.docker_port_base) // self.docker_user_port_num
+        return self.docker_port_base + self.docker_user_port_num * self.docker_port_slots + slot
+
 
 @dataclass(frozen=True)
 class VmDefaults:
@@ -130,6 +136,16 @@ class Network:
     deny: tuple[str, ...] = ()
 
 
+VNC_LISTEN = ("published", "loopback", "off")
+
+
+@dataclass(frozen=True)
+class VncSettings:
+    # Where a desktop's raw VNC port is published: the node's address (published), its
+    # 127.0.0.1 only (loopback) or nowhere (off). noVNC over HTTPS is served in every case.
+    listen: str = "published"
+
+
 @dataclass(frozen=True)
 class MemberSettings:
     # Whether a member may move their own desktop (`ssh lab@ADMIN switch NODE`).
@@ -148,6 +164,7 @@ class ClusterConfig:
     monitoring: Monitoring = field(default_factory=Monitoring)
     network: Network = field(default_factory=Network)
     members: MemberSettings = field(default_factory=MemberSettings)
+    vnc: VncSettings = field(default_factory=VncSettings)
 
     @property
     def home(self) -> Path:
@@ -378,9 +395,16 @@ def _check_unique_addresses(path: Path, nodes: tuple[Node, ...], tree) -> None:
         seen[address] = node
 
 
+def _parse_vnc(root) -> VncSettings:
+    el = root.find("vnc")
+    listen = el.find("listen") if el is not None else None
+    return VncSettings() if listen is None else VncSettings(listen=(listen.text or "").strip())
+
+
 def _check_port_ranges(path: Path, nodes: tuple[Node, ...], tree) -> None:
     for node in nodes:
-        last = node.docker_port_base + node.docker_user_port_num * node.docker_port_slots - 1
+        # The slots, then one HTTPS port per slot (Node.https_port).
+        last = node.docker_port_base + (node.docker_user_port_num + 1) * node.docker_port_slots - 1
         if last > 65535:
             line = _node_line(tree, node)
             raise ConfigError(
@@ -407,6 +431,7 @@ def parse_config(path: Path, tree=None) -> ClusterConfig:
         monitoring=_parse_monitoring(root),
         network=_parse_network(root),
         members=_parse_members(root),
+        vnc=_parse_vnc(root),
     )
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .admin import AdminHome
+from .ca import DESKTOP_CERTS_DIR, ensure_leaf
 from .config import ClusterConfig, Node, member_quota_for, parse_size
 from .errors import AlreadyExists, BadInput, FilesOfAnotherMember, LabvmError, NotFound, StateError
 from .images import base_image_tag, base_image_tar
@@ -155,12 +156,19 @@ class Desktop:
     def vnc_address(self, cfg: ClusterConfig) -> str:
         return f"{cfg.node(self.node).host}:{self.vnc_port}"
 
+    def https_url(self, cfg: ClusterConfig) -> str | None:
+        """The page that opens the desktop in a browser (noVNC over HTTPS, connecting at once)."""
+        if not self.vnc_port:
+            return None
+        return https_url(cfg.node(self.node), self.vnc_port)
+
     def as_dict(self, cfg: ClusterConfig) -> dict:
         return {
             "user": self.user,
             "node": self.node,
             "state": self.state,
-            "vnc": self.vnc_address(cfg) if self.vnc_port else None,
+            "vnc": self.vnc_address(cfg) if self.vnc_port and cfg.vnc.listen != "off" else None,
+            "https": self.https_url(cfg),
             "ssh_port": self.ssh_port,
             "gpus": self.gpus,
             "limits": self.limits,
@@ -202,6 +210,27 @@ def container_name(user: str) -> str:
     return f"labvm-{user}"
 
 
+NOVNC_PAGE = "vnc.html?autoconnect=1&resize=remote"
+
+
+def https_url(node: Node, vnc_port: int) -> str:
+    """https://HOST:PORT/ of the desktop whose port slot starts at vnc_port, with noVNC's page."""
+    try:
+        host = f"[{node.host}]" if ipaddress.ip_address(node.host).version == 6 else node.host
+    except ValueError:
+        host = node.host
+    return f"https://{host}:{node.https_port(vnc_port)}/{NOVNC_PAGE}"
+
+
+def certificate_names(node: Node) -> tuple[list[str], list[str]]:
+    """What a desktop's HTTPS certificate names: the node's host, an address or a DNS name."""
+    try:
+        ipaddress.ip_address(node.host)
+    except ValueError:
+        return [node.host], []
+    return [], [node.host]
+
+
 def bind_address(node: Node) -> str:
     try:
         ipaddress.ip_address(node.host)
@@ -210,8 +239,11 @@ def bind_address(node: Node) -> str:
     return node.host
 
 
-def build_spec(user: str, uid: int, node: Node, desktop: str, limits: Limits, gpu_uuids: list[str], ports: tuple[int, int | None]) -> dict:
-    """The container a desktop runs as; the helper creates exactly this, and its hash spots drift."""
+def build_spec(user: str, uid: int, node: Node, desktop: str, limits: Limits, gpu_uuids: list[str],
+               ports: tuple[int, int | None], vnc_listen: str = "published") -> dict:
+    """The container a desktop runs as; the helper creates exactly this, and its hash spots drift.
+    Its HTTPS port follows from its port slot (Node.https_port); vnc_listen is the cluster
+    file's <vnc><listen>."""
     return {
         "name": container_name(user),
         "image": base_image_tag(),
@@ -229,8 +261,9 @@ def build_spec(user: str, uid: int, node: Node, desktop: str, limits: Limits, gp
         "io_write_bps": limits.io_write_bps,
         "io_device": limits.io_device,
         "gpus": list(gpu_uuids),
-        "ports": {"vnc": ports[0], "ssh": ports[1]},
+        "ports": {"vnc": ports[0], "ssh": ports[1], "https": node.https_port(ports[0])},
         "bind_address": bind_address(node),
+        "vnc_listen": vnc_listen,
         "vnc_geometry": "1280x800",
         "desktop_cmd": DESKTOP_SESSIONS.get(desktop, DESKTOP_SESSIONS["minimal"]),
     }
@@ -359,7 +392,7 @@ class Desktops:
         user, node = desktop.user, s.node
         disk = self.disk_of(desktop.limits)
         spec = build_spec(user, uid, node, "minimal", Limits(**desktop.limits),
-                          [g["uuid"] for g in desktop.gpus], (desktop.vnc_port, desktop.ssh_port))
+                          [g["uuid"] for g in desktop.gpus], (desktop.vnc_port, desktop.ssh_port), self.cfg.vnc.listen)
         calls = self.calls(node, user, desktop.image)
         run_steps(s, op, [
             ("mount_mfs", [calls.mount_mfs()]),
@@ -378,8 +411,21 @@ class Desktops:
         return DesktopCalls(self.cfg, node, user, image)
 
     def container_calls(self, s: NodeSession, db: StateDB, user: str, spec: dict, image: str) -> list[HelperCall]:
-        """What starts the desktop's container (DesktopCalls.start_container), with its password."""
-        return self.calls(s.node, user, image).start_container(spec, db.vnc_secret(user), DESKTOP_SESSIONS)
+        """What starts the desktop's container (DesktopCalls.start_container), with its password
+        and its HTTPS key and certificate."""
+        tls = self.certificate(s.node, user)
+        return self.calls(s.node, user, image).start_container(spec, db.vnc_secret(user), DESKTOP_SESSIONS, tls)
+
+    def certificate(self, node: Node, user: str) -> tuple[str, str]:
+        """The key and certificate of USER's desktop on NODE (PEM), issued by labvm's CA (made
+        if there is none yet) and issued again, at a start, when ca.needs_renewal says so: it
+        expires soon, another CA signed it, or it names another host (the desktop moved)."""
+        authority, _created = self.home.init_ca()
+        names, ips = certificate_names(node)
+        leaf = ensure_leaf(authority, self.home.home / DESKTOP_CERTS_DIR, user, names, ips)
+        if leaf.reason:
+            self.say(f"issued {user}'s HTTPS certificate for {', '.join(names + ips)} ({leaf.reason})")
+        return leaf.key_pem.decode(), leaf.cert_pem.decode()
 
     # -- versions on MooseFS (the merge helper) ---------------------------------
     def versions_on_mfs(self, s: NodeSession, user: str) -> list[dict]:

@@ -133,7 +133,8 @@ class DesktopKind(Kind):
         def container():
             desktop = self.desktop()
             spec = build_spec(user, db.get_user(user).uid, self.cfg.node(node), "minimal", _limits(desktop),
-                              [g["uuid"] for g in desktop.gpus], (desktop.vnc_port, desktop.ssh_port))
+                              [g["uuid"] for g in desktop.gpus], (desktop.vnc_port, desktop.ssh_port),
+                              self.cfg.vnc.listen)
             return self.desktops.container_calls(self.session(), db, user, spec, desktop.image)
 
         disk = lambda: self.desktops.disk_of(self.desktop().limits)  # noqa: E731

@@ -62,7 +62,9 @@ def port_slots(node: Node):
 
 def allocate_ports(node: Node, used: set[int]) -> tuple[int, int | None]:
     for vnc, ssh in port_slots(node):
-        if vnc not in used and (ssh is None or ssh not in used):
+        # The slot's HTTPS port (Node.https_port) is its own too: something else on the node
+        # listening there takes the slot out.
+        if vnc not in used and (ssh is None or ssh not in used) and node.https_port(vnc) not in used:
             return vnc, ssh
     raise NoCapacity(
         f"{node.name}: all {node.docker_port_slots} port slots from {node.docker_port_base} are taken; "

@@ -360,7 +360,7 @@ class SwitchKind(Kind):
         target = self.session(p["target"])
         node = target.node
         spec = build_spec(user, db.get_user(user).uid, node, "minimal", Limits(**p["target_limits"]),
-                          [g["uuid"] for g in p["target_gpus"]], tuple(p["target_ports"]))
+                          [g["uuid"] for g in p["target_gpus"]], tuple(p["target_ports"]), self.cfg.vnc.listen)
         # One round trip: the downtime runs while this step does.
         target.call_many([self.desktops.base_image_call(), self.desktops.calls(node, user).start_sync(),
                           *self.desktops.container_calls(target, db, user, spec, self._image(self._desktop()))])

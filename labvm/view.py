@@ -265,7 +265,7 @@ def desktops_table(document: dict, sort: str = "user") -> Table:
         table.add_column(name, no_wrap=True, min_width=8)
     for name in ("GPUs", "IO / net", "time", "version"):
         table.add_column(name)
-    table.add_column("VNC", no_wrap=True)
+    table.add_column("HTTPS / VNC", no_wrap=True)
     for d in sort_desktops(document["desktops"], sort):
         cpu, limit = d["cpu_percent"], cpu_limit(d)
         running = d["container_state"] == "running"
@@ -280,7 +280,7 @@ def desktops_table(document: dict, sort: str = "user") -> Table:
             traffic(d) if running else "",
             times(d) if running else "",
             storage_cell(d),
-            cell(d["vnc"]),
+            lines_of(cell(https_page(d)), cell(d["vnc"])),
         )
     return table
 
@@ -293,6 +293,11 @@ def compact_table(*headers: str, leading: int = 0) -> Table:
     for header in headers:
         table.add_column(header, overflow="fold")
     return table
+
+
+def https_page(d: dict) -> str | None:
+    """The desktop's noVNC page without its query (autoconnect...), short enough for a table."""
+    return d["https"].split("?", 1)[0] if d.get("https") else None
 
 
 def lines_of(*parts: Text | str | None) -> Text:
@@ -538,6 +543,7 @@ def line_desktops_table(desktops: list[dict], width: int) -> Table:
         column("idle", lambda d: Text(human_duration(d["idle_s"]) if d["idle_s"] is not None else "-"), drop=1,
                justify="right"),
         column("up", lambda d: Text(human_duration(d["uptime_s"])), drop=3, justify="right"),
+        column("HTTPS", lambda d: cell(https_page(d)), drop=2, running_only=False),
         column("VNC", lambda d: cell(d["vnc"]), drop=2, running_only=False),
         column("sync", lambda d: sync_cell(d["sync"]), drop=4, running_only=False),
         column("disk", lambda d: ratio_text(d.get("disk")), drop=5, running_only=False, justify="right"),
@@ -564,7 +570,7 @@ def aligned(rows: list[list[str]]) -> list[str]:
 
 NODE_HEADER = ["NODE", "HOST", "STATUS", "CPU", "CPUS", "LOAD", "MEM", "SWAP", "DISK", "MFS_FREE", "GPUS", "PROBLEMS"]
 DESKTOP_HEADER = ["DESKTOP", "NODE", "STATE", "CONTAINER", "RUNS_ON", "OPERATION", "CPU", "MEM", "GPUS", "GPU_MEM",
-                  "GPU_PROCS", "IO_R/W", "NET_RX/TX", "UP", "IDLE", "VERSION", "IMAGE", "SYNC", "DISK", "VNC", "NOTE"]
+                  "GPU_PROCS", "IO_R/W", "NET_RX/TX", "UP", "IDLE", "VERSION", "IMAGE", "SYNC", "DISK", "VNC", "HTTPS", "NOTE"]
 
 
 def size_pair(figures: dict | None, first: str, second: str) -> str:
@@ -637,6 +643,7 @@ def desktop_words(d: dict) -> list[str]:
         lag + ("" if not sync or sync.get("running") else "(stopped)"),
         f"{human_size(disk['used']) if disk.get('used') is not None else '-'}/{human_size(disk.get('size'))}" if disk else "-",
         word(d["vnc"]) if d["vnc"] else "-",
+        word(https_page(d)) if d.get("https") else "-",
         safe(f"sync: {sync['last_error']}") if sync.get("last_error") else "",
     ]
 

@@ -146,17 +146,22 @@ class DesktopCalls:
     def remove_container(self) -> HelperCall:
         return HelperCall("vm", "remove_container", {"user": self.user}, timeout=CONTAINER_TIMEOUT_S)
 
-    def start_container(self, spec: dict, password: str, sessions: dict[str, str]) -> list[HelperCall]:
+    def start_container(self, spec: dict, password: str, sessions: dict[str, str],
+                        tls: tuple[str, str] | None = None) -> list[HelperCall]:
         """What starts the desktop's container, in order: never before the node walls its
         network off from MooseFS, the nodes and the other desktops (re-applied each time: a
         dockerd restart or an admin's iptables flush must not leave a desktop open), and never
         before its dockerd knows the labvm runtime, which gives the container the desktop's
-        overlay as its root. The desktop session is the one the node's image names."""
+        overlay as its root. The desktop session is the one the node's image names. tls: the
+        desktop's HTTPS key and certificate (PEM), which travel as secrets do."""
+        secrets = {"password": password}
+        if tls is not None:
+            secrets.update(tls_key=tls[0], tls_cert=tls[1])
         return [
             HelperCall("net", "ensure_isolation", isolation_params(self.cfg)),
             HelperCall("runtime", "ensure_runtime", {"data_dir": self.node.data_dir}, timeout=60),
             HelperCall("vm", "ensure_container", {
-                **self._local, "spec": spec, "secrets": {"password": password},
+                **self._local, "spec": spec, "secrets": secrets,
                 "node": self.node.name, "mfs_mount": self.cfg.storage.mfs_mount,
                 "image_sessions": {"image": self._image, "by_desktop": sessions},
             }, timeout=240),

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -41,6 +42,7 @@ from _runtime_dir import (
     ensure_runtime_files,
     remove_secret,
     write_secret,
+    write_tls,
 )
 from _spec import CONTAINER_PREFIX, LABEL_SPEC_HASH, LABEL_USER
 from _system import mount_at, read_mountinfo
@@ -50,6 +52,8 @@ from runtime import SENTINEL as ROOTFS_SENTINEL
 
 VNC_CONTAINER_PORT = "5901/tcp"
 SSH_CONTAINER_PORT = "22/tcp"
+HTTPS_CONTAINER_PORT = "6901/tcp"  # websockify, serving noVNC (the init's HTTPS_PORT)
+LOOPBACK = "127.0.0.1"
 # 2: the root is the overlay, through the labvm runtime (1 bound merge_local's top-level dirs).
 CONTAINER_FORM = 2
 LOG_MAX_SIZE, LOG_MAX_FILES = "10m", "3"
@@ -89,9 +93,13 @@ DROPPED_CAPABILITIES = ("NET_RAW", "MKNOD", "SETFCAP", "AUDIT_WRITE")
 def container_create_body(user: str, spec: dict, merge_local: str, runtime_dir: str) -> dict:
     """The body of POST /containers/create for this spec; pure, so tests can check it whole."""
     ports = spec["ports"]
-    port_bindings = {VNC_CONTAINER_PORT: [{"HostIp": spec["bind_address"], "HostPort": str(ports["vnc"])}]}
+    port_bindings = {}
+    if spec["vnc_listen"] != "off":
+        port_bindings[VNC_CONTAINER_PORT] = [{"HostIp": vnc_host(spec), "HostPort": str(ports["vnc"])}]
     if ports["ssh"] is not None:
         port_bindings[SSH_CONTAINER_PORT] = [{"HostIp": spec["bind_address"], "HostPort": str(ports["ssh"])}]
+    if ports["https"] is not None:
+        port_bindings[HTTPS_CONTAINER_PORT] = [{"HostIp": spec["bind_address"], "HostPort": str(ports["https"])}]
     host_config = {
         # tini as PID 1 comes from the entrypoint (see TINI_PATH); false also overrides a
         # dockerd configured with `"init": true`, whose /sbin/docker-init would be hidden.
@@ -142,6 +150,11 @@ def container_create_body(user: str, spec: dict, merge_local: str, runtime_dir: 
     }
 
 
+def vnc_host(spec: dict) -> str:
+    """Where the raw VNC port is published on the node (not at all with vnc_listen off)."""
+    return LOOPBACK if spec["vnc_listen"] == "loopback" else spec["bind_address"]
+
+
 def device_rate(spec: dict, key: str) -> list[dict] | None:
     return None if spec[key] is None else [{"Path": spec["io_device"], "Rate": spec[key]}]
 
@@ -158,6 +171,8 @@ def container_env(user: str, spec: dict) -> dict:
             "LABVM_VNC_GEOMETRY": spec["vnc_geometry"],
             "LABVM_DESKTOP_CMD": spec["desktop_cmd"],
             "LABVM_SSH": "1" if spec["ports"]["ssh"] is not None else "0",
+            "LABVM_HTTPS": "1" if spec["ports"]["https"] is not None else "0",
+            "LABVM_VNC_LISTEN": spec["vnc_listen"],
         }
     )
     return env
@@ -286,16 +301,23 @@ def ensure_container(params: dict, check: bool) -> Result:
         # A backup froze it and was killed before it could thaw it: starting it thaws it.
         pause_or_unpause({"user": user, "docker_socket": socket_path}, False, pause=False)
         state = inspect_ours(socket_path, user)
+    secrets = params["secrets"]
     if state is not None and state["running"]:
-        vnc = {"address": spec["bind_address"], "port": spec["ports"]["vnc"], "ready": vnc_answers(spec)}
+        vnc = {**vnc_endpoint(spec), "ready": vnc_answers(spec) if spec["vnc_listen"] != "off" else None}
+        https = https_endpoint(spec, https_answers(spec) if spec["ports"]["https"] is not None else None)
         if check:
-            return Result(changed=False, data={**data, "container": public_state(state), "vnc": vnc})
+            return Result(changed=False, data={**data, "container": public_state(state), "vnc": vnc, "https": https})
         scripts_changed = ensure_runtime_files(paths.runtime)
-        return Result(changed=scripts_changed, data={**data, "container": public_state(state), "vnc": vnc})
+        # A renewed certificate takes effect at once: websockify reads it at each connection.
+        if secrets["tls_key"] is not None:
+            scripts_changed = write_tls(paths.runtime, secrets["tls_key"], secrets["tls_cert"]) or scripts_changed
+        return Result(changed=scripts_changed, data={**data, "container": public_state(state), "vnc": vnc, "https": https})
     if check:
         return Result(changed=True, data={**data, "container": public_state(state) if state else dict(NO_CONTAINER)})
     ensure_runtime_files(paths.runtime)
-    write_secret(paths.runtime, params["secrets"]["password"])
+    if secrets["tls_key"] is not None:
+        write_tls(paths.runtime, secrets["tls_key"], secrets["tls_cert"])
+    write_secret(paths.runtime, secrets["password"])
     try:
         if state is None:
             create_container(
@@ -307,8 +329,20 @@ def ensure_container(params: dict, check: bool) -> Result:
     finally:
         remove_secret(paths.runtime)
     state = inspect_ours(socket_path, user) or dict(NO_CONTAINER)
-    vnc = {"address": spec["bind_address"], "port": spec["ports"]["vnc"], "ready": True}
-    return Result(changed=True, data={**data, "started": True, "container": public_state(state), "vnc": vnc})
+    vnc = {**vnc_endpoint(spec), "ready": spec["vnc_listen"] != "off" or None}
+    https = https_endpoint(spec, True if spec["ports"]["https"] is not None else None)
+    return Result(changed=True, data={**data, "started": True, "container": public_state(state), "vnc": vnc, "https": https})
+
+
+def vnc_endpoint(spec: dict) -> dict:
+    if spec["vnc_listen"] == "off":
+        return {"address": None, "port": None}
+    return {"address": vnc_host(spec), "port": spec["ports"]["vnc"]}
+
+
+def https_endpoint(spec: dict, ready: bool | None) -> dict:
+    port = spec["ports"]["https"]
+    return {"address": spec["bind_address"] if port else None, "port": port, "ready": ready}
 
 
 def image_desktop(ref: dict) -> str | None:
@@ -346,11 +380,40 @@ def start_container(socket_path: str, name: str) -> bool:
     return True
 
 
+def probe_address(spec: dict, host: str) -> str:
+    # Published on every address (a node known by name): the node reaches it on its loopback.
+    return LOOPBACK if host == "0.0.0.0" else host
+
+
+def https_answers(spec: dict, timeout_s: float = VNC_PROBE_TIMEOUT_S) -> bool:
+    """A TLS handshake on the HTTPS port (its certificate is not checked here: the CA is the
+    admin host's). docker-proxy alone accepts the connection but never completes one."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        address = (probe_address(spec, spec["bind_address"]), spec["ports"]["https"])
+        with socket.create_connection(address, timeout=timeout_s) as connection:
+            connection.settimeout(timeout_s)
+            with context.wrap_socket(connection):
+                return True
+    except (OSError, ValueError):
+        return False
+
+
+def desktop_answers(spec: dict) -> bool:
+    """The VNC server greets (unless raw VNC is off) and, with HTTPS, websockify does TLS."""
+    if spec["vnc_listen"] != "off" and not vnc_answers(spec):
+        return False
+    return spec["ports"]["https"] is None or https_answers(spec)
+
+
 def vnc_answers(spec: dict, timeout_s: float = VNC_PROBE_TIMEOUT_S) -> bool:
     """A connection that gets an RFB greeting. A bare TCP connect is not enough: docker-proxy
     accepts connections on the published port before anything listens in the container."""
     try:
-        with socket.create_connection((spec["bind_address"], spec["ports"]["vnc"]), timeout=timeout_s) as connection:
+        address = (probe_address(spec, vnc_host(spec)), spec["ports"]["vnc"])
+        with socket.create_connection(address, timeout=timeout_s) as connection:
             connection.settimeout(timeout_s)
             greeting = b""
             while len(greeting) < len(RFB_GREETING):
@@ -364,11 +427,12 @@ def vnc_answers(spec: dict, timeout_s: float = VNC_PROBE_TIMEOUT_S) -> bool:
 
 
 def wait_for_vnc(socket_path: str, spec: dict, wait_s: int) -> None:
-    """Init applies the password before it starts the VNC server, so a greeting means the
-    secret has been read. A container that stops meanwhile fails at once, with its log."""
+    """Init applies the password before it starts the VNC server and websockify, so a greeting
+    (or with raw VNC off, a TLS handshake) means the secret has been read. A container that
+    stops meanwhile fails at once, with its log."""
     deadline = time.monotonic() + wait_s
     while True:
-        if vnc_answers(spec):
+        if desktop_answers(spec):
             return
         container = inspect_container(socket_path, spec["name"])
         if container is None or not container_state(container)["running"]:
@@ -379,7 +443,8 @@ def wait_for_vnc(socket_path: str, spec: dict, wait_s: int) -> None:
         if time.monotonic() >= deadline:
             logs = container_logs_tail(socket_path, spec["name"])
             raise Failed(
-                f"VNC on {spec['bind_address']}:{spec['ports']['vnc']} did not answer within {wait_s} s; "
+                f"the desktop (VNC port {spec['ports']['vnc']}, HTTPS port {spec['ports']['https']}) on "
+                f"{spec['bind_address']} did not answer within {wait_s} s; "
                 f"container log: {logs or '(empty)'}",
                 "vnc_not_listening",
             )

@@ -26,6 +26,12 @@ TINI_PATH = f"{RUNTIME_IN_CONTAINER}/tini"
 TINI_CANDIDATES = ("docker-init", "tini-static", "tini")
 APPLY_PASSWORD_PATH = f"{RUNTIME_IN_CONTAINER}/apply-password"
 SECRET_NAME = "secret"
+# The desktop's HTTPS (noVNC through websockify): the key and certificate labvm's CA issued it,
+# 0600 root and kept (websockify reads them at each connection, so a renewal needs no restart;
+# the member, root in their desktop, may read their own), and websockify's auth plugin.
+TLS_KEY_NAME = "tls.key"
+TLS_CERT_NAME = "tls.crt"
+WEB_AUTH_NAME = "labvm_web_auth.py"
 
 
 def ensure_runtime_files(runtime_dir: str) -> bool:
@@ -41,6 +47,7 @@ def ensure_runtime_files(runtime_dir: str) -> bool:
         write_file_atomically(posixpath.join(runtime_dir, "tini"), tini_content, 0o700),
         write_file_atomically(posixpath.join(runtime_dir, "init"), INIT_SCRIPT.encode(), 0o700),
         write_file_atomically(posixpath.join(runtime_dir, "apply-password"), APPLY_PASSWORD_SCRIPT.encode(), 0o700),
+        write_file_atomically(posixpath.join(runtime_dir, WEB_AUTH_NAME), WEB_AUTH_MODULE.encode(), 0o600),
     ]
     return created or any(changed)
 
@@ -89,6 +96,12 @@ def write_secret(runtime_dir: str, password: str) -> str:
     return path
 
 
+def write_tls(runtime_dir: str, key_pem: str, cert_pem: str) -> bool:
+    """The desktop's HTTPS key and certificate; True if either changed."""
+    changed = write_file_atomically(posixpath.join(runtime_dir, TLS_KEY_NAME), key_pem.encode(), 0o600)
+    return write_file_atomically(posixpath.join(runtime_dir, TLS_CERT_NAME), cert_pem.encode(), 0o600) or changed
+
+
 def remove_secret(runtime_dir: str) -> None:
     try:
         os.unlink(posixpath.join(runtime_dir, SECRET_NAME))
@@ -111,6 +124,11 @@ USER_NAME=$LABVM_USER
 USER_ID=$LABVM_UID
 DISPLAY_NUMBER=1
 VNC_PORT=5901
+HTTPS_PORT=6901
+# The hash of the password that noVNC's HTTPS asks for (HTTP Basic, the whole password): on
+# /run, a tmpfs, written again at each start from the secret. Never the password itself.
+WEB_DIR=/run/labvm-web
+WEB_HASH="$WEB_DIR/passwd"
 PIDS=""
 VNC_PID=""
 
@@ -168,7 +186,16 @@ apply_password() {
     (umask 077 && "$vncpasswd" -f <"$SECRET" >"$home/.vnc/passwd.new") || { log "vncpasswd failed"; return 1; }
     mv -f "$home/.vnc/passwd.new" "$home/.vnc/passwd" || return 1
     chown "$USER_NAME:" "$home/.vnc" "$home/.vnc/passwd" && chmod 700 "$home/.vnc" && chmod 600 "$home/.vnc/passwd" || return 1
+    apply_web_password || return 1
     log "password applied for $USER_NAME"
+}
+
+apply_web_password() {
+    [ "${LABVM_HTTPS:-0}" = 1 ] || return 0
+    command -v python3 >/dev/null 2>&1 || { log "python3 not found: no HTTPS password"; return 0; }
+    (umask 077 && mkdir -p "$WEB_DIR" && chmod 700 "$WEB_DIR" &&
+        python3 "$RUNTIME/labvm_web_auth.py" hash "$USER_NAME" <"$SECRET" >"$WEB_HASH.new" &&
+        mv -f "$WEB_HASH.new" "$WEB_HASH") || { log "cannot write the HTTPS password hash"; return 1; }
 }
 
 start_sshd() {
@@ -184,11 +211,15 @@ start_vnc() {
     home=$(home_of_user)
     [ -s "$home/.vnc/passwd" ] || die "no VNC password for $USER_NAME yet: set one with labvm passwd"
     server=$(command -v Xtigervnc || command -v Xvnc) || die "Xtigervnc not found (tigervnc-standalone-server)"
+    # Raw VNC off: only websockify, in here, reaches the server, after the HTTPS Basic auth
+    # with the whole password; VncAuth would ask again for its first 8 characters.
+    security="-SecurityTypes VncAuth"
+    [ "${LABVM_VNC_LISTEN:-published}" != off ] || security="-localhost -SecurityTypes None"
     # /tmp persists with the upper layer: a lock from an earlier start names a PID that may be
     # alive again now, and the X server would refuse the display.
     rm -f "/tmp/.X$DISPLAY_NUMBER-lock" "/tmp/.X11-unix/X$DISPLAY_NUMBER"
     mkdir -p /tmp/.X11-unix && chmod 1777 /tmp/.X11-unix
-    as_user "$server" ":$DISPLAY_NUMBER" -rfbport "$VNC_PORT" -rfbauth "$home/.vnc/passwd" -SecurityTypes VncAuth \
+    as_user "$server" ":$DISPLAY_NUMBER" -rfbport "$VNC_PORT" -rfbauth "$home/.vnc/passwd" $security \
         -geometry "${LABVM_VNC_GEOMETRY:-1280x800}" -desktop "$USER_NAME" -nolisten tcp &
     VNC_PID=$!
     PIDS="$PIDS $VNC_PID"
@@ -199,6 +230,21 @@ start_vnc() {
         [ "$tries" -le 300 ] || die "the VNC server did not open display :$DISPLAY_NUMBER within 30 s"
         sleep 0.1
     done
+}
+
+# noVNC over HTTPS: websockify, as root (it reads the key in /run/labvm, root's only), serves
+# /usr/share/novnc and proxies WebSockets to the VNC server on this container's loopback, each
+# request (page or upgrade) behind HTTP Basic auth against the password's hash; TLS only.
+start_web() {
+    [ "${LABVM_HTTPS:-0}" = 1 ] || return 0
+    [ -s "$RUNTIME/tls.crt" ] && [ -s "$RUNTIME/tls.key" ] || { log "no TLS certificate in $RUNTIME: HTTPS stays closed"; return 0; }
+    [ -s "$WEB_HASH" ] || { log "no HTTPS password hash: HTTPS stays closed"; return 0; }
+    python3 -c 'import websockify' 2>/dev/null || { log "websockify is not installed (python3-websockify): HTTPS stays closed"; return 0; }
+    [ -d /usr/share/novnc ] || { log "noVNC is not installed (novnc): HTTPS stays closed"; return 0; }
+    PYTHONPATH="$RUNTIME" python3 -m websockify --ssl-only --cert "$RUNTIME/tls.crt" --key "$RUNTIME/tls.key" \
+        --web /usr/share/novnc --web-auth --auth-plugin labvm_web_auth.BasicAuth --auth-source "$WEB_HASH" \
+        "$HTTPS_PORT" "127.0.0.1:$VNC_PORT" </dev/null &
+    PIDS="$PIDS $!"
 }
 
 start_desktop() {
@@ -238,6 +284,7 @@ if [ -s "$SECRET" ]; then
 fi
 start_sshd
 start_vnc
+start_web
 start_desktop
 log "desktop of $USER_NAME on display :$DISPLAY_NUMBER, VNC port $VNC_PORT"
 wait "$VNC_PID"
@@ -245,6 +292,80 @@ status=$?
 log "the VNC server exited (status $status)"
 stop 1
 """
+
+# websockify's auth plugin (websockify 0.10: a class built with --auth-source, whose
+# authenticate(headers, target_host, target_port) raises AuthenticationError to refuse). The
+# source is a file of one line `USER:scrypt$N$R$P$SALT$HASH` (base64), which init writes with
+# `python3 labvm_web_auth.py hash USER <secret`. websockify runs it for every request, the pages
+# and the WebSocket upgrade alike (--web-auth), in the process that serves the connection.
+WEB_AUTH_MODULE = r'''"""labvm: HTTP Basic auth for noVNC, against the desktop's password hash."""
+import base64
+import hashlib
+import hmac
+import os
+import sys
+
+N, R, P = 2**14, 8, 1
+REALM = "labvm desktop"
+
+
+def scrypt(password, salt, n=N, r=R, p=P):
+    return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024, dklen=32)
+
+
+def make_line(user, password):
+    salt = os.urandom(16)
+    digest = scrypt(password, salt)
+    encode = lambda data: base64.b64encode(data).decode()
+    return "%s:scrypt$%d$%d$%d$%s$%s\n" % (user, N, R, P, encode(salt), encode(digest))
+
+
+def matches(line, user, password):
+    name, _, stored = line.strip().partition(":")
+    try:
+        kind, n, r, p, salt, digest = stored.split("$")
+        if kind != "scrypt":
+            return False
+        wanted = base64.b64decode(digest)
+        got = scrypt(password, base64.b64decode(salt), int(n), int(r), int(p))
+    except ValueError:
+        return False
+    return hmac.compare_digest(name.encode(), user) and hmac.compare_digest(got, wanted)
+
+
+class BasicAuth:
+    def __init__(self, src=None):
+        self.source = src
+
+    def authenticate(self, headers, target_host, target_port):
+        from websockify.auth_plugins import AuthenticationError
+
+        demand = AuthenticationError(response_code=401, response_msg="Unauthorized",
+                                     response_headers={"WWW-Authenticate": 'Basic realm="%s", charset="UTF-8"' % REALM})
+        header = headers.get("Authorization") or ""
+        if not header.startswith("Basic "):
+            raise demand
+        try:
+            user, sep, password = base64.b64decode(header[6:].strip(), validate=True).partition(b":")
+        except ValueError:
+            raise demand from None
+        try:
+            with open(self.source) as stream:
+                line = stream.readline()
+        except OSError:
+            raise AuthenticationError(response_code=503, response_msg="No password set") from None
+        if not sep or not matches(line, user, password):
+            raise demand
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["hash"] and len(sys.argv) == 3:
+    secret = sys.stdin.buffer.readline().rstrip(b"\n")
+    if not secret:
+        sys.exit("no password on stdin")
+    sys.stdout.write(make_line(sys.argv[2], secret))
+elif __name__ == "__main__":
+    sys.exit("usage: labvm_web_auth.py hash USER <PASSWORD_LINE")
+'''
 
 APPLY_PASSWORD_SCRIPT = r"""#!/bin/sh
 # Applies /run/labvm/secret as the login and VNC password; run by the labvm vm helper through

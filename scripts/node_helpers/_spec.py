@@ -22,14 +22,21 @@ MAX_PASSWORD_CHARS = 256
 MIN_MEMORY_BYTES = 6 * 1024 * 1024  # dockerd refuses less
 
 
+TLS_KEYS = ("tls_key", "tls_cert")
+MAX_PEM_CHARS = 16384
+
+
 def password_secrets(name: str, value: Any) -> dict:
-    """{"password": str}. Messages never show the value."""
+    """{"password": str, "tls_key": PEM or None, "tls_cert": PEM or None}: the desktop's password
+    and, for its HTTPS (noVNC), the key and certificate labvm's CA issued it; both or neither.
+    Messages never show a value."""
     if not isinstance(value, dict):
         raise BadRequest(f"param {name!r} must be an object holding 'password'", "bad_param")
-    unknown = sorted(set(value) - {"password"})
+    unknown = sorted(set(value) - {"password", *TLS_KEYS})
     if unknown:
         raise BadRequest(
-            f"param {name!r}: unknown key(s) {', '.join(repr(key)[:40] for key in unknown)}; accepted: password", "bad_param"
+            f"param {name!r}: unknown key(s) {', '.join(repr(key)[:40] for key in unknown)}; "
+            "accepted: password, tls_key, tls_cert", "bad_param"
         )
     password = value.get("password")
     if not isinstance(password, str) or not 1 <= len(password) <= MAX_PASSWORD_CHARS:
@@ -37,7 +44,16 @@ def password_secrets(name: str, value: Any) -> dict:
     # chpasswd reads `user:password` lines: a line break would start another user's line.
     if any(ord(char) < 32 or ord(char) == 127 for char in password):
         raise BadRequest(f"param {name!r}: 'password' must not contain control characters or line breaks", "bad_param")
-    return {"password": password}
+    tls = {key: value.get(key) for key in TLS_KEYS}
+    if (tls["tls_key"] is None) != (tls["tls_cert"] is None):
+        raise BadRequest(f"param {name!r}: 'tls_key' and 'tls_cert' go together", "bad_param")
+    for key, pem in tls.items():
+        if pem is not None and not (
+            isinstance(pem, str) and len(pem) <= MAX_PEM_CHARS and pem.isascii() and pem.startswith("-----BEGIN ")
+            and "\0" not in pem
+        ):
+            raise BadRequest(f"param {name!r}: {key!r} must be PEM text of at most {MAX_PEM_CHARS} characters", "bad_param")
+    return {"password": password, **tls}
 
 
 # One validator per spec key: (required, default, check(value) -> cleaned or raise ValueError(reason)).
@@ -100,12 +116,24 @@ _port = _integer(1, 65535)
 
 
 def _ports(value):
-    if not isinstance(value, dict) or set(value) - {"vnc", "ssh"} or "vnc" not in value:
-        raise ValueError('an object {"vnc": PORT, "ssh": PORT or null}')
-    ports = {"vnc": _port(value["vnc"]), "ssh": None if value.get("ssh") is None else _port(value["ssh"])}
-    if ports["vnc"] == ports["ssh"]:
-        raise ValueError("two different ports for vnc and ssh")
+    if not isinstance(value, dict) or set(value) - {"vnc", "ssh", "https"} or "vnc" not in value:
+        raise ValueError('an object {"vnc": PORT, "ssh": PORT or null, "https": PORT or null}')
+    ports = {key: None if value.get(key) is None else _port(value[key]) for key in ("vnc", "ssh", "https")}
+    taken = [port for port in ports.values() if port is not None]
+    if len(set(taken)) != len(taken):
+        raise ValueError("different ports for vnc, ssh and https")
     return ports
+
+
+# Where the raw VNC port is published: on bind_address (published), on the node's 127.0.0.1
+# only (loopback, for SSH tunnels), or not at all (off: noVNC over HTTPS only).
+VNC_LISTEN = ("published", "loopback", "off")
+
+
+def _vnc_listen(value):
+    if value not in VNC_LISTEN:
+        raise ValueError(f"one of {', '.join(VNC_LISTEN)}")
+    return value
 
 
 def _ip_address(value):
@@ -181,6 +209,7 @@ SPEC_FIELDS = {
     "gpus": (False, [], _gpus),
     "ports": (True, None, _ports),
     "bind_address": (True, None, _ip_address),
+    "vnc_listen": (False, "published", _vnc_listen),
     "vnc_geometry": (False, "1280x800", _matching(r"[1-9][0-9]{1,4}x[1-9][0-9]{1,4}", "WIDTHxHEIGHT, such as 1280x800")),
     "desktop_cmd": (True, None, _command),
 }
@@ -207,6 +236,8 @@ def container_spec(name: str, value: Any) -> dict:
             spec[key] = check(item)
         except ValueError as reason:
             raise BadRequest(f"param {name!r}: {key!r} must be {reason}", "bad_param") from None
+    if spec["vnc_listen"] == "off" and spec["ports"]["https"] is None:
+        raise BadRequest(f"param {name!r}: with 'vnc_listen' off the desktop needs an https port", "bad_param")
     if (spec["io_read_bps"] or spec["io_write_bps"]) and not spec["io_device"]:
         raise BadRequest(f"param {name!r}: 'io_device' is required with io_read_bps or io_write_bps", "bad_param")
     return spec

@@ -807,6 +807,8 @@ def test_create_body_from_a_full_spec(bundle):
         "LABVM_VNC_GEOMETRY": "1920x1080",
         "LABVM_DESKTOP_CMD": "twm & xterm",
         "LABVM_SSH": "1",
+        "LABVM_HTTPS": "0",
+        "LABVM_VNC_LISTEN": "published",
     }
 
 
@@ -845,7 +847,7 @@ def test_spec_hash_ignores_spelled_out_defaults_and_follows_changes(bundle):
         ({"labels": {"labvm.user": 5}}, "string values"),
         ({"gpus": [GPU_A, GPU_A]}, "distinct"),
         ({"gpus": ["GPU-1; rm -rf /"]}, "GPU UUIDs"),
-        ({"ports": {"vnc": 20000, "ssh": 20000}}, "two different ports"),
+        ({"ports": {"vnc": 20000, "ssh": 20000}}, "different ports"),
         ({"ports": {"ssh": 22}}, '"vnc": PORT'),
         ({"bind_address": "node1"}, "an IP address"),
         ({"io_read_bps": 10, "io_device": None}, "'io_device' is required"),

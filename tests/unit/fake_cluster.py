@@ -321,6 +321,7 @@ class FakeNode(TypedCalls):
                       "memory": {"total_mib": memory_mib}, "disk": {}, "blkio_weight": False, "listening_ports": []}
         self.desks: dict[str, Desk] = {}
         self.passwords: dict[str, str] = {}
+        self.secrets: dict[str, dict] = {}  # the last ensure_container's secrets, by user
         self.calls: list[Call] = []
         self.failures: list[Failure] = []
         self._acting = ("", "")
@@ -697,6 +698,8 @@ class FakeNode(TypedCalls):
         if owner is not None and owner.get("node") not in (None, self.name):
             self._refuse("fenced", f"{user}'s desktop belongs to node {owner.get('node')!r}")
         c = desk.container
+        if not check:
+            self.secrets[user] = dict(p["secrets"])
         data = {"name": spec["name"], "created": c is None, "started": False}
         if c is not None and c.spec != spec and not c.running:
             if check:

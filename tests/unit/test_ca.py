@@ -364,3 +364,32 @@ def test_a_private_file_is_never_clobbered_and_leaves_no_temp_file(tmp_path):
     with pytest.raises(FileExistsError):
         create_private(tmp_path / "k", b"second")
     assert (tmp_path / "k").read_bytes() == b"first" and os.listdir(tmp_path) == ["k"]
+
+
+# --- a desktop's certificate, kept in the admin home and renewed at start ------------------
+
+
+def test_ensure_leaf_issues_once_then_keeps_it(authority, tmp_path):
+    where = tmp_path / "admin" / ca.DESKTOP_CERTS_DIR
+    first = ca.ensure_leaf(authority, where, "dora", [], ["10.213.0.11"])
+    assert first.reason == "there was none"
+    assert stat.S_IMODE(os.stat(where / "dora.key").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(where).st_mode) == 0o700
+    again = ca.ensure_leaf(authority, where, "dora", [], ["10.213.0.11"])
+    assert again.reason is None and again.cert_pem == first.cert_pem and again.key_pem == first.key_pem
+
+
+def test_ensure_leaf_renews_for_another_host_a_near_expiry_another_ca_or_a_foreign_key(authority, tmp_path):
+    where = tmp_path / "certs"
+    ca.ensure_leaf(authority, where, "dora", [], ["10.213.0.11"])
+    moved = ca.ensure_leaf(authority, where, "dora", ["gpu2.lab.example"], [])
+    assert moved.reason and "not gpu2.lab.example" in moved.reason
+    assert x509.load_pem_x509_certificate(moved.cert_pem).subject.rfc4514_string() == "CN=gpu2.lab.example"
+    short = ca.ensure_leaf(authority, tmp_path / "short", "dora", [], ["10.213.0.11"], days=10)
+    assert short.reason == "there was none"
+    renewed = ca.ensure_leaf(authority, tmp_path / "short", "dora", [], ["10.213.0.11"])
+    assert renewed.reason and "within 30 days" in renewed.reason and renewed.cert_pem != short.cert_pem
+    other, _ = ca.init(tmp_path / "other", "elsewhere")
+    assert "not signed by this labvm CA" in ca.ensure_leaf(other, where, "dora", ["gpu2.lab.example"], []).reason
+    (where / "dora.key").write_bytes(ca.issue(other, [], ["10.0.0.1"])[0])
+    assert ca.ensure_leaf(other, where, "dora", ["gpu2.lab.example"], []).reason == "its key is not the certificate's"

@@ -127,7 +127,7 @@ def test_not_well_formed_gives_line(tmp_path):
 
 def test_port_range_past_65535_is_refused(tmp_path):
     text = GOOD.replace("<docker_port_base>30000</docker_port_base>", "<docker_port_base>65500</docker_port_base>")
-    with pytest.raises(ConfigError, match=r":11: element .*n1.*65500-65599 goes past 65535"):
+    with pytest.raises(ConfigError, match=r":11: element .*n1.*65500-65649 goes past 65535"):
         parse_config(write(tmp_path, text))
 
 
@@ -310,3 +310,20 @@ def test_a_pattern_without_words_is_quoted_whole_and_only_namespaces_go():
     assert _tidy_schema_message(raw) == "Element 'user': The value 'Root' is not accepted by the pattern '[a-z_][a-z0-9_-]{0,29}'"
     raw = "Element 'x': [facet 'enumeration'] The value '{z}' is not an element of the set {'a', 'b'}."
     assert _tidy_schema_message(raw) == "Element 'x': The value '{z}' is not an element of the set {'a', 'b'}"
+
+
+def test_vnc_listen_is_read_and_checked(tmp_path):
+    from labvm.config import VncSettings
+
+    assert parse_config(write(tmp_path, GOOD)).vnc == VncSettings(listen="published")
+    for value in ("published", "loopback", "off"):
+        text = GOOD.replace("</labvm>", f"  <vnc><listen>{value}</listen></vnc>\n</labvm>")
+        assert parse_config(write(tmp_path, text)).vnc.listen == value
+    bad = GOOD.replace("</labvm>", "  <vnc><listen>public</listen></vnc>\n</labvm>")
+    with pytest.raises(ConfigError, match=r"element /labvm/vnc: .*listen.*public"):
+        parse_config(write(tmp_path, bad))
+
+
+def test_the_https_port_follows_the_slot_past_the_slots():
+    node = Node(name="n1", host="10.0.0.1", docker_port_base=20000, docker_user_port_num=2, docker_port_slots=50)
+    assert [node.https_port(vnc) for vnc in (20000, 20002, 20098)] == [20100, 20101, 20149]

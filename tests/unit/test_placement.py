@@ -52,6 +52,12 @@ def test_ports_come_in_slots_and_run_out():
         allocate_ports(node, set(range(20000, 20006)))
 
 
+def test_a_slot_whose_https_port_is_in_use_is_skipped():
+    node = Node(name="n1", host="h", docker_port_base=20000, docker_user_port_num=2, docker_port_slots=3)
+    assert node.https_port(20000) == 20006
+    assert allocate_ports(node, {20006}) == (20002, 20003)
+
+
 def cap(name, free_gpus, free_gib, error=None):
     gpus = [{"index": i, "uuid": f"{name}-{i}"} for i in range(4)]
     taken = {g["uuid"] for g in gpus[free_gpus:]}

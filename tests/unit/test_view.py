@@ -69,6 +69,7 @@ def desktop(user, where, state, container, gpus, running_on) -> dict:
     node_index = NODES.index(where)
     entry = {
         "user": user, "node": where, "state": state, "vnc": f"10.20.30.{node_index + 1}:{20000 + 2 * len(user)}",
+        "https": f"https://10.20.30.{node_index + 1}:{20100 + len(user)}/vnc.html?autoconnect=1&resize=remote",
         "ssh_port": 20001, "limits": {"cpus": 8.0, "cpuset": None, "memory": 64 * GIB, "shm": GIB, "pids": 4096},
         "version": 3, "image": "a" * 64,
         "gpus": [{"index": i, "uuid": f"GPU-{where}-{i}", "utilization": u, "memory_used": 20 * GIB if u is not None else None,
@@ -191,6 +192,7 @@ def test_piped_status_is_one_line_a_node_and_a_desktop():
     assert by_user["dave"]["RUNS_ON"] == "gpu-node-a1" and by_user["dave"]["OPERATION"] == "switch#41:interrupted"
     assert by_user["zoe"]["CONTAINER"] == "?" and by_user["zoe"]["NODE"] == "n3"
     assert by_user[LONG]["GPUS"] == "#0:97%:20G,#1:88%:20G" and by_user[LONG]["VNC"] == VNC[0]
+    assert by_user[LONG]["HTTPS"].startswith("https://10.20.30.") and by_user[LONG]["HTTPS"].endswith("/vnc.html")
     assert by_user[LONG]["DISK"] == "80G/200G" and by_user[LONG]["CPU"] == "250%" and by_user[LONG]["IDLE"] == "2h1m"
     assert by_user["evangeline-montgomery"]["SYNC"] == "2s(stopped)"
     assert by_user["evangeline-montgomery"]["NOTE"] == "sync: mfs write failed: No space left on device"
