@@ -938,9 +938,10 @@ def test_container_is_created_started_and_the_secret_removed(run_helper, bundle,
     assert binds == [f"{node.merge}:/.labvm-rootfs:ro", f"{node.runtime}:/run/labvm:ro"]
     assert body["HostConfig"]["Runtime"] == "labvm"
     assert body["Labels"]["labvm.spec-hash"] == run.data["spec_hash"]
-    assert sorted(os.listdir(node.runtime)) == ["apply-password", "init", "tini"]
+    assert sorted(os.listdir(node.runtime)) == ["apply-password", "init", "labvm_web_auth.py", "tini"]
     for name in ("init", "apply-password", "tini"):
         assert stat.S_IMODE((node.runtime / name).stat().st_mode) == 0o700
+    assert stat.S_IMODE((node.runtime / "labvm_web_auth.py").stat().st_mode) == 0o600
     assert bundle.runtime_dir.is_static_elf(str(node.runtime / "tini"))
     assert stat.S_IMODE(node.runtime.stat().st_mode) == 0o700
 
