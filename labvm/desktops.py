@@ -222,13 +222,19 @@ def https_url(node: Node, vnc_port: int) -> str:
     return f"https://{host}:{node.https_port(vnc_port)}/{NOVNC_PAGE}"
 
 
+# A member's SSH tunnel (`ssh lab@ADMIN tunnel`) brings the desktop's HTTPS port to their own
+# machine, where the browser opens https://localhost:PORT/.
+TUNNEL_NAMES, TUNNEL_IPS = ["localhost"], ["127.0.0.1"]
+
+
 def certificate_names(node: Node) -> tuple[list[str], list[str]]:
-    """What a desktop's HTTPS certificate names: the node's host, an address or a DNS name."""
+    """What a desktop's HTTPS certificate names: the node's host (an address or a DNS name), and
+    localhost for the member's SSH tunnel."""
     try:
         ipaddress.ip_address(node.host)
     except ValueError:
-        return [node.host], []
-    return [], [node.host]
+        return [node.host, *TUNNEL_NAMES], list(TUNNEL_IPS)
+    return list(TUNNEL_NAMES), [node.host, *TUNNEL_IPS]
 
 
 def bind_address(node: Node) -> str:

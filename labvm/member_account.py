@@ -206,7 +206,8 @@ def write_authorized_keys(account: Account, text: str) -> Path:
 
 # -- what the commands call ---------------------------------------------------------------------
 def desktop_ports(home) -> Callable[[str], list[tuple[str, int]]]:
-    """user -> [(node host, port)] a member may forward to: their desktop's VNC port."""
+    """user -> [(node host, port)] a member may forward to: their desktop's HTTPS port, and its
+    raw VNC port where <vnc><listen> publishes it on the node's address."""
     from .desktops import Desktops
 
     with home.state() as db:
@@ -217,7 +218,9 @@ def desktop_ports(home) -> Callable[[str], list[tuple[str, int]]]:
         desktop = desktops.get(user)
         if desktop is None or not desktop.vnc_port:
             return []
-        return [(cfg.node(desktop.node).host, desktop.vnc_port)]
+        node = cfg.node(desktop.node)
+        vnc = [(node.host, desktop.vnc_port)] if cfg.vnc.listen == "published" else []
+        return [*vnc, (node.host, node.https_port(desktop.vnc_port))]
 
     return ports_of
 

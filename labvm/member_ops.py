@@ -15,6 +15,7 @@ from .member_account import load_account, permitopen_host
 from .text import safe
 
 LOCAL_VNC_PORT = 5901
+LOCAL_HTTPS_PORT = 6901
 
 
 def _when(ts) -> str:
@@ -38,17 +39,21 @@ class LabOps:
             return self._desktops().get(db, user)
 
     def _connect(self, desktop) -> str:
-        return f"{desktop.user}'s desktop runs on {desktop.node}; `tunnel` prints how to reach its VNC (password: your labvm password)"
+        page = desktop.https_url(self.home.config)
+        return (f"{desktop.user}'s desktop runs on {desktop.node}" + (f": {page}" if page else "")
+                + "\n(password: your labvm password; `tunnel` prints how to reach it over SSH)")
 
     def status(self, user: str) -> str:
         desktops = self._desktops()
         with self.home.state() as db:
             desktop = desktops.get(db, user)
             capacities = desktops.capacities(db, list(self.home.config.nodes))
+        shown = desktop.as_dict(self.home.config)
         gpus = ", ".join(f"{g['index']} ({g['uuid']})" for g in desktop.gpus) or "none"
         lines = [
             f"{user}'s desktop: {desktop.state} on {desktop.node}",
-            f"  VNC: {desktop.vnc_address(self.home.config) if desktop.vnc_port else '-'}",
+            f"  browser: {desktop.https_url(self.home.config) or '-'}",
+            f"  VNC: {shown.get('vnc') or '-'}",
             f"  image: {desktop.image[:12] if desktop.image else '-'}",
             f"  GPUs: {gpus}",
             "free GPUs:",
@@ -112,15 +117,29 @@ class LabOps:
         return safe(f"moved {user}'s desktop from {result.source} to {result.target}{down}")
 
     def tunnel(self, user: str) -> str:
-        desktop = self._desktops_desktop(user)
-        host = permitopen_host(self.home.config.node(desktop.node).host)
+        from .desktops import NOVNC_PAGE
+
+        desktop = self._desktop(user)
+        if not desktop.vnc_port:
+            return f"{user}'s desktop has no ports yet: start it first"
+        cfg = self.home.config
+        node = cfg.node(desktop.node)
+        host = permitopen_host(node.host)
         account = load_account(self.home.home)
         login = f"{account.account}@{account.ssh_host}" if account else "lab@ADMIN"
         port = f" -p {account.ssh_port}" if account and account.ssh_port != 22 else ""
-        if not desktop.vnc_port:
-            return f"{user}'s desktop has no VNC port yet: start it first"
-        return (f"ssh -N -L {LOCAL_VNC_PORT}:{host}:{desktop.vnc_port}{port} {login}\n"
-                f"then point a VNC client at localhost:{LOCAL_VNC_PORT} (password: your labvm password)")
-
-    def _desktops_desktop(self, user: str):
-        return self._desktop(user)
+        vnc = cfg.vnc.listen == "published"
+        forwards = f"-L {LOCAL_HTTPS_PORT}:{host}:{node.https_port(desktop.vnc_port)}"
+        if vnc:
+            forwards = f"-L {LOCAL_VNC_PORT}:{host}:{desktop.vnc_port} " + forwards
+        lines = [
+            f"ssh -N {forwards}{port} {login}",
+            f"then open https://localhost:{LOCAL_HTTPS_PORT}/{NOVNC_PAGE} in a browser that trusts labvm's CA",
+        ]
+        if vnc:
+            lines.append(f"or point a VNC client at localhost:{LOCAL_VNC_PORT}")
+        else:
+            lines.append(f"(raw VNC is {'bound to the node itself' if cfg.vnc.listen == 'loopback' else 'off'}: "
+                         "the browser is the way in)")
+        lines.append("password: your labvm password")
+        return "\n".join(lines)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import http.client
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -25,8 +24,6 @@ from .conftest import make_admin, wipe_mfs_files
 # Longer than 8 characters: VncAuth would check only "dora-Pw-".
 DORA_PW = "dora-Pw-5521-long"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-selenium = pytest.importorskip("selenium")
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +136,8 @@ def test_plain_http_and_another_name_get_nothing(web):
             ssl.create_default_context().wrap_socket(raw, server_hostname=parts.hostname)
 
 
-def browser(admin, tmp_path: Path):
-    """Headless chromium whose NSS database trusts labvm's CA, and nothing was skipped."""
+def browser(admin, tmp_path: Path, *extra: str):
+    """Headless chromium whose NSS database trusts labvm's CA (extra: more command-line flags)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -153,7 +150,7 @@ def browser(admin, tmp_path: Path):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000",
-                f"--user-data-dir={tmp_path / 'profile'}", "--no-first-run"):
+                f"--user-data-dir={tmp_path / 'profile'}", "--no-first-run", *extra):
         options.add_argument(arg)
     service = Service(executable_path=CHROMEDRIVER, env={**os.environ, "HOME": str(home)})
     return webdriver.Chrome(service=service, options=options)
@@ -179,7 +176,6 @@ def canvas_colors(driver) -> int:
     return int(driver.execute_script(CANVAS_COLORS) or 0)
 
 
-@pytest.mark.skipif(not (shutil.which("chromedriver") and os.path.exists(CHROMIUM)), reason="chromium-driver missing")
 def test_chromium_shows_the_desktop_over_https_with_the_whole_password(web, tmp_path):
     url = desktop_of(web, "dora")["https"]
     wait_https(web, url)
@@ -206,7 +202,6 @@ def test_chromium_shows_the_desktop_over_https_with_the_whole_password(web, tmp_
         driver.quit()
 
 
-@pytest.mark.skipif(not (shutil.which("chromedriver") and os.path.exists(CHROMIUM)), reason="chromium-driver missing")
 def test_with_raw_vnc_off_the_browser_is_the_only_way_in_and_asks_once(web, tmp_path):
     old = desktop_of(web, "dora")
     host, vnc_port = old["vnc"].rsplit(":", 1)
@@ -241,3 +236,24 @@ def test_with_raw_vnc_off_the_browser_is_the_only_way_in_and_asks_once(web, tmp_
             driver.quit()
     finally:
         web.config.write_text(text)
+
+
+def test_chromium_refuses_the_certificate_under_another_name(web, tmp_path):
+    """The same desktop, reached by a name its certificate does not hold: chromium stops at its
+    certificate error page, and noVNC never loads."""
+    url = desktop_of(web, "dora")["https"]
+    wait_https(web, url)
+    parts = urllib.parse.urlsplit(url)
+    quoted = urllib.parse.quote(DORA_PW, safe="")
+    other = "another-name.example"
+    driver = browser(web, tmp_path, f"--host-resolver-rules=MAP {other} {parts.hostname}")
+    try:
+        driver.get(f"https://dora:{quoted}@{other}:{parts.port}{parts.path}?{parts.query}")
+        source = driver.page_source
+        assert "ERR_CERT_COMMON_NAME_INVALID" in source, source[:800]
+        assert "noVNC" not in driver.title
+        # The control: the node's own name, in the same browser, loads noVNC.
+        driver.get(f"https://dora:{quoted}@{parts.hostname}:{parts.port}{parts.path}?{parts.query}")
+        assert "noVNC" in driver.title, driver.page_source[:500]
+    finally:
+        driver.quit()

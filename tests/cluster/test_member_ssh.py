@@ -8,13 +8,16 @@ testbed with other users: it never takes the testbed down, and brings it up only
 
 from __future__ import annotations
 
+import base64
 import os
 import pwd
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -149,13 +152,47 @@ def test_status_help_and_tunnel(lab):
     assert status.returncode == 0, text(status)
     assert f"{ANN}'s desktop: running on n1" in text(status) and "free GPUs:" in text(status)
     assert lab.ssh("help").returncode == 0 and b"passwd" in lab.ssh("help").stdout
+    assert desktop(lab)["https"] in text(status)
     tunnel = lab.ssh("tunnel")
     port = desktop(lab)["vnc"].rsplit(":", 1)[1]
-    assert f"ssh -N -L 5901:10.213.0.11:{port} -p {lab.port} {ACCOUNT}@127.0.0.1" in text(tunnel), text(tunnel)
+    https = https_address(lab).rsplit(":", 1)[1]
+    assert (f"ssh -N -L 5901:10.213.0.11:{port} -L 6901:10.213.0.11:{https} -p {lab.port} {ACCOUNT}@127.0.0.1"
+            in text(tunnel)), text(tunnel)
 
 
-def _forward(lab, target: str) -> tuple[bytes, str]:
-    """Open `ssh -N -L` to target and read what comes through: (first bytes, ssh's stderr)."""
+def https_address(lab) -> str:
+    """NODE:PORT of ann's desktop's HTTPS."""
+    parts = urllib.parse.urlsplit(desktop(lab)["https"])
+    return f"{parts.hostname}:{parts.port}"
+
+
+def _read_rfb(conn: socket.socket) -> bytes:
+    try:
+        return conn.recv(64)
+    except (TimeoutError, ConnectionResetError):
+        return b""
+
+
+def _https_page(lab):
+    """What the desktop's HTTPS port answers, through the tunnel, to a browser at localhost: its
+    certificate checked against labvm's CA for the name localhost, and ann's whole password."""
+    context = ssl.create_default_context(cafile=str(lab.admin.home / "ca.pem"))
+    auth = base64.b64encode(f"{ANN}:{ANN_PW}".encode()).decode()
+
+    def talk(conn: socket.socket) -> bytes:
+        try:
+            with context.wrap_socket(conn, server_hostname="localhost") as tls:
+                tls.sendall(f"GET /vnc.html HTTP/1.1\r\nHost: localhost\r\nAuthorization: Basic {auth}\r\n"
+                            "Connection: close\r\n\r\n".encode())
+                return tls.recv(64)
+        except (OSError, ssl.SSLError) as exc:
+            return repr(exc).encode()
+
+    return talk
+
+
+def _forward(lab, target: str, talk=_read_rfb) -> tuple[bytes, str]:
+    """Open `ssh -N -L` to target and let talk() speak through it: (what it read, ssh's stderr)."""
     local = free_port()
     tunnel = subprocess.Popen(lab.ssh_argv("ann", "-N", "-L", f"{local}:{target}"), stderr=subprocess.PIPE)
     try:
@@ -168,11 +205,8 @@ def _forward(lab, target: str) -> tuple[bytes, str]:
                 assert tunnel.poll() is None and time.monotonic() < deadline, "the tunnel never listened"
                 time.sleep(0.2)
         conn.settimeout(10)
-        try:
-            data = conn.recv(64)
-        except (TimeoutError, ConnectionResetError):
-            data = b""
-        conn.close()
+        with conn:
+            data = talk(conn)
     finally:
         tunnel.terminate()
         _out, err = tunnel.communicate(timeout=20)
@@ -185,6 +219,15 @@ def test_the_tunnel_reaches_the_own_vnc_port_and_nothing_else(lab):
     assert data.startswith(b"RFB "), (data, err)
     refused, err = _forward(lab, "10.213.0.11:22")  # the node's own sshd: not the member's
     assert refused == b"" and "prohibited" in err, (refused, err)
+
+
+def test_the_tunnel_reaches_the_own_https_page_as_localhost(lab):
+    answer, err = _forward(lab, https_address(lab), _https_page(lab))
+    assert answer.startswith(b"HTTP/1.1 200"), (answer, err)
+    # The next slot's HTTPS port (another desktop's) is not ann's to forward.
+    host, port = https_address(lab).rsplit(":", 1)
+    refused, err = _forward(lab, f"{host}:{int(port) + 1}", _https_page(lab))
+    assert not refused.startswith(b"HTTP/") and "prohibited" in err, (refused, err)
 
 
 def test_stop_start_versions_get_and_put(lab):
@@ -255,14 +298,18 @@ def test_refusals_are_audited_as_the_member(lab):
 
 
 def test_the_tunnel_follows_a_switch(lab):
-    before = desktop(lab)["vnc"]
-    assert f'permitopen="{before}"' in authorized_keys(lab)
+    before, before_https = desktop(lab)["vnc"], https_address(lab)
+    assert f'permitopen="{before}"' in authorized_keys(lab) and f'permitopen="{before_https}"' in authorized_keys(lab)
     moved = lab.admin.labvm("switch", ANN, "n2", "--yes", timeout=900)
     assert moved.returncode == 0, moved.stdout + moved.stderr
     after = desktop(lab)["vnc"]
     assert after.startswith("10.213.0.12:")
     keys = authorized_keys(lab)
     assert f'permitopen="{after}"' in keys and f'permitopen="{before}"' not in keys
-    assert f"-L 5901:{after}" in text(lab.ssh("tunnel"))
+    after_https = https_address(lab)
+    assert f'permitopen="{after_https}"' in keys and f'permitopen="{before_https}"' not in keys
+    assert f"-L 5901:{after}" in text(lab.ssh("tunnel")) and f"-L 6901:{after_https}" in text(lab.ssh("tunnel"))
     data, err = _forward(lab, after)
     assert data.startswith(b"RFB "), (data, err)
+    page, err = _forward(lab, after_https, _https_page(lab))
+    assert page.startswith(b"HTTP/1.1 200"), (page, err)

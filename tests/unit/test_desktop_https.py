@@ -31,8 +31,9 @@ def test_the_address_names_the_nodes_host_and_the_page_that_connects():
     assert https_url(Node(name="n1", host="10.0.0.1"), 20000) == "https://10.0.0.1:20100/vnc.html?autoconnect=1&resize=remote"
     assert https_url(Node(name="n1", host="gpu1.lab"), 20002).startswith("https://gpu1.lab:20101/")
     assert https_url(Node(name="n1", host="fd00::1"), 20000).startswith("https://[fd00::1]:20100/")
-    assert certificate_names(Node(name="n1", host="10.0.0.1")) == ([], ["10.0.0.1"])
-    assert certificate_names(Node(name="n1", host="gpu1.lab")) == (["gpu1.lab"], [])
+    # The node's host, and localhost for a member's SSH tunnel.
+    assert certificate_names(Node(name="n1", host="10.0.0.1")) == (["localhost"], ["10.0.0.1", "127.0.0.1"])
+    assert certificate_names(Node(name="n1", host="gpu1.lab")) == (["gpu1.lab", "localhost"], ["127.0.0.1"])
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_a_start_issues_the_certificate_for_the_node_and_sends_it_with_the_passw
     restart(home)
     sent = cluster["n1"].secrets["alice"]
     assert set(sent) == {"password", "tls_key", "tls_cert"}
-    assert sans(sent["tls_cert"]) == {"10.0.0.1"}
+    assert sans(sent["tls_cert"]) == {"10.0.0.1", "localhost", "127.0.0.1"}
     authority = ca.load(home.home)
     x509.load_pem_x509_certificate(sent["tls_cert"].encode()).verify_directly_issued_by(authority.cert)
     kept = home.home / ca.DESKTOP_CERTS_DIR
@@ -89,7 +90,7 @@ def test_the_next_start_reuses_it_and_one_near_expiry_is_renewed(home, cluster):
     desktops.stop("alice")
     desktops.start("alice")
     renewed = cluster["n1"].secrets["alice"]["tls_cert"]
-    assert renewed != cert.decode() and sans(renewed) == {"10.0.0.1"}
+    assert renewed != cert.decode() and sans(renewed) == {"10.0.0.1", "localhost", "127.0.0.1"}
     assert any("issued alice's HTTPS certificate" in m and "within 30 days" in m for m in messages)
     left = x509.load_pem_x509_certificate(renewed.encode()).not_valid_after_utc
     assert left > ca._now() + ca.dt.timedelta(days=ca.LEAF_DAYS - 1)

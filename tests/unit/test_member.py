@@ -557,9 +557,34 @@ def test_a_members_command_waits_for_no_one_while_the_desktop_is_locked(with_des
             action(LabOps(with_desktop))
 
 
-def test_the_ports_are_the_desktops_vnc_port_on_its_nodes_host(with_desktop):
+def with_vnc_listen(home, listen: str):
+    text = home.config_path.read_text()
+    if "<listen>published</listen>" in text:
+        text = text.replace("<listen>published</listen>", f"<listen>{listen}</listen>")
+    else:
+        text = text.replace("</labvm>", f"<vnc><listen>{listen}</listen></vnc></labvm>")
+    home.config_path.write_text(text)
+    home.__dict__.pop("config", None)  # read the file again
+    assert home.config.vnc.listen == listen
+    return home
+
+
+def test_the_ports_are_the_desktops_vnc_and_https_ports_on_its_nodes_host(with_desktop):
+    https = with_desktop.config.node("n1").https_port(20004)
     ports_of = member_account.desktop_ports(with_desktop)
-    assert ports_of("alice") == [("10.0.0.1", 20004)] and ports_of("bob") == []
+    assert ports_of("alice") == [("10.0.0.1", 20004), ("10.0.0.1", https)] and ports_of("bob") == []
+
+
+@pytest.mark.parametrize("listen", ["loopback", "off"])
+def test_raw_vnc_not_on_the_nodes_address_is_no_forward(with_desktop, listen):
+    home = with_vnc_listen(with_desktop, listen)
+    https = home.config.node("n1").https_port(20004)
+    assert member_account.desktop_ports(home)("alice") == [("10.0.0.1", https)]
+    from labvm.member_ops import LabOps
+
+    lines = LabOps(home).tunnel("alice").splitlines()
+    assert lines[0] == f"ssh -N -L 6901:10.0.0.1:{https} lab@ADMIN"
+    assert "the browser is the way in" in lines[2] and not any("VNC client" in line for line in lines)
 
 
 def test_tunnel_prints_the_ssh_line_the_permitopen_allows(with_desktop):
@@ -568,8 +593,14 @@ def test_tunnel_prints_the_ssh_line_the_permitopen_allows(with_desktop):
     member_account.save_account(with_desktop.home, Account(account="lab", home="/home/lab", labvm="/usr/local/bin/labvm",
                                                            config=str(with_desktop.config_path), ssh_host="admin.lab",
                                                            ssh_port=2222))
-    text = LabOps(with_desktop).tunnel("alice")
-    assert text.splitlines()[0] == "ssh -N -L 5901:10.0.0.1:20004 -p 2222 lab@admin.lab"
+    https = with_desktop.config.node("n1").https_port(20004)
+    lines = LabOps(with_desktop).tunnel("alice").splitlines()
+    assert lines[0] == f"ssh -N -L 5901:10.0.0.1:20004 -L 6901:10.0.0.1:{https} -p 2222 lab@admin.lab"
+    assert lines[1] == "then open https://localhost:6901/vnc.html?autoconnect=1&resize=remote in a browser that trusts labvm's CA"
+    assert lines[2] == "or point a VNC client at localhost:5901"
+    # What the line forwards is exactly what the key's permitopen allows.
+    allowed = member_account.desktop_ports(with_desktop)("alice")
+    assert [f"{h}:{p}" for h, p in allowed] == [f.split(":", 1)[1] for f in lines[0].split() if f.count(":") == 2]
 
 
 def test_install_sudoers_checks_with_visudo_and_writes_0440(tmp_path, monkeypatch):
