@@ -176,6 +176,8 @@ def node_problems(outcome: NodeOutcome[dict], desktop_images: dict[str, str | No
     for tool in ("mfsmount", "rsync", "mkfs.ext4", "resize2fs", "losetup"):
         if not tools.get(tool):
             problems.append(f"{tool} missing")
+    if "stunnel4" in tools and not tools["stunnel4"]:
+        problems.append("stunnel4 missing (it serves the desktops' HTTPS)")
     mfs = facts.get("mfs") or {}
     if mfs.get("error"):
         problems.append(f"MooseFS: {mfs['error']}")

@@ -141,10 +141,10 @@ class DesktopCalls:
 
     # -- the container
     def stop_container(self, timeout: int) -> HelperCall:
-        return HelperCall("vm", "stop_container", {"user": self.user, "timeout": timeout}, timeout=timeout + FLUSH_MARGIN_S)
+        return HelperCall("vm", "stop_container", {**self._local, "timeout": timeout}, timeout=timeout + FLUSH_MARGIN_S)
 
     def remove_container(self) -> HelperCall:
-        return HelperCall("vm", "remove_container", {"user": self.user}, timeout=CONTAINER_TIMEOUT_S)
+        return HelperCall("vm", "remove_container", self._local, timeout=CONTAINER_TIMEOUT_S)
 
     def start_container(self, spec: dict, password: str, sessions: dict[str, str],
                         tls: tuple[str, str] | None = None) -> list[HelperCall]:

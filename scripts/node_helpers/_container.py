@@ -13,7 +13,6 @@ import json
 import os
 import re
 import socket
-import ssl
 import time
 from typing import Any
 
@@ -42,17 +41,16 @@ from _runtime_dir import (
     ensure_runtime_files,
     remove_secret,
     write_secret,
-    write_tls,
 )
 from _spec import CONTAINER_PREFIX, LABEL_SPEC_HASH, LABEL_USER
 from _system import mount_at, read_mountinfo
+from _web import WEB_CONTAINER_PORT, ensure_web, stop_web, tls_answers
 from net import NETWORK_NAME as DESKTOP_NETWORK
 from runtime import RUNTIME_NAME
 from runtime import SENTINEL as ROOTFS_SENTINEL
 
 VNC_CONTAINER_PORT = "5901/tcp"
 SSH_CONTAINER_PORT = "22/tcp"
-HTTPS_CONTAINER_PORT = "6901/tcp"  # websockify, serving noVNC (the init's HTTPS_PORT)
 LOOPBACK = "127.0.0.1"
 # 2: the root is the overlay, through the labvm runtime (1 bound merge_local's top-level dirs).
 CONTAINER_FORM = 2
@@ -98,8 +96,7 @@ def container_create_body(user: str, spec: dict, merge_local: str, runtime_dir: 
         port_bindings[VNC_CONTAINER_PORT] = [{"HostIp": vnc_host(spec), "HostPort": str(ports["vnc"])}]
     if ports["ssh"] is not None:
         port_bindings[SSH_CONTAINER_PORT] = [{"HostIp": spec["bind_address"], "HostPort": str(ports["ssh"])}]
-    if ports["https"] is not None:
-        port_bindings[HTTPS_CONTAINER_PORT] = [{"HostIp": spec["bind_address"], "HostPort": str(ports["https"])}]
+    # The HTTPS port is not docker's to publish: stunnel on the node serves it (_web.py).
     host_config = {
         # tini as PID 1 comes from the entrypoint (see TINI_PATH); false also overrides a
         # dockerd configured with `"init": true`, whose /sbin/docker-init would be hidden.
@@ -304,19 +301,17 @@ def ensure_container(params: dict, check: bool) -> Result:
     secrets = params["secrets"]
     if state is not None and state["running"]:
         vnc = {**vnc_endpoint(spec), "ready": vnc_answers(spec) if spec["vnc_listen"] != "off" else None}
-        https = https_endpoint(spec, https_answers(spec) if spec["ports"]["https"] is not None else None)
         if check:
+            https = https_endpoint(spec, https_answers(spec) if spec["ports"]["https"] is not None else None)
             return Result(changed=False, data={**data, "container": public_state(state), "vnc": vnc, "https": https})
-        scripts_changed = ensure_runtime_files(paths.runtime)
-        # A renewed certificate takes effect at once: websockify reads it at each connection.
-        if secrets["tls_key"] is not None:
-            scripts_changed = write_tls(paths.runtime, secrets["tls_key"], secrets["tls_cert"]) or scripts_changed
-        return Result(changed=scripts_changed, data={**data, "container": public_state(state), "vnc": vnc, "https": https})
+        changed = ensure_runtime_files(paths.runtime)
+        # A renewed certificate, or a stunnel gone meanwhile, is taken care of here.
+        changed = ensure_https(paths, user, spec, secrets, socket_path) or changed
+        https = https_endpoint(spec, https_answers(spec) if spec["ports"]["https"] is not None else None)
+        return Result(changed=changed, data={**data, "container": public_state(state), "vnc": vnc, "https": https})
     if check:
         return Result(changed=True, data={**data, "container": public_state(state) if state else dict(NO_CONTAINER)})
     ensure_runtime_files(paths.runtime)
-    if secrets["tls_key"] is not None:
-        write_tls(paths.runtime, secrets["tls_key"], secrets["tls_cert"])
     write_secret(paths.runtime, secrets["password"])
     try:
         if state is None:
@@ -328,10 +323,31 @@ def ensure_container(params: dict, check: bool) -> Result:
         wait_for_vnc(socket_path, spec, params["vnc_wait_s"])
     finally:
         remove_secret(paths.runtime)
+    # stunnel answers TLS before ensure_https returns: it starts only after websockify answered.
+    https_up = True if ensure_https(paths, user, spec, secrets, socket_path) else None
     state = inspect_ours(socket_path, user) or dict(NO_CONTAINER)
     vnc = {**vnc_endpoint(spec), "ready": spec["vnc_listen"] != "off" or None}
-    https = https_endpoint(spec, True if spec["ports"]["https"] is not None else None)
+    https = https_endpoint(spec, https_up if spec["ports"]["https"] is not None else None)
     return Result(changed=True, data={**data, "started": True, "container": public_state(state), "vnc": vnc, "https": https})
+
+
+def container_address(container: dict | None) -> str | None:
+    """The container's address on the desktops' network, where the node reaches websockify."""
+    networks = ((container or {}).get("NetworkSettings") or {}).get("Networks") or {}
+    address = (networks.get(DESKTOP_NETWORK) or {}).get("IPAddress")
+    return address if isinstance(address, str) and address else None
+
+
+def ensure_https(paths: VmPaths, user: str, spec: dict, secrets: dict, socket_path: str) -> bool:
+    """stunnel in front of the container's websockify, with the key and certificate labvm sent;
+    True if it was (re)started. Nothing without an HTTPS port or a certificate."""
+    if spec["ports"]["https"] is None or secrets["tls_key"] is None:
+        return False
+    address = container_address(inspect_container(socket_path, spec["name"]))
+    if address is None:
+        raise Failed(f"container {spec['name']} has no address on the {DESKTOP_NETWORK} network", "https_not_listening")
+    return ensure_web(paths.vm_dir, user, spec["bind_address"], spec["ports"]["https"], address,
+                      secrets["tls_key"], secrets["tls_cert"], probe_address(spec, spec["bind_address"]))
 
 
 def vnc_endpoint(spec: dict) -> dict:
@@ -385,27 +401,29 @@ def probe_address(spec: dict, host: str) -> str:
     return LOOPBACK if host == "0.0.0.0" else host
 
 
-def https_answers(spec: dict, timeout_s: float = VNC_PROBE_TIMEOUT_S) -> bool:
-    """A TLS handshake on the HTTPS port (its certificate is not checked here: the CA is the
-    admin host's). docker-proxy alone accepts the connection but never completes one."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+def https_answers(spec: dict) -> bool:
+    """stunnel does a TLS handshake on the desktop's HTTPS port."""
+    return tls_answers(probe_address(spec, spec["bind_address"]), spec["ports"]["https"])
+
+
+def web_answers(address: str | None, timeout_s: float = VNC_PROBE_TIMEOUT_S) -> bool:
+    """websockify in the container answers HTTP (a 401 will do: nothing is sent to pass)."""
+    if address is None:
+        return False
     try:
-        address = (probe_address(spec, spec["bind_address"]), spec["ports"]["https"])
-        with socket.create_connection(address, timeout=timeout_s) as connection:
+        with socket.create_connection((address, WEB_CONTAINER_PORT), timeout=timeout_s) as connection:
             connection.settimeout(timeout_s)
-            with context.wrap_socket(connection):
-                return True
-    except (OSError, ValueError):
+            connection.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
+            return connection.recv(5) == b"HTTP/"
+    except OSError:
         return False
 
 
-def desktop_answers(spec: dict) -> bool:
-    """The VNC server greets (unless raw VNC is off) and, with HTTPS, websockify does TLS."""
+def desktop_answers(spec: dict, container: dict | None) -> bool:
+    """The VNC server greets (unless raw VNC is off) and, with HTTPS, websockify answers."""
     if spec["vnc_listen"] != "off" and not vnc_answers(spec):
         return False
-    return spec["ports"]["https"] is None or https_answers(spec)
+    return spec["ports"]["https"] is None or web_answers(container_address(container))
 
 
 def vnc_answers(spec: dict, timeout_s: float = VNC_PROBE_TIMEOUT_S) -> bool:
@@ -432,9 +450,11 @@ def wait_for_vnc(socket_path: str, spec: dict, wait_s: int) -> None:
     stops meanwhile fails at once, with its log."""
     deadline = time.monotonic() + wait_s
     while True:
-        if desktop_answers(spec):
+        container = inspect_container(socket_path, spec["name"]) if spec["ports"]["https"] is not None else None
+        if desktop_answers(spec, container):
             return
-        container = inspect_container(socket_path, spec["name"])
+        if container is None:
+            container = inspect_container(socket_path, spec["name"])
         if container is None or not container_state(container)["running"]:
             logs = container_logs_tail(socket_path, spec["name"])
             raise Failed(
@@ -487,12 +507,21 @@ def stop_container(params: dict, check: bool) -> Result:
     user, socket_path = params["user"], params["docker_socket"]
     state = inspect_ours(socket_path, user)
     if state is None or not state["running"]:
+        if not check:
+            stop_https(params)  # one left from a container that died on its own
         return Result(changed=False, data={"container": public_state(state) if state else dict(NO_CONTAINER)})
     if check:
         return Result(changed=True, data={"container": public_state(state)})
+    stop_https(params)
     stopped = stop(socket_path, container_name(user), params["timeout"])
     after = inspect_ours(socket_path, user)
     return Result(changed=stopped, data={"container": public_state(after) if after else dict(NO_CONTAINER)})
+
+
+def stop_https(params: dict) -> None:
+    """The desktop's stunnel goes with its container (data_dir tells where its files are)."""
+    if params.get("data_dir") is not None:
+        stop_web(VmPaths.of(params["data_dir"], params["user"]).vm_dir)
 
 
 def stop(socket_path: str, name: str, timeout: int) -> bool:
@@ -509,9 +538,12 @@ def remove_container(params: dict, check: bool) -> Result:
     user, socket_path = params["user"], params["docker_socket"]
     state = inspect_ours(socket_path, user)
     if state is None:
+        if not check:
+            stop_https(params)
         return Result(changed=False, data={"container": dict(NO_CONTAINER)})
     if check:
         return Result(changed=True, data={"container": dict(NO_CONTAINER)})
+    stop_https(params)
     name = container_name(user)
     if state["running"] or state["status"] == "restarting":
         # Stopped the way stop_container does, so the desktop gets its SIGTERM; never killed outright.

@@ -26,12 +26,11 @@ TINI_PATH = f"{RUNTIME_IN_CONTAINER}/tini"
 TINI_CANDIDATES = ("docker-init", "tini-static", "tini")
 APPLY_PASSWORD_PATH = f"{RUNTIME_IN_CONTAINER}/apply-password"
 SECRET_NAME = "secret"
-# The desktop's HTTPS (noVNC through websockify): the key and certificate labvm's CA issued it,
-# 0600 root and kept (websockify reads them at each connection, so a renewal needs no restart;
-# the member, root in their desktop, may read their own), and websockify's auth plugin.
-TLS_KEY_NAME = "tls.key"
-TLS_CERT_NAME = "tls.crt"
+# websockify's auth plugin, for noVNC behind HTTP Basic auth. The desktop's TLS key is never
+# here (the member, root in their desktop, could read it): TLS ends on the node (_web.py).
 WEB_AUTH_NAME = "labvm_web_auth.py"
+# Where an older helper kept the desktop's TLS key and certificate: removed on sight.
+STALE_NAMES = ("tls.key", "tls.crt")
 
 
 def ensure_runtime_files(runtime_dir: str) -> bool:
@@ -49,6 +48,12 @@ def ensure_runtime_files(runtime_dir: str) -> bool:
         write_file_atomically(posixpath.join(runtime_dir, "apply-password"), APPLY_PASSWORD_SCRIPT.encode(), 0o700),
         write_file_atomically(posixpath.join(runtime_dir, WEB_AUTH_NAME), WEB_AUTH_MODULE.encode(), 0o600),
     ]
+    for name in STALE_NAMES:
+        try:
+            os.unlink(posixpath.join(runtime_dir, name))
+            changed.append(True)
+        except FileNotFoundError:
+            pass
     return created or any(changed)
 
 
@@ -96,12 +101,6 @@ def write_secret(runtime_dir: str, password: str) -> str:
     return path
 
 
-def write_tls(runtime_dir: str, key_pem: str, cert_pem: str) -> bool:
-    """The desktop's HTTPS key and certificate; True if either changed."""
-    changed = write_file_atomically(posixpath.join(runtime_dir, TLS_KEY_NAME), key_pem.encode(), 0o600)
-    return write_file_atomically(posixpath.join(runtime_dir, TLS_CERT_NAME), cert_pem.encode(), 0o600) or changed
-
-
 def remove_secret(runtime_dir: str) -> None:
     try:
         os.unlink(posixpath.join(runtime_dir, SECRET_NAME))
@@ -124,7 +123,7 @@ USER_NAME=$LABVM_USER
 USER_ID=$LABVM_UID
 DISPLAY_NUMBER=1
 VNC_PORT=5901
-HTTPS_PORT=6901
+WEB_PORT=6901
 # The hash of the password that noVNC's HTTPS asks for (HTTP Basic, the whole password): on
 # /run, a tmpfs, written again at each start from the secret. Never the password itself.
 WEB_DIR=/run/labvm-web
@@ -232,18 +231,19 @@ start_vnc() {
     done
 }
 
-# noVNC over HTTPS: websockify, as root (it reads the key in /run/labvm, root's only), serves
-# /usr/share/novnc and proxies WebSockets to the VNC server on this container's loopback, each
-# request (page or upgrade) behind HTTP Basic auth against the password's hash; TLS only.
+# noVNC: websockify serves /usr/share/novnc and proxies WebSockets to the VNC server on this
+# container's loopback, each request (page or upgrade) behind HTTP Basic auth against the
+# password's hash. It speaks plain HTTP on the container's address, which only the node reaches
+# (other desktops cannot: inter-container traffic is off); the node's stunnel adds the TLS, so
+# the key stays out of here.
 start_web() {
     [ "${LABVM_HTTPS:-0}" = 1 ] || return 0
-    [ -s "$RUNTIME/tls.crt" ] && [ -s "$RUNTIME/tls.key" ] || { log "no TLS certificate in $RUNTIME: HTTPS stays closed"; return 0; }
     [ -s "$WEB_HASH" ] || { log "no HTTPS password hash: HTTPS stays closed"; return 0; }
     python3 -c 'import websockify' 2>/dev/null || { log "websockify is not installed (python3-websockify): HTTPS stays closed"; return 0; }
     [ -d /usr/share/novnc ] || { log "noVNC is not installed (novnc): HTTPS stays closed"; return 0; }
-    PYTHONPATH="$RUNTIME" python3 -m websockify --ssl-only --cert "$RUNTIME/tls.crt" --key "$RUNTIME/tls.key" \
+    PYTHONPATH="$RUNTIME" python3 -m websockify \
         --web /usr/share/novnc --web-auth --auth-plugin labvm_web_auth.BasicAuth --auth-source "$WEB_HASH" \
-        "$HTTPS_PORT" "127.0.0.1:$VNC_PORT" </dev/null &
+        "$WEB_PORT" "127.0.0.1:$VNC_PORT" </dev/null &
     PIDS="$PIDS $!"
 }
 

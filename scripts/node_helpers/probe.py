@@ -32,7 +32,7 @@ MEMINFO_PATH = "/proc/meminfo"
 FUSE_DEVICE = "/dev/fuse"
 BLKIO_CGROUP = "/sys/fs/cgroup/blkio"
 
-TOOLS = ("mfsmount", "mfsmakesnapshot", "rsync", "inotifywait", "mkfs.ext4", "resize2fs", "losetup")
+TOOLS = ("mfsmount", "mfsmakesnapshot", "rsync", "inotifywait", "mkfs.ext4", "resize2fs", "losetup", "stunnel4")
 
 # (query field, output key, required): the order is the order of nvidia-smi's CSV columns.
 GPU_COLUMNS = (

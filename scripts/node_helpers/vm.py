@@ -122,7 +122,9 @@ ENSURE_CONTAINER_PARAMS = {
     "image_sessions": Param(image_sessions),
 }
 SET_PASSWORD_PARAMS = {**USER_PARAM, **FOUND_DATA_DIR_PARAM, **SECRETS_PARAM, **DOCKER_SOCKET_PARAM}
-STOP_CONTAINER_PARAMS = {**USER_PARAM, "timeout": Param(integer_between(0, 3600), default=30), **DOCKER_SOCKET_PARAM}
+# data_dir: where the desktop's stunnel keeps its files (_web.py), stopped with the container.
+STOP_CONTAINER_PARAMS = {**USER_PARAM, "timeout": Param(integer_between(0, 3600), default=30), **DOCKER_SOCKET_PARAM,
+                         **FOUND_DATA_DIR_PARAM}
 REMOVE_CONTAINER_PARAMS = STOP_CONTAINER_PARAMS
 REMOVE_LAYERS_PARAMS = {**USER_PARAM, **DATA_DIR_PARAM}
 STATUS_PARAMS = {**USER_PARAM, **DATA_DIR_PARAM, **DOCKER_SOCKET_PARAM}

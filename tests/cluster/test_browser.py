@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import http.client
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -257,3 +258,60 @@ def test_chromium_refuses_the_certificate_under_another_name(web, tmp_path):
         assert "noVNC" in driver.title, driver.page_source[:500]
     finally:
         driver.quit()
+
+
+# Run as root inside the desktop (the member's own power there): every file outside /proc,
+# /sys and /dev that holds a PEM private key, base64, one per line.
+KEY_HUNT = r"""
+import base64, os
+for root, dirs, files in os.walk("/"):
+    dirs[:] = [d for d in dirs if os.path.join(root, d) not in ("/proc", "/sys", "/dev")]
+    for name in files:
+        path = os.path.join(root, name)
+        try:
+            if os.path.islink(path) or not os.path.isfile(path) or os.path.getsize(path) > 65536:
+                continue
+            with open(path, "rb") as stream:
+                data = stream.read()
+        except OSError:
+            continue
+        if b"PRIVATE KEY-----" in data:
+            print(path, base64.b64encode(data).decode())
+"""
+
+
+def test_the_desktops_tls_key_is_nowhere_in_the_desktop(web):
+    """A member, root in their desktop, finds no private key of the certificate their HTTPS
+    port serves: TLS ends in the node's stunnel, outside the container."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    parts = urllib.parse.urlsplit(desktop_of(web, "dora")["https"])
+    wait_https(web, desktop_of(web, "dora")["https"])
+    served = x509.load_pem_x509_certificate(ssl.get_server_certificate((parts.hostname, parts.port)).encode())
+    wanted = served.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    # The control: a key planted in the desktop is found, so the hunt does look.
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    planted = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    plant = web.labvm("exec", "dora", "--", "sh", "-c", 'printf "%s" "$1" > /tmp/planted.key', "sh", planted.decode())
+    assert plant.returncode == 0, plant.stderr
+    hunted = web.labvm("exec", "dora", "--", "python3", "-c", KEY_HUNT, timeout=600)
+    assert hunted.returncode == 0, hunted.stderr
+    found = {}
+    for line in hunted.stdout.splitlines():
+        path, blob = line.rsplit(" ", 1)
+        for match in re.finditer(rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.+?-----END \1PRIVATE KEY-----",
+                                 base64.b64decode(blob), re.S):
+            try:
+                key = serialization.load_pem_private_key(match.group(0), password=None)
+            except (ValueError, TypeError, serialization.UnsupportedAlgorithm):
+                continue
+            found[path] = key.public_key().public_bytes(serialization.Encoding.DER,
+                                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert "/tmp/planted.key" in found, sorted(found)
+    assert wanted not in found.values(), f"the desktop's TLS key is readable inside it: {sorted(found)}"
+    web.labvm("exec", "dora", "--", "rm", "-f", "/tmp/planted.key")
+    listed = web.labvm("exec", "dora", "--", "ls", "-A", "/run/labvm")
+    assert listed.returncode == 0 and "tls." not in listed.stdout, listed.stdout

@@ -27,7 +27,7 @@ ENTRY = BUNDLE_DIR / "labvm_helper.py"
 # In import order: a module comes after every sibling it imports at its top.
 BUNDLE_MODULES = (
     "_contract", "_system", "_layout", "_tree", "_images", "_docker", "net", "oci_shim", "runtime", "probe", "mfs", "image",
-    "_spec", "_owner", "_disk", "_runtime_dir", "_container", "_stack", "vm", "files", "merge", "metrics", "syncd", "sync",
+    "_spec", "_owner", "_disk", "_runtime_dir", "_web", "_container", "_stack", "vm", "files", "merge", "metrics", "syncd", "sync",
 )
 EXIT_CODES = {0, 1, 2, 3, 75}
 MNT_DETACH = 2

@@ -88,7 +88,7 @@ def test_facts_describe_the_host(run_helper):
     assert set(memory) == {"total_mib", "available_mib", "swap_total_mib", "swap_free_mib"}
     assert 0 < memory["available_mib"] <= memory["total_mib"]
     assert data["tools"]["python3"] == sys.version.split()[0]
-    assert set(data["tools"]) == {"mfsmount", "mfsmakesnapshot", "rsync", "python3", "inotifywait", "mkfs.ext4", "resize2fs", "losetup"}
+    assert set(data["tools"]) == {"mfsmount", "mfsmakesnapshot", "rsync", "python3", "inotifywait", "mkfs.ext4", "resize2fs", "losetup", "stunnel4"}
     assert data["disk"] is None and data["mfs"] is None
 
 

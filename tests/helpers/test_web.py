@@ -1,18 +1,21 @@
-"""The desktop's HTTPS (noVNC through websockify), as the vm helper sets it up: the spec's
-https port and vnc_listen, the TLS secrets, the runtime files and websockify's auth plugin.
-Pure functions and files in a temporary directory: no dockerd, no mounts."""
+"""The desktop's HTTPS (noVNC through websockify, TLS from the node's stunnel), as the vm helper
+sets it up: the spec's https port and vnc_listen, the TLS secrets, the runtime files,
+websockify's auth plugin, and a real stunnel in front of a local HTTP server. No dockerd, no
+mounts."""
 
 from __future__ import annotations
 
 import base64
 import os
+import socket
+import ssl
 import stat
 import sys
 import types
 
 import pytest
 
-from .test_vm import USER, minimal_spec
+from .test_vm import USER, minimal_spec, needs_tini
 
 KEY = "-----BEGIN PRIVATE KEY-----\nMIG...\n-----END PRIVATE KEY-----\n"
 CERT = "-----BEGIN CERTIFICATE-----\nMIIB...\n-----END CERTIFICATE-----\n"
@@ -23,32 +26,30 @@ def body(bundle, **overrides):
     return spec, bundle.container.container_create_body(USER, spec, "/m", "/rt")
 
 
-def test_the_https_port_is_published_beside_vnc(bundle):
+def test_the_https_port_is_not_dockers_to_publish(bundle):
     spec, made = body(bundle, ports={"vnc": 20000, "ssh": 20001, "https": 20040})
     assert spec["vnc_listen"] == "published"
+    # stunnel on the node serves it: docker publishes VNC and ssh only.
     assert made["HostConfig"]["PortBindings"] == {
         "5901/tcp": [{"HostIp": "127.0.0.1", "HostPort": "20000"}],
         "22/tcp": [{"HostIp": "127.0.0.1", "HostPort": "20001"}],
-        "6901/tcp": [{"HostIp": "127.0.0.1", "HostPort": "20040"}],
     }
+    assert set(made["ExposedPorts"]) == {"5901/tcp", "22/tcp"}
     env = dict(item.split("=", 1) for item in made["Env"])
     assert env["LABVM_HTTPS"] == "1" and env["LABVM_VNC_LISTEN"] == "published"
 
 
 def test_vnc_on_the_nodes_loopback_or_not_at_all(bundle):
     _, loopback = body(bundle, ports={"vnc": 20000, "https": 20040}, bind_address="10.213.0.11", vnc_listen="loopback")
-    bindings = loopback["HostConfig"]["PortBindings"]
-    assert bindings["5901/tcp"] == [{"HostIp": "127.0.0.1", "HostPort": "20000"}]
-    assert bindings["6901/tcp"] == [{"HostIp": "10.213.0.11", "HostPort": "20040"}]
+    assert loopback["HostConfig"]["PortBindings"] == {"5901/tcp": [{"HostIp": "127.0.0.1", "HostPort": "20000"}]}
     spec, off = body(bundle, ports={"vnc": 20000, "https": 20040}, bind_address="10.213.0.11", vnc_listen="off")
-    assert set(off["HostConfig"]["PortBindings"]) == {"6901/tcp"} and set(off["ExposedPorts"]) == {"6901/tcp"}
+    assert off["HostConfig"]["PortBindings"] == {} and off["ExposedPorts"] == {}
     assert bundle.container.vnc_endpoint(spec) == {"address": None, "port": None}
 
 
 def test_a_spec_without_https_has_none_and_the_ports_differ(bundle):
     spec, made = body(bundle)
     assert spec["ports"] == {"vnc": 20000, "ssh": None, "https": None}
-    assert "6901/tcp" not in made["HostConfig"]["PortBindings"]
     assert dict(item.split("=", 1) for item in made["Env"])["LABVM_HTTPS"] == "0"
     with pytest.raises(bundle.contract.BadRequest, match="different ports"):
         bundle.spec.container_spec("spec", minimal_spec(ports={"vnc": 20000, "https": 20000}))
@@ -69,22 +70,37 @@ def test_the_tls_key_and_certificate_travel_as_secrets(bundle):
     assert "not a key" not in str(refused.value)
 
 
-def test_tls_files_and_the_auth_plugin_are_root_only(bundle, tmp_path):
+@needs_tini
+def test_the_runtime_dir_the_container_sees_holds_no_tls_key(bundle, tmp_path):
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
-    assert bundle.runtime_dir.write_tls(str(runtime), KEY, CERT) is True
-    assert bundle.runtime_dir.write_tls(str(runtime), KEY, CERT) is False
-    for name in ("tls.key", "tls.crt"):
-        assert stat.S_IMODE(os.stat(runtime / name).st_mode) == 0o600
-    assert (runtime / "tls.key").read_text() == KEY
+    for name in ("tls.key", "tls.crt"):  # where an older helper put them
+        (runtime / name).write_text(KEY)
+    assert bundle.runtime_dir.ensure_runtime_files(str(runtime)) is True
+    assert sorted(os.listdir(runtime)) == ["apply-password", "init", "labvm_web_auth.py", "tini"]
+    assert stat.S_IMODE(os.stat(runtime / "labvm_web_auth.py").st_mode) == 0o600
 
 
-def test_the_init_starts_websockify_tls_only_behind_the_plugin(bundle):
+def test_the_init_starts_websockify_plain_behind_the_plugin(bundle):
     init = bundle.runtime_dir.INIT_SCRIPT
-    assert "--ssl-only" in init and "--web-auth" in init and "--auth-plugin labvm_web_auth.BasicAuth" in init
-    assert '"127.0.0.1:$VNC_PORT"' in init
+    assert "--web-auth" in init and "--auth-plugin labvm_web_auth.BasicAuth" in init
+    assert '"$WEB_PORT" "127.0.0.1:$VNC_PORT"' in init and "WEB_PORT=6901" in init
+    # No TLS in the container: no key to read there.
+    assert "--ssl-only" not in init and "--key" not in init and "tls." not in init
     # The password reaches the hasher on stdin, never in argv.
     assert 'labvm_web_auth.py" hash "$USER_NAME" <"$SECRET"' in init
+
+
+def test_stunnels_config_names_the_desktops_port_and_container(bundle):
+    web = bundle.web
+    conf = web.stunnel_config("/d/vms/dora/web", "dora", "10.213.0.11", 20040, "172.30.0.5")
+    lines = conf.splitlines()
+    for line in ("foreground = yes", "setuid = nobody", "setgid = nogroup", "accept = 10.213.0.11:20040",
+                 "connect = 172.30.0.5:6901", "cert = /d/vms/dora/web/tls.crt", "key = /d/vms/dora/web/tls.key",
+                 "sslVersionMin = TLSv1.2"):
+        assert line in lines, line
+    assert "accept = [fd00::1]:20040" in web.stunnel_config("/w", "dora", "fd00::1", 20040, "172.30.0.5").splitlines()
+    assert web.web_dir("/d/vms/dora") == "/d/vms/dora/web"
 
 
 @pytest.fixture
@@ -131,3 +147,143 @@ def test_a_missing_hash_file_refuses_everyone(plugin, tmp_path):
     with pytest.raises(refused) as error:
         module.BasicAuth(str(tmp_path / "none")).authenticate(basic("dora", "dora-Pw-5521-long"), "h", 1)
     assert error.value.code == 503
+
+
+# -- a real stunnel (Debian's stunnel4) in front of a plain HTTP server ----------------------
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="stunnel drops to nobody: needs root")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def upstream(bundle):
+    """websockify's stand-in: HTTP on 127.0.0.2 at the container's web port."""
+    import http.server
+    import threading
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = b"hello from the container"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.2", bundle.web.WEB_CONTAINER_PORT), Hello)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield "127.0.0.2"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def authority(tmp_path):
+    from labvm import ca
+
+    authority, _ = ca.init(tmp_path / "admin")
+    return authority, tmp_path / "admin" / "ca.pem"
+
+
+def fetch(port: int, ca_file, name: str = "127.0.0.1") -> bytes:
+    context = ssl.create_default_context(cafile=str(ca_file))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=name) as tls:
+            tls.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(4096):
+                data += chunk
+    return data
+
+
+def process_uid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as stream:
+        return int(next(line for line in stream if line.startswith("Uid:")).split()[1])
+
+
+@needs_root
+def test_stunnel_serves_tls_as_nobody_and_follows_the_certificate(bundle, tmp_path, upstream, authority):
+    import pwd
+
+    from labvm import ca
+
+    web = bundle.web
+    authority, ca_file = authority
+    vm_dir = tmp_path / "vms" / USER
+    vm_dir.mkdir(parents=True)
+    port = free_port()
+    key, cert = (pem.decode() for pem in ca.issue(authority, [], ["127.0.0.1"]))
+    try:
+        assert web.ensure_web(str(vm_dir), USER, "127.0.0.1", port, upstream, key, cert, "127.0.0.1") is True
+        directory = vm_dir / "web"
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        for name in ("tls.key", "tls.crt", "stunnel.conf"):
+            assert stat.S_IMODE((directory / name).stat().st_mode) == 0o600
+        pid = web.running_pid(str(directory))
+        assert pid is not None and process_uid(pid) == pwd.getpwnam("nobody").pw_uid
+        assert fetch(port, ca_file).endswith(b"hello from the container")
+        # The same again: nothing restarts.
+        assert web.ensure_web(str(vm_dir), USER, "127.0.0.1", port, upstream, key, cert, "127.0.0.1") is False
+        assert web.running_pid(str(directory)) == pid
+        # A renewed certificate restarts it, and the new one is served.
+        key2, cert2 = (pem.decode() for pem in ca.issue(authority, ["localhost"], ["127.0.0.1"]))
+        assert web.ensure_web(str(vm_dir), USER, "127.0.0.1", port, upstream, key2, cert2, "127.0.0.1") is True
+        assert web.running_pid(str(directory)) not in (None, pid)
+        assert fetch(port, ca_file, name="localhost").endswith(b"hello from the container")
+        # TLS only: plain HTTP gets no page.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            raw.settimeout(10)
+            try:
+                answer = raw.recv(4096)
+            except OSError:
+                answer = b""
+        assert b"hello" not in answer
+    finally:
+        assert web.stop_web(str(vm_dir)) is True
+    assert web.running_pid(str(vm_dir / "web")) is None and not (vm_dir / "web" / "stunnel.pid").exists()
+    assert web.stop_web(str(vm_dir)) is False
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+@needs_root
+def test_a_pid_file_naming_another_process_stops_nothing(bundle, tmp_path):
+    import subprocess
+
+    web = bundle.web
+    directory = tmp_path / "vms" / USER / "web"
+    directory.mkdir(parents=True)
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        (directory / "stunnel.pid").write_text(f"{bystander.pid}\n")
+        assert web.running_pid(str(directory)) is None
+        assert web.stop_web(str(tmp_path / "vms" / USER)) is False
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+@needs_root
+def test_a_port_in_use_fails_with_stunnels_log(bundle, tmp_path, upstream, authority):
+    from labvm import ca
+
+    web = bundle.web
+    authority, _ = authority
+    vm_dir = tmp_path / "vms" / USER
+    vm_dir.mkdir(parents=True)
+    key, cert = (pem.decode() for pem in ca.issue(authority, [], ["127.0.0.1"]))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(bundle.contract.Failed, match="did not start") as failed:
+            web.ensure_web(str(vm_dir), USER, "127.0.0.1", port, upstream, key, cert, "127.0.0.1")
+    assert "BEGIN" not in str(failed.value)  # its log, never the key
+    assert web.running_pid(str(vm_dir / "web")) is None
