@@ -283,8 +283,10 @@ if [ -s "$SECRET" ]; then
     apply_password || die "could not apply the password"
 fi
 start_sshd
-start_vnc
+# websockify first: its Python starts while the VNC server does (it reaches VNC only when a
+# browser connects), so a start waits for the slower of the two, not for both in turn.
 start_web
+start_vnc
 start_desktop
 log "desktop of $USER_NAME on display :$DISPLAY_NUMBER, VNC port $VNC_PORT"
 wait "$VNC_PID"
