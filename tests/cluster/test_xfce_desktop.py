@@ -1,14 +1,17 @@
 """The real desktop image: XFCE built with debootstrap, a desktop a member reaches over
-VNC and over SSH with their password. (The other desktop tests use the minimal image.)"""
+VNC, over SSH and in a browser with their password. (The other desktop tests use the minimal
+image.)"""
 
 from __future__ import annotations
 
 import time
+import urllib.parse
 
 import paramiko
 from PIL import Image
 
 from .conftest import make_admin, wipe_mfs_files
+from .test_browser import browser, canvas_colors
 from .test_desktops import wait_vnc
 
 PW = "xfce-Pw-5150"
@@ -54,5 +57,30 @@ def test_xfce_desktop_over_vnc_and_ssh(testbed, tmp_path):
         _, out, _ = client.exec_command("id -un; id -Gn; echo $HOME")
         assert out.read().decode().split("\n")[:3] == ["dora", "dora sudo", "/home/dora"]
         client.close()
+        browser_shows_xfce(admin, desktop["https"], tmp_path)
     finally:
         admin.labvm("rm", "dora", "--yes")
+
+
+def browser_shows_xfce(admin, url: str, tmp_path) -> None:
+    """Chromium, trusting labvm's CA, opens the desktop's HTTPS page with dora's whole password,
+    and noVNC's canvas shows the XFCE session: many colours, not a blank or a bare X root."""
+    parts = urllib.parse.urlsplit(url)
+    quoted = urllib.parse.quote(PW, safe="")
+    page = f"https://dora:{quoted}@{parts.hostname}:{parts.port}{parts.path}?{parts.query}&password={quoted}"
+    driver = browser(admin, tmp_path)
+    try:
+        end, colors = time.monotonic() + 120, 0
+        driver.get(page)
+        while time.monotonic() < end:
+            colors = canvas_colors(driver)
+            if colors > 16:
+                break
+            if "noVNC" not in driver.title:  # websockify not up yet: ask again
+                time.sleep(2)
+                driver.get(page)
+            time.sleep(1)
+        driver.save_screenshot(str(tmp_path / "xfce-in-chromium.png"))
+        assert colors > 16, f"noVNC's canvas shows {colors} colours; screenshot {tmp_path / 'xfce-in-chromium.png'}"
+    finally:
+        driver.quit()
