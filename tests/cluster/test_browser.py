@@ -284,6 +284,7 @@ def test_the_desktops_tls_key_is_nowhere_in_the_desktop(web):
     """A member, root in their desktop, finds no private key of the certificate their HTTPS
     port serves: TLS ends in the node's stunnel, outside the container."""
     from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
     parts = urllib.parse.urlsplit(desktop_of(web, "dora")["https"])
@@ -306,7 +307,7 @@ def test_the_desktops_tls_key_is_nowhere_in_the_desktop(web):
                                  base64.b64decode(blob), re.S):
             try:
                 key = serialization.load_pem_private_key(match.group(0), password=None)
-            except (ValueError, TypeError, serialization.UnsupportedAlgorithm):
+            except (ValueError, TypeError, UnsupportedAlgorithm):
                 continue
             found[path] = key.public_key().public_bytes(serialization.Encoding.DER,
                                                         serialization.PublicFormat.SubjectPublicKeyInfo)

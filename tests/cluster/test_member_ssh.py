@@ -173,11 +173,11 @@ def _read_rfb(conn: socket.socket) -> bytes:
         return b""
 
 
-def _https_page(lab):
+def _https_page(lab, password: str = ANN_PW):
     """What the desktop's HTTPS port answers, through the tunnel, to a browser at localhost: its
     certificate checked against labvm's CA for the name localhost, and ann's whole password."""
     context = ssl.create_default_context(cafile=str(lab.admin.home / "ca.pem"))
-    auth = base64.b64encode(f"{ANN}:{ANN_PW}".encode()).decode()
+    auth = base64.b64encode(f"{ANN}:{password}".encode()).decode()
 
     def talk(conn: socket.socket) -> bytes:
         try:
@@ -311,5 +311,8 @@ def test_the_tunnel_follows_a_switch(lab):
     assert f"-L 5901:{after}" in text(lab.ssh("tunnel")) and f"-L 6901:{after_https}" in text(lab.ssh("tunnel"))
     data, err = _forward(lab, after)
     assert data.startswith(b"RFB "), (data, err)
-    page, err = _forward(lab, after_https, _https_page(lab))
+    # ann changed her password over SSH (test_passwd_...): the page takes the new one only.
+    page, err = _forward(lab, after_https, _https_page(lab, NEW_PW))
     assert page.startswith(b"HTTP/1.1 200"), (page, err)
+    page, err = _forward(lab, after_https, _https_page(lab, ANN_PW))
+    assert page.startswith(b"HTTP/1.1 401"), (page, err)
