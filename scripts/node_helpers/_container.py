@@ -320,11 +320,11 @@ def ensure_container(params: dict, check: bool) -> Result:
                 container_create_body(user, spec, paths.merge_local, paths.runtime),
             )
         start_container(socket_path, spec["name"])
+        # stunnel starts listening while the desktop comes up; it answers TLS when this returns.
+        https_up = True if ensure_https(paths, user, spec, secrets, socket_path) else None
         wait_for_vnc(socket_path, spec, params["vnc_wait_s"])
     finally:
         remove_secret(paths.runtime)
-    # stunnel answers TLS before ensure_https returns: it starts only after websockify answered.
-    https_up = True if ensure_https(paths, user, spec, secrets, socket_path) else None
     state = inspect_ours(socket_path, user) or dict(NO_CONTAINER)
     vnc = {**vnc_endpoint(spec), "ready": spec["vnc_listen"] != "off" or None}
     https = https_endpoint(spec, https_up if spec["ports"]["https"] is not None else None)
