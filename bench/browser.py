@@ -11,7 +11,7 @@ each the median of --runs, the two kinds interleaved so both see the same machin
            the WebSocket through websockify, VncAuth and the first framebuffer update drawn.
   native   vncsnapshot (TightVNC's client, in C) on the desktop's raw VNC port: from its exec to
            its exit with the first full frame written (TCP, VncAuth, the first framebuffer
-           update, its JPEG file).
+           update in zlib or hextile, its JPEG file).
 
 Reported: browser / native. Run as root, holding the testbed lock:
 
@@ -124,7 +124,9 @@ def native_first_frame(host: str, port: int, passwd_file: Path, out: Path) -> fl
     names a port; HOST:N would be display N, port 5900 + N)."""
     out.unlink(missing_ok=True)
     started = time.monotonic()
-    result = subprocess.run(["vncsnapshot", "-quiet", "-allowblank", "-passwd", str(passwd_file),
+    # Not its Tight decoder: it waits forever on TigerVNC's LastRect updates.
+    result = subprocess.run(["vncsnapshot", "-quiet", "-allowblank", "-encodings", "zlib hextile copyrect raw",
+                             "-passwd", str(passwd_file),
                              f"{host}::{port}", str(out)], capture_output=True, text=True, timeout=60)
     took = time.monotonic() - started
     if result.returncode != 0 or not out.exists() or out.stat().st_size == 0:
