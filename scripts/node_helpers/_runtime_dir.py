@@ -194,7 +194,7 @@ apply_web_password() {
     command -v python3 >/dev/null 2>&1 || { log "python3 not found: no HTTPS password"; return 0; }
     (umask 077 && mkdir -p "$WEB_DIR" && chmod 700 "$WEB_DIR" &&
         python3 "$RUNTIME/labvm_web_auth.py" hash "$USER_NAME" <"$SECRET" >"$WEB_HASH.new" &&
-        mv -f "$WEB_HASH.new" "$WEB_HASH") || { log "cannot write the HTTPS password hash"; return 1; }
+        mv -f "$WEB_HASH.new" "$WEB_HASH" && rm -f "$WEB_HASH.ok") || { log "cannot write the HTTPS password hash"; return 1; }
 }
 
 start_sshd() {
@@ -322,17 +322,57 @@ def make_line(user, password):
     return "%s:scrypt$%d$%d$%d$%s$%s\n" % (user, N, R, P, encode(salt), encode(digest))
 
 
-def matches(line, user, password):
+def parse(line):
+    """(user, n, r, p, salt, digest) of a hash line, or None."""
     name, _, stored = line.strip().partition(":")
     try:
         kind, n, r, p, salt, digest = stored.split("$")
         if kind != "scrypt":
-            return False
-        wanted = base64.b64decode(digest)
-        got = scrypt(password, base64.b64decode(salt), int(n), int(r), int(p))
+            return None
+        return name.encode(), int(n), int(r), int(p), base64.b64decode(salt), base64.b64decode(digest)
+    except ValueError:
+        return None
+
+
+def matches(line, user, password):
+    parsed = parse(line)
+    if parsed is None:
+        return False
+    name, n, r, p, salt, wanted = parsed
+    try:
+        got = scrypt(password, salt, n, r, p)
     except ValueError:
         return False
-    return hmac.compare_digest(name.encode(), user) and hmac.compare_digest(got, wanted)
+    return hmac.compare_digest(name, user) and hmac.compare_digest(got, wanted)
+
+
+# A page of noVNC is some forty requests, each with the same Basic credentials, and websockify
+# serves each connection in a process of its own: scrypt for every one costs seconds. So once a
+# pair has passed scrypt, its HMAC keyed with the stored digest is kept beside the hash (same
+# tmpfs, root's only) and lets the same pair in at HMAC's cost. A new password is a new digest:
+# the old note matches nothing any more. Wrong pairs always pay scrypt.
+def note_of(line, user, password):
+    parsed = parse(line)
+    return None if parsed is None else hmac.new(parsed[5], user + b":" + password, hashlib.sha256).hexdigest()
+
+
+def noted(source, note):
+    try:
+        with open(source + ".ok") as stream:
+            return note is not None and hmac.compare_digest(stream.read().strip(), note)
+    except OSError:
+        return False
+
+
+def keep_note(source, note):
+    temporary = "%s.ok.%d" % (source, os.getpid())
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(note + "\n")
+        os.replace(temporary, source + ".ok")
+    except OSError:
+        pass  # only the next request's speed depends on it
 
 
 class BasicAuth:
@@ -356,8 +396,15 @@ class BasicAuth:
                 line = stream.readline()
         except OSError:
             raise AuthenticationError(response_code=503, response_msg="No password set") from None
-        if not sep or not matches(line, user, password):
+        if not sep:
             raise demand
+        note = note_of(line, user, password)
+        if noted(self.source, note):
+            return
+        if not matches(line, user, password):
+            raise demand
+        if note is not None:
+            keep_note(self.source, note)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["hash"] and len(sys.argv) == 3:

@@ -142,6 +142,27 @@ def test_the_hash_file_holds_no_password(plugin, tmp_path):
     assert line.startswith("dora:scrypt$16384$8$1$") and "dora-Pw" not in line
 
 
+def test_a_pair_that_passed_scrypt_passes_again_at_hmacs_cost_and_no_other(plugin, tmp_path, monkeypatch):
+    module, refused, auth = plugin
+    right = basic("dora", "dora-Pw-5521-long")
+    auth.authenticate(right, "127.0.0.1", 5901)
+    note = tmp_path / "passwd.ok"
+    assert stat.S_IMODE(note.stat().st_mode) == 0o600 and "dora-Pw" not in note.read_text()
+    real_scrypt, calls = module.scrypt, []
+    monkeypatch.setattr(module, "scrypt", lambda *a, **k: calls.append(1) or real_scrypt(*a, **k))
+    auth.authenticate(right, "127.0.0.1", 5901)
+    assert calls == []  # the note let it in
+    for headers in (basic("dora", "dora-Pw-5521-lonG"), basic("mallory", "dora-Pw-5521-long")):
+        with pytest.raises(refused):
+            auth.authenticate(headers, "127.0.0.1", 5901)
+    assert len(calls) == 2  # wrong pairs always pay scrypt
+    # A new password (a new hash line): the old pair's note admits nothing.
+    (tmp_path / "passwd").write_text(module.make_line("dora", b"a-new-Password-77"))
+    with pytest.raises(refused):
+        auth.authenticate(right, "127.0.0.1", 5901)
+    auth.authenticate(basic("dora", "a-new-Password-77"), "127.0.0.1", 5901)
+
+
 def test_a_missing_hash_file_refuses_everyone(plugin, tmp_path):
     module, refused, _ = plugin
     with pytest.raises(refused) as error:
