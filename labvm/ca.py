@@ -163,20 +163,28 @@ class Leaf:
     reason: str | None  # why it was issued now; None: the one on file is still good
 
 
+def leaf_due(ca: CA, directory: Path, stem: str, names: list[str], ips: list[str]) -> str | None:
+    """Why directory/STEM.pem must be issued (again): there is none, its key is not the
+    certificate's, or needs_renewal gives a reason; None while it is good."""
+    key_path, cert_path = directory / f"{stem}.key", directory / f"{stem}.pem"
+    if not (key_path.exists() and cert_path.exists()):
+        return "there was none"
+    require_private(key_path)
+    key_pem, cert_pem = key_path.read_bytes(), cert_path.read_bytes()
+    reason = needs_renewal(cert_pem, ca, names, ips)
+    if reason is None and not _key_matches(key_pem, cert_pem):
+        reason = "its key is not the certificate's"
+    return reason
+
+
 def ensure_leaf(ca: CA, directory: Path, stem: str, names: list[str], ips: list[str],
                 days: int = LEAF_DAYS) -> Leaf:
     """The key and certificate kept as directory/STEM.key and STEM.pem, issued (again) when
-    there is none, its key is not the certificate's, or needs_renewal gives a reason."""
+    leaf_due gives a reason."""
     key_path, cert_path = directory / f"{stem}.key", directory / f"{stem}.pem"
-    reason = "there was none"
-    if key_path.exists() and cert_path.exists():
-        require_private(key_path)
-        key_pem, cert_pem = key_path.read_bytes(), cert_path.read_bytes()
-        reason = needs_renewal(cert_pem, ca, names, ips)
-        if reason is None and not _key_matches(key_pem, cert_pem):
-            reason = "its key is not the certificate's"
-        if reason is None:
-            return Leaf(key_pem, cert_pem, None)
+    reason = leaf_due(ca, directory, stem, names, ips)
+    if reason is None:
+        return Leaf(key_path.read_bytes(), cert_path.read_bytes(), None)
     key_pem, cert_pem = issue(ca, names, ips, days)
     ensure_private_dir(directory)
     atomic_write(key_path, key_pem, 0o600)

@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
     try:
-        cli.main(args=args, prog_name="labvm", complete_var=COMPLETE_VAR, standalone_mode=False)
+        # Not standalone: click returns a command's `raise click.exceptions.Exit(N)` as N.
+        result = cli.main(args=args, prog_name="labvm", complete_var=COMPLETE_VAR, standalone_mode=False)
+        if isinstance(result, int) and not isinstance(result, bool):
+            return result
     except click.exceptions.Abort:
         err.print("labvm: aborted", markup=False)
         return 1

@@ -8,9 +8,10 @@ import click
 
 from .admin import AdminHome
 from .ca import CA
-from .cli_kit import _emit_json, audited, json_option, say
-from .errors import BadInput
+from .cli_kit import _emit_json, audited, dry_run_option, json_option, say
+from .errors import BadInput, LabvmError
 from .fsutil import atomic_write
+from .text import safe
 
 
 @click.group()
@@ -21,6 +22,7 @@ def ca():
     labvm ca init     create it (once; kept after that)
     labvm ca export   its certificate, for members to import into their browser
     labvm ca show     its subject, fingerprint, expiry and key file
+    labvm ca renew    issue the due certificates of running desktops again
 
     It lives beside the cluster file: ca.key (secret, mode 0600) and ca.pem.
     """
@@ -91,6 +93,53 @@ def ca_show(home: AdminHome, as_json):
                          ("not after", authority.not_after.strftime("%Y-%m-%d %H:%M UTC")),
                          ("key file", str(authority.key_path)), ("certificate", str(authority.cert_path))):
         say(f"{label:12} {value}")
+
+
+@ca.command("renew")
+@dry_run_option
+@json_option
+@click.pass_obj
+@audited()
+def ca_renew(home: AdminHome, dry_run, as_json):
+    """Issue again the HTTPS certificates of running desktops that are due.
+
+    A desktop's certificate is due within 30 days of its end (it lives 90),
+    when another CA signed it, or when it names other hosts than its node has
+    now. Each due desktop is started again in place (a start of a running
+    desktop only re-ensures it): its node gets the new key and certificate and
+    its stunnel restarts; open browser tabs reconnect. A stopped desktop gets
+    its certificate at its next start. `labvm cron install` runs this daily.
+
+    \b
+    labvm ca renew --dry-run      which are due, and why
+    labvm ca renew --json         what was done, as JSON
+    """
+    from .desktops import Desktops
+
+    desktops = Desktops(home, say=lambda _m: None)
+    with home.state() as db:
+        due = desktops.certificates_due(db)
+    results = []
+    for user, node, reason in due:
+        entry = {"user": user, "node": node, "reason": reason, "renewed": False, "error": None}
+        if not dry_run:
+            try:
+                desktops.start(user)
+                entry["renewed"] = True
+            except LabvmError as exc:
+                entry["error"] = str(exc)
+        results.append(entry)
+    if as_json:
+        _emit_json({"dry_run": dry_run, "due": results})
+    elif not results:
+        say("no running desktop's certificate is due")
+    for entry in [] if as_json else results:
+        what = (f"{entry['user']} on {entry['node']}: due, {entry['reason']}" if dry_run else
+                f"renewed {entry['user']}'s certificate on {entry['node']} ({entry['reason']})" if entry["renewed"] else
+                f"{entry['user']} on {entry['node']}: not renewed: {entry['error']}")
+        say(safe(what))
+    if any(entry["error"] for entry in results):
+        raise click.exceptions.Exit(1)
 
 
 def _fingerprint_lines(authority: CA) -> None:

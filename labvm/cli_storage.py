@@ -286,7 +286,8 @@ def cron():
 @click.pass_obj
 @audited()
 def cron_install(home: AdminHome, schedule, idle_schedule, status_page, path, log_path):
-    """Write the cron file that runs `labvm backup --all` (as root, with this cluster file).
+    """Write the cron file that runs `labvm backup --all` and `labvm ca renew` (as
+    root, with this cluster file).
 
     \b
     labvm cron install                                   nightly backups

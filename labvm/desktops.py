@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .admin import AdminHome
-from .ca import DESKTOP_CERTS_DIR, ensure_leaf
+from .ca import DESKTOP_CERTS_DIR, ensure_leaf, leaf_due
 from .config import ClusterConfig, Node, member_quota_for, parse_size
 from .errors import AlreadyExists, BadInput, FilesOfAnotherMember, LabvmError, NotFound, StateError
 from .images import base_image_tag, base_image_tar
@@ -421,6 +421,22 @@ class Desktops:
         and its HTTPS key and certificate."""
         tls = self.certificate(s.node, user)
         return self.calls(s.node, user, image).start_container(spec, db.vnc_secret(user), DESKTOP_SESSIONS, tls)
+
+    def certificates_due(self, db: StateDB) -> list[tuple[str, str, str]]:
+        """(user, node, why) of each running desktop whose HTTPS certificate is due (ca.leaf_due):
+        what `labvm ca renew` issues again. Stopped desktops get theirs at their next start, and
+        so does one that has none yet (it has not started since labvm served HTTPS)."""
+        authority = self.home.ca()
+        kept = self.home.home / DESKTOP_CERTS_DIR
+        due = []
+        for desktop in self.list(db):
+            if desktop.state != "running" or not (kept / f"{desktop.user}.pem").exists():
+                continue
+            names, ips = certificate_names(self.cfg.node(desktop.node))
+            reason = leaf_due(authority, self.home.home / DESKTOP_CERTS_DIR, desktop.user, names, ips)
+            if reason is not None:
+                due.append((desktop.user, desktop.node, reason))
+        return due
 
     def certificate(self, node: Node, user: str) -> tuple[str, str]:
         """The key and certificate of USER's desktop on NODE (PEM), issued by labvm's CA (made

@@ -425,10 +425,14 @@ def cron_word(word: str) -> str:
     return shlex.quote(word).replace("%", "\\%")
 
 
+CA_RENEW_SCHEDULE = "41 4 * * *"
+
+
 def cron_text(config: Path, schedule: str, idle_schedule: str | None, log: Path, command: list[str] | None = None,
               status_page: Path | None = None) -> str:
-    """The cron file: `backup --all` on `schedule`; `idle --stop` on idle_schedule if given;
-    `status --html status_page` every 5 minutes if given. Every run appends to `log`."""
+    """The cron file: `backup --all` on `schedule`, `ca renew` daily; `idle --stop` on
+    idle_schedule if given; `status --html status_page` every 5 minutes if given. Every run
+    appends to `log`."""
     words = [*(command or labvm_command()), "--config", str(config)]
     base = " ".join(cron_word(word) for word in words)
     redirect = f">> {cron_word(str(log))} 2>&1"
@@ -436,6 +440,8 @@ def cron_text(config: Path, schedule: str, idle_schedule: str | None, log: Path,
         "# labvm: periodic backups of every desktop. Written by `labvm cron install`; edit with it too.",
         "SHELL=/bin/sh",
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        # The desktops' HTTPS certificates, before they expire (ca renew --help).
+        f"{CA_RENEW_SCHEDULE} root {base} ca renew {redirect}",
         f"{check_schedule(schedule)} root {base} backup --all {redirect}",
     ]
     if idle_schedule:

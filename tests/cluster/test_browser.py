@@ -316,3 +316,36 @@ def test_the_desktops_tls_key_is_nowhere_in_the_desktop(web):
     web.labvm("exec", "dora", "--", "rm", "-f", "/tmp/planted.key")
     listed = web.labvm("exec", "dora", "--", "ls", "-A", "/run/labvm")
     assert listed.returncode == 0 and "tls." not in listed.stdout, listed.stdout
+
+
+def test_ca_renew_puts_a_due_certificate_in_place_without_a_restart(web):
+    """A certificate near its end is issued again by `labvm ca renew` (the daily cron job) and
+    served at once by the running desktop's stunnel; the desktop itself runs on."""
+    from labvm import ca
+
+    url = desktop_of(web, "dora")["https"]
+    wait_https(web, url)
+    parts = urllib.parse.urlsplit(url)
+    served = ssl.get_server_certificate((parts.hostname, parts.port))
+    kept = web.home / ca.DESKTOP_CERTS_DIR
+    assert x509_der(served) == x509_der((kept / "dora.pem").read_text())
+    key, cert = ca.issue(ca.load(web.home), ["localhost"], [parts.hostname, "127.0.0.1"], days=3)
+    (kept / "dora.key").write_bytes(key)
+    (kept / "dora.pem").write_bytes(cert)
+    before = web.labvm_json("status")
+    planned = web.labvm_json("ca", "renew", "--dry-run")
+    assert [(d["user"], d["renewed"]) for d in planned["due"]] == [("dora", False)]
+    done = web.labvm_json("ca", "renew")
+    assert [(d["user"], d["renewed"], d["error"]) for d in done["due"]] == [("dora", True, None)]
+    renewed = (kept / "dora.pem").read_text()
+    assert renewed != cert.decode()
+    assert x509_der(ssl.get_server_certificate((parts.hostname, parts.port))) == x509_der(renewed)
+    assert https_get(web, url, "dora", DORA_PW).status == 200
+    after = web.labvm_json("status")
+    up = {d["user"]: d["uptime_s"] for d in before["desktops"]}["dora"]
+    assert {d["user"]: d["uptime_s"] for d in after["desktops"]}["dora"] >= up  # not restarted
+    assert web.labvm_json("ca", "renew")["due"] == []
+
+
+def x509_der(pem: str) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(pem)

@@ -20,6 +20,9 @@ def test_cron_text_runs_backup_all_as_root_with_the_cluster_file(tmp_path):
     assert line == ("17 3 * * * root /usr/bin/labvm --config '/etc/lab vm/bkConfxml.xml' backup --all "
                     ">> /var/log/labvm-backup.log 2>&1")
     assert "idle" not in text
+    # The desktops' certificates are renewed daily, before they are due to expire.
+    assert ("41 4 * * * root /usr/bin/labvm --config '/etc/lab vm/bkConfxml.xml' ca renew "
+            ">> /var/log/labvm-backup.log 2>&1") in text.splitlines()
 
 
 def test_cron_text_with_idle_stop():
@@ -81,7 +84,7 @@ def test_a_hostile_path_stays_one_argument_of_one_command(tmp_path, hostile):
     stand_in.chmod(0o755)
     log = tmp_path / ("log %" + hostile.replace("/", "_"))
     text = cron_text(Path(hostile), "17 3 * * *", None, log, command=[str(stand_in)])
-    assert len(text.splitlines()) == 4
+    assert len(text.splitlines()) == 5
     line = text.splitlines()[-1]
     assert line.startswith("17 3 * * * root ")
     command, stdin = as_cron_runs_it(line.removeprefix("17 3 * * * root "))

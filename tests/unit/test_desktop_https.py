@@ -102,3 +102,68 @@ def test_status_carries_the_https_address(home, cluster):
     shown = desktop.as_dict(home.config)
     assert shown["https"] == https_url(home.config.node("n1"), desktop.vnc_port)
     assert shown["vnc"] == f"10.0.0.1:{desktop.vnc_port}"
+
+
+def near_expiry(home: AdminHome, user: str = "alice", days: int = 5) -> bytes:
+    """USER's kept certificate replaced by one that ends in `days`: due for renewal."""
+    key, cert = ca.issue(ca.load(home.home), [], ["10.0.0.1"], days=days)
+    (home.home / ca.DESKTOP_CERTS_DIR / f"{user}.key").write_bytes(key)
+    (home.home / ca.DESKTOP_CERTS_DIR / f"{user}.pem").write_bytes(cert)
+    return cert
+
+
+def test_ca_renew_issues_a_running_desktops_due_certificate_in_place(home, cluster, capsys):
+    import json
+
+    from labvm.cli import main
+
+    restart(home)
+    good = cluster["n1"].secrets["alice"]["tls_cert"]
+    assert main(["ca", "renew"]) == 0
+    assert "no running desktop's certificate is due" in capsys.readouterr().out
+    assert cluster["n1"].secrets["alice"]["tls_cert"] == good
+    old = near_expiry(home)
+    # --dry-run names it and why, and changes nothing.
+    assert main(["ca", "renew", "--dry-run", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["dry_run"] is True and [(d["user"], d["node"], d["renewed"]) for d in planned["due"]] == [("alice", "n1", False)]
+    assert "within 30 days" in planned["due"][0]["reason"]
+    assert (home.home / ca.DESKTOP_CERTS_DIR / "alice.pem").read_bytes() == old
+    # The real run: the running desktop gets a new certificate, without a stop.
+    before = cluster.picture("alice")
+    assert main(["ca", "renew", "--json"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert [(d["user"], d["renewed"], d["error"]) for d in done["due"]] == [("alice", True, None)]
+    renewed = cluster["n1"].secrets["alice"]["tls_cert"]
+    assert renewed not in (good, old.decode()) and sans(renewed) == {"10.0.0.1", "localhost", "127.0.0.1"}
+    assert cluster.picture("alice")["nodes"]["n1"]["container"] == before["nodes"]["n1"]["container"]
+    with home.state() as db:
+        assert Desktops(home).certificates_due(db) == []
+
+
+def test_ca_renew_leaves_stopped_desktops_to_their_next_start(home, cluster, capsys):
+    from labvm.cli import main
+
+    restart(home)
+    Desktops(home).stop("alice")
+    old = near_expiry(home)
+    assert main(["ca", "renew"]) == 0
+    assert "no running desktop's certificate is due" in capsys.readouterr().out
+    assert (home.home / ca.DESKTOP_CERTS_DIR / "alice.pem").read_bytes() == old
+
+
+def test_ca_renew_reports_a_desktop_it_could_not_renew_and_exits_1(home, cluster, capsys, monkeypatch):
+    from labvm.cli import main
+    from labvm.errors import NodeUnreachable
+
+    restart(home)
+    near_expiry(home)
+
+    def down(self, user, dry_run=False):
+        raise NodeUnreachable("n1 does not answer")
+
+    monkeypatch.setattr(Desktops, "start", down)
+    code = main(["ca", "renew"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "alice on n1: not renewed: n1 does not answer" in out
