@@ -44,7 +44,7 @@ from _runtime_dir import (
 )
 from _spec import CONTAINER_PREFIX, LABEL_SPEC_HASH, LABEL_USER
 from _system import mount_at, read_mountinfo
-from _web import WEB_CONTAINER_PORT, ensure_web, stop_web, tls_answers
+from _web import WEB_CONTAINER_PORT, ensure_web, find_stunnel, stop_web, tls_answers
 from net import NETWORK_NAME as DESKTOP_NETWORK
 from runtime import RUNTIME_NAME
 from runtime import SENTINEL as ROOTFS_SENTINEL
@@ -309,6 +309,8 @@ def ensure_container(params: dict, check: bool) -> Result:
         changed = ensure_https(paths, user, spec, secrets, socket_path) or changed
         https = https_endpoint(spec, https_answers(spec) if spec["ports"]["https"] is not None else None)
         return Result(changed=changed, data={**data, "container": public_state(state), "vnc": vnc, "https": https})
+    if spec["ports"]["https"] is not None and secrets["tls_key"] is not None:
+        find_stunnel()  # a node without it fails here, before anything starts
     if check:
         return Result(changed=True, data={**data, "container": public_state(state) if state else dict(NO_CONTAINER)})
     ensure_runtime_files(paths.runtime)
