@@ -105,10 +105,10 @@ def ca_renew(home: AdminHome, dry_run, as_json):
 
     A desktop's certificate is due within 30 days of its end (it lives 90),
     when another CA signed it, or when it names other hosts than its node has
-    now. Each due desktop is started again in place (a start of a running
-    desktop only re-ensures it): its node gets the new key and certificate and
-    its stunnel restarts; open browser tabs reconnect. A stopped desktop gets
-    its certificate at its next start. `labvm cron install` runs this daily.
+    now. Each due one is issued again and sent to its node, where the
+    desktop's stunnel restarts with it; the desktop runs on, and open browser
+    tabs reconnect. A stopped desktop gets its certificate at its next start.
+    `labvm cron install` runs this daily.
 
     \b
     labvm ca renew --dry-run      which are due, and why
@@ -124,8 +124,7 @@ def ca_renew(home: AdminHome, dry_run, as_json):
         entry = {"user": user, "node": node, "reason": reason, "renewed": False, "error": None}
         if not dry_run:
             try:
-                desktops.start(user)
-                entry["renewed"] = True
+                entry["renewed"] = desktops.renew_certificate(user)
             except LabvmError as exc:
                 entry["error"] = str(exc)
         results.append(entry)

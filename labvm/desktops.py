@@ -572,6 +572,24 @@ class Desktops:
         return {"user": desktop.user, "node": desktop.node, "state": desktop.state, "from": current, "to": size,
                 "changes": size != current, "quota": member_quota_for(self.cfg, size)}
 
+    def renew_certificate(self, user: str) -> bool:
+        """USER's running desktop gets its HTTPS certificate issued again if it is due
+        (ca.leaf_due), sent to its node, where its stunnel restarts with it; the container is
+        not touched. Under the desktop's lock. True if it was renewed."""
+
+        def work(db, op, desktop, node):
+            if desktop.state != "running":
+                return False  # stopped meanwhile: its next start issues it
+            names, ips = certificate_names(node)
+            if leaf_due(self.home.ca(), self.home.home / DESKTOP_CERTS_DIR, user, names, ips) is None:
+                return False  # renewed meanwhile
+            key, cert = self.certificate(node, user)
+            with self.session(node) as s, op.step("renew_https"):
+                s.run(self.calls(node, user).renew_https(key, cert, bind_address(node), node.https_port(desktop.vnc_port)))
+            return True
+
+        return self._with_desktop(user, "ca renew", work)
+
     def passwd(self, user: str, password: str) -> None:
         with self.home.state() as db:
             db.set_password(user, password)

@@ -197,6 +197,11 @@ class DesktopCalls:
     def set_password(self, password: str) -> HelperCall:
         return HelperCall("vm", "set_password", {**self._local, "secrets": {"password": password}})
 
+    def renew_https(self, key: str, cert: str, bind_address: str, https_port: int) -> HelperCall:
+        """A running desktop's new HTTPS key and certificate, into its stunnel (`ca renew`)."""
+        return HelperCall("vm", "renew_https", {**self._local, "tls": {"tls_key": key, "tls_cert": cert},
+                                                "bind_address": bind_address, "https_port": https_port})
+
     def resize_disk(self, size: int) -> HelperCall:
         return HelperCall("vm", "resize_disk", {**self._local, "size": size}, timeout=900)
 

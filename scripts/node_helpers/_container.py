@@ -473,6 +473,35 @@ def wait_for_vnc(socket_path: str, spec: dict, wait_s: int) -> None:
         time.sleep(VNC_POLL_S)
 
 
+# --- renew_https --------------------------------------------------------------------------
+
+
+def renew_https(params: dict, check: bool) -> Result:
+    """A running desktop's stunnel with a new key and certificate (`labvm ca renew`); the
+    container itself is not looked at beyond its address, so a desktop whose spec changed
+    since its start (a new <vnc><listen>, say) is renewed all the same."""
+    user, socket_path = params["user"], params["docker_socket"]
+    state = inspect_ours(socket_path, user)
+    if state is None or not state["running"]:
+        raise PreconditionFailed(
+            f"container {container_name(user)} is not running; its next start takes the new certificate",
+            "container_not_running",
+        )
+    paths = mounted_stack_paths(params["data_dir"], user)
+    refuse_symlinks(paths)
+    find_stunnel()
+    address = container_address(inspect_container(socket_path, container_name(user)))
+    if address is None:
+        raise Failed(f"container {container_name(user)} has no address on the {DESKTOP_NETWORK} network",
+                     "https_not_listening")
+    host, port = params["bind_address"], params["https_port"]
+    if check:
+        return Result(changed=True, data={"https": {"address": host, "port": port, "ready": None}})
+    tls = params["tls"]
+    changed = ensure_web(paths.vm_dir, user, host, port, address, tls["tls_key"], tls["tls_cert"], probe_address({}, host))
+    return Result(changed=changed, data={"https": {"address": host, "port": port, "ready": True}})
+
+
 # --- set_password -------------------------------------------------------------------------
 
 

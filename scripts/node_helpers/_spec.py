@@ -47,13 +47,32 @@ def password_secrets(name: str, value: Any) -> dict:
     tls = {key: value.get(key) for key in TLS_KEYS}
     if (tls["tls_key"] is None) != (tls["tls_cert"] is None):
         raise BadRequest(f"param {name!r}: 'tls_key' and 'tls_cert' go together", "bad_param")
+    _check_pems(name, tls)
+    return {"password": password, **tls}
+
+
+def tls_secrets(name: str, value: Any) -> dict:
+    """{"tls_key": PEM, "tls_cert": PEM}: a desktop's new HTTPS key and certificate, alone."""
+    if not isinstance(value, dict) or set(value) != set(TLS_KEYS):
+        raise BadRequest(f"param {name!r} must be an object of exactly 'tls_key' and 'tls_cert'", "bad_param")
+    _check_pems(name, value)
+    return {key: value[key] for key in TLS_KEYS}
+
+
+def _check_pems(name: str, tls: dict) -> None:
     for key, pem in tls.items():
         if pem is not None and not (
             isinstance(pem, str) and len(pem) <= MAX_PEM_CHARS and pem.isascii() and pem.startswith("-----BEGIN ")
             and "\0" not in pem
         ):
             raise BadRequest(f"param {name!r}: {key!r} must be PEM text of at most {MAX_PEM_CHARS} characters", "bad_param")
-    return {"password": password, **tls}
+
+
+def ip_address_param(name: str, value: Any) -> str:
+    try:
+        return _ip_address(value)
+    except ValueError:
+        raise BadRequest(f"param {name!r} must be an IP address", "bad_param") from None
 
 
 # One validator per spec key: (required, default, check(value) -> cleaned or raise ValueError(reason)).

@@ -8,6 +8,7 @@ Actions:
   ensure_container        create and start the desktop container from a spec built by labvm; its
                           root filesystem is merge_local (through the labvm OCI runtime, runtime.py)
   set_password            apply a new login + VNC password inside the running container
+  renew_https             a running desktop's stunnel with a new HTTPS key and certificate
   stop_container          docker stop
   remove_container        docker stop (if running) and docker rm; the layers are never touched
   remove_local_layers     delete <data_dir>/vms/<user> once nothing there is mounted
@@ -55,6 +56,7 @@ from _container import (
     ensure_container,
     freeze,
     remove_container,
+    renew_https,
     set_password,
     stop_container,
     thaw,
@@ -75,7 +77,7 @@ from _docker import DEFAULT_DOCKER_SOCKET
 from _images import image_ref
 from _layout import VmPaths
 from _owner import MEMBER_ID_PATTERN, get_owner, release_owner, set_owner
-from _spec import container_spec, image_sessions, password_secrets
+from _spec import container_spec, image_sessions, ip_address_param, password_secrets, tls_secrets
 from _stack import (
     ensure_stack,
     ensure_stack_unmounted,
@@ -122,6 +124,12 @@ ENSURE_CONTAINER_PARAMS = {
     "image_sessions": Param(image_sessions),
 }
 SET_PASSWORD_PARAMS = {**USER_PARAM, **FOUND_DATA_DIR_PARAM, **SECRETS_PARAM, **DOCKER_SOCKET_PARAM}
+RENEW_HTTPS_PARAMS = {
+    **USER_PARAM, **FOUND_DATA_DIR_PARAM, **DOCKER_SOCKET_PARAM,
+    "tls": Param(tls_secrets, required=True),
+    "bind_address": Param(ip_address_param, required=True),
+    "https_port": Param(integer_between(1, 65535), required=True),
+}
 # data_dir: where the desktop's stunnel keeps its files (_web.py), stopped with the container.
 STOP_CONTAINER_PARAMS = {**USER_PARAM, "timeout": Param(integer_between(0, 3600), default=30), **DOCKER_SOCKET_PARAM,
                          **FOUND_DATA_DIR_PARAM}
@@ -150,6 +158,7 @@ ACTIONS = {
     "ensure_stack_unmounted": Action(run=ensure_stack_unmounted, params=STACK_UNMOUNTED_PARAMS),
     "ensure_container": Action(run=ensure_container, params=ENSURE_CONTAINER_PARAMS),
     "set_password": Action(run=set_password, params=SET_PASSWORD_PARAMS),
+    "renew_https": Action(run=renew_https, params=RENEW_HTTPS_PARAMS),
     "stop_container": Action(run=stop_container, params=STOP_CONTAINER_PARAMS),
     "remove_container": Action(run=remove_container, params=REMOVE_CONTAINER_PARAMS),
     "remove_local_layers": Action(run=remove_local_layers, params=REMOVE_LAYERS_PARAMS),

@@ -308,3 +308,15 @@ def test_a_port_in_use_fails_with_stunnels_log(bundle, tmp_path, upstream, autho
             web.ensure_web(str(vm_dir), USER, "127.0.0.1", port, upstream, key, cert, "127.0.0.1")
     assert "BEGIN" not in str(failed.value)  # its log, never the key
     assert web.running_pid(str(vm_dir / "web")) is None
+
+
+def test_a_renewal_carries_key_and_certificate_alone(bundle):
+    check = bundle.spec.tls_secrets
+    assert check("tls", {"tls_key": KEY, "tls_cert": CERT}) == {"tls_key": KEY, "tls_cert": CERT}
+    for bad in ({"tls_key": KEY}, {"tls_key": KEY, "tls_cert": CERT, "password": "pw"}, "PEM", {"tls_key": "x", "tls_cert": CERT}):
+        with pytest.raises(bundle.contract.BadRequest) as refused:
+            check("tls", bad)
+        assert "pw" not in str(refused.value) and "MIG" not in str(refused.value)
+    assert bundle.spec.ip_address_param("bind_address", "10.213.0.11") == "10.213.0.11"
+    with pytest.raises(bundle.contract.BadRequest, match="IP address"):
+        bundle.spec.ip_address_param("bind_address", "node1; rm -rf /")

@@ -766,6 +766,16 @@ class FakeNode(TypedCalls):
             self.passwords[p["user"]] = p["secrets"]["password"]
         return True, {"name": f"labvm-{p['user']}"}
 
+    @action("vm", "renew_https")
+    def _vm_renew_https(self, p: dict, check: bool):
+        """The running desktop's stunnel takes the new key and certificate; its container and
+        spec are not looked at."""
+        if not self._running(p["user"]):
+            self._refuse("container_not_running", f"container labvm-{p['user']} is not running")
+        if not check:
+            self.secrets.setdefault(p["user"], {}).update(p["tls"])
+        return True, {"https": {"address": p["bind_address"], "port": p["https_port"], "ready": True}}
+
     # -- vm: the owner record on MooseFS ------------------------------------------------------------
     @action("vm", "set_owner")
     def _vm_set_owner(self, p: dict, check: bool):

@@ -159,10 +159,10 @@ def test_ca_renew_reports_a_desktop_it_could_not_renew_and_exits_1(home, cluster
     restart(home)
     near_expiry(home)
 
-    def down(self, user, dry_run=False):
+    def down(self, user):
         raise NodeUnreachable("n1 does not answer")
 
-    monkeypatch.setattr(Desktops, "start", down)
+    monkeypatch.setattr(Desktops, "renew_certificate", down)
     code = main(["ca", "renew"])
     out = capsys.readouterr().out
     assert code == 1, out
