@@ -158,9 +158,8 @@ def main() -> int:
         vnc_host, vnc_port = desktop["vnc"].rsplit(":", 1)
         page = urllib.parse.urlsplit(desktop["https"])
         quoted = urllib.parse.quote(PASSWORD, safe="")
-        # Basic auth in the URL, and noVNC's own VncAuth password in its query (raw VNC is
-        # published, so the server behind websockify asks for it).
-        url = f"https://{USER}:{quoted}@{page.hostname}:{page.port}{page.path}?{page.query}&password={quoted}"
+        # Basic auth in the URL: websockify answers the VNC server's VncAuth with it.
+        url = f"https://{USER}:{quoted}@{page.hostname}:{page.port}{page.path}?{page.query}"
         secrets = home / "secrets"
         secrets.mkdir(mode=0o700)
         passwd_file = secrets / "vncpasswd"

@@ -48,17 +48,18 @@ FALLBACK_MIRROR = "http://deb.debian.org/debian"
 APT_DIR = Path("/etc/apt")
 LOCALE = "en_US.UTF-8"
 # Bump when the configure steps change, so tarballs cached by an older recipe are not reused.
-RECIPE_VERSION = 5
+RECIPE_VERSION = 6
 
 # debootstrap resolves Depends of --include, never Recommends: what a desktop needs beyond
 # the Depends is listed here. xfonts-base and x11-xserver-utils are Xvnc's own Recommends
 # (the core fonts xterm draws with; xsetroot for vncserver's session script). twm exits at
 # start in a UTF-8 locale unless xfonts-75dpi gives it its title font (checked in Xvnc).
 _VNC = ("tigervnc-standalone-server", "tigervnc-tools", "xfonts-base", "x11-xserver-utils", "dbus-x11")
-# noVNC served over HTTPS by websockify, inside each desktop (the init starts it).
+# noVNC served by websockify, inside each desktop (the init starts it); python3-cryptography
+# for the DES of VncAuth, which websockify answers for the browser (_runtime_dir.py).
 # python3-cryptography depends on a virtual package that python3-cffi-backend provides, and
 # debootstrap does not resolve virtual packages: it is named here.
-_WEB = ("novnc", "python3-websockify", "python3-cffi-backend")
+_WEB = ("novnc", "python3-websockify", "python3-cryptography", "python3-cffi-backend")
 _BASE = ("sudo", "locales", "passwd", "procps", "iproute2", "iputils-ping")
 DESKTOP_PACKAGES: dict[str, tuple[str, ...]] = {
     "minimal": _VNC + _WEB + ("twm", "xfonts-75dpi", "xterm") + _BASE,

@@ -240,8 +240,10 @@ start_web() {
     [ "${LABVM_HTTPS:-0}" = 1 ] || return 0
     [ -s "$WEB_HASH" ] || { log "no HTTPS password hash: HTTPS stays closed"; return 0; }
     python3 -c 'import websockify' 2>/dev/null || { log "websockify is not installed (python3-websockify): HTTPS stays closed"; return 0; }
+    [ "${LABVM_VNC_LISTEN:-published}" = off ] || python3 -c 'import cryptography' 2>/dev/null ||
+        log "python3-cryptography is not installed (an older image): noVNC asks for the VNC password too"
     [ -d /usr/share/novnc ] || { log "noVNC is not installed (novnc): HTTPS stays closed"; return 0; }
-    PYTHONPATH="$RUNTIME" python3 -m websockify \
+    PYTHONPATH="$RUNTIME" python3 "$RUNTIME/labvm_web_auth.py" serve \
         --web /usr/share/novnc --web-auth --auth-plugin labvm_web_auth.BasicAuth --auth-source "$WEB_HASH" \
         "$WEB_PORT" "127.0.0.1:$VNC_PORT" </dev/null &
     PIDS="$PIDS $!"
@@ -407,7 +409,141 @@ class BasicAuth:
             keep_note(self.source, note)
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["hash"] and len(sys.argv) == 3:
+# The VNC server behind websockify asks VncAuth (DES, the password's first 8 characters) of
+# whoever connects, the published port's clients too. The browser has given the whole password
+# already, in the Basic auth that let its WebSocket in: so websockify answers VncAuth for it,
+# with that password, and offers the browser security type None. One prompt, the whole
+# password. (Not with raw VNC off: that server asks nothing.)
+class RfbError(Exception):
+    pass
+
+
+def reverse_bits(byte):
+    return int("{:08b}".format(byte)[::-1], 2)
+
+
+def vnc_response(challenge, password):
+    """VncAuth's answer: the 16-byte challenge DES-encrypted (ECB) with the password's first 8
+    bytes, zero-padded, each byte's bits reversed (as every VNC server expects)."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+    try:
+        from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+    except ImportError:  # before cryptography 43 (Debian 12 has 38)
+        from cryptography.hazmat.primitives.ciphers.algorithms import TripleDES
+    key = bytes(reverse_bits(b) for b in (password[:8] + b"\0" * 8)[:8])
+    # Triple DES with one key three times is single DES.
+    encryptor = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()
+    return encryptor.update(challenge) + encryptor.finalize()
+
+
+def exactly(recv, count):
+    data = b""
+    while len(data) < count:
+        chunk = recv(count - len(data))
+        if not chunk:
+            raise RfbError("the VNC server closed the connection during its handshake")
+        data += chunk
+    return data
+
+
+def log_in_to_server(recv, send, password):
+    """As an RFB 3.8 client, through VncAuth (or None), up to the server's SecurityResult."""
+    if not exactly(recv, 12).startswith(b"RFB 003."):
+        raise RfbError("not a VNC server")
+    send(b"RFB 003.008\n")
+    count = exactly(recv, 1)[0]
+    if count == 0:
+        raise RfbError("the VNC server refused: " + exactly(recv, int.from_bytes(exactly(recv, 4), "big")).decode(errors="replace"))
+    offered = exactly(recv, count)
+    if 1 in offered:
+        send(b"\x01")
+    elif 2 in offered:
+        send(b"\x02")
+        send(vnc_response(exactly(recv, 16), password))
+    else:
+        raise RfbError("the VNC server offers no security type websockify speaks: %r" % list(offered))
+    if int.from_bytes(exactly(recv, 4), "big") != 0:
+        raise RfbError("the VNC server refused the password")
+
+
+def greet_browser(recv, send):
+    """As an RFB server to the browser, offering None: the handshake up to SecurityResult. What
+    the browser sends next (ClientInit) is the real server's to read."""
+    send(b"RFB 003.008\n")
+    version = exactly(recv, 12)
+    if version in (b"RFB 003.003\n",):
+        send((1).to_bytes(4, "big"))  # 3.3: the server names the type
+        return
+    if not version.startswith(b"RFB 003."):
+        raise RfbError("not a VNC client")
+    send(b"\x01\x01")  # one type: None
+    if exactly(recv, 1) != b"\x01":
+        raise RfbError("the browser chose a security type that was not offered")
+    if version >= b"RFB 003.008\n":
+        send((0).to_bytes(4, "big"))
+
+
+def basic_password(headers):
+    header = headers.get("Authorization") or ""
+    _user, _sep, password = base64.b64decode(header[6:].strip()).partition(b":")
+    return password
+
+
+def proxy_with_vnc_auth(handler):
+    """ProxyRequestHandler.new_websocket_client, with the VNC server's VncAuth answered here."""
+    import socket
+
+    from websockify.websockifyserver import WebSockifyServer
+
+    server = handler.server
+    target = WebSockifyServer.socket(server.target_host, server.target_port, connect=True)
+    pending = bytearray()
+
+    def from_browser(count):
+        while not pending:
+            frames, closed = handler.recv_frames()
+            for frame in frames:
+                pending.extend(frame)
+            if closed and not pending:
+                return b""
+        data = bytes(pending[:count])
+        del pending[:count]
+        return data
+
+    try:
+        log_in_to_server(target.recv, target.sendall, basic_password(handler.headers))
+        greet_browser(from_browser, lambda data: handler.send_frames([data]))
+        if pending:
+            target.sendall(bytes(pending))
+        handler.request.setsockopt(socket.SOL_TCP, socket.TCP_NODELAY, 1)
+        target.setsockopt(socket.SOL_TCP, socket.TCP_NODELAY, 1)
+        handler.do_proxy(target)
+    except RfbError as error:
+        handler.log_message("VNC handshake: %s", error)
+        raise handler.CClose(1011, "VNC handshake failed")
+    finally:
+        target.close()
+
+
+def serve(argv):
+    """websockify with these arguments; unless raw VNC is off, it answers VncAuth itself."""
+    from websockify import websocketproxy
+
+    try:
+        import cryptography  # noqa: F401  (DES for VncAuth)
+        answers = os.environ.get("LABVM_VNC_LISTEN", "published") != "off"
+    except ImportError:
+        answers = False  # an older image: noVNC asks for the VNC password itself
+    if answers:
+        websocketproxy.ProxyRequestHandler.new_websocket_client = proxy_with_vnc_auth
+    sys.argv = ["websockify", *argv]
+    websocketproxy.websockify_init()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["serve"]:
+    serve(sys.argv[2:])
+elif __name__ == "__main__" and sys.argv[1:2] == ["hash"] and len(sys.argv) == 3:
     secret = sys.stdin.buffer.readline().rstrip(b"\n")
     if not secret:
         sys.exit("no password on stdin")

@@ -67,7 +67,7 @@ def browser_shows_xfce(admin, url: str, tmp_path) -> None:
     and noVNC's canvas shows the XFCE session: many colours, not a blank or a bare X root."""
     parts = urllib.parse.urlsplit(url)
     quoted = urllib.parse.quote(PW, safe="")
-    page = f"https://dora:{quoted}@{parts.hostname}:{parts.port}{parts.path}?{parts.query}&password={quoted}"
+    page = f"https://dora:{quoted}@{parts.hostname}:{parts.port}{parts.path}?{parts.query}"
     driver = browser(admin, tmp_path)
     try:
         end, colors = time.monotonic() + 120, 0

@@ -320,3 +320,55 @@ def test_a_renewal_carries_key_and_certificate_alone(bundle):
     assert bundle.spec.ip_address_param("bind_address", "10.213.0.11") == "10.213.0.11"
     with pytest.raises(bundle.contract.BadRequest, match="IP address"):
         bundle.spec.ip_address_param("bind_address", "node1; rm -rf /")
+# -- websockify answers VncAuth for the browser -----------------------------------------------
+class Script:
+    """One side of a conversation: recv() hands out what the peer says, send() records."""
+
+    def __init__(self, *said: bytes):
+        self.incoming, self.sent = bytearray(b"".join(said)), []
+
+    def recv(self, count: int) -> bytes:
+        data = bytes(self.incoming[:count])
+        del self.incoming[:count]
+        return data
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(bytes(data))
+
+
+def test_vncauth_is_des_with_the_bit_reversed_password(plugin):
+    module = plugin[0]
+    # FIPS 46 test vector: key 133457799BBCDFF1, 0123456789ABCDEF -> 85E813540F0AB405.
+    key = bytes.fromhex("133457799BBCDFF1")
+    password = bytes(module.reverse_bits(b) for b in key)
+    challenge = bytes.fromhex("0123456789ABCDEF") * 2
+    assert module.vnc_response(challenge, password + b"ignored") == bytes.fromhex("85E813540F0AB405") * 2
+    assert module.reverse_bits(0b00000001) == 0b10000000 and module.reverse_bits(0xF0) == 0x0F
+
+
+def test_websockify_logs_in_to_the_server_with_the_password(plugin):
+    module = plugin[0]
+    challenge = bytes(range(16))
+    server = Script(b"RFB 003.008\n", b"\x01\x02", challenge, b"\0\0\0\0")
+    module.log_in_to_server(server.recv, server.send, b"dora-Pw-5521-long")
+    assert server.sent == [b"RFB 003.008\n", b"\x02", module.vnc_response(challenge, b"dora-Pw-")]
+    refused = Script(b"RFB 003.008\n", b"\x01\x02", challenge, b"\0\0\0\x01")
+    with pytest.raises(module.RfbError, match="refused the password"):
+        module.log_in_to_server(refused.recv, refused.send, b"wrong")
+    with pytest.raises(module.RfbError, match="no security type"):
+        module.log_in_to_server(*(lambda s: (s.recv, s.send))(Script(b"RFB 003.008\n", b"\x01\x13")), b"x")
+    with pytest.raises(module.RfbError, match="closed"):
+        module.log_in_to_server(*(lambda s: (s.recv, s.send))(Script(b"RFB 003.008\n")), b"x")
+
+
+def test_the_browser_is_offered_none_and_nothing_else(plugin):
+    module = plugin[0]
+    browser = Script(b"RFB 003.008\n", b"\x01")
+    module.greet_browser(browser.recv, browser.send)
+    assert browser.sent == [b"RFB 003.008\n", b"\x01\x01", b"\0\0\0\0"]
+    old = Script(b"RFB 003.003\n")
+    module.greet_browser(old.recv, old.send)
+    assert old.sent == [b"RFB 003.008\n", b"\0\0\0\x01"]
+    sly = Script(b"RFB 003.008\n", b"\x02")
+    with pytest.raises(module.RfbError, match="not offered"):
+        module.greet_browser(sly.recv, sly.send)
