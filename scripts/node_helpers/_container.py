@@ -333,6 +333,14 @@ def ensure_container(params: dict, check: bool) -> Result:
     return Result(changed=True, data={**data, "started": True, "container": public_state(state), "vnc": vnc, "https": https})
 
 
+def web_target(socket_path: str, name: str) -> str:
+    """The running container's address, where stunnel sends the browser's requests."""
+    address = container_address(inspect_container(socket_path, name))
+    if address is None:
+        raise Failed(f"container {name} has no address on the {DESKTOP_NETWORK} network", "https_not_listening")
+    return address
+
+
 def container_address(container: dict | None) -> str | None:
     """The container's address on the desktops' network, where the node reaches websockify."""
     networks = ((container or {}).get("NetworkSettings") or {}).get("Networks") or {}
@@ -345,11 +353,9 @@ def ensure_https(paths: VmPaths, user: str, spec: dict, secrets: dict, socket_pa
     True if it was (re)started. Nothing without an HTTPS port or a certificate."""
     if spec["ports"]["https"] is None or secrets["tls_key"] is None:
         return False
-    address = container_address(inspect_container(socket_path, spec["name"]))
-    if address is None:
-        raise Failed(f"container {spec['name']} has no address on the {DESKTOP_NETWORK} network", "https_not_listening")
+    address = web_target(socket_path, spec["name"])
     return ensure_web(paths.vm_dir, user, spec["bind_address"], spec["ports"]["https"], address,
-                      secrets["tls_key"], secrets["tls_cert"], probe_address(spec, spec["bind_address"]))
+                      secrets["tls_key"], secrets["tls_cert"], probe_address(spec["bind_address"]))
 
 
 def vnc_endpoint(spec: dict) -> dict:
@@ -398,14 +404,14 @@ def start_container(socket_path: str, name: str) -> bool:
     return True
 
 
-def probe_address(spec: dict, host: str) -> str:
+def probe_address(host: str) -> str:
     # Published on every address (a node known by name): the node reaches it on its loopback.
     return LOOPBACK if host == "0.0.0.0" else host
 
 
 def https_answers(spec: dict) -> bool:
     """stunnel does a TLS handshake on the desktop's HTTPS port."""
-    return tls_answers(probe_address(spec, spec["bind_address"]), spec["ports"]["https"])
+    return tls_answers(probe_address(spec["bind_address"]), spec["ports"]["https"])
 
 
 def web_answers(address: str | None, timeout_s: float = VNC_PROBE_TIMEOUT_S) -> bool:
@@ -432,7 +438,7 @@ def vnc_answers(spec: dict, timeout_s: float = VNC_PROBE_TIMEOUT_S) -> bool:
     """A connection that gets an RFB greeting. A bare TCP connect is not enough: docker-proxy
     accepts connections on the published port before anything listens in the container."""
     try:
-        address = (probe_address(spec, vnc_host(spec)), spec["ports"]["vnc"])
+        address = (probe_address(vnc_host(spec)), spec["ports"]["vnc"])
         with socket.create_connection(address, timeout=timeout_s) as connection:
             connection.settimeout(timeout_s)
             greeting = b""
@@ -448,7 +454,7 @@ def vnc_answers(spec: dict, timeout_s: float = VNC_PROBE_TIMEOUT_S) -> bool:
 
 def wait_for_vnc(socket_path: str, spec: dict, wait_s: int) -> None:
     """Init applies the password before it starts the VNC server and websockify, so a greeting
-    (or with raw VNC off, a TLS handshake) means the secret has been read. A container that
+    (or with raw VNC off, websockify's HTTP answer) means the secret has been read. A container that
     stops meanwhile fails at once, with its log."""
     deadline = time.monotonic() + wait_s
     while True:
@@ -490,15 +496,12 @@ def renew_https(params: dict, check: bool) -> Result:
     paths = mounted_stack_paths(params["data_dir"], user)
     refuse_symlinks(paths)
     find_stunnel()
-    address = container_address(inspect_container(socket_path, container_name(user)))
-    if address is None:
-        raise Failed(f"container {container_name(user)} has no address on the {DESKTOP_NETWORK} network",
-                     "https_not_listening")
+    address = web_target(socket_path, container_name(user))
     host, port = params["bind_address"], params["https_port"]
     if check:
         return Result(changed=True, data={"https": {"address": host, "port": port, "ready": None}})
     tls = params["tls"]
-    changed = ensure_web(paths.vm_dir, user, host, port, address, tls["tls_key"], tls["tls_cert"], probe_address({}, host))
+    changed = ensure_web(paths.vm_dir, user, host, port, address, tls["tls_key"], tls["tls_cert"], probe_address(host))
     return Result(changed=changed, data={"https": {"address": host, "port": port, "ready": True}})
 
 
