@@ -177,25 +177,35 @@ def canvas_colors(driver) -> int:
     return int(driver.execute_script(CANVAS_COLORS) or 0)
 
 
+def wait_for_canvas(driver, more_than: int = 1, seconds: float = 60) -> int:
+    """How many colours noVNC's canvas shows, once more than `more_than` or when time is up."""
+    end, colors = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        colors = canvas_colors(driver)
+        if colors > more_than:
+            break
+        time.sleep(1)
+    return colors
+
+
+def login_page(url: str, user: str, password: str, host: str | None = None) -> str:
+    """The desktop's page with Basic auth in the URL (at `host` instead of the node's, if given)."""
+    parts = urllib.parse.urlsplit(url)
+    quoted = urllib.parse.quote(password, safe="")
+    return f"https://{user}:{quoted}@{host or parts.hostname}:{parts.port}{parts.path}?{parts.query}"
+
+
 def test_chromium_shows_the_desktop_over_https_with_the_whole_password(web, tmp_path):
     url = desktop_of(web, "dora")["https"]
     wait_https(web, url)
-    parts = urllib.parse.urlsplit(url)
-    quoted = urllib.parse.quote(DORA_PW, safe="")
     # Basic auth from the URL, and nothing more: raw VNC is published here, so the server
     # asks VncAuth, and websockify answers it with the password of the Basic auth. The page's
     # query has no password, so noVNC would stop at its password prompt were it asked.
-    page = f"https://dora:{quoted}@{parts.hostname}:{parts.port}{parts.path}?{parts.query}"
     driver = browser(web, tmp_path)
     try:
-        driver.get(page)
+        driver.get(login_page(url, "dora", DORA_PW))
         assert "noVNC" in driver.title, driver.page_source[:500]
-        end, colors = time.monotonic() + 60, 0
-        while time.monotonic() < end:
-            colors = canvas_colors(driver)
-            if colors > 1:
-                break
-            time.sleep(1)
+        colors = wait_for_canvas(driver)
         driver.save_screenshot(str(tmp_path / "page.png"))
         assert colors > 1, f"the noVNC canvas stayed blank ({colors} colors); page: {tmp_path / 'page.png'}"
         # Chromium checked the certificate against labvm's CA: no interstitial, a secure origin.
@@ -220,19 +230,11 @@ def test_with_raw_vnc_off_the_browser_is_the_only_way_in_and_asks_once(web, tmp_
         url = desk["https"]
         wait_https(web, url)
         assert https_get(web, url, "dora", DORA_PW[:8] + "yyyyyyyyy").status == 401
-        parts = urllib.parse.urlsplit(url)
-        quoted = urllib.parse.quote(DORA_PW, safe="")
         # No VNC password in the page: the server behind websockify asks for none.
-        page = f"https://dora:{quoted}@{parts.hostname}:{parts.port}{parts.path}?{parts.query}"
         driver = browser(web, tmp_path)
         try:
-            driver.get(page)
-            end, colors = time.monotonic() + 60, 0
-            while time.monotonic() < end:
-                colors = canvas_colors(driver)
-                if colors > 1:
-                    break
-                time.sleep(1)
+            driver.get(login_page(url, "dora", DORA_PW))
+            colors = wait_for_canvas(driver)
             assert colors > 1, f"the noVNC canvas stayed blank ({colors} colors)"
         finally:
             driver.quit()
@@ -245,17 +247,15 @@ def test_chromium_refuses_the_certificate_under_another_name(web, tmp_path):
     certificate error page, and noVNC never loads."""
     url = desktop_of(web, "dora")["https"]
     wait_https(web, url)
-    parts = urllib.parse.urlsplit(url)
-    quoted = urllib.parse.quote(DORA_PW, safe="")
     other = "another-name.example"
-    driver = browser(web, tmp_path, f"--host-resolver-rules=MAP {other} {parts.hostname}")
+    driver = browser(web, tmp_path, f"--host-resolver-rules=MAP {other} {urllib.parse.urlsplit(url).hostname}")
     try:
-        driver.get(f"https://dora:{quoted}@{other}:{parts.port}{parts.path}?{parts.query}")
+        driver.get(login_page(url, "dora", DORA_PW, host=other))
         source = driver.page_source
         assert "ERR_CERT_COMMON_NAME_INVALID" in source, source[:800]
         assert "noVNC" not in driver.title
         # The control: the node's own name, in the same browser, loads noVNC.
-        driver.get(f"https://dora:{quoted}@{parts.hostname}:{parts.port}{parts.path}?{parts.query}")
+        driver.get(login_page(url, "dora", DORA_PW))
         assert "noVNC" in driver.title, driver.page_source[:500]
     finally:
         driver.quit()

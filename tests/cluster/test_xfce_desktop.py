@@ -5,13 +5,12 @@ image.)"""
 from __future__ import annotations
 
 import time
-import urllib.parse
 
 import paramiko
 from PIL import Image
 
 from .conftest import make_admin, wipe_mfs_files
-from .test_browser import browser, canvas_colors
+from .test_browser import browser, canvas_colors, login_page
 from .test_desktops import wait_vnc
 
 PW = "xfce-Pw-5150"
@@ -65,9 +64,7 @@ def test_xfce_desktop_over_vnc_and_ssh(testbed, tmp_path):
 def browser_shows_xfce(admin, url: str, tmp_path) -> None:
     """Chromium, trusting labvm's CA, opens the desktop's HTTPS page with dora's whole password,
     and noVNC's canvas shows the XFCE session: many colours, not a blank or a bare X root."""
-    parts = urllib.parse.urlsplit(url)
-    quoted = urllib.parse.quote(PW, safe="")
-    page = f"https://dora:{quoted}@{parts.hostname}:{parts.port}{parts.path}?{parts.query}"
+    page = login_page(url, "dora", PW)
     driver = browser(admin, tmp_path)
     try:
         end, colors = time.monotonic() + 120, 0
