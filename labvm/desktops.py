@@ -426,17 +426,19 @@ class Desktops:
         """(user, node, why) of each running desktop whose HTTPS certificate is due (ca.leaf_due):
         what `labvm ca renew` issues again. Stopped desktops get theirs at their next start, and
         so does one that has none yet (it has not started since labvm served HTTPS)."""
-        authority = self.home.ca()
-        kept = self.home.home / DESKTOP_CERTS_DIR
         due = []
         for desktop in self.list(db):
-            if desktop.state != "running" or not (kept / f"{desktop.user}.pem").exists():
+            if desktop.state != "running" or not (self.home.home / DESKTOP_CERTS_DIR / f"{desktop.user}.pem").exists():
                 continue
-            names, ips = certificate_names(self.cfg.node(desktop.node))
-            reason = leaf_due(authority, self.home.home / DESKTOP_CERTS_DIR, desktop.user, names, ips)
+            reason = self.certificate_due(self.cfg.node(desktop.node), desktop.user)
             if reason is not None:
                 due.append((desktop.user, desktop.node, reason))
         return due
+
+    def certificate_due(self, node: Node, user: str) -> str | None:
+        """Why USER's kept certificate must be issued again for NODE (ca.leaf_due), or None."""
+        names, ips = certificate_names(node)
+        return leaf_due(self.home.ca(), self.home.home / DESKTOP_CERTS_DIR, user, names, ips)
 
     def certificate(self, node: Node, user: str) -> tuple[str, str]:
         """The key and certificate of USER's desktop on NODE (PEM), issued by labvm's CA (made
@@ -580,8 +582,7 @@ class Desktops:
         def work(db, op, desktop, node):
             if desktop.state != "running":
                 return False  # stopped meanwhile: its next start issues it
-            names, ips = certificate_names(node)
-            if leaf_due(self.home.ca(), self.home.home / DESKTOP_CERTS_DIR, user, names, ips) is None:
+            if self.certificate_due(node, user) is None:
                 return False  # renewed meanwhile
             key, cert = self.certificate(node, user)
             with self.session(node) as s, op.step("renew_https"):
