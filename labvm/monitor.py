@@ -362,14 +362,19 @@ def collect_status(home: AdminHome, sessions: NodeSessions, node_filter: str | N
     with home.state() as db:
         everything = Desktops(home).list(db)
     shown = [d for d in everything if (not node_filter or d.node == node_filter) and (not user_filter or d.user == user_filter)]
+    pending = pending_operations(home)
     nodes = select_nodes(cfg, shown, node_filter, user_filter)
+    if user_filter and any(d.user in pending for d in shown):
+        # Half-way through an operation, the container may run on a node other than the
+        # recorded one: ask every node, so running_on says where it really runs.
+        nodes = list(cfg.nodes)
     users_by_node = {n.name: [d.user for d in everything if d.node == n.name] for n in nodes}
     outcomes = gather(sessions, nodes, users_by_node)
     now = time.time()
     samples = {o.node: o.value for o in outcomes if o.ok}
     with home.state() as db:
         activity = record_activity(db, [d for d in everything if d.node in samples], samples, now, rule)
-    return build_document(cfg, shown, nodes, outcomes, activity, now, pending_operations(home))
+    return build_document(cfg, shown, nodes, outcomes, activity, now, pending)
 
 
 def unreachable_nodes(document: dict) -> list[str]:

@@ -152,6 +152,18 @@ def test_a_switch_killed_at_any_step_resumes_with_no_file_lost(moves, testbed, s
     unfinished = moves.labvm_json("ops", "list", "--unfinished")
     op = next(o for o in unfinished if o["kind"] == "switch" and o["user"] == "erin")
     assert op["state"] == "interrupted"
+    # Meanwhile status tells the truth: the pending operation on the desktop's row, and the
+    # node whose dockerd really runs its container (the recorded node may be the other one).
+    really = running_on(testbed, "erin")
+    shown = where(moves, "erin")
+    pending = shown["operation"] or {}
+    assert (pending.get("kind"), pending.get("id"), pending.get("state")) == ("switch", op["id"], "interrupted"), shown
+    assert shown["running_on"] == really, (shown["running_on"], really)
+    assert (shown["container_state"] == "running") == (shown["node"] in really), shown
+    piped = ok(moves.labvm("status", "--user", "erin")).splitlines()
+    row = next(line for line in piped if line.split()[:1] == ["erin"])
+    # DESKTOP NODE STATE CONTAINER RUNS_ON OPERATION ...
+    assert row.split()[4:6] == [",".join(really) or "-", f"switch#{op['id']}:interrupted"], piped
     # Until it is resumed or aborted, nothing else may act on the desktop.
     refused = moves.labvm("stop", "erin")
     assert refused.returncode == 75 and f"ops resume {op['id']}" in refused.stderr, refused.stderr

@@ -530,3 +530,24 @@ def test_status_tells_where_a_desktop_really_runs_and_what_operation_holds_it(ho
     console.print(view.desktops_table(doc))
     text = console.export_text()
     assert "runs on n1" in text and f"switch #{op.id} interrupted" in text
+
+
+def test_status_of_one_user_asks_every_node_while_an_operation_holds_the_desktop(home):
+    """`status --user dave` during dave's killed switch must still find his container on n1,
+    though he is recorded on n2; a user with nothing pending asks only the recorded node."""
+    from labvm.journal import Operation
+
+    with home.state() as db:
+        op = Operation.begin(db, "switch", "dave", {"source": "n2", "target": "n1"})
+        with op.step("start_target"):
+            pass
+    n1 = n1_sample()
+    n1["desktops"].append(helper_desktop("dave"))
+    sessions = FakeSessions({"n1": n1, "n2": n2_sample()})
+    doc = monitor.collect_status(home, sessions, user_filter="dave")
+    assert [d["user"] for d in doc["desktops"]] == ["dave"]
+    assert doc["desktops"][0]["running_on"] == ["n1"] and doc["desktops"][0]["operation"]["id"] == op.id
+    assert sorted(sessions.asked) == ["n1", "n2"]
+    quiet = FakeSessions({"n1": n1_sample(), "n2": n2_sample()})
+    alice = monitor.collect_status(home, quiet, user_filter="alice")["desktops"][0]
+    assert sorted(quiet.asked) == ["n1"] and alice["running_on"] == ["n1"]
