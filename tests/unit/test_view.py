@@ -295,9 +295,9 @@ sys.exit(main(sys.argv[1:]))
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 
 
-def in_a_terminal(args: list[str], env: dict, seconds: float) -> str:
+def in_a_terminal(args: list[str], env: dict, seconds: float, until=None) -> str:
     """What labvm ARGS (over the synthetic document) writes to an 80x24 pseudo-terminal within
-    `seconds`; it is interrupted (Ctrl-C) if still running."""
+    `seconds`, or until `until(what it wrote so far)`; it is interrupted (Ctrl-C) if still running."""
     primary, secondary = os.openpty()
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     child = subprocess.Popen([sys.executable, "-c", FAKE_CLUSTER, *args], stdin=secondary, stdout=secondary, stderr=secondary,
@@ -316,13 +316,15 @@ def in_a_terminal(args: list[str], env: dict, seconds: float) -> str:
                 if not chunk:
                     break
                 data += chunk
+                if until is not None and until(data.decode("utf-8", "replace")):
+                    break
             elif child.poll() is not None:
                 break
     finally:
         if child.poll() is None:
             child.send_signal(signal.SIGINT)
         try:
-            child.wait(timeout=10)
+            child.wait(timeout=60)
         finally:
             if child.poll() is None:
                 child.kill()
@@ -350,7 +352,10 @@ def test_status_in_an_80_column_terminal_is_compact(terminal_env):
 
 
 def test_top_in_an_80x24_terminal_shows_both_tables(terminal_env):
-    screen = ANSI.sub("", in_a_terminal(["top", "--interval", "0.5"], terminal_env, seconds=4))
+    def three_frames(written: str) -> bool:
+        return len(re.findall(r"labvm top +\d\d:\d\d:\d\d", ANSI.sub("", written))) >= 3
+
+    screen = ANSI.sub("", in_a_terminal(["top", "--interval", "0.5"], terminal_env, seconds=120, until=three_frames))
     frames = [frame for frame in re.split(r"(?=labvm top +\d\d:\d\d:\d\d)", screen) if frame.startswith("labvm top")]
     assert len(frames) >= 2, screen[-2000:]
     frame = frames[-2].splitlines()
