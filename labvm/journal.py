@@ -62,6 +62,13 @@ class Operation:
     def done(self, name: str) -> bool:
         return self.db.step_done(self.id, name)
 
+    def retry(self, name: str) -> None:
+        """Step `name` failed and what failed it was put right: its failed row goes, as it
+        runs again."""
+        row = next((r for r in reversed(self.db.operation_steps(self.id)) if r["name"] == name), None)
+        if row is not None and row["state"] == "failed":
+            self.db.drop_step(self.id, row["seq"])
+
     def set_state(self, state: str) -> None:
         self.db.set_operation_state(self.id, state)
 

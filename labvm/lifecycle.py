@@ -13,11 +13,11 @@ stopped: resuming it finishes the job.
 from __future__ import annotations
 
 from .desktops import Desktop, Desktops, Limits, PreviousFiles, build_spec, container_name, previous_files
-from .errors import ImageError, LabvmError, StateError
+from .errors import HelperFailed, ImageError, LabvmError, StateError
 from .images import ensure_image_on, image_on_node_detail, images_held
 from .journal import check_lock
 from .plan import Context, Findings, Kind, Step
-from .remote.recipes import DesktopCalls
+from .remote.recipes import DesktopCalls, require_image
 
 
 class DesktopKind(Kind):
@@ -117,12 +117,19 @@ class DesktopKind(Kind):
 
     def image_step(self, image=None) -> Step:
         """The desktop's image (or `image`, a callable giving an id) on its node, sent there if
-        the node lacks it."""
-        def ensure() -> None:
-            wanted = image() if image is not None else self.desktop().image
-            ensure_image_on(self.ctx.home, self.session(), wanted, self.ctx.progress)
+        the node lacks it. Asking the node is the first call of the round trip the steps after
+        it share: where the image is missing, nothing else has run, so it is sent and the round
+        trip made again."""
+        def wanted() -> str:
+            return image() if image is not None else self.desktop().image
 
-        return Step("image", f"the desktop's image on {self.node_name} (sent there if it lacks it)", apply=ensure)
+        def send(exc: BaseException) -> bool:
+            if not (isinstance(exc, HelperFailed) and exc.code == "image_missing"):
+                return False
+            return ensure_image_on(self.ctx.home, self.session(), wanted(), self.ctx.progress)
+
+        return Step("image", f"the desktop's image on {self.node_name} (sent there if it lacks it)",
+                    calls=lambda: [require_image(self.cfg, wanted())], node=self.node_name, recover=send)
 
     # -- the step lists ---------------------------------------------------------------------
     def up_steps(self, undo: bool, remove_layers: bool = False, version: str | None = None) -> list[Step]:

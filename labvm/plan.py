@@ -96,7 +96,10 @@ class Step:
     """One named step. Its work is either `apply` or `calls` (helper calls on `node`, built when
     the step runs; consecutive steps with calls on the same node share one round trip). `undo`
     takes back what the step did, also when the step stopped half-way, and is safe to run
-    twice. `skip` says why the step does not run this time."""
+    twice. `skip` says why the step does not run this time. `recover`, given the error the
+    step's own work failed with, puts right what it can (True) or not (False); put right, the
+    step and those after it run once more. The step must have changed nothing when it fails
+    so (a check made first in its round trip)."""
 
     name: str
     detail: str
@@ -105,6 +108,7 @@ class Step:
     node: str | None = None
     undo: Callable[[], Any] | None = None
     skip: str | None = None
+    recover: Callable[[BaseException], bool] | None = None
 
     def as_dict(self) -> dict:
         return {"name": self.name, "skipped": self.skip is not None, "detail": self.skip or self.detail,
@@ -340,7 +344,7 @@ class Runner:
         ctx, op = kind.ctx, kind.ctx.op
         todo = [s for s in steps if s.skip is None and not op.done(s.name) and s.name != kind.check_step]
         number = {s.name: index for index, s in enumerate(steps, 1)}
-        index = 0
+        index, recovered = 0, set()
         while index < len(todo):
             group = self._group(todo, index)
             shown = f"[{number[group[0].name]}/{len(steps)}] {', '.join(s.name for s in group)}"
@@ -351,6 +355,17 @@ class Runner:
                 self.progress(f"{shown} done in {time.monotonic() - started:.1f} s")
             except BaseException as exc:
                 failed = next((s for s in group if not op.done(s.name)), group[0])
+                if failed.recover is not None and failed.name not in recovered and isinstance(exc, LabvmError):
+                    recovered.add(failed.name)
+                    try:
+                        put_right = failed.recover(exc)
+                    except BaseException as again:
+                        self._fail(kind, steps, failed, again)
+                        raise
+                    if put_right:
+                        op.retry(failed.name)
+                        index = todo.index(failed)  # the steps before it in the group are done
+                        continue
                 self._fail(kind, steps, failed, exc)
                 raise  # _fail raises; kept for readers
             index += len(group)

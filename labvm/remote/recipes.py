@@ -50,6 +50,11 @@ def image_ref(cfg: ClusterConfig, image: str) -> dict:
     return {"id": image, **image_store(cfg)}
 
 
+def require_image(cfg: ClusterConfig, image: str) -> HelperCall:
+    """That the node holds image `image`; fails with code image_missing where it does not."""
+    return HelperCall("image", "require", {"image": image_ref(cfg, image)})
+
+
 def image_status(cfg: ClusterConfig) -> HelperCall:
     """Every desktop image the node holds: id, desktop kind, build date, which overlays use it."""
     return HelperCall("image", "status", {"store": image_store(cfg)})

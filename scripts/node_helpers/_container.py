@@ -44,7 +44,7 @@ from _runtime_dir import (
 )
 from _spec import CONTAINER_PREFIX, LABEL_SPEC_HASH, LABEL_USER
 from _system import mount_at, read_mountinfo
-from _web import WEB_CONTAINER_PORT, ensure_web, find_stunnel, stop_web, tls_answers
+from _web import WEB_CONTAINER_PORT, WebStarting, ensure_web, find_stunnel, start_web, stop_web, tls_answers
 from net import NETWORK_NAME as DESKTOP_NETWORK
 from runtime import RUNTIME_NAME
 from runtime import SENTINEL as ROOTFS_SENTINEL
@@ -322,9 +322,12 @@ def ensure_container(params: dict, check: bool) -> Result:
                 container_create_body(user, spec, paths.merge_local, paths.runtime),
             )
         start_container(socket_path, spec["name"])
-        # stunnel starts listening while the desktop comes up; it answers TLS when this returns.
-        https_up = True if ensure_https(paths, user, spec, secrets, socket_path) else None
+        # stunnel comes up while the desktop does; it is waited for last.
+        starting = start_https(paths, user, spec, secrets, socket_path)
         wait_for_vnc(socket_path, spec, params["vnc_wait_s"])
+        if starting is not None:
+            starting.wait()
+        https_up = True if starting is not None else None
     finally:
         remove_secret(paths.runtime)
     state = inspect_ours(socket_path, user) or dict(NO_CONTAINER)
@@ -356,6 +359,15 @@ def ensure_https(paths: VmPaths, user: str, spec: dict, secrets: dict, socket_pa
     address = web_target(socket_path, spec["name"])
     return ensure_web(paths.vm_dir, user, spec["bind_address"], spec["ports"]["https"], address,
                       secrets["tls_key"], secrets["tls_cert"], probe_address(spec["bind_address"]))
+
+
+def start_https(paths: VmPaths, user: str, spec: dict, secrets: dict, socket_path: str) -> WebStarting | None:
+    """ensure_https, not waiting for stunnel to answer: None if it was not (re)started."""
+    if spec["ports"]["https"] is None or secrets["tls_key"] is None:
+        return None
+    address = web_target(socket_path, spec["name"])
+    return start_web(paths.vm_dir, user, spec["bind_address"], spec["ports"]["https"], address,
+                     secrets["tls_key"], secrets["tls_cert"], probe_address(spec["bind_address"]))
 
 
 def vnc_endpoint(spec: dict) -> dict:

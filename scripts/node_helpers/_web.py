@@ -135,6 +135,39 @@ def ensure_web(vm_dir: str, user: str, host: str, port: int, target_ip: str, key
                probe_host: str) -> bool:
     """stunnel runs for this desktop with this key, certificate and container address, and
     answers TLS; True if it was (re)started."""
+    starting = start_web(vm_dir, user, host, port, target_ip, key_pem, cert_pem, probe_host)
+    if starting is None:
+        return False
+    starting.wait()
+    return True
+
+
+class WebStarting:
+    """A stunnel just started; wait() returns once it answers TLS. A start waits for it last,
+    so stunnel comes up while the desktop does."""
+
+    def __init__(self, process: subprocess.Popen, directory: str, user: str, host: str, port: int, probe_host: str):
+        self.process, self.directory, self.user = process, directory, user
+        self.host, self.port, self.probe_host = host, port, probe_host
+        self.deadline = time.monotonic() + START_WAIT_S
+
+    def wait(self) -> None:
+        while not tls_answers(self.probe_host, self.port):
+            if self.process.poll() is not None or time.monotonic() > self.deadline:
+                self.stop()
+                raise Failed(f"the HTTPS of {self.user}'s desktop (stunnel on {accept_address(self.host, self.port)}) "
+                             f"did not start; its log: {_log_tail(self.directory)}", "https_not_listening")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            _stop(self.process.pid)
+
+
+def start_web(vm_dir: str, user: str, host: str, port: int, target_ip: str, key_pem: str, cert_pem: str,
+              probe_host: str) -> WebStarting | None:
+    """Start stunnel for this desktop unless it runs with this key, certificate and container
+    address already (None): its files written, the process started, not yet waited for."""
     stunnel = find_stunnel()
     directory = web_dir(vm_dir)
     refuse_symlinked_path(directory)
@@ -149,7 +182,7 @@ def ensure_web(vm_dir: str, user: str, host: str, port: int, target_ip: str, key
     ]
     pid = running_pid(directory)
     if pid is not None and not any(changed):
-        return False
+        return None
     if pid is not None:
         log(f"restarting the HTTPS of {user}'s desktop: its certificate or address changed")
         _stop(pid)
@@ -160,15 +193,7 @@ def ensure_web(vm_dir: str, user: str, host: str, port: int, target_ip: str, key
     finally:
         os.close(log_fd)
     write_file_atomically(posixpath.join(directory, PID_NAME), f"{process.pid}\n".encode(), 0o600)
-    deadline = time.monotonic() + START_WAIT_S
-    while not tls_answers(probe_host, port):
-        if process.poll() is not None or time.monotonic() > deadline:
-            if process.poll() is None:
-                _stop(process.pid)
-            raise Failed(f"the HTTPS of {user}'s desktop (stunnel on {accept_address(host, port)}) did not start; "
-                         f"its log: {_log_tail(directory)}", "https_not_listening")
-        time.sleep(0.02)
-    return True
+    return WebStarting(process, directory, user, host, port, probe_host)
 
 
 def _stop(pid: int) -> None:

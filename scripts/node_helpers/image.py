@@ -3,6 +3,8 @@
 Actions:
   status              every image the node holds: id, desktop kind, build date, packages and
                       which overlays use it (changes nothing)
+  require             that the node holds one image; fails image_missing where it does not
+                      (changes nothing: the first call of a start's round trip)
   ensure_unpacked     unpack a desktop image tarball into the store as <images>/<id> unless
                       the node holds that image already
   remove              delete an image from the node; refused while any overlay uses it
@@ -44,8 +46,10 @@ from _images import (
     OLD_PREFIX,
     held,
     image_id,
+    image_ref,
     image_store,
     overlays_using,
+    require,
     resolve,
     trees_of,
 )
@@ -99,6 +103,7 @@ ENSURE_UNPACKED_PARAMS = {
     "sha256": Param(image_id, required=True),
 }
 REMOVE_PARAMS = {**STORE_PARAM, "id": Param(image_id, required=True)}
+REQUIRE_PARAMS = {"image": Param(image_ref, required=True)}
 ENSURE_DOCKER_BASE_PARAMS = {
     "tag": Param(image_tag, required=True),
     "tar_b64": Param(base_tar, required=True),
@@ -111,6 +116,11 @@ ENSURE_DOCKER_BASE_PARAMS = {
 
 def status(params: dict, check: bool) -> Result:
     return Result(changed=False, data={"images": held(params["store"])})
+
+
+def require_held(params: dict, check: bool) -> Result:
+    tree = require(params["image"])
+    return Result(changed=False, data={"id": params["image"]["id"], "tree": tree})
 
 
 # --- ensure_unpacked ----------------------------------------------------------------------
@@ -363,6 +373,7 @@ def docker_import(socket_path: str, tag: str, tar: bytes) -> None:
 
 ACTIONS = {
     "status": Action(run=status, params=STORE_PARAM),
+    "require": Action(run=require_held, params=REQUIRE_PARAMS),
     "ensure_unpacked": Action(run=ensure_unpacked, params=ENSURE_UNPACKED_PARAMS),
     "remove": Action(run=remove, params=REMOVE_PARAMS),
     "ensure_docker_base": Action(run=ensure_docker_base, params=ENSURE_DOCKER_BASE_PARAMS),

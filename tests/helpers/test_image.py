@@ -237,6 +237,29 @@ def test_an_image_held_in_the_legacy_tree_is_held(run_helper, node, tarballs):
     assert tree_state(legacy) == before and marker(legacy)["sha256"] == first[1]
 
 
+def test_require_answers_for_an_image_held_in_the_store_or_the_legacy_tree_and_changes_nothing(run_helper, node, tarballs):
+    first, second = tarballs
+
+    def require(sha256):
+        return image(run_helper, "require", {"image": {"id": sha256, **node.store}})
+
+    missing = require(first[1])
+    assert missing.exit_code == 3 and missing.reply["error"]["code"] == "image_missing"
+    assert first[1][:12] in missing.reply["error"]["msg"]
+    assert entries(node.root) == []  # asking changes nothing, even on a bare node
+    assert unpack(run_helper, node, second).exit_code == 0
+    found = require(second[1])
+    assert found.exit_code == 0 and found.reply["changed"] is False
+    assert found.data == {"id": second[1], "tree": str(node.images / second[1])}
+    legacy = in_legacy(run_helper, node, first)
+    assert require(first[1]).data == {"id": first[1], "tree": str(legacy)}
+    # A tree under the image's name whose marker names another image is not that image.
+    (node.images / first[1]).mkdir()
+    (node.images / first[1] / MARKER).write_text(json.dumps({"sha256": second[1]}))
+    legacy.rename(legacy.with_name("elsewhere"))
+    assert require(first[1]).reply["error"]["code"] == "image_missing"
+
+
 def test_status_lists_the_store_and_the_legacy_tree_with_the_overlays_using_them(run_helper, node, tarballs, tmp_path):
     first, second = tarballs
     legacy = in_legacy(run_helper, node, first)
@@ -660,7 +683,7 @@ def test_bad_remove_params_are_refused(run_helper, params, code, message):
 def test_unknown_image_action(run_helper):
     run = image(run_helper, "unpack", GOOD_UNPACK)
     assert run.exit_code == 2 and run.error["code"] == "unknown_action"
-    assert "known: ensure_docker_base, ensure_unpacked, remove, status" in run.error["msg"]
+    assert "known: ensure_docker_base, ensure_unpacked, remove, require, status" in run.error["msg"]
 
 
 def test_status_takes_only_the_store(run_helper):

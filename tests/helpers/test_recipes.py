@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from labvm.config import Node, add_node_to_file, parse_config
-from labvm.remote.recipes import DesktopCalls, image_status, isolation_params, mount_mfs, remove_image, unpack_image
+from labvm.remote.recipes import (
+    DesktopCalls,
+    image_status,
+    isolation_params,
+    mount_mfs,
+    remove_image,
+    require_image,
+    unpack_image,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "0123456789abcdef" * 4
@@ -44,6 +52,7 @@ def every_call(calls: DesktopCalls):
     yield calls.changed_paths(3)
     yield calls.publish(3, 4, "switch", upper="/mnt/labvm-mfs/vms/alice/up_mfs.snap-4")
     yield image_status(calls.cfg)
+    yield require_image(calls.cfg, IMAGE)
     yield unpack_image(calls.cfg, "/var/lib/labvm/incoming/labvm-xfce.tar.gz", IMAGE)
     yield remove_image(calls.cfg, IMAGE)
 
@@ -57,7 +66,7 @@ def test_every_typed_call_is_one_its_helper_accepts(bundle, calls):
         bundle.contract.validate_params(action.params, call.params)  # raises BadRequest if not
         seen.add(f"{call.helper}.{call.action}")
         assert call.timeout > 0
-    assert len(seen) == 23
+    assert len(seen) == 24
     assert calls.publish(3, 4, "switch").params["image"] == {"id": IMAGE, **image_status(calls.cfg).params["store"]}
 
 

@@ -310,6 +310,35 @@ def test_a_port_in_use_fails_with_stunnels_log(bundle, tmp_path, upstream, autho
     assert web.running_pid(str(vm_dir / "web")) is None
 
 
+@needs_root
+def test_start_web_returns_before_stunnel_is_waited_for_and_wait_sees_it_answer(bundle, tmp_path, upstream, authority):
+    """What a desktop's start does: start stunnel, wait for the desktop, then wait for stunnel."""
+    from labvm import ca
+
+    web = bundle.web
+    authority, ca_file = authority
+    vm_dir = tmp_path / "vms" / USER
+    vm_dir.mkdir(parents=True)
+    port = free_port()
+    key, cert = (pem.decode() for pem in ca.issue(authority, [], ["127.0.0.1"]))
+    try:
+        starting = web.start_web(str(vm_dir), USER, "127.0.0.1", port, upstream, key, cert, "127.0.0.1")
+        assert starting is not None and web.running_pid(str(vm_dir / "web")) == starting.process.pid
+        starting.wait()
+        assert fetch(port, ca_file).endswith(b"hello from the container")
+        # Running with the same files: nothing to start, nothing to wait for.
+        assert web.start_web(str(vm_dir), USER, "127.0.0.1", port, upstream, key, cert, "127.0.0.1") is None
+    finally:
+        web.stop_web(str(vm_dir))
+    # A stunnel that cannot listen fails the wait, which stops it.
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = taken.getsockname()[1]
+        starting = web.start_web(str(vm_dir), USER, "127.0.0.1", busy, upstream, key, cert, "127.0.0.1")
+        with pytest.raises(bundle.contract.Failed, match="did not start"):
+            starting.wait()
+    assert starting.process.poll() is not None and web.running_pid(str(vm_dir / "web")) is None
+
+
 def test_a_renewal_carries_key_and_certificate_alone(bundle):
     check = bundle.spec.tls_secrets
     assert check("tls", {"tls_key": KEY, "tls_cert": CERT}) == {"tls_key": KEY, "tls_cert": CERT}

@@ -301,7 +301,7 @@ class _VncSocket:
         return b"RFB 003.008\n"
 
 
-READS = {("probe", "facts"), ("image", "status"), ("vm", "status"), ("vm", "owner"), ("merge", "versions"), ("merge", "changed_paths"),
+READS = {("probe", "facts"), ("image", "status"), ("image", "require"), ("vm", "status"), ("vm", "owner"), ("merge", "versions"), ("merge", "changed_paths"),
          ("sync", "status"), ("sync", "last_success"), ("mfs", "status"), ("net", "isolation_status"),
          ("runtime", "runtime_status")}
 
@@ -372,7 +372,12 @@ class FakeNode(TypedCalls):
         if failure is not None and not failure.after:
             raise self._failed(failure)
         self._acting = (helper, action)
-        changed, data = getattr(self, method)(params, check)
+        try:
+            changed, data = getattr(self, method)(params, check)
+        except BaseException:
+            if failure is not None:
+                failure.times += 1  # the work failed by itself: the failure after it is still to come
+            raise
         if failure is not None:
             raise self._failed(failure)
         return {"ok": True, "changed": changed, "data": data}
@@ -521,6 +526,12 @@ class FakeNode(TypedCalls):
         if self.legacy is not None:
             held.append({"id": self.legacy, "legacy": True, "desktop": "minimal", "in_use_by": users(self.legacy)})
         return False, {"images": held}
+
+    @action("image", "require")
+    def _image_require(self, p: dict, check: bool):
+        if p["image"]["id"] not in self.images | {self.legacy}:
+            self._refuse("image_missing", f"desktop image {p['image']['id'][:12]} is not on this node")
+        return False, {"id": p["image"]["id"], "tree": f"/var/lib/labvm/images/{p['image']['id']}"}
 
     @action("image", "ensure_unpacked")
     def _image_ensure_unpacked(self, p: dict, check: bool):
