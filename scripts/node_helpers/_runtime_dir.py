@@ -174,8 +174,15 @@ ensure_user() {
     fi
 }
 
-# Returns 2 when no password is waiting.
+# The login, VNC and HTTPS passwords (labvm passwd). Returns 2 when no password is waiting.
 apply_password() {
+    apply_account_password || return $?
+    apply_web_password || return 1
+    log "password applied for $USER_NAME"
+}
+
+# The login and VNC passwords. Returns 2 when no password is waiting.
+apply_account_password() {
     [ -s "$SECRET" ] || return 2
     { printf '%s:' "$USER_NAME"; cat "$SECRET"; } | chpasswd || { log "chpasswd failed"; return 1; }
     home=$(home_of_user)
@@ -185,8 +192,6 @@ apply_password() {
     (umask 077 && "$vncpasswd" -f <"$SECRET" >"$home/.vnc/passwd.new") || { log "vncpasswd failed"; return 1; }
     mv -f "$home/.vnc/passwd.new" "$home/.vnc/passwd" || return 1
     chown "$USER_NAME:" "$home/.vnc" "$home/.vnc/passwd" && chmod 700 "$home/.vnc" && chmod 600 "$home/.vnc/passwd" || return 1
-    apply_web_password || return 1
-    log "password applied for $USER_NAME"
 }
 
 apply_web_password() {
@@ -235,17 +240,21 @@ start_vnc() {
 # container's loopback, each request (page or upgrade) behind HTTP Basic auth against the
 # password's hash. It speaks plain HTTP on the container's address, which only the node reaches
 # (other desktops cannot: inter-container traffic is off); the node's stunnel adds the TLS, so
-# the key stays out of here.
+# the key stays out of here. It comes up beside the VNC server, not after it: the password's
+# hash (scrypt) and websockify's Python take as long as the VNC server's start, and a start
+# waits for both. A hash that cannot be written stops the desktop (USR1), as it did in turn.
 start_web() {
     [ "${LABVM_HTTPS:-0}" = 1 ] || return 0
-    [ -s "$WEB_HASH" ] || { log "no HTTPS password hash: HTTPS stays closed"; return 0; }
-    python3 -c 'import websockify' 2>/dev/null || { log "websockify is not installed (python3-websockify): HTTPS stays closed"; return 0; }
-    [ "${LABVM_VNC_LISTEN:-published}" = off ] || python3 -c 'import cryptography' 2>/dev/null ||
-        log "python3-cryptography is not installed (an older image): noVNC asks for the VNC password too"
-    [ -d /usr/share/novnc ] || { log "noVNC is not installed (novnc): HTTPS stays closed"; return 0; }
-    PYTHONPATH="$RUNTIME" python3 "$RUNTIME/labvm_web_auth.py" serve \
-        --web /usr/share/novnc --web-auth --auth-plugin labvm_web_auth.BasicAuth --auth-source "$WEB_HASH" \
-        "$WEB_PORT" "127.0.0.1:$VNC_PORT" </dev/null &
+    (
+        if [ -s "$SECRET" ]; then
+            apply_web_password || { kill -USR1 $$; exit 1; }
+        fi
+        [ -s "$WEB_HASH" ] || { log "no HTTPS password hash: HTTPS stays closed"; exit 0; }
+        [ -d /usr/share/novnc ] || { log "noVNC is not installed (novnc): HTTPS stays closed"; exit 0; }
+        PYTHONPATH="$RUNTIME" exec python3 "$RUNTIME/labvm_web_auth.py" serve \
+            --web /usr/share/novnc --web-auth --auth-plugin labvm_web_auth.BasicAuth --auth-source "$WEB_HASH" \
+            "$WEB_PORT" "127.0.0.1:$VNC_PORT" </dev/null
+    ) &
     PIDS="$PIDS $!"
 }
 
@@ -280,13 +289,15 @@ case "${1:-}" in
 esac
 
 trap stop TERM INT
+trap 'log "could not apply the HTTPS password"; stop 1' USR1
 ensure_user
 if [ -s "$SECRET" ]; then
-    apply_password || die "could not apply the password"
+    apply_account_password || die "could not apply the password"
+    log "password applied for $USER_NAME"
 fi
 start_sshd
-# websockify first: its Python starts while the VNC server does (it reaches VNC only when a
-# browser connects), so a start waits for the slower of the two, not for both in turn.
+# websockify first: its hash and its Python run while the VNC server starts (it reaches VNC
+# only when a browser connects), so a start waits for the slower of the two, not for both in turn.
 start_web
 start_vnc
 start_desktop
@@ -528,13 +539,18 @@ def proxy_with_vnc_auth(handler):
 
 def serve(argv):
     """websockify with these arguments; unless raw VNC is off, it answers VncAuth itself."""
-    from websockify import websocketproxy
+    import importlib.util
 
     try:
-        import cryptography  # noqa: F401  (DES for VncAuth)
-        answers = os.environ.get("LABVM_VNC_LISTEN", "published") != "off"
+        from websockify import websocketproxy
     except ImportError:
-        answers = False  # an older image: noVNC asks for the VNC password itself
+        sys.stderr.write("labvm-init: websockify is not installed (python3-websockify): HTTPS stays closed\n")
+        return
+    answers = os.environ.get("LABVM_VNC_LISTEN", "published") != "off"
+    if answers and importlib.util.find_spec("cryptography") is None:  # DES for VncAuth, imported when asked
+        sys.stderr.write("labvm-init: python3-cryptography is not installed (an older image): "
+                         "noVNC asks for the VNC password too\n")
+        answers = False
     if answers:
         websocketproxy.ProxyRequestHandler.new_websocket_client = proxy_with_vnc_auth
     sys.argv = ["websockify", *argv]
