@@ -40,11 +40,12 @@ from _runtime_dir import (
     TINI_PATH,
     ensure_runtime_files,
     remove_secret,
+    web_password_line,
     write_secret,
 )
 from _spec import CONTAINER_PREFIX, LABEL_SPEC_HASH, LABEL_USER
 from _system import mount_at, read_mountinfo
-from _web import WEB_CONTAINER_PORT, WebStarting, ensure_web, find_stunnel, start_web, stop_web, tls_answers
+from _web import WEB_CONTAINER_PORT, WebStarting, ensure_web, ensure_web_dir, find_stunnel, start_web, stop_web, tls_answers
 from net import NETWORK_NAME as DESKTOP_NETWORK
 from runtime import RUNTIME_NAME
 from runtime import SENTINEL as ROOTFS_SENTINEL
@@ -314,7 +315,7 @@ def ensure_container(params: dict, check: bool) -> Result:
     if check:
         return Result(changed=True, data={**data, "container": public_state(state) if state else dict(NO_CONTAINER)})
     ensure_runtime_files(paths.runtime)
-    write_secret(paths.runtime, secrets["password"])
+    write_secret(paths.runtime, secrets["password"], web_line(paths, user, spec, secrets["password"]))
     try:
         if state is None:
             create_container(
@@ -334,6 +335,14 @@ def ensure_container(params: dict, check: bool) -> Result:
     vnc = {**vnc_endpoint(spec), "ready": spec["vnc_listen"] != "off" or None}
     https = https_endpoint(spec, https_up if spec["ports"]["https"] is not None else None)
     return Result(changed=True, data={**data, "started": True, "container": public_state(state), "vnc": vnc, "https": https})
+
+
+def web_line(paths: VmPaths, user: str, spec: dict, password: str) -> str | None:
+    """The HTTPS password's hash line the init copies (None without HTTPS): hashed on the node
+    once for each new password, not in the container at every start."""
+    if spec["ports"]["https"] is None:
+        return None
+    return web_password_line(ensure_web_dir(paths.vm_dir), user, password)
 
 
 def web_target(socket_path: str, name: str) -> str:
@@ -533,7 +542,10 @@ def set_password(params: dict, check: bool) -> Result:
     if check:
         return Result(changed=True, data=data)  # a password cannot be compared without applying it
     ensure_runtime_files(paths.runtime)
-    write_secret(paths.runtime, params["secrets"]["password"])
+    container = inspect_container(socket_path, container_name(user)) or {}
+    https = "LABVM_HTTPS=1" in ((container.get("Config") or {}).get("Env") or [])
+    line = web_password_line(ensure_web_dir(paths.vm_dir), user, params["secrets"]["password"]) if https else None
+    write_secret(paths.runtime, params["secrets"]["password"], line)
     try:
         exit_code, output = exec_in_container(socket_path, container_name(user), [APPLY_PASSWORD_PATH], EXEC_TIMEOUT_S)
     finally:

@@ -1,6 +1,7 @@
 """What the desktop container runs from: <data_dir>/vms/<user>/runtime/, 0700 root, bound
 read-only at /run/labvm in the container. It holds the node's static tini (the entrypoint),
-init (the desktop's init, below), apply-password, and for a moment `secret`.
+init (the desktop's init, below), apply-password, and for a moment `secret` (with HTTPS,
+`web-passwd` beside it: the password's scrypt line, which the node makes once a password).
 
 The password reaches the container only as runtime/secret (0600 root). The helper writes it
 just before the container starts (or before `apply-password` runs), and deletes it as soon as
@@ -26,6 +27,13 @@ TINI_PATH = f"{RUNTIME_IN_CONTAINER}/tini"
 TINI_CANDIDATES = ("docker-init", "tini-static", "tini")
 APPLY_PASSWORD_PATH = f"{RUNTIME_IN_CONTAINER}/apply-password"
 SECRET_NAME = "secret"
+# The HTTPS password's hash line (labvm_web_auth's make_line), beside the secret for as long:
+# the init copies it to where websockify reads it, instead of hashing (scrypt) at every start.
+WEB_HASH_NAME = "web-passwd"
+# The node keeps each desktop's line, and a note of the password it was made from (the same
+# HMAC the plugin notes a passed password with), in the desktop's web dir (0700 root, out of
+# the container): a start with an unchanged password reuses it.
+WEB_LINE_NAME, WEB_LINE_NOTE_NAME = "passwd.line", "passwd.note"
 # websockify's auth plugin, for noVNC behind HTTP Basic auth. The desktop's TLS key is never
 # here (the member, root in their desktop, could read it): TLS ends on the node (_web.py).
 WEB_AUTH_NAME = "labvm_web_auth.py"
@@ -94,18 +102,53 @@ def is_static_elf(path: str) -> bool:
         return False
 
 
-def write_secret(runtime_dir: str, password: str) -> str:
+def write_secret(runtime_dir: str, password: str, web_line: str | None = None) -> str:
+    """The password (and the HTTPS password's hash line, where there is one) for the init."""
     path = posixpath.join(runtime_dir, SECRET_NAME)
     # One line: chpasswd gets "user:" + this line, `vncpasswd -f` reads one password per line.
     write_file_atomically(path, (password + "\n").encode(), 0o600)
+    if web_line is not None:
+        write_file_atomically(posixpath.join(runtime_dir, WEB_HASH_NAME), web_line.encode(), 0o600)
     return path
 
 
 def remove_secret(runtime_dir: str) -> None:
+    for name in (SECRET_NAME, WEB_HASH_NAME):
+        try:
+            os.unlink(posixpath.join(runtime_dir, name))
+        except FileNotFoundError:
+            pass
+
+
+_WEB_AUTH: dict = {}
+
+
+def web_auth() -> dict:
+    """labvm_web_auth's functions, from the one text the container runs too."""
+    if not _WEB_AUTH:
+        exec(compile(WEB_AUTH_MODULE, WEB_AUTH_NAME, "exec"), _WEB_AUTH)  # noqa: S102 - our own module text
+    return _WEB_AUTH
+
+
+def web_password_line(cache_dir: str, user: str, password: str) -> str:
+    """The HTTPS password's hash line for user and password: the one kept in cache_dir (a
+    directory of root's) if it was made from this password, else a new one, kept there."""
+    auth = web_auth()
+    line_path, note_path = posixpath.join(cache_dir, WEB_LINE_NAME), posixpath.join(cache_dir, WEB_LINE_NOTE_NAME)
+    secret = password.encode()
     try:
-        os.unlink(posixpath.join(runtime_dir, SECRET_NAME))
-    except FileNotFoundError:
+        with open(line_path, encoding="utf-8") as stream:
+            line = stream.read()
+        with open(note_path, encoding="utf-8") as stream:
+            note = stream.read().strip()
+        if auth["hmac"].compare_digest(note, auth["note_of"](line, user.encode(), secret) or ""):
+            return line
+    except (OSError, UnicodeDecodeError):
         pass
+    line = auth["make_line"](user, secret)
+    write_file_atomically(line_path, line.encode(), 0o600)
+    write_file_atomically(note_path, (auth["note_of"](line, user.encode(), secret) + "\n").encode(), 0o600)
+    return line
 
 
 # --- what runs in the container -----------------------------------------------------------
@@ -126,7 +169,7 @@ VNC_PORT=5901
 WEB_PORT=6901
 # The hash of the password that noVNC's HTTPS asks for (HTTP Basic, the whole password): on
 # /run, a tmpfs, written again at each start from the secret. Never the password itself.
-WEB_DIR=/run/labvm-web
+WEB_DIR=${LABVM_WEB_DIR:-/run/labvm-web}
 WEB_HASH="$WEB_DIR/passwd"
 PIDS=""
 VNC_PID=""
@@ -196,6 +239,12 @@ apply_account_password() {
 
 apply_web_password() {
     [ "${LABVM_HTTPS:-0}" = 1 ] || return 0
+    if [ -s "$RUNTIME/web-passwd" ]; then
+        # The node hashed this password already (once for each new password): copied as it is.
+        (umask 077 && mkdir -p "$WEB_DIR" && chmod 700 "$WEB_DIR" && cp "$RUNTIME/web-passwd" "$WEB_HASH.new" &&
+            mv -f "$WEB_HASH.new" "$WEB_HASH" && rm -f "$WEB_HASH.ok") || { log "cannot write the HTTPS password hash"; return 1; }
+        return 0
+    fi
     command -v python3 >/dev/null 2>&1 || { log "python3 not found: no HTTPS password"; return 0; }
     (umask 077 && mkdir -p "$WEB_DIR" && chmod 700 "$WEB_DIR" &&
         python3 "$RUNTIME/labvm_web_auth.py" hash "$USER_NAME" <"$SECRET" >"$WEB_HASH.new" &&

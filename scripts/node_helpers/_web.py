@@ -42,6 +42,16 @@ def web_dir(vm_dir: str) -> str:
     return posixpath.join(vm_dir, WEB_DIR_NAME)
 
 
+def ensure_web_dir(vm_dir: str) -> str:
+    """The desktop's web dir, made if needed: a directory of root's, 0700, never a symlink."""
+    directory = web_dir(vm_dir)
+    refuse_symlinked_path(directory)
+    if not os.path.isdir(directory):
+        os.mkdir(directory, 0o700)
+    os.chmod(directory, 0o700)
+    return directory
+
+
 def find_stunnel() -> str:
     for name in STUNNEL_CANDIDATES:
         path = find_tool(name)
@@ -169,11 +179,7 @@ def start_web(vm_dir: str, user: str, host: str, port: int, target_ip: str, key_
     """Start stunnel for this desktop unless it runs with this key, certificate and container
     address already (None): its files written, the process started, not yet waited for."""
     stunnel = find_stunnel()
-    directory = web_dir(vm_dir)
-    refuse_symlinked_path(directory)
-    if not os.path.isdir(directory):
-        os.mkdir(directory, 0o700)
-    os.chmod(directory, 0o700)
+    directory = ensure_web_dir(vm_dir)
     conf = posixpath.join(directory, CONF_NAME)
     changed = [
         write_file_atomically(posixpath.join(directory, KEY_NAME), key_pem.encode(), 0o600),

@@ -10,6 +10,7 @@ import os
 import socket
 import ssl
 import stat
+import subprocess
 import sys
 import types
 
@@ -401,3 +402,58 @@ def test_the_browser_is_offered_none_and_nothing_else(plugin):
     sly = Script(b"RFB 003.008\n", b"\x02")
     with pytest.raises(module.RfbError, match="not offered"):
         module.greet_browser(sly.recv, sly.send)
+
+
+# --- the HTTPS password's hash, made on the node once for each password ---------------------
+
+
+def test_the_hash_line_is_made_once_for_each_password_and_kept_out_of_the_container(bundle, tmp_path, monkeypatch):
+    rd = bundle.runtime_dir
+    auth = rd.web_auth()
+    cache = tmp_path / "vms" / USER / "web"
+    cache.mkdir(parents=True, mode=0o700)
+    line = rd.web_password_line(str(cache), USER, "first Pw-1")
+    assert auth["matches"](line, USER.encode(), b"first Pw-1") and not auth["matches"](line, USER.encode(), b"first Pw-2")
+    assert "first Pw-1" not in line and line.startswith(f"{USER}:scrypt$")
+    for name in ("passwd.line", "passwd.note"):
+        assert stat.S_IMODE((cache / name).stat().st_mode) == 0o600
+    made = []
+    real_make_line = auth["make_line"]
+    monkeypatch.setitem(auth, "make_line", lambda user, password: made.append(password) or real_make_line(user, password))
+    # The same password again: the kept line, no scrypt.
+    assert rd.web_password_line(str(cache), USER, "first Pw-1") == line and made == []
+    # Another password: a new line, for it alone.
+    second = rd.web_password_line(str(cache), USER, "second Pw-2")
+    assert made == [b"second Pw-2"] and second != line
+    assert auth["matches"](second, USER.encode(), b"second Pw-2") and not auth["matches"](second, USER.encode(), b"first Pw-1")
+    # A note that does not match the line (tampered, or half-written) is not trusted.
+    (cache / "passwd.note").write_text("0" * 64 + "\n")
+    assert rd.web_password_line(str(cache), USER, "second Pw-2") != second and len(made) == 2
+
+
+def test_the_init_copies_the_nodes_hash_line_and_runs_no_hasher(bundle, tmp_path, fake_bin):
+    from .test_vm import FAKE_TOOLS, PASSWORD
+
+    runtime, home, logs, web = (tmp_path / name for name in ("runtime", "home", "logs", "web"))
+    for directory in (runtime, home, logs):
+        directory.mkdir()
+    (runtime / "init").write_text(bundle.runtime_dir.INIT_SCRIPT)
+    (runtime / "apply-password").write_text(bundle.runtime_dir.APPLY_PASSWORD_SCRIPT)
+    for name in ("init", "apply-password"):
+        (runtime / name).chmod(0o700)
+    line = bundle.runtime_dir.web_auth()["make_line"](USER, PASSWORD.encode())
+    bundle.runtime_dir.write_secret(str(runtime), PASSWORD, line)
+    assert (runtime / "web-passwd").read_text() == line
+    for name, script in FAKE_TOOLS.items():
+        fake_bin.install(name, script)
+    fake_bin.install("python3", 'echo "python3 ran: $*" >> "$FAKE_LOG/python3"; exit 1\n')
+    web.mkdir(mode=0o700)
+    (web / "passwd.ok").write_text("an earlier password's note\n")
+    env = {"PATH": f"{fake_bin.path}:/usr/bin:/bin", "LABVM_RUNTIME": str(runtime), "LABVM_USER": USER, "LABVM_UID": "2000",
+           "FAKE_HOME": str(home), "FAKE_LOG": str(logs), "LABVM_HTTPS": "1", "LABVM_WEB_DIR": str(web)}
+    applied = subprocess.run([str(runtime / "apply-password")], env=env, capture_output=True, text=True)
+    assert applied.returncode == 0, applied.stderr
+    assert (web / "passwd").read_text() == line and stat.S_IMODE((web / "passwd").stat().st_mode) == 0o600
+    assert not (web / "passwd.ok").exists() and not (logs / "python3").exists()
+    bundle.runtime_dir.remove_secret(str(runtime))
+    assert not (runtime / "secret").exists() and not (runtime / "web-passwd").exists()
