@@ -589,7 +589,13 @@ def proxy_with_vnc_auth(handler):
 def serve(argv):
     """websockify with these arguments; unless raw VNC is off, it answers VncAuth itself."""
     import importlib.util
+    import warnings
 
+    # numpy would only speed up unmasking what the browser sends (keys and pointer moves, a few
+    # bytes each), and importing it is most of websockify's start, which a desktop's start waits
+    # for: websockify goes without (its pure-Python unmasking).
+    sys.modules.setdefault("numpy", None)
+    warnings.filterwarnings("ignore", message="no 'numpy' module")
     try:
         from websockify import websocketproxy
     except ImportError:
