@@ -340,14 +340,15 @@ esac
 trap stop TERM INT
 trap 'log "could not apply the HTTPS password"; stop 1' USR1
 ensure_user
+# websockify first: its Python starts while the passwords are applied and the VNC server starts
+# (it reaches VNC only when a browser connects), so a start waits for the slower of the two, not
+# for both in turn.
+start_web
 if [ -s "$SECRET" ]; then
     apply_account_password || die "could not apply the password"
     log "password applied for $USER_NAME"
 fi
 start_sshd
-# websockify first: its hash and its Python run while the VNC server starts (it reaches VNC
-# only when a browser connects), so a start waits for the slower of the two, not for both in turn.
-start_web
 start_vnc
 start_desktop
 log "desktop of $USER_NAME on display :$DISPLAY_NUMBER, VNC port $VNC_PORT"
