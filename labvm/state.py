@@ -169,6 +169,18 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        # The highest uid ever given, so a removed member's uid is never given again (the
+        # files they left on MooseFS, kept by `user rm --keep-files`, still carry it).
+        "0008_uid_high_water",
+        """
+        CREATE TABLE counters (
+            name        TEXT PRIMARY KEY,
+            value       INTEGER NOT NULL
+        );
+        INSERT INTO counters (name, value) SELECT 'uid', COALESCE(MAX(uid), 0) FROM users;
+        """,
+    ),
 ]
 
 
@@ -310,8 +322,15 @@ class StateDB:
 
     # -- users -------------------------------------------------------------
     def _next_uid(self) -> int:
-        row = self.conn.execute("SELECT MAX(uid) AS m FROM users").fetchone()
-        return max(FIRST_UID, (row["m"] or 0) + 1)
+        """One above every uid given so far, removed members' too; recorded as given."""
+        top = self.conn.execute("SELECT MAX(uid) AS m FROM users").fetchone()["m"] or 0
+        if "0008_uid_high_water" not in self.applied_migrations():
+            return max(FIRST_UID, top + 1)  # a database being migrated step by step
+        given = self.conn.execute("SELECT value FROM counters WHERE name = 'uid'").fetchone()
+        uid = max(FIRST_UID, top + 1, (given["value"] if given else 0) + 1)
+        self.conn.execute("INSERT INTO counters (name, value) VALUES ('uid', ?) "
+                          "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (uid,))
+        return uid
 
     def add_user(self, name: str, password: str) -> User:
         validate_user_name(name)

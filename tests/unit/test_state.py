@@ -206,3 +206,30 @@ def test_a_name_given_again_gets_a_new_member_id(home):
         first = db.add_user("alice", PW).member_id
         db.remove_user("alice")
         assert db.add_user("alice", PW).member_id != first
+
+
+def test_a_removed_members_uid_is_never_given_again(home):
+    with StateDB.open(home) as db:
+        assert db.add_user("alice", PW).uid == 2000
+        assert db.add_user("bob", PW).uid == 2001
+        db.remove_user("bob")  # the highest uid
+        assert db.add_user("carol", PW).uid == 2002
+        db.remove_user("carol")
+        db.remove_user("alice")  # nobody left
+        assert db.add_user("dave", PW).uid == 2003
+
+
+def test_the_uid_migration_starts_above_every_uid_given(tmp_path, monkeypatch):
+    """A database from before the high-water mark: its next uid is above its members' uids."""
+    home = tmp_path / "admin"
+    monkeypatch.setattr(state_mod, "MIGRATIONS", [m for m in state_mod.MIGRATIONS if m[0] < "0008_uid_high_water"])
+    StateDB.create(home)
+    with StateDB.open(home) as db:
+        db.add_user("alice", PW)
+        assert db.add_user("bob", PW).uid == 2001
+    monkeypatch.undo()
+    with StateDB.open(home) as db:
+        assert db.pending_migrations() == ["0008_uid_high_water"]
+        db.migrate()
+        db.remove_user("bob")
+        assert db.add_user("carol", PW).uid == 2002
