@@ -1188,7 +1188,8 @@ FAKE_TOOLS = {
 }
 
 
-def test_apply_password_feeds_the_secret_only_through_stdin(bundle, tmp_path, fake_bin):
+def init_runtime(bundle, tmp_path, fake_bin) -> tuple[Path, Path, Path]:
+    """runtime (init and apply-password in it), home and logs dirs, and FAKE_TOOLS installed."""
     runtime, home, logs = tmp_path / "runtime", tmp_path / "home", tmp_path / "logs"
     for directory in (runtime, home, logs):
         directory.mkdir()
@@ -1196,9 +1197,14 @@ def test_apply_password_feeds_the_secret_only_through_stdin(bundle, tmp_path, fa
     (runtime / "apply-password").write_text(bundle.runtime_dir.APPLY_PASSWORD_SCRIPT)
     for name in ("init", "apply-password"):
         (runtime / name).chmod(0o700)
-    (runtime / "secret").write_text(PASSWORD + "\n")
     for name, body in FAKE_TOOLS.items():
         fake_bin.install(name, body)
+    return runtime, home, logs
+
+
+def test_apply_password_feeds_the_secret_only_through_stdin(bundle, tmp_path, fake_bin):
+    runtime, home, logs = init_runtime(bundle, tmp_path, fake_bin)
+    (runtime / "secret").write_text(PASSWORD + "\n")
     env = {
         "PATH": f"{fake_bin.path}:/usr/bin:/bin",
         "LABVM_RUNTIME": str(runtime),

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -230,6 +231,16 @@ def process_uid(pid: int) -> int:
         return int(next(line for line in stream if line.startswith("Uid:")).split()[1])
 
 
+def stunnel_setup(tmp_path, authority) -> tuple[Path, int, str, str]:
+    """A desktop's vm dir, a free port, and a key and certificate for 127.0.0.1 from the CA."""
+    from labvm import ca
+
+    vm_dir = tmp_path / "vms" / USER
+    vm_dir.mkdir(parents=True)
+    key, cert = (pem.decode() for pem in ca.issue(authority, [], ["127.0.0.1"]))
+    return vm_dir, free_port(), key, cert
+
+
 @needs_root
 def test_stunnel_serves_tls_as_nobody_and_follows_the_certificate(bundle, tmp_path, upstream, authority):
     import pwd
@@ -238,10 +249,7 @@ def test_stunnel_serves_tls_as_nobody_and_follows_the_certificate(bundle, tmp_pa
 
     web = bundle.web
     authority, ca_file = authority
-    vm_dir = tmp_path / "vms" / USER
-    vm_dir.mkdir(parents=True)
-    port = free_port()
-    key, cert = (pem.decode() for pem in ca.issue(authority, [], ["127.0.0.1"]))
+    vm_dir, port, key, cert = stunnel_setup(tmp_path, authority)
     try:
         assert web.ensure_web(str(vm_dir), USER, "127.0.0.1", port, upstream, key, cert, "127.0.0.1") is True
         directory = vm_dir / "web"
@@ -314,14 +322,9 @@ def test_a_port_in_use_fails_with_stunnels_log(bundle, tmp_path, upstream, autho
 @needs_root
 def test_start_web_returns_before_stunnel_is_waited_for_and_wait_sees_it_answer(bundle, tmp_path, upstream, authority):
     """What a desktop's start does: start stunnel, wait for the desktop, then wait for stunnel."""
-    from labvm import ca
-
     web = bundle.web
     authority, ca_file = authority
-    vm_dir = tmp_path / "vms" / USER
-    vm_dir.mkdir(parents=True)
-    port = free_port()
-    key, cert = (pem.decode() for pem in ca.issue(authority, [], ["127.0.0.1"]))
+    vm_dir, port, key, cert = stunnel_setup(tmp_path, authority)
     try:
         starting = web.start_web(str(vm_dir), USER, "127.0.0.1", port, upstream, key, cert, "127.0.0.1")
         assert starting is not None and web.running_pid(str(vm_dir / "web")) == starting.process.pid
@@ -432,20 +435,13 @@ def test_the_hash_line_is_made_once_for_each_password_and_kept_out_of_the_contai
 
 
 def test_the_init_copies_the_nodes_hash_line_and_runs_no_hasher(bundle, tmp_path, fake_bin):
-    from .test_vm import FAKE_TOOLS, PASSWORD
+    from .test_vm import PASSWORD, init_runtime
 
-    runtime, home, logs, web = (tmp_path / name for name in ("runtime", "home", "logs", "web"))
-    for directory in (runtime, home, logs):
-        directory.mkdir()
-    (runtime / "init").write_text(bundle.runtime_dir.INIT_SCRIPT)
-    (runtime / "apply-password").write_text(bundle.runtime_dir.APPLY_PASSWORD_SCRIPT)
-    for name in ("init", "apply-password"):
-        (runtime / name).chmod(0o700)
+    runtime, home, logs = init_runtime(bundle, tmp_path, fake_bin)
+    web = tmp_path / "web"
     line = bundle.runtime_dir.web_auth()["make_line"](USER, PASSWORD.encode())
     bundle.runtime_dir.write_secret(str(runtime), PASSWORD, line)
     assert (runtime / "web-passwd").read_text() == line
-    for name, script in FAKE_TOOLS.items():
-        fake_bin.install(name, script)
     fake_bin.install("python3", 'echo "python3 ran: $*" >> "$FAKE_LOG/python3"; exit 1\n')
     web.mkdir(mode=0o700)
     (web / "passwd.ok").write_text("an earlier password's note\n")

@@ -509,8 +509,9 @@ def test_a_node_without_the_bundle_gets_it_then_answers():
     assert session.conn.argvs[0][-3:] == ["/var/lib/labvm/helpers/abc", "labvm_helper.py", "metrics"]
 
 
-def test_status_tells_where_a_desktop_really_runs_and_what_operation_holds_it(home):
-    """A switch of dave (recorded stopped on n2) was killed after his container started on n1."""
+def daves_killed_switch(home):
+    """A switch of dave (recorded stopped on n2) killed after his container started on n1: the
+    operation, and n1's sample, which shows his container."""
     from labvm.journal import Operation
 
     with home.state() as db:
@@ -519,6 +520,11 @@ def test_status_tells_where_a_desktop_really_runs_and_what_operation_holds_it(ho
             pass
     n1 = n1_sample()
     n1["desktops"].append(helper_desktop("dave"))
+    return op, n1
+
+
+def test_status_tells_where_a_desktop_really_runs_and_what_operation_holds_it(home):
+    op, n1 = daves_killed_switch(home)
     doc = monitor.collect_status(home, FakeSessions({"n1": n1, "n2": n2_sample()}))
     validate(doc, SCHEMA)
     dave = next(d for d in doc["desktops"] if d["user"] == "dave")
@@ -535,14 +541,7 @@ def test_status_tells_where_a_desktop_really_runs_and_what_operation_holds_it(ho
 def test_status_of_one_user_asks_every_node_while_an_operation_holds_the_desktop(home):
     """`status --user dave` during dave's killed switch must still find his container on n1,
     though he is recorded on n2; a user with nothing pending asks only the recorded node."""
-    from labvm.journal import Operation
-
-    with home.state() as db:
-        op = Operation.begin(db, "switch", "dave", {"source": "n2", "target": "n1"})
-        with op.step("start_target"):
-            pass
-    n1 = n1_sample()
-    n1["desktops"].append(helper_desktop("dave"))
+    op, n1 = daves_killed_switch(home)
     sessions = FakeSessions({"n1": n1, "n2": n2_sample()})
     doc = monitor.collect_status(home, sessions, user_filter="dave")
     assert [d["user"] for d in doc["desktops"]] == ["dave"]
