@@ -315,7 +315,7 @@ def ensure_container(params: dict, check: bool) -> Result:
     if check:
         return Result(changed=True, data={**data, "container": public_state(state) if state else dict(NO_CONTAINER)})
     ensure_runtime_files(paths.runtime)
-    write_secret(paths.runtime, secrets["password"], web_line(paths, user, spec, secrets["password"]))
+    write_secret(paths.runtime, secrets["password"], web_line(paths, user, spec["ports"]["https"] is not None, secrets["password"]))
     try:
         if state is None:
             create_container(
@@ -337,10 +337,10 @@ def ensure_container(params: dict, check: bool) -> Result:
     return Result(changed=True, data={**data, "started": True, "container": public_state(state), "vnc": vnc, "https": https})
 
 
-def web_line(paths: VmPaths, user: str, spec: dict, password: str) -> str | None:
+def web_line(paths: VmPaths, user: str, https: bool, password: str) -> str | None:
     """The HTTPS password's hash line the init copies (None without HTTPS): hashed on the node
     once for each new password, not in the container at every start."""
-    if spec["ports"]["https"] is None:
+    if not https:
         return None
     return web_password_line(ensure_web_dir(paths.vm_dir), user, password)
 
@@ -363,11 +363,11 @@ def container_address(container: dict | None) -> str | None:
 def ensure_https(paths: VmPaths, user: str, spec: dict, secrets: dict, socket_path: str) -> bool:
     """stunnel in front of the container's websockify, with the key and certificate labvm sent;
     True if it was (re)started. Nothing without an HTTPS port or a certificate."""
-    if spec["ports"]["https"] is None or secrets["tls_key"] is None:
+    starting = start_https(paths, user, spec, secrets, socket_path)
+    if starting is None:
         return False
-    address = web_target(socket_path, spec["name"])
-    return ensure_web(paths.vm_dir, user, spec["bind_address"], spec["ports"]["https"], address,
-                      secrets["tls_key"], secrets["tls_cert"], probe_address(spec["bind_address"]))
+    starting.wait()
+    return True
 
 
 def start_https(paths: VmPaths, user: str, spec: dict, secrets: dict, socket_path: str) -> WebStarting | None:
@@ -544,8 +544,7 @@ def set_password(params: dict, check: bool) -> Result:
     ensure_runtime_files(paths.runtime)
     container = inspect_container(socket_path, container_name(user)) or {}
     https = "LABVM_HTTPS=1" in ((container.get("Config") or {}).get("Env") or [])
-    line = web_password_line(ensure_web_dir(paths.vm_dir), user, params["secrets"]["password"]) if https else None
-    write_secret(paths.runtime, params["secrets"]["password"], line)
+    write_secret(paths.runtime, params["secrets"]["password"], web_line(paths, user, https, params["secrets"]["password"]))
     try:
         exit_code, output = exec_in_container(socket_path, container_name(user), [APPLY_PASSWORD_PATH], EXEC_TIMEOUT_S)
     finally:

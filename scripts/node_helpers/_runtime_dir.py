@@ -340,15 +340,16 @@ esac
 trap stop TERM INT
 trap 'log "could not apply the HTTPS password"; stop 1' USR1
 ensure_user
-# websockify first: its Python starts while the passwords are applied and the VNC server starts
-# (it reaches VNC only when a browser connects), so a start waits for the slower of the two, not
-# for both in turn.
-start_web
+# The passwords before websockify: with raw VNC off, a start waits for websockify alone, and the
+# node deletes the secret once it answers.
 if [ -s "$SECRET" ]; then
     apply_account_password || die "could not apply the password"
     log "password applied for $USER_NAME"
 fi
 start_sshd
+# websockify next: its Python starts while the VNC server does (it reaches VNC only when a
+# browser connects), so a start waits for the slower of the two, not for both in turn.
+start_web
 start_vnc
 start_desktop
 log "desktop of $USER_NAME on display :$DISPLAY_NUMBER, VNC port $VNC_PORT"
